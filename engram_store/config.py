@@ -1,0 +1,166 @@
+"""Frozen configuration dataclasses, one per concern. The CLI builds them; nothing else reads flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+
+from .errors import ConfigError, InvalidArgument
+
+DTYPES = ("float32", "bfloat16", "float16")
+OPTIMIZERS = ("sgd", "adagrad", "adam")
+INITS = ("normal", "zeros")
+_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """Server-side sparse optimizer of one table. Defaults follow torch.optim."""
+
+    kind: str = "adam"
+    lr: float = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float | None = None  # adam 1e-8, adagrad 1e-10
+    initial_accumulator_value: float = 0.0
+    lr_decay: float = 0.0
+
+    @property
+    def resolved_eps(self) -> float:
+        if self.eps is not None:
+            return self.eps
+        return 1e-10 if self.kind == "adagrad" else 1e-8
+
+    @property
+    def state_width(self) -> int:
+        """float32 optimizer-state values stored per row element."""
+        return {"sgd": 0, "adagrad": 1, "adam": 2}[self.kind]
+
+    def validate(self) -> None:
+        if self.kind not in OPTIMIZERS:
+            raise InvalidArgument(f"optimizer {self.kind!r} is unknown; use one of {OPTIMIZERS}")
+        for name in ("lr", "beta1", "beta2", "initial_accumulator_value", "lr_decay"):
+            v = getattr(self, name)
+            if not math.isfinite(v) or v < 0:
+                raise InvalidArgument(f"optimizer {name}={v} must be a finite number >= 0")
+        if not 0 <= self.beta1 < 1 or not 0 <= self.beta2 < 1:
+            raise InvalidArgument(f"adam betas ({self.beta1}, {self.beta2}) must lie in [0, 1)")
+        if self.eps is not None and (not math.isfinite(self.eps) or self.eps <= 0):
+            raise InvalidArgument(f"optimizer eps={self.eps} must be > 0")
+
+
+@dataclass(frozen=True)
+class TableConfig:
+    """One memory table: its row space, row width, storage dtype, initialisation and optimizer.
+
+    The row space is either `num_rows`, or the concatenation of `head_rows` (one block per hash
+    head, ENGRAM.md step 5), in which case num_rows is their sum.
+    """
+
+    name: str
+    num_rows: int = 0
+    dim: int = 64
+    head_rows: tuple[int, ...] = ()
+    dtype: str = "float32"
+    init: str = "normal"
+    init_std: float = 1.0
+    seed: int = 0
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+
+    def __post_init__(self) -> None:
+        if self.head_rows and not self.num_rows:
+            object.__setattr__(self, "num_rows", int(sum(self.head_rows)))
+        object.__setattr__(self, "head_rows", tuple(int(h) for h in self.head_rows))
+
+    def validate(self) -> None:
+        if not isinstance(self.name, str) or not _NAME.match(self.name):
+            raise InvalidArgument(
+                f"table name {self.name!r} is invalid; use 1-128 characters of A-Z a-z 0-9 _ . -")
+        if self.head_rows:
+            if any(h <= 0 for h in self.head_rows):
+                raise InvalidArgument(f"head_rows {self.head_rows} must all be > 0")
+            if sum(self.head_rows) != self.num_rows:
+                raise InvalidArgument(
+                    f"num_rows={self.num_rows} differs from sum(head_rows)={sum(self.head_rows)}; "
+                    "give one or the other")
+        if not 0 < self.num_rows < 2**62:
+            raise InvalidArgument(f"table {self.name!r}: num_rows={self.num_rows} must be in [1, 2^62)")
+        if not 0 < self.dim <= 65536:
+            raise InvalidArgument(f"table {self.name!r}: dim={self.dim} must be in [1, 65536]")
+        if self.dtype not in DTYPES:
+            raise InvalidArgument(f"storage dtype {self.dtype!r} is unknown; use one of {DTYPES}")
+        if self.init not in INITS:
+            raise InvalidArgument(f"init {self.init!r} is unknown; use one of {INITS}")
+        if not math.isfinite(self.init_std) or self.init_std < 0:
+            raise InvalidArgument(f"init_std={self.init_std} must be a finite number >= 0")
+        if not 0 <= self.seed < 2**64:
+            raise InvalidArgument(f"seed={self.seed} must be in [0, 2^64)")
+        self.optimizer.validate()
+
+    def head_offsets(self) -> tuple[int, ...]:
+        """Start row of each head in the concatenated row space (ENGRAM.md step 5)."""
+        out, acc = [], 0
+        for h in self.head_rows:
+            out.append(acc)
+            acc += h
+        return tuple(out)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TableConfig:
+        d = dict(d)
+        d["optimizer"] = OptimizerConfig(**d.get("optimizer", {}))
+        d["head_rows"] = tuple(d.get("head_rows", ()))
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class ShardConfig:
+    """One shard server: where its LMDB lives and what it accepts."""
+
+    data_dir: str
+    host: str = "127.0.0.1"
+    port: int = 0
+    map_size: int = 64 << 30  # LMDB virtual map size; only touched pages use RAM or disk
+    max_batch_rows: int = 1 << 20  # ids per Lookup/PushGradients request
+    max_message_bytes: int = 512 << 20
+    cache_rows: int = 1 << 22  # hot rows (and their optimizer state) mirrored in RAM per table
+    durable: bool = False  # fsync each commit; off: a commit survives kill -9, not a power cut
+    read_only: bool = False
+    workers: int = 8  # gRPC server threads
+    request_log: int = 1 << 20  # request ids remembered for exactly-once pushes
+
+    def validate(self) -> None:
+        if not self.data_dir:
+            raise ConfigError("a shard needs --data DIR")
+        if not 0 <= self.port < 65536:
+            raise ConfigError(f"port {self.port} must be in [0, 65535]")
+        for name in ("map_size", "max_batch_rows", "max_message_bytes", "workers", "request_log"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be > 0")
+        if self.cache_rows < 0:
+            raise ConfigError(f"cache_rows={self.cache_rows} must be >= 0")
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """How a client talks to the store."""
+
+    timeout_s: float = 60.0
+    retries: int = 8  # attempts after the first for UNAVAILABLE / stale shard map
+    backoff_s: float = 0.05  # first retry delay; doubles up to backoff_max_s
+    backoff_max_s: float = 2.0
+    wire_dtype: str = "float32"
+    max_batch_rows: int = 1 << 20  # larger requests are split per shard into chunks of this size
+    max_message_bytes: int = 512 << 20
+    threads: int = 8  # futures: requests in flight at once
+
+    def validate(self) -> None:
+        if self.wire_dtype not in DTYPES:
+            raise ConfigError(f"wire dtype {self.wire_dtype!r} is unknown; use one of {DTYPES}")
+        if self.timeout_s <= 0 or self.retries < 0 or self.backoff_s < 0:
+            raise ConfigError("timeout_s must be > 0, retries and backoff_s >= 0")
