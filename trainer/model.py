@@ -1,0 +1,246 @@
+"""A small decoder-only transformer with optional Engram layers (nanoGPT layout, RMSNorm).
+
+The model holds no Engram tables: `forward(idx, memory)` takes each Engram layer's rows, fetched
+from the store (or LocalMemory) by the trainer. With `engram_layers=()` it is the baseline: the same
+backbone, no Engram.
+
+Layer numbering: `engram_layers` are 0-based block indices, as in the authors' demo (layer 0 is the
+first transformer block); ENGRAM.md's "layers [1, 15]" means blocks 1 and 15 of a 30-block model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from engram_store.errors import ConfigError
+from engram_store.hashing import HashConfig, head_primes
+
+from .engram import EngramModule
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Backbone shape plus where Engram sits.
+
+    engram_layers: 0-based block indices carrying an Engram; () is the baseline. When given
+        without `hash`, hash defaults to HashConfig(layers=engram_layers) (ENGRAM.md settings).
+    hash: how n-grams are hashed; its `layers` must equal engram_layers (it orders the primes).
+    hc_mult: residual branches M; this backbone has one residual stream, so only 1 is supported.
+    """
+
+    vocab_size: int = 8192
+    n_layer: int = 6
+    n_head: int = 8
+    n_embd: int = 512
+    block_size: int = 256
+    engram_layers: tuple[int, ...] = ()
+    hash: HashConfig | None = None
+    hc_mult: int = 1
+    kernel_size: int = 4
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "engram_layers", tuple(int(x) for x in self.engram_layers))
+        self._check_layers()  # before a default HashConfig could complain about them first
+        if self.engram_layers and self.hash is None:
+            object.__setattr__(self, "hash", HashConfig(layers=self.engram_layers))
+        self.validate()
+
+    def validate(self) -> None:
+        for name in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size", "kernel_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"n_embd={self.n_embd} must be a multiple of n_head={self.n_head}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout={self.dropout} must lie in [0, 1)")
+        if self.hc_mult != 1:
+            raise ConfigError(
+                f"hc_mult={self.hc_mult}: this backbone has one residual stream; use hc_mult=1 "
+                "(EngramModule itself supports M branches for a hyper-connected backbone)")
+        self._check_layers()
+        if self.engram_layers:
+            assert self.hash is not None
+            if tuple(self.hash.layers) != self.engram_layers:
+                raise ConfigError(
+                    f"engram_layers {self.engram_layers} differ from hash.layers "
+                    f"{self.hash.layers}; give the same layers in the same order")
+            if self.hash.pad_id >= self.vocab_size:
+                raise ConfigError(
+                    f"hash.pad_id={self.hash.pad_id} is not a token id (vocab_size={self.vocab_size})")
+
+    def _check_layers(self) -> None:
+        bad = [x for x in self.engram_layers if not 0 <= x < self.n_layer]
+        if bad:
+            raise ConfigError(
+                f"engram_layers {self.engram_layers}: layer(s) {bad} outside the backbone's "
+                f"blocks 0..{self.n_layer - 1} (n_layer={self.n_layer}; indices are 0-based)")
+        if len(set(self.engram_layers)) != len(self.engram_layers):
+            raise ConfigError(f"engram_layers {self.engram_layers} contain a duplicate")
+
+    def baseline(self) -> ModelConfig:
+        """The same backbone without Engram."""
+        return dataclasses.replace(self, engram_layers=(), hash=None)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape  # (B, T, D)
+        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, D)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(  # (B, nh, T, hs)
+            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, D)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))  # (B, T, D)
+
+
+class Block(nn.Module):
+    """RMSNorm -> attention -> RMSNorm -> MLP, with Engram added to the residual first if present."""
+
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.engram = None
+        if layer in config.engram_layers:
+            assert config.hash is not None
+            self.engram = EngramModule.from_hash_config(
+                config.n_embd, config.hash, config.hc_mult, config.kernel_size)
+        self.ln_1 = nn.RMSNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.RMSNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor | None = None) -> torch.Tensor:
+        if self.engram is not None:
+            x = x + self.engram(x, e)  # (B, T, D); the gate reads the un-normed residual
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """Decoder-only LM. forward(idx (B, T), memory {layer: (B, T, H, d_head)} | None, targets)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.ln_f = nn.RMSNorm(config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # weight tying, as GPT-2
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):  # GPT-2: scale residual projections by depth
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    @property
+    def engram_layers(self) -> tuple[int, ...]:
+        return self.config.engram_layers
+
+    def forward(self, idx: torch.Tensor, memory: Mapping[int, torch.Tensor] | None = None,
+                targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """logits (B, T, vocab) and the mean cross-entropy against targets (B, T) (-1 = ignore)."""
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        missing = [layer for layer in self.engram_layers if memory is None or layer not in memory]
+        if missing:
+            raise ValueError(f"memory rows missing for Engram layer(s) {missing}")
+        pos = torch.arange(T, device=idx.device)
+        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, D)
+        for block in self.blocks:
+            e = memory[block.layer] if block.engram is not None else None  # (B, T, H, d_head)
+            x = block(x, e)
+        logits = self.lm_head(self.ln_f(x))  # (B, T, vocab)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
+                                   ignore_index=-1)
+        return logits, loss
+
+
+def param_split(model: GPT, hash_config: HashConfig | None = None) -> dict:
+    """Parameter counts: backbone (dense, incl. embeddings), engram_dense (projections, norms, conv),
+    engram_tables (sum(primes) * d_head per layer, held by the store) and their shares."""
+    hash_config = hash_config if hash_config is not None else model.config.hash
+    backbone = engram_dense = 0
+    for name, p in model.named_parameters():  # named_parameters counts the tied head once
+        if ".engram." in name:
+            engram_dense += p.numel()
+        else:
+            backbone += p.numel()
+    table_rows: dict[int, int] = {}
+    tables = 0
+    if hash_config is not None and model.engram_layers:
+        primes = head_primes(hash_config)
+        for layer in model.engram_layers:
+            table_rows[layer] = sum(p for order in primes[layer] for p in order)
+            tables += table_rows[layer] * hash_config.d_head
+    total = backbone + engram_dense + tables
+    return {
+        "backbone": backbone,
+        "engram_dense": engram_dense,
+        "engram_tables": tables,
+        "total": total,
+        "table_rows": table_rows,
+        "table_fraction": tables / total if total else 0.0,
+    }
+
+
+def summary(model: GPT, hash_config: HashConfig | None = None) -> str:
+    """A few printable lines: the shape and the parameter split."""
+    c = model.config
+    s = param_split(model, hash_config)
+    lines = [
+        f"GPT: {c.n_layer} layers, {c.n_head} heads, width {c.n_embd}, context {c.block_size}, "
+        f"vocab {c.vocab_size}",
+        f"  backbone params     {s['backbone']:>15,}",
+    ]
+    if c.engram_layers:
+        h = hash_config or c.hash
+        lines += [
+            f"  Engram layers {list(c.engram_layers)}: N={h.max_ngram}, K={h.heads}, "
+            f"d_head={h.d_head}, memory width {h.memory_dim}",
+            f"  engram dense params {s['engram_dense']:>15,}",
+            f"  engram table params {s['engram_tables']:>15,}  "
+            f"({', '.join(f'l{k}: {v:,} rows' for k, v in s['table_rows'].items())})",
+            f"  total               {s['total']:>15,}  (tables {100 * s['table_fraction']:.1f}%)",
+        ]
+    return "\n".join(lines)
