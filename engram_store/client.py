@@ -1,0 +1,399 @@
+"""StoreClient: read and train memory tables held by one or many shard servers.
+
+    with StoreClient("127.0.0.1:7000") as c:            # finds the other shards from this one
+        rows = c.lookup("engram_l1", ids)                 # float32 (*ids.shape, dim)
+        c.push("engram_l1", ids, grads)                   # applied exactly once, even if retried
+
+A lookup deduplicates ids, routes each to its shard with the ShardMap, sends one request per shard
+(chunked by max_batch_rows) in parallel and reassembles rows in request order. Retries UNAVAILABLE
+and DEADLINE_EXCEEDED with exponential backoff, and a stale shard map after refreshing it; every
+other failure raises the errors.py class of the server's status code.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from . import wire
+from .config import ClientConfig, TableConfig
+from .errors import EngramError, InvalidArgument, ShardUnavailable, error_for_code
+from .optimizers import coalesce
+from .proto import store_pb2 as pb
+from .proto import store_pb2_grpc
+from .routing import ShardMap
+
+_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+_STALE = "stale shard map"
+
+
+@dataclass(frozen=True)
+class TableInfo:
+    """A table as seen across all shards: stored rows/bytes and pushes summed, step the max."""
+
+    spec: TableConfig
+    stored_rows: int
+    stored_bytes: int
+    step: int
+    pushes: int
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """One logical push: rows_updated summed over shards; duplicate only if every part was."""
+
+    rows_updated: int
+    duplicate: bool
+    step: int
+
+
+class _StaleMap(Exception):
+    """A shard answered that the client routed with an outdated shard map."""
+
+
+def _is_stale(e: grpc.RpcError) -> bool:
+    return e.code() == grpc.StatusCode.FAILED_PRECONDITION and _STALE in (e.details() or "")
+
+
+class StoreClient:
+    """Client of a sharded memory store (DESIGN.md "Client")."""
+
+    def __init__(self, target: ShardMap | str | list[str] | tuple[str, ...],
+                 config: ClientConfig = ClientConfig(),
+                 map_provider: Callable[[], ShardMap] | None = None):
+        """`target`: a ShardMap, one shard's "host:port" (the map is discovered from it), or a
+        list of addresses (their map if they publish one, else ShardMap.balanced over them).
+        `map_provider` returns the current map when a shard says ours is stale."""
+        config.validate()
+        self.config = config
+        self._map_provider = map_provider
+        self._lock = threading.Lock()
+        self._stubs: dict[str, tuple[grpc.Channel, store_pb2_grpc.MemoryStoreStub]] = {}
+        self._pool = ThreadPoolExecutor(max_workers=config.threads,
+                                        thread_name_prefix="engram-client")
+        self._dims: dict[str, int] = {}
+        self._steps: dict[str, int] = {}  # highest step this client saw applied, per table
+        self._wire = wire.DTYPE_TO_PB[config.wire_dtype]
+        if isinstance(target, ShardMap):
+            self._map = target
+        else:
+            addresses = [target] if isinstance(target, str) else list(target)
+            if not addresses:
+                raise InvalidArgument("StoreClient needs at least one shard address")
+            published = self._published_map(addresses[:1])
+            if published is not None:
+                self._map = published
+            elif len(addresses) == 1:
+                self._map = ShardMap.single(addresses[0])
+            else:
+                self._map = ShardMap.balanced(addresses)
+
+    # ---- plumbing ----
+
+    @property
+    def shard_map(self) -> ShardMap:
+        """The shard map requests are routed with now."""
+        return self._map
+
+    def _stub(self, address: str) -> store_pb2_grpc.MemoryStoreStub:
+        with self._lock:
+            entry = self._stubs.get(address)
+            if entry is None:
+                opts = [("grpc.max_send_message_length", self.config.max_message_bytes),
+                        ("grpc.max_receive_message_length", self.config.max_message_bytes)]
+                channel = grpc.insecure_channel(address, options=opts)
+                entry = self._stubs[address] = (channel, store_pb2_grpc.MemoryStoreStub(channel))
+            return entry[1]
+
+    def _error(self, e: grpc.RpcError, address: str) -> EngramError:
+        code, details = e.code(), e.details() or ""
+        if code in _RETRYABLE:
+            return ShardUnavailable(f"shard {address} failed after {self.config.retries} retries: "
+                                    f"{code.name}: {details}")
+        return error_for_code(code.name, details)
+
+    def _backoff(self, attempt: int) -> None:
+        time.sleep(min(self.config.backoff_s * 2**attempt, self.config.backoff_max_s))
+
+    def _call(self, address: str, method: str, request, first: grpc.Future | None = None):
+        """One RPC with retries of transient failures; `first` is an attempt already in flight.
+
+        Raises _StaleMap when the shard says our map is outdated, else the errors.py class.
+        """
+        rpc = getattr(self._stub(address), method)
+        for attempt in range(self.config.retries + 1):
+            try:
+                if attempt == 0 and first is not None:
+                    return first.result()
+                return rpc(request, timeout=self.config.timeout_s)
+            except grpc.RpcError as e:
+                if _is_stale(e):
+                    raise _StaleMap(e.details()) from None
+                if e.code() not in _RETRYABLE or attempt == self.config.retries:
+                    raise self._error(e, address) from None
+            self._backoff(attempt)
+        raise AssertionError("unreachable")
+
+    def _fanout(self, calls: list[tuple[str, str, object]]) -> list:
+        """Send (address, method, request) calls in parallel; responses in the same order.
+
+        Raises _StaleMap only after every call has ended, so a caller can resend just the parts
+        that were rejected (stale entries are returned as _StaleMap instances).
+        """
+        inflight = [getattr(self._stub(a), m).future(r, timeout=self.config.timeout_s)
+                    for a, m, r in calls]
+        out: list = []
+        error: EngramError | None = None
+        for (address, method, request), fut in zip(calls, inflight, strict=True):
+            try:
+                out.append(self._call(address, method, request, first=fut))
+            except _StaleMap as e:
+                out.append(e)
+            except EngramError as e:
+                error = error or e
+                out.append(None)
+        if error is not None:
+            raise error
+        return out
+
+    def _published_map(self, addresses) -> ShardMap | None:
+        """The map that a shard of `addresses` publishes in its ShardState, if any."""
+        last: EngramError | None = None
+        for address in addresses:
+            try:
+                st = self._call(address, "Stats", pb.StatsRequest())
+            except EngramError as e:
+                last = e
+                continue
+            if st.shard.shard_map_json:
+                return ShardMap.from_json(st.shard.shard_map_json)
+            return None
+        raise last or ShardUnavailable("no shard address to ask for the shard map")
+
+    def refresh_map(self) -> ShardMap:
+        """Fetch the current shard map (map_provider, else any shard's Stats) and use it."""
+        new = self._map_provider() if self._map_provider else self._published_map(
+            self._map.addresses)
+        if new is not None and new.version >= self._map.version:
+            self._map = new
+        return self._map
+
+    def _route(self, m: ShardMap, table: str, ids: np.ndarray) -> list[tuple[int, np.ndarray]]:
+        """(shard, positions into ids) per request: grouped by shard, chunked by max_batch_rows."""
+        if m.num_shards == 1 or len(ids) == 0:  # an empty lookup still learns dim from shard 0
+            groups = [(0, np.arange(len(ids)))]
+        else:
+            shard = m.shard_of(table, ids)
+            order = np.argsort(shard, kind="stable")
+            bounds = np.searchsorted(shard[order], np.arange(m.num_shards + 1))
+            groups = [(s, order[bounds[s]:bounds[s + 1]]) for s in range(m.num_shards)
+                      if bounds[s + 1] > bounds[s]]
+        step = self.config.max_batch_rows
+        return [(s, pos[i:i + step]) for s, pos in groups for i in range(0, max(len(pos), 1), step)]
+
+    # ---- rows ----
+
+    @staticmethod
+    def _check_ids(ids) -> np.ndarray:
+        ids = np.asarray(ids)
+        if not (np.issubdtype(ids.dtype, np.integer) or (ids.size == 0 and ids.dtype == float)):
+            raise InvalidArgument(f"ids must be an integer array, got dtype {ids.dtype}; pass row "
+                                  "ids as int64")
+        return ids.astype(np.int64, copy=False)
+
+    def lookup(self, table: str, ids) -> np.ndarray:
+        """Rows of `table` for integer `ids` of any shape: float32 (*ids.shape, dim)."""
+        ids = self._check_ids(ids)
+        flat = ids.reshape(-1)
+        uniq, inverse = np.unique(flat, return_inverse=True)
+        for attempt in range(self.config.retries + 1):
+            m = self._map
+            parts = self._route(m, table, uniq)
+            calls = [(m.addresses[s], "Lookup", pb.LookupRequest(
+                table=table, ids=wire.pack_ids(uniq[pos]), dtype=self._wire,
+                map_version=m.version)) for s, pos in parts]
+            responses = self._fanout(calls)
+            if not any(isinstance(r, _StaleMap) for r in responses):
+                break
+            if attempt == self.config.retries:
+                stale = next(r for r in responses if isinstance(r, _StaleMap))
+                raise error_for_code("FAILED_PRECONDITION", str(stale))
+            self.refresh_map()
+            self._backoff(attempt)
+        dim = responses[0].dim
+        self._dims[table] = dim
+        chunks = [wire.unpack_rows(r.rows, wire.dtype_name(r.dtype), dim) for r in responses]
+        if len(chunks) == 1:
+            rows_u = chunks[0]  # (len(uniq), dim), possibly a read-only view of the response
+        else:
+            rows_u = np.empty((len(uniq), dim), np.float32)
+            for (_, pos), rows in zip(parts, chunks, strict=True):
+                rows_u[pos] = rows
+        return rows_u[inverse].reshape(*ids.shape, dim)
+
+    def _last_step(self, table: str) -> int:
+        if table not in self._steps:
+            self._steps[table] = self.table_info(table).step
+        return self._steps[table]
+
+    def _dim(self, table: str) -> int:
+        if table not in self._dims:
+            self._dims[table] = self.table_info(table).spec.dim
+        return self._dims[table]
+
+    def push(self, table: str, ids, grads, step: int = 0,
+             request_id: str | None = None) -> PushResult:
+        """Apply gradients (summed over duplicate ids) with the table's optimizer, exactly once.
+
+        `grads`: float (len(ids), dim) or (*ids.shape, dim). `step` (1-based, Adam bias
+        correction) 0 = the table's step + 1; a push that spans several shards or chunks then
+        uses the highest step this client has seen + 1, so every part gets the same step (with
+        several clients pushing to one table, pass `step` explicitly). Returns when every shard
+        has committed its part.
+        """
+        ids = self._check_ids(ids).reshape(-1)
+        grads = np.asarray(grads)
+        if not np.issubdtype(grads.dtype, np.floating):
+            raise InvalidArgument(f"grads must be a float array, got dtype {grads.dtype}")
+        dim = self._dim(table)
+        if grads.size != len(ids) * dim or grads.shape[-1:] != (dim,):
+            raise InvalidArgument(f"grads have shape {grads.shape}; table {table!r} needs "
+                                  f"({len(ids)}, {dim}): one row of dim {dim} per id")
+        grads = grads.reshape(len(ids), dim).astype(np.float32, copy=False)
+        ids, grads = coalesce(ids, grads)  # same summation order as the shard
+        rid = request_id or uuid.uuid4().hex
+        total, all_dup, applied_step = 0, True, 0
+        for attempt in range(self.config.retries + 1):
+            m = self._map
+            parts = self._route(m, table, ids)
+            if step == 0 and len(parts) > 1:
+                # "table step + 1" would differ between shards and chunks; fix one step for all
+                step = self._last_step(table) + 1
+            per_shard: dict[int, int] = {}
+            calls = []
+            for s, pos in parts:
+                # one id per sub-request, kept across transient retries; a new routing after a
+                # stale-map refresh sends rows the old owner rejected, under a fresh id
+                k = per_shard[s] = per_shard.get(s, -1) + 1
+                sub = f"{rid}/{s}" + (f".{k}" if k else "") + (f"@{m.version}" if attempt else "")
+                calls.append((m.addresses[s], "PushGradients", pb.PushGradientsRequest(
+                    table=table, ids=wire.pack_ids(ids[pos]),
+                    grads=wire.pack_rows(grads[pos], self.config.wire_dtype),
+                    grad_dtype=self._wire, request_id=sub, step=step, map_version=m.version)))
+            responses = self._fanout(calls)
+            stale = []
+            for (_, pos), r in zip(parts, responses, strict=True):
+                if isinstance(r, _StaleMap):
+                    stale.append(pos)
+                    continue
+                total += r.rows_updated
+                all_dup &= r.duplicate
+                applied_step = max(applied_step, r.step)
+            self._steps[table] = max(self._steps.get(table, 0), applied_step)
+            if not stale:
+                return PushResult(rows_updated=total, duplicate=all_dup, step=applied_step)
+            if attempt == self.config.retries:
+                raise error_for_code("FAILED_PRECONDITION", str(stale[0]))
+            pos = np.concatenate(stale)
+            ids, grads = ids[pos], grads[pos]
+            self.refresh_map()
+            self._backoff(attempt)
+        raise AssertionError("unreachable")
+
+    def lookup_async(self, table: str, ids) -> Future:
+        """lookup() on a client thread; the Future's result is the rows."""
+        return self._pool.submit(self.lookup, table, ids)
+
+    def push_async(self, table: str, ids, grads, step: int = 0,
+                   request_id: str | None = None) -> Future:
+        """push() on a client thread; the Future's result is the PushResult."""
+        return self._pool.submit(self.push, table, ids, grads, step, request_id)
+
+    # ---- tables (every shard holds every table's spec) ----
+
+    def _all(self, method: str, request) -> list:
+        responses = self._fanout([(a, method, request) for a in self._map.addresses])
+        for r in responses:
+            if isinstance(r, _StaleMap):
+                raise error_for_code("FAILED_PRECONDITION", str(r))
+        return responses
+
+    @staticmethod
+    def _merge(infos: list[pb.TableInfo]) -> TableInfo:
+        return TableInfo(spec=wire.spec_from_pb(infos[0].spec),
+                         stored_rows=sum(i.stored_rows for i in infos),
+                         stored_bytes=sum(i.stored_bytes for i in infos),
+                         step=max(i.step for i in infos), pushes=sum(i.pushes for i in infos))
+
+    def create_table(self, spec: TableConfig) -> TableInfo:
+        """Create `spec` on every shard (idempotent for an identical spec; ALREADY_EXISTS if not)."""
+        spec.validate()
+        responses = self._all("CreateTable", pb.CreateTableRequest(spec=wire.spec_to_pb(spec)))
+        self._dims[spec.name] = spec.dim
+        return self._merge([r.table for r in responses])
+
+    def drop_table(self, name: str) -> bool:
+        """Drop a table on every shard; True if any shard held it."""
+        self._dims.pop(name, None)
+        self._steps.pop(name, None)
+        return any(r.dropped for r in self._all("DropTable", pb.DropTableRequest(name=name)))
+
+    def table_info(self, name: str) -> TableInfo:
+        """The table's spec with stored rows/bytes and pushes summed over shards."""
+        return self._merge(self._all("GetTable", pb.GetTableRequest(name=name)))
+
+    def list_tables(self) -> list[TableInfo]:
+        """Every table of the store (as table_info would describe it), by name."""
+        by_name: dict[str, list[pb.TableInfo]] = {}
+        for r in self._all("ListTables", pb.ListTablesRequest()):
+            for t in r.tables:
+                by_name.setdefault(t.spec.name, []).append(t)
+        return [self._merge(v) for _, v in sorted(by_name.items())]
+
+    def stats(self) -> list[dict]:
+        """Each shard's Stats as a plain dict (JSON-friendly), in shard order."""
+        responses = self._all("Stats", pb.StatsRequest())
+        return [dict(stats_dict(r), address=a)
+                for a, r in zip(self._map.addresses, responses, strict=True)]
+
+    def close(self) -> None:
+        """Close channels and the futures pool."""
+        self._pool.shutdown(wait=False)
+        with self._lock:
+            for channel, _ in self._stubs.values():
+                channel.close()
+            self._stubs.clear()
+
+    def __enter__(self) -> StoreClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def stats_dict(r: pb.StatsResponse) -> dict:
+    """A StatsResponse as a JSON-friendly dict (slot masks summarised as counts)."""
+    st = r.shard
+    owned = sum(st.owned) if st.owned else st.num_slots
+    return {
+        "stored_rows": r.stored_rows, "stored_bytes": r.stored_bytes,
+        "map_size_bytes": r.map_size_bytes, "used_bytes": r.used_bytes,
+        "cache_rows": r.cache_rows, "uptime_s": round(r.uptime_s, 3),
+        "shard": {"shard_index": st.shard_index, "map_version": st.map_version,
+                  "num_slots": st.num_slots, "owned_slots": owned,
+                  "frozen_slots": sum(st.frozen), "layout": st.layout,
+                  "standalone": not st.owned},
+        "methods": [{"method": m.method, "requests": m.requests, "errors": m.errors,
+                     "rows": m.rows, "bytes": m.bytes, "p50_ms": round(m.p50_ms, 3),
+                     "p99_ms": round(m.p99_ms, 3)} for m in r.methods],
+        "tables": [{"name": t.spec.name, "num_rows": t.spec.num_rows, "dim": t.spec.dim,
+                    "stored_rows": t.stored_rows, "stored_bytes": t.stored_bytes,
+                    "step": t.step, "pushes": t.pushes} for t in r.tables],
+    }

@@ -1,0 +1,340 @@
+"""The gRPC face of one shard: MemoryStoreServicer translates messages, storage.Shard does the work.
+
+    server, port, shard = create_server(ShardConfig(data_dir="/tmp/s0"))   # tests: port 0
+    serve(config)                                                           # blocks until SIGTERM
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
+
+import grpc
+import numpy as np
+from google.protobuf.message import DecodeError
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from . import wire
+from .config import ShardConfig
+from .errors import BatchTooLarge, EngramError, InvalidArgument, ReadOnly
+from .proto import store_pb2 as pb
+from .storage import Shard
+
+log = logging.getLogger(__name__)
+
+SERVICE = "engram.v1.MemoryStore"
+_LATENCY_RING = 4096  # recent latencies kept per method for p50/p99
+
+
+class _Malformed:
+    """Stands in for a request whose bytes did not parse, so the servicer can say so."""
+
+    def __init__(self, cls: type, err: Exception):
+        self.message = (f"request is not a valid {cls.DESCRIPTOR.full_name} ({err}); send a "
+                        "serialized message of that type")
+
+
+class _MethodStats:
+    """Counters and a bounded ring of recent latencies (seconds) of one RPC method."""
+
+    def __init__(self) -> None:
+        self.requests = self.errors = self.rows = self.bytes = 0
+        self.latencies: collections.deque[float] = collections.deque(maxlen=_LATENCY_RING)
+
+
+def _abort(context: grpc.ServicerContext, err: Exception) -> None:
+    """End the call with the gRPC status that an error stands for (INTERNAL if unexpected)."""
+    if isinstance(err, EngramError):
+        context.abort(grpc.StatusCode[err.code], str(err))
+    log.exception("unexpected error in a request")
+    context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}: {err}")
+
+
+def _rpc(fn: Callable) -> Callable:
+    """Wrap a servicer method: reject malformed requests, map errors to statuses, record stats.
+
+    The wrapped method returns (response, rows, bytes) so that stats need no second pass.
+    """
+    name = fn.__name__
+
+    @functools.wraps(fn)
+    def wrapper(self: MemoryStoreServicer, request, context: grpc.ServicerContext):
+        t0 = time.perf_counter()
+        response, rows, nbytes = None, 0, 0
+        failed: Exception | None = None
+        try:
+            if isinstance(request, _Malformed):
+                raise InvalidArgument(request.message)
+            response, rows, nbytes = fn(self, request, context)
+        except Exception as e:  # every failure becomes a status; the server keeps serving
+            failed = e
+        self._record(name, t0, rows, nbytes, failed is not None)
+        if failed is not None:
+            _abort(context, failed)
+        return response
+
+    return wrapper
+
+
+class MemoryStoreServicer:
+    """engram.v1.MemoryStore over one storage.Shard: decode, one Shard call, encode."""
+
+    def __init__(self, shard: Shard, config: ShardConfig):
+        self.shard = shard
+        self.config = config
+        self.started = time.time()
+        self._stats: dict[str, _MethodStats] = collections.defaultdict(_MethodStats)
+        self._lock = threading.Lock()
+
+    # ---- helpers ----
+
+    def _record(self, name: str, t0: float, rows: int, nbytes: int, error: bool) -> None:
+        with self._lock:
+            s = self._stats[name]
+            s.requests += 1
+            s.errors += int(error)
+            s.rows += rows
+            s.bytes += nbytes
+            s.latencies.append(time.perf_counter() - t0)
+
+    def _writable(self) -> None:
+        if self.config.read_only:
+            raise ReadOnly("this shard was started with --read-only; send writes to a writable "
+                           "shard or restart it without --read-only")
+
+    def _ids(self, buf: bytes) -> np.ndarray:
+        if len(buf) // 8 > self.config.max_batch_rows:
+            raise BatchTooLarge(
+                f"{len(buf) // 8} ids exceed this shard's limit of {self.config.max_batch_rows} "
+                "per request; split the batch (ClientConfig.max_batch_rows) or raise "
+                "--max-batch-rows")
+        return wire.unpack_ids(buf)
+
+    def method_stats(self) -> list[pb.MethodStats]:
+        """Per-method counters with p50/p99 latency over the recent ring."""
+        out = []
+        with self._lock:
+            for name, s in sorted(self._stats.items()):
+                lat = np.asarray(s.latencies) * 1e3
+                p50, p99 = (np.percentile(lat, [50, 99]) if len(lat) else (0.0, 0.0))
+                out.append(pb.MethodStats(method=name, requests=s.requests, errors=s.errors,
+                                          rows=s.rows, bytes=s.bytes, p50_ms=p50, p99_ms=p99))
+        return out
+
+    # ---- tables ----
+
+    @_rpc
+    def CreateTable(self, request: pb.CreateTableRequest, context):
+        self._writable()
+        stats, created = self.shard.create_table(wire.spec_from_pb(request.spec))
+        return pb.CreateTableResponse(table=wire.info_to_pb(stats), created=created), 0, 0
+
+    @_rpc
+    def GetTable(self, request: pb.GetTableRequest, context):
+        return wire.info_to_pb(self.shard.table_stats(request.name)), 0, 0
+
+    @_rpc
+    def ListTables(self, request: pb.ListTablesRequest, context):
+        infos = [wire.info_to_pb(self.shard.table_stats(t.name)) for t in self.shard.tables()]
+        return pb.ListTablesResponse(tables=infos), 0, 0
+
+    @_rpc
+    def DropTable(self, request: pb.DropTableRequest, context):
+        self._writable()
+        return pb.DropTableResponse(dropped=self.shard.drop_table(request.name)), 0, 0
+
+    # ---- rows ----
+
+    @_rpc
+    def Lookup(self, request: pb.LookupRequest, context):
+        dtype = wire.dtype_name(request.dtype)
+        ids = self._ids(request.ids)
+        rows = self.shard.lookup(request.table, ids)  # (n, dim) float32
+        buf = wire.pack_rows(rows, dtype)
+        resp = pb.LookupResponse(rows=buf, num_rows=len(ids), dim=rows.shape[1],
+                                 dtype=wire.DTYPE_TO_PB[dtype])
+        return resp, len(ids), len(buf)
+
+    @_rpc
+    def PushGradients(self, request: pb.PushGradientsRequest, context):
+        self._writable()
+        dtype = wire.dtype_name(request.grad_dtype, "grad_dtype")
+        ids = self._ids(request.ids)
+        grads = wire.unpack_rows(request.grads, dtype, self.shard.table(request.table).dim,
+                                 "grads")  # (n, dim) float32
+        if len(grads) != len(ids):
+            raise InvalidArgument(
+                f"grads hold {len(grads)} rows of {dtype} for {len(ids)} ids; send one gradient "
+                "row per id, packed in grad_dtype")
+        res = self.shard.push(request.table, ids, grads, request.request_id, request.step)
+        resp = pb.PushGradientsResponse(rows_updated=res.rows_updated, duplicate=res.duplicate,
+                                        step=res.step)
+        return resp, len(ids), len(request.grads)
+
+    @_rpc
+    def Stats(self, request: pb.StatsRequest, context):
+        s = self.shard.stats()
+        tables = [wire.info_to_pb(self.shard.table_stats(t.name)) for t in self.shard.tables()]
+        resp = pb.StatsResponse(
+            stored_rows=s["stored_rows"], stored_bytes=s["stored_bytes"],
+            map_size_bytes=s["map_size_bytes"], used_bytes=s["used_bytes"],
+            cache_rows=s["cache_rows"], methods=self.method_stats(),
+            uptime_s=time.time() - self.started, shard=wire.state_to_pb(self.shard.shard_state()),
+            tables=tables)
+        return resp, 0, 0
+
+    # ---- shard ownership and resharding ----
+
+    @_rpc
+    def SetShardState(self, request: pb.SetShardStateRequest, context):
+        self.shard.set_shard_state(wire.state_from_pb(request.state))
+        return pb.SetShardStateResponse(state=wire.state_to_pb(self.shard.shard_state())), 0, 0
+
+    def ExportRows(self, request: pb.ExportRowsRequest, context) -> Iterator[pb.RowBatch]:
+        """Stream the stored rows (with optimizer state) of the requested slots."""
+        t0, rows, nbytes = time.perf_counter(), 0, 0
+        try:
+            if isinstance(request, _Malformed):
+                raise InvalidArgument(request.message)
+            mask = np.frombuffer(request.slots, dtype=np.uint8).astype(bool)
+            rb = self.shard.record_bytes(request.table)
+            for ids, records, step in self.shard.export_rows(
+                    request.table, mask, request.batch_rows or 65536):
+                rows, nbytes = rows + len(ids), nbytes + records.nbytes
+                yield pb.RowBatch(table=request.table, ids=wire.pack_ids(ids),
+                                  records=records.tobytes(), record_bytes=rb, step=step)
+        except Exception as e:
+            self._record("ExportRows", t0, rows, nbytes, True)
+            _abort(context, e)
+        self._record("ExportRows", t0, rows, nbytes, False)
+
+    @_rpc
+    def ImportRows(self, request_iterator: Iterator[pb.RowBatch], context):
+        self._writable()
+        total = nbytes = 0
+        for batch in request_iterator:
+            if isinstance(batch, _Malformed):
+                raise InvalidArgument(batch.message)
+            ids = self._ids(batch.ids)
+            if batch.record_bytes <= 0 or len(batch.records) != len(ids) * batch.record_bytes:
+                raise InvalidArgument(
+                    f"records are {len(batch.records)} bytes for {len(ids)} ids of "
+                    f"{batch.record_bytes} bytes each; send len(ids) * record_bytes bytes")
+            records = np.frombuffer(batch.records, np.uint8).reshape(len(ids), batch.record_bytes)
+            total += self.shard.import_rows(batch.table, ids, records, batch.step)
+            nbytes += len(batch.records)
+        return pb.ImportRowsResponse(rows=total), total, nbytes
+
+    @_rpc
+    def DeleteRows(self, request: pb.DeleteRowsRequest, context):
+        self._writable()
+        mask = np.frombuffer(request.slots, dtype=np.uint8).astype(bool)
+        n = self.shard.delete_rows(request.table, mask)
+        return pb.DeleteRowsResponse(rows=n), n, 0
+
+
+def _parser(cls: type) -> Callable[[bytes], object]:
+    """A request deserializer that turns unparsable bytes into a _Malformed marker.
+
+    grpc's own deserializer failure ends the call with INTERNAL "Exception deserializing request!",
+    which tells the caller nothing; this lets the servicer answer INVALID_ARGUMENT instead.
+    """
+
+    def parse(buf: bytes):
+        try:
+            return cls.FromString(buf)
+        except (DecodeError, ValueError, RuntimeError) as e:
+            return _Malformed(cls, e)
+
+    return parse
+
+
+def add_servicer(servicer: MemoryStoreServicer, server: grpc.Server) -> None:
+    """Register the servicer for every method of engram.v1.MemoryStore, with tolerant parsing."""
+    desc = pb.DESCRIPTOR.services_by_name["MemoryStore"]
+    kinds = {(False, False): grpc.unary_unary_rpc_method_handler,
+             (False, True): grpc.unary_stream_rpc_method_handler,
+             (True, False): grpc.stream_unary_rpc_method_handler,
+             (True, True): grpc.stream_stream_rpc_method_handler}
+    handlers = {}
+    for m in desc.methods:
+        req_cls = getattr(pb, m.input_type.name)
+        resp_cls = getattr(pb, m.output_type.name)
+        make = kinds[(m.client_streaming, m.server_streaming)]
+        handlers[m.name] = make(getattr(servicer, m.name), request_deserializer=_parser(req_cls),
+                                response_serializer=resp_cls.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)
+
+
+def create_server(config: ShardConfig) -> tuple[grpc.Server, int, Shard]:
+    """Open the shard and start a server on config.host:config.port (0: any free port).
+
+    Returns (server, bound port, shard). The caller stops the server and closes the shard.
+    """
+    config.validate()
+    shard = Shard(config)
+    try:
+        opts = [("grpc.max_send_message_length", config.max_message_bytes),
+                ("grpc.max_receive_message_length", config.max_message_bytes),
+                ("grpc.so_reuseport", 0)]
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers), options=opts)
+        servicer = MemoryStoreServicer(shard, config)
+        add_servicer(servicer, server)
+        server.servicer = servicer  # for tests and serve(); grpc.Server allows attributes
+        health_servicer = health.HealthServicer()
+        for name in ("", SERVICE):
+            health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        server.health = health_servicer
+        reflection.enable_server_reflection(
+            (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        port = server.add_insecure_port(f"{config.host}:{config.port}")
+        if port == 0:
+            raise OSError(f"cannot listen on {config.host}:{config.port}; pick another --port")
+        server.start()
+    except BaseException:
+        shard.close()
+        raise
+    return server, port, shard
+
+
+def stop_server(server: grpc.Server, shard: Shard, grace_s: float = 5.0) -> None:
+    """Stop taking calls, let calls in flight finish (up to grace_s), then close the shard."""
+    health_servicer = getattr(server, "health", None)
+    if health_servicer is not None:
+        health_servicer.enter_graceful_shutdown()
+    server.stop(grace_s).wait()
+    shard.close()
+
+
+def serve(config: ShardConfig, ready: Callable[[str, int], None] | None = None) -> None:
+    """Serve one shard until SIGTERM or SIGINT, then stop gracefully and close the shard.
+
+    `ready(host, port)` is called once the server listens (the CLI prints the address).
+    """
+    server, port, shard = create_server(config)
+    done = threading.Event()
+    previous = {s: signal.signal(s, lambda *_: done.set()) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        if ready is not None:
+            ready(config.host, port)
+        while not done.wait(1.0):
+            pass
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        stop_server(server, shard)
+
+
+if __name__ == "__main__":
+    from .cli import serve_main
+
+    raise SystemExit(serve_main())
