@@ -1,0 +1,127 @@
+"""Shard administration over the wire: the registry's side of SetShardState, ExportRows/ImportRows,
+DeleteRows, ListTables/CreateTable and Stats. It speaks protobuf directly because these calls are
+the cluster's own business, not something a trainer's StoreClient needs."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import grpc
+
+from engram_store.errors import ShardUnavailable, error_for_code
+from engram_store.proto import store_pb2 as pb
+from engram_store.proto import store_pb2_grpc as pb_grpc
+
+T = TypeVar("T")
+
+# Codes worth waiting out: a shard actor being restarted by Ray, or a server still binding.
+_TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+class ShardAdmin:
+    """One shard server, addressed as "host:port", with calls that retry while it restarts."""
+
+    def __init__(self, address: str, timeout_s: float = 30.0, max_message_bytes: int = 512 << 20):
+        self.address = address
+        self.timeout_s = timeout_s
+        opts = [("grpc.max_send_message_length", max_message_bytes),
+                ("grpc.max_receive_message_length", max_message_bytes)]
+        self._channel = grpc.insecure_channel(address, options=opts)
+        self._stub = pb_grpc.MemoryStoreStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> ShardAdmin:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _call(self, fn: Callable[[], T], what: str, wait_s: float | None = None) -> T:
+        """Run one RPC; on UNAVAILABLE retry with backoff for up to `wait_s` (default timeout_s),
+        because a shard that Ray is restarting answers again within seconds."""
+        deadline = time.monotonic() + (self.timeout_s if wait_s is None else wait_s)
+        delay = 0.05
+        while True:
+            try:
+                return fn()
+            except grpc.RpcError as e:
+                code = e.code()
+                if code in _TRANSIENT and time.monotonic() + delay < deadline:
+                    time.sleep(delay)
+                    delay = min(delay * 2, 1.0)
+                    continue
+                if code in _TRANSIENT:
+                    raise ShardUnavailable(
+                        f"shard {self.address} did not answer {what} within "
+                        f"{self.timeout_s:.0f}s ({e.details()}); check that its actor is alive "
+                        "(`engram cluster status`)") from None
+                raise error_for_code(code.name, f"{what} on shard {self.address}: "
+                                                f"{e.details()}") from None
+
+    def wait_ready(self, wait_s: float | None = None) -> pb.StatsResponse:
+        """Block until the server answers Stats; returns that answer."""
+        return self._call(lambda: self._stub.Stats(pb.StatsRequest(), timeout=5.0), "Stats",
+                          wait_s)
+
+    def stats(self, wait_s: float | None = None) -> pb.StatsResponse:
+        return self._call(lambda: self._stub.Stats(pb.StatsRequest(), timeout=self.timeout_s),
+                          "Stats", wait_s)
+
+    def set_state(self, state: pb.ShardState) -> pb.ShardState:
+        req = pb.SetShardStateRequest(state=state)
+        return self._call(lambda: self._stub.SetShardState(req, timeout=self.timeout_s),
+                          "SetShardState").state
+
+    def list_tables(self) -> list[pb.TableInfo]:
+        return list(self._call(
+            lambda: self._stub.ListTables(pb.ListTablesRequest(), timeout=self.timeout_s),
+            "ListTables").tables)
+
+    def create_table(self, spec: pb.TableSpec) -> bool:
+        """Create a table from its wire spec; False when an identical one exists already."""
+        req = pb.CreateTableRequest(spec=spec)
+        return self._call(lambda: self._stub.CreateTable(req, timeout=self.timeout_s),
+                          "CreateTable").created
+
+    def copy_rows_to(self, dst: ShardAdmin, table: str, slots: bytes,
+                     batch_rows: int = 8192) -> int:
+        """Stream the stored rows (with optimizer state) of `slots` from this shard into `dst`.
+
+        Importing is idempotent (a row is overwritten with the same record), so a copy that a
+        restart interrupts is simply run again.
+        """
+        req = pb.ExportRowsRequest(table=table, slots=slots, batch_rows=batch_rows)
+
+        def run() -> int:
+            # Generous deadline: a large slot group streams for a while.
+            stream = self._stub.ExportRows(req, timeout=self.timeout_s * 20)
+            return dst._stub.ImportRows(stream, timeout=self.timeout_s * 20).rows
+
+        return self._call(run, f"ExportRows->ImportRows({table}) to {dst.address}")
+
+    def delete_rows(self, table: str, slots: bytes) -> int:
+        req = pb.DeleteRowsRequest(table=table, slots=slots)
+        return self._call(lambda: self._stub.DeleteRows(req, timeout=self.timeout_s),
+                          "DeleteRows").rows
+
+
+def shard_state(index: int, shard_map, frozen: bytes = b"") -> pb.ShardState:
+    """The ShardState of shard `index` under `shard_map` (a routing.ShardMap), with `frozen` slots.
+
+    `owned` is always the explicit num_slots mask (all zeros for a shard that owns nothing yet),
+    never empty: an empty mask would mean a standalone shard that owns every slot.
+    """
+    return pb.ShardState(
+        shard_index=index, map_version=shard_map.version, num_slots=shard_map.num_slots,
+        owned=shard_map.owned_mask(index), frozen=frozen or bytes(shard_map.num_slots),
+        layout=shard_map.layout, shard_map_json=shard_map.to_json())
+
+
+def request_totals(stats: pb.StatsResponse) -> int:
+    """Lookup + push requests a shard has served since it started."""
+    return sum(m.requests for m in stats.methods
+               if m.method.rsplit("/", 1)[-1] in ("Lookup", "PushGradients"))

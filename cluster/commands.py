@@ -1,0 +1,129 @@
+"""`engram cluster up | status | scale | down`: the cluster's subcommands (composed by cli.py).
+
+`up` without --address starts a Ray on this machine and blocks, serving, until Ctrl-C (then the
+shards stop; their data stays in --data). With --address it joins a running Ray cluster
+(`ray start --head`), starts the shards there and returns: the cluster lives on in Ray, and
+`status`, `scale` and `down` reach it with the same --address.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import threading
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", default=None,
+                   help="Ray address (head's host:port, or 'auto'); `up` without it starts a "
+                        "local Ray and blocks until Ctrl-C")
+    p.add_argument("--name", default="engram", help="cluster name (registry actor name)")
+    p.add_argument("--namespace", default="engram", help="Ray namespace")
+
+
+def add_commands(subparsers) -> None:
+    """Add `cluster` with its subcommands to the `engram` parser's subparsers."""
+    cluster = subparsers.add_parser("cluster", help="run the store as shard actors on Ray")
+    sub = cluster.add_subparsers(dest="cluster_command", metavar="SUBCOMMAND")
+    cluster.set_defaults(func=lambda args: (cluster.print_help(), 2)[1])
+
+    up = sub.add_parser("up", help="start (or reopen) a cluster of shards")
+    _common(up)
+    up.add_argument("--shards", type=int, required=True, help="number of shards")
+    up.add_argument("--data", default="data/cluster",
+                    help="data root: shard-<i>/ LMDB dirs and cluster.json (on every store node)")
+    up.add_argument("--slots", type=int, default=None, help="hash slots (fixed per layout)")
+    up.add_argument("--cpus-per-shard", type=float, default=1.0)
+    up.add_argument("--memory-per-shard", type=int, default=0, help="bytes reserved in Ray")
+    up.add_argument("--store-resource", default="engram_store",
+                    help="custom Ray resource that marks store nodes")
+    up.add_argument("--host", default="",
+                    help="address shards listen on: '' auto (127.0.0.1 on one machine), "
+                         "'node' (the node's IP), or an explicit address")
+    up.add_argument("--cache-rows", type=int, default=None, help="RAM mirror rows per table")
+    up.set_defaults(func=cmd_up)
+
+    st = sub.add_parser("status", help="shards, nodes, addresses, rows, bytes, requests/s")
+    _common(st)
+    st.add_argument("--interval", type=float, default=1.0, help="seconds to measure requests/s")
+    st.add_argument("--json", action="store_true", help="print JSON")
+    st.set_defaults(func=cmd_status)
+
+    sc = sub.add_parser("scale", help="reshard live to another number of shards")
+    _common(sc)
+    sc.add_argument("--shards", type=int, required=True)
+    sc.set_defaults(func=cmd_scale)
+
+    dn = sub.add_parser("down", help="stop the shards and the registry (data stays)")
+    _common(dn)
+    dn.set_defaults(func=cmd_down)
+
+
+def cluster_config(args: argparse.Namespace):
+    """The ClusterConfig that `engram cluster up` flags describe."""
+    import dataclasses
+
+    from .config import ClusterConfig
+
+    d = ClusterConfig()
+    shard = d.shard if args.cache_rows is None else dataclasses.replace(
+        d.shard, cache_rows=args.cache_rows)
+    return ClusterConfig(num_shards=args.shards, data_root=args.data,
+                         store_resource=args.store_resource, cpus_per_shard=args.cpus_per_shard,
+                         memory_per_shard=args.memory_per_shard,
+                         num_slots=args.slots or d.num_slots, namespace=args.namespace,
+                         name=args.name, host=args.host, shard=shard)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from .api import EngramCluster
+
+    cluster = EngramCluster.up(cluster_config(args), address=args.address)
+    print(cluster.status(interval_s=0).format(), flush=True)
+    if args.address is not None:
+        print(f"up; reach it with --address {cluster.ray_address}", flush=True)
+        cluster.close()
+        return 0
+    # A Ray started by this process ends with it, so serve until told to stop.
+    print(f"serving until Ctrl-C; from another shell: engram cluster status --address "
+          f"{cluster.ray_address}", flush=True)
+    done = threading.Event()
+    previous = {s: signal.signal(s, lambda *_: done.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not done.wait(1.0):
+            pass
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        print("stopping shards (data stays in " + args.data + ")", flush=True)
+        cluster.down()
+    return 0
+
+
+def _connect(args: argparse.Namespace):
+    from .api import EngramCluster
+
+    return EngramCluster.connect(args.address, name=args.name, namespace=args.namespace)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    status = _connect(args).status(interval_s=args.interval)
+    print(json.dumps(status.to_dict(), indent=1) if args.json else status.format())
+    return 0
+
+
+def cmd_scale(args: argparse.Namespace) -> int:
+    from engram_store.errors import ConfigError
+
+    if args.shards < 1:  # say so before connecting anywhere
+        raise ConfigError(f"cannot scale to {args.shards} shards; a cluster keeps at least 1 "
+                          "(use `engram cluster down` to stop it)")
+    print(json.dumps(_connect(args).scale(args.shards)))
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    _connect(args).down()
+    print("down")
+    return 0

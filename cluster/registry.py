@@ -1,0 +1,457 @@
+"""The cluster registry: one named, detached actor that owns the shard actors and the shard map.
+
+It keeps the versioned routing.ShardMap (slot -> shard, shard -> address) and the layout id, pushes
+each shard its ShardState (owned and frozen slots, map version, the whole map) over gRPC, serves
+`get_map()` to clients' map_provider, and moves slots between shards when the cluster is scaled.
+The layout lives in `<data_root>/cluster.json`; `<data_root>/cluster.lock` (flock) keeps a second
+live cluster off the same directory.
+
+Resharding N -> M follows DESIGN.md "Routing and resharding": start new shards when growing; for
+each source shard: freeze its moving slots, copy their rows (ExportRows -> ImportRows, every
+table), publish the next map (destinations first), delete the rows on the source, unfreeze; stop
+the removed shards when shrinking. A push either commits before the freeze (and is copied) or is
+answered UNAVAILABLE and retried by the client against the new owner, so none is lost; lookups keep
+reading the committed rows on the source until the new owners hold them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+
+import numpy as np
+import ray
+
+from engram_store.errors import DataDirLocked, EngramError, LayoutMismatch, ShardUnavailable
+from engram_store.routing import ShardMap
+
+from .admin import ShardAdmin, request_totals, shard_state
+from .config import LOCAL_HOST, ClusterConfig
+from .shard_actor import ShardHost, _reconstructed, shard_actor_options
+
+META_FILE = "cluster.json"
+LOCK_FILE = "cluster.lock"
+
+
+def ray_get(refs, timeout: float | None = None):
+    """ray.get that raises the project's own error (LayoutMismatch, ...) a remote call raised,
+    instead of Ray's wrapper with a remote traceback."""
+    try:
+        return ray.get(refs, timeout=timeout)
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, EngramError):
+            raise e.cause from None
+        raise
+    except ray.exceptions.GetTimeoutError:
+        raise ShardUnavailable(
+            f"a cluster actor did not answer within {timeout:.0f}s; check `ray status` for "
+            "pending actors (is there a node with the store resource and free CPUs?)") from None
+
+
+def store_nodes(resource: str) -> list[dict]:
+    """Alive Ray nodes that offer `resource`, in a stable order (IP, then node id)."""
+    nodes = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get(resource, 0) > 0]
+    return sorted(nodes, key=lambda n: (n["NodeManagerAddress"], n["NodeID"]))
+
+
+def registry_actor_options(config: ClusterConfig) -> dict:
+    """Named, detached, restartable, threaded (get_map answers while a reshard runs), on the first
+    store node, because cluster.json lives in the data root there."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    opts: dict = {"name": config.registry_name, "namespace": config.namespace,
+                  "lifetime": "detached", "num_cpus": 0, "max_restarts": config.max_restarts,
+                  "max_concurrency": 16}
+    nodes = store_nodes(config.store_resource)
+    if nodes:
+        opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(nodes[0]["NodeID"], soft=False)
+    else:
+        opts["resources"] = {config.store_resource: 0.001}
+    return opts
+
+
+class Registry:
+    """Owner of a cluster's shard actors and its shard map. Becomes a Ray actor in api.py."""
+
+    def __init__(self, config: ClusterConfig):
+        self.config = config
+        self._lock = threading.RLock()  # one of start/scale/stop/restart handling at a time
+        self._map: ShardMap | None = None
+        self._hosts: list = []  # shard index -> ShardHost actor handle
+        self._host_nodes: list[str] = []  # shard index -> Ray node id it is pinned to
+        self._placement: dict[int, str] = {}  # shard index -> node IP (kept in cluster.json)
+        self._frozen: dict[int, bytes] = {}
+        self._admins: dict[str, ShardAdmin] = {}
+        self._tables: dict[str, dict] = {}
+        self._layout = ""
+        self._lock_fd: int | None = None
+        self._last_reshard: dict = {}
+        if _reconstructed():
+            # The registry crashed and Ray restarted it; its shard actors died with it. Bring the
+            # cluster back from cluster.json and the shards' data directories.
+            self.start([])
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self, tables: list[dict]) -> dict:
+        """Open or create the layout under data_root, start the shards, publish the map.
+
+        `tables` are TableConfig dicts the caller is about to create; a table of the same name
+        recorded with another spec is a LayoutMismatch. Nothing is changed when a check fails.
+        """
+        with self._lock:
+            if self._map is not None:
+                return self.summary()
+            self._take_dir_lock()
+            try:
+                meta = self._load_meta()
+                self._check_meta(meta, tables)
+                if meta:
+                    self._layout = meta["layout"]
+                    stored = ShardMap.from_json(meta["shard_map"])
+                    self._placement = {int(k): v for k, v in meta.get("placement", {}).items()}
+                    self._tables = dict(meta.get("tables", {}))
+                    addresses = self._start_hosts(range(stored.num_shards))
+                    self._map = dataclasses.replace(stored, version=stored.version + 1,
+                                                    addresses=tuple(addresses))
+                else:
+                    self._layout = uuid.uuid4().hex
+                    addresses = self._start_hosts(range(self.config.num_shards))
+                    self._map = ShardMap.balanced(addresses, self.config.num_slots, version=1,
+                                                  layout=self._layout)
+                self._frozen = {}
+                self._publish(range(self._map.num_shards))
+                self._tables.update({t["name"]: t for t in tables})
+                self._save_meta()
+            except BaseException:
+                self._kill_hosts(range(len(self._hosts)))
+                self._map = None
+                self._release_dir_lock()
+                raise
+            return self.summary()
+
+    def stop(self) -> None:
+        """Stop every shard server (data stays on disk) and release the data root."""
+        with self._lock:
+            if self._hosts:
+                try:
+                    ray.get([h.stop.remote() for h in self._hosts], timeout=30)
+                except Exception:  # a dead shard has nothing to flush: commits are in LMDB
+                    pass
+            self._kill_hosts(range(len(self._hosts)))
+            for a in self._admins.values():
+                a.close()
+            self._admins.clear()
+            self._map = None
+            self._release_dir_lock()
+
+    # -- queries -----------------------------------------------------------------------------
+    def get_map(self) -> ShardMap:
+        """The current shard map (clients' map_provider)."""
+        if self._map is None:
+            raise ShardUnavailable(f"cluster {self.config.name!r} is not up; run `engram cluster up`")
+        return self._map
+
+    def get_config(self) -> ClusterConfig:
+        return self.config
+
+    def summary(self) -> dict:
+        m = self._map
+        return {"name": self.config.name, "layout": self._layout, "data_root": self.config.data_root,
+                "num_shards": m.num_shards if m else 0, "map_version": m.version if m else 0,
+                "num_slots": m.num_slots if m else self.config.num_slots,
+                "addresses": list(m.addresses) if m else [], "last_reshard": self._last_reshard}
+
+    def shard_info(self) -> list[dict]:
+        """Per shard: index, address, pid, node id/IP, data dir (from the actors)."""
+        return ray_get([h.info.remote() for h in list(self._hosts)], timeout=30)
+
+    def shard_pid(self, index: int) -> int:
+        return ray_get(self._hosts[index].pid.remote(), timeout=30)
+
+    def shard_stats(self) -> list[dict]:
+        """Per shard: rows, bytes, requests served, map version it holds (from Stats)."""
+        m = self.get_map()
+        out = []
+        for i, addr in enumerate(m.addresses):
+            try:
+                s = self._admin(addr).stats(wait_s=2.0)
+            except EngramError as e:
+                out.append({"index": i, "address": addr, "error": str(e)})
+                continue
+            out.append({"index": i, "address": addr, "stored_rows": s.stored_rows,
+                        "stored_bytes": s.stored_bytes, "used_bytes": s.used_bytes,
+                        "requests": request_totals(s), "uptime_s": s.uptime_s,
+                        "map_version": s.shard.map_version, "tables": len(s.tables),
+                        "sampled_at": time.time()})
+        return out
+
+    # -- events ------------------------------------------------------------------------------
+    def shard_restarted(self, index: int, address: str) -> None:
+        """A shard actor that Ray restarted serves again at `address`: give it its state (and
+        everyone a new map if its address changed)."""
+        with self._lock:
+            m = self._map
+            if m is None or index >= m.num_shards:
+                return
+            if m.addresses[index] == address:
+                self._publish([index])
+                return
+            addresses = list(m.addresses)
+            addresses[index] = address
+            self._map = dataclasses.replace(m, version=m.version + 1, addresses=tuple(addresses))
+            self._publish(range(self._map.num_shards))
+            self._save_meta()
+
+    def scale(self, num_shards: int) -> dict:
+        """Reshard to `num_shards` while serving; returns what moved and how long it took."""
+        from engram_store.errors import ConfigError
+
+        with self._lock:
+            old = self.get_map()
+            n, m = old.num_shards, num_shards
+            if m < 1:
+                raise ConfigError(f"cannot scale to {m} shards; a cluster keeps at least 1 "
+                                  "(use `engram cluster down` to stop it)")
+            if m > old.num_slots:
+                raise ConfigError(f"{m} shards exceed the {old.num_slots} slots of this layout")
+            t0 = time.monotonic()
+            if m == n:
+                return {"from": n, "to": m, "moved_slots": 0, "moved_rows": 0, "duration_s": 0.0,
+                        "version": old.version}
+            addresses = list(old.addresses)
+            if m > n:
+                addresses += self._start_hosts(range(n, m))
+                try:
+                    self._map = dataclasses.replace(old, version=old.version + 1,
+                                                    addresses=tuple(addresses))
+                    self._publish(range(m))  # new shards: the map, owning nothing yet
+                    self._copy_tables(range(n, m))
+                except BaseException:
+                    self._map = old
+                    self._kill_hosts(range(n, m))
+                    raise
+            target = old.rebalanced(addresses if m > n else addresses[:m])
+            moved_slots, moved_rows = 0, 0
+            current = self._map
+            for src in range(n):
+                slots = [s for s in range(old.num_slots)
+                         if current.assignment[s] == src and target.assignment[s] != src]
+                if not slots:
+                    continue
+                current, rows = self._move(current, src, slots, target)
+                moved_slots += len(slots)
+                moved_rows += rows
+            if m < n:
+                # Every slot has left the removed shards; drop them from the map, then stop them
+                # (their directories now hold no rows).
+                self._map = current = dataclasses.replace(
+                    current, version=current.version + 1, addresses=tuple(addresses[:m]))
+                self._publish(range(m))
+                time.sleep(0.2)  # let in-flight requests on removed shards finish
+                self._stop_hosts(range(m, n))
+            self._save_meta()
+            self._last_reshard = {"from": n, "to": m, "moved_slots": moved_slots,
+                                  "moved_rows": moved_rows,
+                                  "duration_s": round(time.monotonic() - t0, 3),
+                                  "version": current.version}
+            return dict(self._last_reshard)
+
+    # -- resharding steps --------------------------------------------------------------------
+    def _move(self, current: ShardMap, src: int, slots: list[int],
+              target: ShardMap) -> tuple[ShardMap, int]:
+        """Move `slots` of shard `src` to their owners in `target`; returns the published map."""
+        ns = current.num_slots
+        mask = np.zeros(ns, dtype=np.uint8)
+        mask[slots] = 1
+        self._frozen[src] = mask.tobytes()
+        self._publish([src])  # freeze: from here on pushes to these slots are refused
+        source = self._admin(current.addresses[src])
+        tables = [t.spec for t in source.list_tables()]
+        dests = sorted({target.assignment[s] for s in slots})
+        rows = 0
+        for d in dests:
+            dmask = np.zeros(ns, dtype=np.uint8)
+            dmask[[s for s in slots if target.assignment[s] == d]] = 1
+            dest = self._admin(current.addresses[d])
+            for spec in tables:
+                dest.create_table(spec)  # idempotent; new shards may lack later tables
+                rows += source.copy_rows_to(dest, spec.name, dmask.tobytes())
+        assignment = list(current.assignment)
+        for s in slots:
+            assignment[s] = target.assignment[s]
+        nxt = dataclasses.replace(current, version=current.version + 1,
+                                  assignment=tuple(assignment))
+        self._map = nxt  # clients may fetch it now: destinations get it first
+        others = [i for i in range(nxt.num_shards) if i not in dests and i != src]
+        self._publish(dests + others + [src])
+        for spec in tables:
+            source.delete_rows(spec.name, mask.tobytes())
+        self._frozen.pop(src, None)
+        self._publish([src])  # unfreeze
+        self._save_meta()
+        return nxt, rows
+
+    def _copy_tables(self, indices) -> None:
+        """Create every table of shard 0 on the shards `indices`."""
+        specs = [t.spec for t in self._admin(self._map.addresses[0]).list_tables()]
+        for i in indices:
+            dest = self._admin(self._map.addresses[i])
+            for spec in specs:
+                dest.create_table(spec)
+
+    def _publish(self, indices) -> None:
+        """Push the current ShardState to the shards `indices`, in that order."""
+        m = self._map
+        for i in indices:
+            self._admin(m.addresses[i]).set_state(shard_state(i, m, self._frozen.get(i, b"")))
+
+    # -- shard actors ------------------------------------------------------------------------
+    def _host_mode(self) -> str:
+        if self.config.host:
+            return self.config.host
+        ips = {n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")}
+        return LOCAL_HOST if len(ips) <= 1 else "node"
+
+    def _pick_node(self, index: int, nodes: list[dict], load: dict[str, int]) -> str:
+        """A store node for shard `index`: the node of its recorded IP if one is alive (its data
+        is there), else the store node with the fewest shards (spread)."""
+        want = self._placement.get(index)
+        cands = [n for n in nodes if n["NodeManagerAddress"] == want] or nodes
+        return min(cands, key=lambda n: load.get(n["NodeID"], 0))["NodeID"]
+
+    def _start_hosts(self, indices) -> list[str]:
+        """Start ShardHost actors for `indices` (appended to self._hosts); their addresses."""
+        indices = list(indices)
+        nodes = store_nodes(self.config.store_resource)
+        if not nodes:
+            raise ShardUnavailable(
+                f"no alive Ray node offers the resource {self.config.store_resource!r}; start "
+                f"store nodes with `ray start ... --resources='{{\"{self.config.store_resource}\": 1}}'`")
+        host = self._host_mode()
+        load: dict[str, int] = {}
+        for nid in self._host_nodes:
+            load[nid] = load.get(nid, 0) + 1
+        actor_cls = ray.remote(ShardHost)
+        new = []
+        for i in indices:
+            node_id = self._pick_node(i, nodes, load)
+            load[node_id] = load.get(node_id, 0) + 1
+            h = actor_cls.options(**shard_actor_options(self.config, node_id)).remote(
+                self.config, i, self._layout, host)
+            new.append(h)
+            self._host_nodes.append(node_id)
+        assert len(self._hosts) == indices[0], "shards start in index order"
+        self._hosts.extend(new)
+        addresses = ray_get([h.start.remote() for h in new], timeout=self.config.ready_timeout_s)
+        for i, info in zip(indices, ray_get([h.info.remote() for h in new], timeout=30),
+                           strict=True):
+            self._placement[i] = info["node_ip"]
+        return list(addresses)
+
+    def _stop_hosts(self, indices) -> None:
+        indices = list(indices)
+        try:
+            ray.get([self._hosts[i].stop.remote() for i in indices], timeout=30)
+        except Exception:
+            pass
+        self._kill_hosts(indices)
+
+    def _kill_hosts(self, indices) -> None:
+        """Kill the actors `indices` (the tail of self._hosts) for good."""
+        indices = sorted(indices)
+        for i in indices:
+            try:
+                ray.kill(self._hosts[i], no_restart=True)
+            except Exception:
+                pass
+        if indices:
+            del self._hosts[indices[0]:]
+            del self._host_nodes[indices[0]:]
+
+    def _admin(self, address: str) -> ShardAdmin:
+        a = self._admins.get(address)
+        if a is None:
+            a = self._admins[address] = ShardAdmin(
+                address, timeout_s=self.config.client.timeout_s,
+                max_message_bytes=self.config.shard.max_message_bytes)
+        return a
+
+    # -- the data root -----------------------------------------------------------------------
+    def _take_dir_lock(self) -> None:
+        os.makedirs(self.config.data_root, exist_ok=True)
+        path = os.path.join(self.config.data_root, LOCK_FILE)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 4096).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise DataDirLocked(
+                f"{self.config.data_root} is served by a live cluster ({holder}); stop it with "
+                "`engram cluster down`, or give this cluster another --data directory") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"cluster": self.config.name, "pid": os.getpid(),
+                                 "host": socket.gethostname()}).encode())
+        self._lock_fd = fd
+
+    def _release_dir_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing drops the flock
+            self._lock_fd = None
+
+    def _load_meta(self) -> dict | None:
+        path = os.path.join(self.config.data_root, META_FILE)
+        try:
+            with open(path) as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            raise LayoutMismatch(f"{path} is unreadable ({e}); restore it or use another --data "
+                                 "directory") from None
+
+    def _check_meta(self, meta: dict | None, tables: list[dict]) -> None:
+        if not meta:
+            return
+        path = os.path.join(self.config.data_root, META_FILE)
+        if meta.get("num_slots") != self.config.num_slots:
+            raise LayoutMismatch(
+                f"{path}: layout {meta.get('layout')} has {meta.get('num_slots')} slots, this "
+                f"cluster asks for {self.config.num_slots}; use --slots {meta.get('num_slots')} "
+                "or another --data directory")
+        for t in tables:
+            t = json.loads(json.dumps(t))  # as cluster.json holds it (tuples become lists)
+            old = meta.get("tables", {}).get(t["name"])
+            if old is not None and old != t:
+                diff = sorted(k for k in set(old) | set(t) if old.get(k) != t.get(k))
+                raise LayoutMismatch(
+                    f"{path}: table {t['name']!r} was created with another spec (differs in "
+                    f"{', '.join(diff)}); keep its spec, pick a new table name, or use another "
+                    "--data directory")
+
+    def _save_meta(self) -> None:
+        m = self._map
+        meta = {"layout": self._layout, "name": self.config.name, "num_slots": m.num_slots,
+                "num_shards": m.num_shards, "shard_map": m.to_json(),
+                "placement": {str(k): v for k, v in self._placement.items() if k < m.num_shards},
+                "tables": self._tables, "updated": time.time()}
+        path = os.path.join(self.config.data_root, META_FILE)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(meta, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def record_tables(self, tables: list[dict]) -> None:
+        """Remember the specs of tables created through the cluster (layout checks on next up)."""
+        with self._lock:
+            self._tables.update({t["name"]: t for t in tables})
+            if self._map is not None:
+                self._save_meta()

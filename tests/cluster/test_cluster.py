@@ -1,0 +1,208 @@
+"""The store as Ray actors: placement on store nodes, live resharding under pushes, restarts after
+kill -9, and refusals that change nothing. One small Ray for the whole module (conftest)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from cluster.api import ClusterNotFound, EngramCluster, RayUnreachable
+from cluster.registry import META_FILE
+from engram_store.errors import ConfigError, DataDirLocked, LayoutMismatch
+
+from .conftest import Pusher, cluster_config, push_batch, reference_table, table_spec
+
+
+def _nodes_of(cluster: EngramCluster) -> set[str]:
+    return {s.node_id for s in cluster.status(interval_s=0).shards}
+
+
+def test_scaling_under_pushes_matches_one_shard(ray_cluster, tmp_path):
+    """2 -> 4 -> 3 shards while one thread pushes and another looks up: the table ends equal to a
+    one-shard table fed the same pushes; shards only ever run on the store node."""
+    _, store_node, trainer_node = ray_cluster
+    spec = table_spec()
+    cluster = EngramCluster.up(cluster_config(tmp_path / "c", 2), tables=[spec])
+    try:
+        assert _nodes_of(cluster) == {store_node}
+        client = cluster.client()
+        pusher = Pusher(client, spec)
+        lookup_errors: list[str] = []
+        stop_lookups = threading.Event()
+
+        def look() -> None:  # lookups during the moves must keep answering
+            with cluster.client() as c:
+                for i in range(2000):
+                    if stop_lookups.is_set():
+                        return
+                    try:
+                        rows = c.lookup(spec.name, push_batch(i % 50 + 1, spec.num_rows,
+                                                              spec.dim)[0])
+                        assert rows.shape == (64, spec.dim) and np.isfinite(rows).all()
+                    except Exception as e:
+                        lookup_errors.append(repr(e))
+                    time.sleep(0.005)
+
+        looker = threading.Thread(target=look, daemon=True)
+        pusher.start()
+        looker.start()
+        assert pusher.wait_for(30, 30)
+        grown = cluster.scale(4)
+        assert grown["to"] == 4 and grown["moved_slots"] > 0
+        assert _nodes_of(cluster) == {store_node}
+        assert pusher.wait_for(pusher.acked + 30, 30)
+        shrunk = cluster.scale(3)
+        assert shrunk["to"] == 3 and shrunk["moved_slots"] > 0
+        assert pusher.wait_for(pusher.acked + 30, 30)
+        acked = pusher.stop()
+        stop_lookups.set()
+        looker.join(timeout=30)
+        assert not pusher.failures and not lookup_errors, (pusher.failures, lookup_errors[:3])
+
+        ids, expected = reference_table(tmp_path, spec, acked)
+        np.testing.assert_array_equal(client.lookup(spec.name, ids), expected)
+        status = cluster.status(interval_s=0)
+        assert len(status.shards) == 3 and trainer_node not in status.nodes
+        # every stored row lives on exactly one shard: sources deleted what they gave away
+        assert sum(s.stored_rows for s in status.shards) == len(ids)
+        assert all(s.map_version == status.map_version for s in status.shards)
+        # a removed shard's directory holds no rows any more
+        client.close()
+    finally:
+        cluster.down()
+
+
+def test_kill9_of_shards_loses_no_acknowledged_push(ray_cluster, tmp_path):
+    """SIGKILL a shard process three times during a push stream: Ray restarts it on the same
+    data dir, the stream resumes by itself, every acknowledged push is there."""
+    spec = table_spec(num_rows=5000)
+    cluster = EngramCluster.up(cluster_config(tmp_path / "c", 2), tables=[spec])
+    try:
+        client = cluster.client()
+        pusher = Pusher(client, spec)
+        pusher.start()
+        assert pusher.wait_for(20, 30)
+        for round_ in range(3):
+            shard = round_ % 2
+            pid = cluster.shard_pid(shard)
+            before = pusher.acked
+            os.kill(pid, signal.SIGKILL)
+            # resumed by itself: pushes are acknowledged again after the restart
+            assert pusher.wait_for(before + 20, 45), f"stream stalled after kill {round_}"
+            assert cluster.shard_pid(shard) != pid
+        acked = pusher.stop()
+        assert len(pusher.failures) <= 3, pusher.failures  # the client's own retries cover it
+        ids, expected = reference_table(tmp_path, spec, acked)
+        np.testing.assert_array_equal(client.lookup(spec.name, ids), expected)
+        client.close()
+    finally:
+        cluster.down()
+
+
+def test_down_and_up_again_keeps_the_table(ray_cluster, tmp_path):
+    """`down` keeps the data; `up` on the same data root reopens the layout (and its map, even
+    after a reshard), at another shard count if asked."""
+    spec = table_spec(num_rows=3000)
+    config = cluster_config(tmp_path / "c", 2)
+    cluster = EngramCluster.up(config, tables=[spec])
+    with cluster.client() as c:
+        for k in range(1, 21):
+            c.push(spec.name, *push_batch(k, spec.num_rows, spec.dim), step=k)
+    cluster.scale(3)
+    layout = cluster.status(interval_s=0).layout
+    cluster.down()
+    ids, expected = reference_table(tmp_path, spec, 20)
+    again = EngramCluster.up(dataclasses.replace(config, num_shards=2), tables=[spec])
+    try:
+        status = again.status(interval_s=0)
+        assert status.layout == layout and len(status.shards) == 2
+        with again.client() as c:
+            np.testing.assert_array_equal(c.lookup(spec.name, ids), expected)
+    finally:
+        again.down()
+
+
+def test_refusals_change_nothing(ray_cluster, tmp_path):
+    """Scale to 0, an unreachable Ray, a data root of another layout, a foreign shard directory,
+    and a second cluster on a live data root: each a clear error, nothing changed."""
+    spec = table_spec(num_rows=1000)
+    config = cluster_config(tmp_path / "a", 2)
+    cluster = EngramCluster.up(config, tables=[spec])
+    try:
+        version = cluster.shard_map().version
+        with pytest.raises(ConfigError, match="at least 1"):
+            cluster.scale(0)
+        assert cluster.shard_map().version == version
+
+        with pytest.raises(RayUnreachable, match="cannot reach"):
+            EngramCluster.up(cluster_config(tmp_path / "x", 1), address="127.0.0.1:1")
+        assert not (tmp_path / "x").exists()
+
+        # a second live cluster on the same data root: refused by the data-root lock
+        meta_before = (tmp_path / "a" / META_FILE).read_text()
+        with pytest.raises(DataDirLocked, match="live cluster"):
+            EngramCluster.up(cluster_config(tmp_path / "a", 2))
+        # the same cluster name again: refused before anything starts
+        with pytest.raises(DataDirLocked, match="already serves"):
+            EngramCluster.up(config)
+        assert (tmp_path / "a" / META_FILE).read_text() == meta_before
+        assert cluster.shard_map().version == version
+        with cluster.client() as c:  # still serving
+            assert c.lookup(spec.name, np.arange(4)).shape == (4, spec.dim)
+    finally:
+        cluster.down()
+
+    # the data root of a 64-slot layout refuses a 128-slot cluster
+    meta_before = (tmp_path / "a" / META_FILE).read_text()
+    with pytest.raises(LayoutMismatch, match="64 slots"):
+        EngramCluster.up(cluster_config(tmp_path / "a", 2, num_slots=128))
+    # ... and a table spec that differs from the recorded one
+    with pytest.raises(LayoutMismatch, match="another spec"):
+        EngramCluster.up(cluster_config(tmp_path / "a", 2), tables=[table_spec(num_rows=999)])
+    assert (tmp_path / "a" / META_FILE).read_text() == meta_before
+    assert json.loads(meta_before)["num_shards"] == 2
+
+    # a shard directory copied from another cluster's layout
+    other = EngramCluster.up(cluster_config(tmp_path / "b", 1), tables=[spec])
+    other.down()
+    shutil.rmtree(tmp_path / "a" / "shard-1")
+    shutil.copytree(tmp_path / "b" / "shard-0", tmp_path / "a" / "shard-1")
+    with pytest.raises(LayoutMismatch, match="belongs to cluster layout"):
+        EngramCluster.up(cluster_config(tmp_path / "a", 2))
+    assert (tmp_path / "a" / META_FILE).read_text() == meta_before
+
+
+def test_connect_and_cli(ray_cluster, tmp_path, capsys):
+    """connect() finds a cluster by name; the `engram cluster` commands drive it."""
+    from cluster.cli import main
+
+    address = ray_cluster[0].address
+    config = cluster_config(tmp_path / "c", 1)
+    with pytest.raises(ClusterNotFound):
+        EngramCluster.connect(address, name=config.name, namespace=config.namespace)
+    cluster = EngramCluster.up(config, tables=[table_spec(num_rows=1000)])
+    try:
+        args = ["--address", address, "--name", config.name, "--namespace", config.namespace]
+        assert main(["cluster", "scale", "--shards", "2", *args]) == 0
+        assert json.loads(capsys.readouterr().out)["to"] == 2
+        assert main(["cluster", "status", "--json", "--interval", "0", *args]) == 0
+        status = json.loads(capsys.readouterr().out)
+        assert len(status["shards"]) == 2
+        assert main(["cluster", "scale", "--shards", "0", *args]) == 2
+        assert "at least 1" in capsys.readouterr().err
+        found = EngramCluster.connect(address, name=config.name, namespace=config.namespace)
+        assert found.shard_map().num_shards == 2
+        assert main(["cluster", "down", *args]) == 0
+        with pytest.raises(ClusterNotFound):
+            EngramCluster.connect(address, name=config.name, namespace=config.namespace)
+    except BaseException:
+        cluster.down()
+        raise
