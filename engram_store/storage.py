@@ -1,0 +1,631 @@
+"""Shard: one LMDB environment holding the rows and optimizer state of one or more tables.
+
+Layout (DESIGN.md "Storage"): sub-database `meta` (JSON table specs and counters under
+`table:<name>`, shard state under `shard`), `rows:<name>` per table (8-byte big-endian row id ->
+record = row in storage dtype, then state_width * dim float32), `requests` (table \\0 request id ->
+step, rows) and `reqseq` (sequence -> request key, oldest first, for pruning).
+
+Concurrency: one writer lock serialises push / import / delete / create / drop / set_shard_state.
+Lookups run concurrently; they gather from the RAM mirror under a reader lock, and writers update
+the mirror only after their LMDB commit, so a lookup never sees a torn or uncommitted row.
+"""
+
+from __future__ import annotations
+
+import base64
+import fcntl
+import itertools
+import json
+import os
+import struct
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import lmdb
+import numpy as np
+
+from . import dtypes, init, optimizers
+from .config import ShardConfig, TableConfig
+from .errors import (
+    BatchTooLarge,
+    DataDirLocked,
+    InvalidArgument,
+    LayoutMismatch,
+    ReadOnly,
+    ShardUnavailable,
+    StoreFull,
+    TableExists,
+    TableNotFound,
+    WrongShard,
+)
+from .mirror import Mirror, RWLock
+from .routing import slot_of
+
+_MAX_DBS = 4096  # tables per shard (+3 internal databases)
+_REQ = struct.Struct(">qq")  # request log value: (step, rows_updated)
+_SCAN = 1 << 16  # records read per chunk when scanning a table (export / delete)
+_CHUNK = 1024  # rows per optimizer chunk
+_SCRATCH_MAX = 256 << 20  # writer buffers up to this size are kept for the next push
+
+
+@dataclass(frozen=True)
+class ShardStateInfo:
+    """Which hash slots this shard owns and which are frozen (proto ShardState).
+
+    `owned` / `frozen`: num_slots bytes, 1 = owned / being moved. Empty `owned`: every slot is owned
+    (a standalone shard); empty `frozen`: nothing frozen.
+    """
+
+    shard_index: int = 0
+    map_version: int = 0
+    num_slots: int = 0
+    owned: bytes = b""
+    frozen: bytes = b""
+    layout: str = ""
+    shard_map_json: str = ""
+
+    def to_json(self) -> str:
+        d = dict(self.__dict__)
+        d["owned"] = base64.b64encode(self.owned).decode()
+        d["frozen"] = base64.b64encode(self.frozen).decode()
+        return json.dumps(d)
+
+    @classmethod
+    def from_json(cls, s: str | bytes) -> ShardStateInfo:
+        d = json.loads(s)
+        d["owned"] = base64.b64decode(d["owned"])
+        d["frozen"] = base64.b64decode(d["frozen"])
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class TableStats:
+    """A table as this shard holds it (proto TableInfo)."""
+
+    spec: TableConfig
+    stored_rows: int = 0  # rows pushed (or imported) at least once
+    stored_bytes: int = 0  # their records
+    step: int = 0  # highest optimizer step applied
+    pushes: int = 0  # push requests applied
+
+
+@dataclass(frozen=True)
+class PushResult:
+    rows_updated: int  # distinct rows changed
+    duplicate: bool  # the request id was applied before; nothing changed now
+    step: int  # the step the update was applied as
+
+
+@dataclass
+class _Table:
+    spec: TableConfig
+    db: object  # lmdb _Database handle
+    step: int = 0
+    pushes: int = 0
+    mirror: Mirror = field(init=False)
+
+    def __post_init__(self) -> None:
+        s = self.spec
+        self.row_bytes = s.dim * dtypes.itemsize(s.dtype)
+        self.state_dim = s.optimizer.state_width * s.dim
+        self.record_bytes = self.row_bytes + 4 * self.state_dim
+
+    def meta_json(self, step: int | None = None, pushes: int | None = None) -> bytes:
+        """The `table:<name>` meta value, optionally with new counters."""
+        return json.dumps({"spec": self.spec.to_dict(),
+                           "step": self.step if step is None else step,
+                           "pushes": self.pushes if pushes is None else pushes}).encode()
+
+
+def _keys(ids: np.ndarray) -> list[bytes]:
+    """8-byte big-endian keys (big-endian so LMDB's byte order is row-id order)."""
+    return ids.astype(">u8").view("V8").tolist()
+
+
+def _distinct(ids: np.ndarray, grads: np.ndarray
+              ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Sorted distinct ids, and either the order that sorts `grads` (no duplicates: gathered
+    chunk by chunk later) or the summed gradients of the distinct ids."""
+    if ids.shape[0] < 2 or bool(np.all(ids[1:] > ids[:-1])):
+        return ids, np.arange(ids.shape[0]), None
+    order = np.argsort(ids, kind="stable")
+    sids = ids[order]
+    if bool(np.all(sids[1:] != sids[:-1])):
+        return sids, order, None
+    uids, summed = optimizers.coalesce(ids, grads)
+    return uids, None, summed
+
+
+def _items(ids: np.ndarray, rec: np.ndarray) -> Iterator[tuple[bytes, bytes]]:
+    """(key, record) pairs for Cursor.putmulti; void-dtype tolist() splits rows into bytes fast."""
+    vals = np.ascontiguousarray(rec).view(f"V{rec.shape[1]}").ravel().tolist()
+    return zip(_keys(ids), vals, strict=True)
+
+
+class Shard:
+    """Rows and optimizer state of the tables of one data directory. Thread-safe."""
+
+    def __init__(self, config: ShardConfig) -> None:
+        config.validate()
+        self.config = config
+        os.makedirs(config.data_dir, exist_ok=True)
+        self._lock_file = open(os.path.join(config.data_dir, "shard.lock"), "a+")  # noqa: SIM115
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            self._lock_file.close()
+            raise DataDirLocked(
+                f"data directory {config.data_dir} is in use by another shard process; stop it "
+                "or give this shard another --data directory") from e
+        self._lock_file.truncate(0)
+        self._lock_file.write(f"{os.getpid()}\n")
+        self._lock_file.flush()
+        try:
+            self._env = lmdb.open(
+                config.data_dir, map_size=config.map_size, max_dbs=_MAX_DBS + 3,
+                sync=config.durable, metasync=config.durable, readahead=False,
+                max_readers=max(126, 4 * config.workers))
+        except lmdb.Error:
+            self._release_lock()
+            raise
+        self._wlock = threading.Lock()
+        self._bufs: dict[str, np.ndarray] = {}  # writer scratch, used under _wlock only
+        self._mlock = RWLock()
+        self._meta = self._env.open_db(b"meta")
+        self._req = self._env.open_db(b"requests")
+        self._reqseq = self._env.open_db(b"reqseq")
+        self._tables: dict[str, _Table] = {}
+        self._state = ShardStateInfo()
+        with self._env.begin(db=self._meta) as txn:
+            raw_state = txn.get(b"shard")
+            metas = [(k, v) for k, v in txn.cursor() if k.startswith(b"table:")]
+        if raw_state:
+            self._state = ShardStateInfo.from_json(raw_state)
+        for _, v in metas:
+            d = json.loads(v)
+            self._add_table(TableConfig.from_dict(d["spec"]), self._env.open_db(
+                b"rows:" + d["spec"]["name"].encode()), d["step"], d["pushes"])
+        self._closed = False
+
+    # ---- lifecycle ----
+
+    def close(self) -> None:
+        """Close the LMDB environment and release the data directory."""
+        with self._wlock:
+            if self._closed:
+                return
+            self._closed = True
+            self._env.close()
+            self._release_lock()
+
+    def _release_lock(self) -> None:
+        fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+        self._lock_file.close()
+
+    def __enter__(self) -> Shard:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- tables ----
+
+    def _add_table(self, spec: TableConfig, db: object, step: int = 0, pushes: int = 0) -> _Table:
+        t = _Table(spec, db, step, pushes)
+        t.mirror = Mirror(spec.num_rows, t.record_bytes, self.config.cache_rows)
+        self._tables[spec.name] = t
+        return t
+
+    def _get(self, name: str) -> _Table:
+        t = self._tables.get(name)
+        if t is None:
+            raise TableNotFound(f"table {name!r} does not exist on this shard; create it first")
+        return t
+
+    def _writable(self) -> None:
+        if self.config.read_only:
+            raise ReadOnly("this shard serves lookups only; restart it without --read-only")
+
+    def create_table(self, spec: TableConfig) -> tuple[TableStats, bool]:
+        """Create `spec`; the same spec again returns created=False, another spec TableExists."""
+        spec.validate()
+        with self._wlock:
+            old = self._tables.get(spec.name)
+            if old is not None:
+                if old.spec != spec:
+                    raise TableExists(
+                        f"table {spec.name!r} exists with another spec ({old.spec}); drop it "
+                        "first or use another name")
+                return self._stats(old), False
+            self._writable()
+            if len(self._tables) >= _MAX_DBS:
+                raise StoreFull(f"this shard holds the maximum of {_MAX_DBS} tables; drop one")
+            t = _Table(spec, None)
+            try:
+                with self._env.begin(write=True) as txn:
+                    t.db = self._env.open_db(b"rows:" + spec.name.encode(), txn=txn)
+                    txn.put(b"table:" + spec.name.encode(), t.meta_json(), db=self._meta)
+            except lmdb.MapFullError as e:
+                raise self._full() from e
+            t = self._add_table(spec, t.db)
+            return self._stats(t), True
+
+    def drop_table(self, name: str) -> bool:
+        """Delete a table and all its rows; False if it did not exist."""
+        with self._wlock:
+            t = self._tables.get(name)
+            if t is None:
+                return False
+            self._writable()
+            with self._env.begin(write=True) as txn:
+                txn.drop(t.db, delete=True)
+                txn.delete(b"table:" + name.encode(), db=self._meta)
+            with self._mlock.write():
+                del self._tables[name]
+                t.mirror.clear()
+                t.mirror.gen += 1
+            return True
+
+    def table(self, name: str) -> TableConfig:
+        """The spec of table `name` (TableNotFound if absent)."""
+        return self._get(name).spec
+
+    def tables(self) -> list[TableConfig]:
+        """Specs of every table, by name."""
+        return [self._tables[n].spec for n in sorted(self._tables)]
+
+    def table_stats(self, name: str) -> TableStats:
+        """Stored rows and bytes, step and push count of table `name`."""
+        return self._stats(self._get(name))
+
+    def _stats(self, t: _Table) -> TableStats:
+        with self._env.begin() as txn:
+            n = txn.stat(t.db)["entries"]
+        return TableStats(t.spec, n, n * t.record_bytes, t.step, t.pushes)
+
+    def record_bytes(self, table: str) -> int:
+        """Bytes of one stored record of `table`: row in storage dtype, then float32 state."""
+        return self._get(table).record_bytes
+
+    # ---- validation ----
+
+    def _check_ids(self, t: _Table, ids: np.ndarray) -> None:
+        if not isinstance(ids, np.ndarray) or ids.ndim != 1 or ids.dtype != np.int64:
+            what = (f"{ids.ndim}-D {ids.dtype}" if isinstance(ids, np.ndarray)
+                    else type(ids).__name__)
+            raise InvalidArgument(f"ids must be a 1-D np.int64 array, got {what}")
+        if ids.shape[0] > self.config.max_batch_rows:
+            raise BatchTooLarge(
+                f"{ids.shape[0]} ids exceed this shard's max_batch_rows="
+                f"{self.config.max_batch_rows}; split the request")
+        if ids.shape[0] and (ids.min() < 0 or ids.max() >= t.spec.num_rows):
+            bad = int(ids[(ids < 0) | (ids >= t.spec.num_rows)][0])
+            raise InvalidArgument(
+                f"row id {bad} is out of range for table {t.spec.name!r}; ids must lie in "
+                f"[0, {t.spec.num_rows})")
+
+    def _check_owned(self, t: _Table, ids: np.ndarray, push: bool) -> None:
+        st = self._state
+        if not st.owned and not (push and st.frozen) or ids.shape[0] == 0:
+            return
+        slots = slot_of(t.spec.name, ids, st.num_slots)
+        if st.owned and not np.frombuffer(st.owned, np.uint8)[slots].all():
+            raise WrongShard(f"stale shard map (shard has version {st.map_version}); rows of "
+                             f"table {t.spec.name!r} are not owned here: refresh the map")
+        if push and st.frozen and np.frombuffer(st.frozen, np.uint8)[slots].any():
+            raise ShardUnavailable("slots moving: some rows are being resharded; retry shortly")
+
+    # ---- records ----
+
+    def _rows_of(self, t: _Table, rec: np.ndarray) -> np.ndarray:
+        """float32 rows of records (n, record_bytes) (or of their first row_bytes columns)."""
+        raw = rec[:, : t.row_bytes]
+        if t.spec.dtype == "float32":
+            # a contiguous gather is reused as is; a view into LMDB bytes or the mirror is copied
+            own = raw.flags.c_contiguous and raw.flags.writeable and raw.base is None
+            return raw.view("<f4") if own else np.array(raw).view("<f4")
+        return dtypes.to_float32(np.ascontiguousarray(raw).view(
+            dtypes.numpy_dtype(t.spec.dtype)), t.spec.dtype)
+
+    def _state_of(self, t: _Table, rec: np.ndarray) -> np.ndarray:
+        """float32 optimizer state of records (a view)."""
+        return rec[:, t.row_bytes:].view("<f4")
+
+    def _encode(self, t: _Table, rows: np.ndarray, state: np.ndarray,
+                out: np.ndarray | None = None) -> np.ndarray:
+        """Records (n, record_bytes) of float32 rows and state."""
+        if out is None:
+            out = np.empty((rows.shape[0], t.record_bytes), np.uint8)
+        out[:, : t.row_bytes] = dtypes.to_dtype(rows, t.spec.dtype).view(np.uint8)
+        out[:, t.row_bytes:] = state.astype("<f4", copy=False).view(np.uint8)
+        return out
+
+    def _read(self, txn: lmdb.Transaction, t: _Table, ids: np.ndarray) -> np.ndarray:
+        """Records of distinct `ids` from LMDB; initial rows and state where never stored."""
+        get = txn.get
+        vals = [get(k, db=t.db) for k in _keys(ids)]
+        found = [i for i, v in enumerate(vals) if v is not None]
+        if len(found) == ids.shape[0]:
+            return np.frombuffer(b"".join(vals), np.uint8).reshape(-1, t.record_bytes)
+        rec = self._encode(t, init.initial_rows(t.spec, ids),
+                           init.initial_state(t.spec, ids.shape[0]))
+        if found:
+            rec[found] = np.frombuffer(b"".join(vals[i] for i in found), np.uint8).reshape(
+                -1, t.record_bytes)
+        return rec
+
+    def _records(self, t: _Table, ids: np.ndarray, txn: lmdb.Transaction | None,
+                 out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+        """Current records of distinct `ids` (mirror first, then LMDB), the positions in `ids`
+        that missed the mirror, and the mirror generation seen before reading LMDB."""
+        n = ids.shape[0]
+        with self._mlock.read():
+            pos = t.mirror.find(ids)
+            hit = pos >= 0
+            gen = t.mirror.gen
+            if out is None:
+                out = np.empty((n, t.record_bytes), np.uint8)
+            if hit.all():
+                # mode="clip" skips take's defensive copy of `out`; positions are valid
+                np.take(t.mirror.rec, pos, axis=0, out=out, mode="clip")
+                return out, np.empty(0, np.int64), gen
+            out[hit] = t.mirror.rec[pos[hit]]
+        miss = np.flatnonzero(~hit)
+        if txn is None:
+            with self._env.begin() as rtxn:
+                out[miss] = self._read(rtxn, t, ids[miss])
+        else:
+            out[miss] = self._read(txn, t, ids[miss])
+        return out, miss, gen
+
+    def _scratch(self, name: str, n: int, width: int) -> np.ndarray:
+        """A reusable (n, width) uint8 buffer for the writer (fresh pages fault slowly)."""
+        need = n * width
+        buf = self._bufs.get(name)
+        if buf is None or buf.shape[0] < need:
+            buf = np.empty(max(need, 1 << 20), np.uint8)
+            if need <= _SCRATCH_MAX:
+                self._bufs[name] = buf
+        return buf[:need].reshape(n, width)
+
+    # ---- reads ----
+
+    def lookup(self, table: str, ids: np.ndarray) -> np.ndarray:
+        """float32 (n, dim) current rows of `ids` (any order, duplicates allowed)."""
+        t = self._get(table)
+        self._check_ids(t, ids)
+        self._check_owned(t, ids, push=False)
+        if ids.shape[0] == 0:
+            return np.empty((0, t.spec.dim), np.float32)
+        with self._mlock.read():
+            pos = t.mirror.find(ids)
+            hit = pos >= 0
+            if hit.all():
+                return self._rows_of(t, t.mirror.rec[pos, : t.row_bytes])
+            out = np.empty((ids.shape[0], t.spec.dim), np.float32)
+            out[hit] = self._rows_of(t, t.mirror.rec[pos[hit], : t.row_bytes])
+            gen = t.mirror.gen
+        miss = ~hit
+        miss_ids, inverse = np.unique(ids[miss], return_inverse=True)
+        with self._env.begin() as txn:
+            rec = self._read(txn, t, miss_ids)
+        out[miss] = self._rows_of(t, rec)[inverse]
+        with self._mlock.write():
+            # a write since `gen` may have committed newer values than these: then skip
+            if t.mirror.gen == gen:
+                t.mirror.put(miss_ids, rec)
+        return out
+
+    def optimizer_state(self, table: str, ids: np.ndarray) -> np.ndarray:
+        """float32 (n, state_width * dim) optimizer state of `ids`."""
+        t = self._get(table)
+        self._check_ids(t, ids)
+        uids, inverse = np.unique(ids, return_inverse=True)
+        rec, _, _ = self._records(t, uids, None)
+        return np.array(self._state_of(t, rec))[inverse]
+
+    # ---- writes ----
+
+    def push(self, table: str, ids: np.ndarray, grads: np.ndarray, request_id: str = "",
+             step: int = 0) -> PushResult:
+        """Apply one optimizer step to rows `ids` with gradients `grads` (duplicates summed).
+
+        step 0 means the table's step + 1. A request id seen before returns duplicate=True and
+        changes nothing. Either everything is applied and committed or nothing is.
+        """
+        t = self._get(table)
+        self._writable()
+        self._check_ids(t, ids)
+        n, dim = ids.shape[0], t.spec.dim
+        if not isinstance(grads, np.ndarray) or grads.dtype != np.float32 \
+                or grads.shape != (n, dim):
+            what = (f"{grads.dtype} {grads.shape}" if isinstance(grads, np.ndarray)
+                    else type(grads).__name__)
+            raise InvalidArgument(f"grads must be float32 of shape ({n}, {dim}), got {what}")
+        if n and not (np.isfinite(grads.min()) and np.isfinite(grads.max())):
+            raise InvalidArgument("grads contain NaN or Inf; skip or clip this step")
+        if not isinstance(step, (int, np.integer)) or isinstance(step, bool) or step < 0:
+            raise InvalidArgument(f"step={step} must be an integer >= 0 (0: table step + 1)")
+        rid = request_id.encode()
+        with self._wlock:
+            # ownership under the writer lock: a freeze either precedes this push or follows it
+            self._check_owned(t, ids, push=True)
+            if self._tables.get(table) is not t:
+                raise TableNotFound(f"table {table!r} was dropped; create it again")
+            step = int(step) or t.step + 1
+            if n == 0:
+                return PushResult(0, False, step)
+            uids, order, summed = _distinct(ids, grads)
+            req_key = t.spec.name.encode() + b"\0" + rid
+            try:
+                with self._env.begin(write=True) as txn:
+                    if rid:
+                        done = txn.get(req_key, db=self._req)
+                        if done is not None:
+                            old_step, rows_updated = _REQ.unpack(done)
+                            return PushResult(rows_updated, True, old_step)
+                    m = uids.shape[0]
+                    old, _, _ = self._records(t, uids, txn, self._scratch("old", m, t.record_bytes))
+                    new = self._scratch("new", m, t.record_bytes)
+                    # chunks keep the optimizer's temporaries in cache
+                    for lo in range(0, m, _CHUNK):
+                        hi = min(lo + _CHUNK, m)
+                        g = summed[lo:hi] if summed is not None else grads[order[lo:hi]]
+                        rows, state = optimizers.apply(
+                            t.spec.optimizer, self._rows_of(t, old[lo:hi]),
+                            self._state_of(t, old[lo:hi]), g, step)
+                        self._encode(t, rows, state, new[lo:hi])
+                    txn.cursor(db=t.db).putmulti(_items(uids, new))
+                    if rid:
+                        self._log_request(txn, req_key, step, m)
+                    new_step, new_pushes = max(t.step, step), t.pushes + 1
+                    txn.put(b"table:" + t.spec.name.encode(), t.meta_json(new_step, new_pushes),
+                            db=self._meta)
+            except lmdb.MapFullError as e:
+                raise self._full() from e
+            t.step, t.pushes = new_step, new_pushes
+            with self._mlock.write():
+                t.mirror.put(uids, new)
+                t.mirror.gen += 1
+            return PushResult(int(m), False, step)
+
+    def _log_request(self, txn: lmdb.Transaction, key: bytes, step: int, rows: int) -> None:
+        cur = txn.cursor(db=self._reqseq)
+        seq = struct.unpack(">Q", cur.key())[0] + 1 if cur.last() else 0
+        txn.put(key, _REQ.pack(step, rows), db=self._req)
+        txn.put(struct.pack(">Q", seq), key, db=self._reqseq)
+        excess = txn.stat(self._reqseq)["entries"] - self.config.request_log
+        if excess > 0 and cur.first():
+            for _ in range(excess):
+                txn.delete(cur.value(), db=self._req)
+                cur.delete()
+
+    def _full(self) -> StoreFull:
+        return StoreFull(f"the LMDB map of {self.config.map_size} bytes is full; restart the "
+                         "shard with a larger --map-size (only touched pages use disk)")
+
+    # ---- shard state and resharding ----
+
+    def shard_state(self) -> ShardStateInfo:
+        """Slots this shard owns and slots frozen for moving."""
+        return self._state
+
+    def set_shard_state(self, state: ShardStateInfo) -> ShardStateInfo:
+        """Replace (and persist) the ownership state; returns it."""
+        for name in ("owned", "frozen"):
+            v = getattr(state, name)
+            if v and len(v) != state.num_slots:
+                raise InvalidArgument(f"shard state {name} has {len(v)} bytes; send num_slots="
+                                      f"{state.num_slots} bytes, or none")
+        if (state.owned or state.frozen) and state.num_slots <= 0:
+            raise InvalidArgument("shard state with owned/frozen slots needs num_slots > 0")
+        with self._wlock:
+            if self._state.layout and state.layout and self._state.layout != state.layout:
+                raise LayoutMismatch(
+                    f"data directory belongs to cluster layout {self._state.layout!r}, not "
+                    f"{state.layout!r}; give this shard a fresh --data directory")
+            with self._env.begin(write=True) as txn:
+                txn.put(b"shard", state.to_json().encode(), db=self._meta)
+            self._state = state
+            return state
+
+    def _slot_mask(self, slot_mask: np.ndarray) -> np.ndarray:
+        m = np.asarray(slot_mask)
+        if m.ndim != 1 or m.shape[0] == 0:
+            raise InvalidArgument("slot mask must be a non-empty 1-D array of num_slots flags")
+        return m.astype(bool)
+
+    def export_rows(self, table: str, slot_mask: np.ndarray, batch_rows: int = 65536
+                    ) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+        """Stored rows of the slots in `slot_mask`: (ids, records uint8 (n, record_bytes), step)
+        batches of at most `batch_rows`, from one consistent snapshot."""
+        t = self._get(table)
+        mask = self._slot_mask(slot_mask)
+        if batch_rows <= 0:
+            raise InvalidArgument(f"batch_rows={batch_rows} must be > 0")
+        step = t.step
+        return self._export(t, mask, batch_rows, step)
+
+    def _export(self, t: _Table, mask: np.ndarray, batch_rows: int, step: int
+                ) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+        with self._env.begin(db=t.db) as txn:
+            for ids, vals in self._scan(txn, t, mask):
+                rec = np.frombuffer(b"".join(vals), np.uint8).reshape(-1, t.record_bytes)
+                for lo in range(0, ids.shape[0], batch_rows):
+                    yield ids[lo:lo + batch_rows], rec[lo:lo + batch_rows], step
+
+    def _scan(self, txn: lmdb.Transaction, t: _Table, mask: np.ndarray
+              ) -> Iterator[tuple[np.ndarray, list[bytes]]]:
+        """Chunks (ids, values) of the stored rows whose slot is set in `mask`."""
+        it = txn.cursor(db=t.db).iternext()
+        while True:
+            chunk = list(itertools.islice(it, _SCAN))
+            if not chunk:
+                return
+            ids = np.frombuffer(b"".join(k for k, _ in chunk), ">u8").astype(np.int64)
+            sel = np.flatnonzero(mask[slot_of(t.spec.name, ids, mask.shape[0])])
+            if sel.shape[0]:
+                yield ids[sel], [chunk[i][1] for i in sel]
+
+    def import_rows(self, table: str, ids: np.ndarray, records: np.ndarray, step: int) -> int:
+        """Store exported records as they are; the table step becomes at least `step`."""
+        t = self._get(table)
+        self._writable()
+        self._check_ids(t, ids)
+        rec = np.asarray(records)
+        if rec.dtype != np.uint8 or rec.shape != (ids.shape[0], t.record_bytes):
+            raise InvalidArgument(f"records must be uint8 of shape ({ids.shape[0]}, "
+                                  f"{t.record_bytes}), got {rec.dtype} {rec.shape}")
+        if np.unique(ids).shape[0] != ids.shape[0]:
+            raise InvalidArgument("import ids must be distinct")
+        if ids.shape[0]:
+            rows, state = self._rows_of(t, rec), self._state_of(t, np.ascontiguousarray(rec))
+            if not (np.isfinite(rows).all() and np.isfinite(state).all()):
+                raise InvalidArgument("imported records contain NaN or Inf; re-export them")
+        with self._wlock:
+            new_step = max(t.step, int(step))
+            try:
+                with self._env.begin(write=True) as txn:
+                    txn.cursor(db=t.db).putmulti(_items(ids, rec))
+                    txn.put(b"table:" + t.spec.name.encode(), t.meta_json(new_step),
+                            db=self._meta)
+            except lmdb.MapFullError as e:
+                raise self._full() from e
+            t.step = new_step
+            with self._mlock.write():
+                t.mirror.clear()
+                t.mirror.gen += 1
+            return int(ids.shape[0])
+
+    def delete_rows(self, table: str, slot_mask: np.ndarray) -> int:
+        """Delete the stored rows of the slots in `slot_mask`; returns how many."""
+        t = self._get(table)
+        self._writable()
+        mask = self._slot_mask(slot_mask)
+        with self._wlock:
+            n = 0
+            with self._env.begin(write=True, db=t.db) as txn:
+                doomed = [ids for ids, _ in self._scan(txn, t, mask)]
+                for k in _keys(np.concatenate(doomed)) if doomed else []:
+                    n += txn.delete(k)
+            with self._mlock.write():
+                t.mirror.clear()
+                t.mirror.gen += 1
+            return n
+
+    # ---- stats ----
+
+    def stats(self) -> dict:
+        """stored_rows, stored_bytes, map_size_bytes, used_bytes, cache_rows over all tables."""
+        info, st = self._env.info(), self._env.stat()
+        stored_rows = stored_bytes = 0
+        with self._env.begin() as txn:
+            for t in list(self._tables.values()):
+                n = txn.stat(t.db)["entries"]
+                stored_rows += n
+                stored_bytes += n * t.record_bytes
+        return {"stored_rows": stored_rows, "stored_bytes": stored_bytes,
+                "map_size_bytes": info["map_size"],
+                "used_bytes": (info["last_pgno"] + 1) * st["psize"],
+                "cache_rows": sum(t.mirror.n for t in list(self._tables.values()))}

@@ -1,0 +1,100 @@
+"""Sparse optimizers, run through Shard.push, against torch.optim on nn.Embedding(sparse=True)."""
+
+import numpy as np
+import pytest
+import torch
+
+from engram_store.config import OptimizerConfig, ShardConfig, TableConfig
+from engram_store.init import initial_rows
+from engram_store.optimizers import coalesce
+from engram_store.storage import Shard
+
+ROWS, DIM, STEPS = 300, 8, 6
+pytestmark = pytest.mark.filterwarnings("ignore:Sparse invariant checks")
+
+
+def _torch_opt(opt: OptimizerConfig, params):
+    if opt.kind == "sgd":
+        return torch.optim.SGD(params, lr=opt.lr)
+    if opt.kind == "adagrad":
+        return torch.optim.Adagrad(params, lr=opt.lr, lr_decay=opt.lr_decay,
+                                   initial_accumulator_value=opt.initial_accumulator_value,
+                                   eps=opt.resolved_eps)
+    return torch.optim.SparseAdam(params, lr=opt.lr, betas=(opt.beta1, opt.beta2),
+                                  eps=opt.resolved_eps)
+
+
+def _torch_state(opt: OptimizerConfig, topt, weight) -> np.ndarray:
+    st = topt.state[weight]
+    if opt.kind == "adagrad":
+        return st["sum"].numpy()
+    if opt.kind == "adam":
+        return np.concatenate([st["exp_avg"].numpy(), st["exp_avg_sq"].numpy()], axis=1)
+    return np.zeros((ROWS, 0), np.float32)
+
+
+@pytest.mark.parametrize("dtype", ["float32"])
+@pytest.mark.parametrize("opt", [
+    OptimizerConfig(kind="sgd", lr=0.1),
+    OptimizerConfig(kind="adagrad", lr=0.05, lr_decay=0.01, initial_accumulator_value=0.1),
+    OptimizerConfig(kind="adagrad", lr=0.5),
+    OptimizerConfig(kind="adam", lr=0.01),
+    OptimizerConfig(kind="adam", lr=0.003, beta1=0.8, beta2=0.99, eps=1e-6),
+], ids=["sgd", "adagrad-decay", "adagrad", "adam", "adam-betas"])
+@pytest.mark.parametrize("cache_rows", [0, 64, 1 << 20], ids=["nocache", "smallcache", "cache"])
+def test_push_matches_torch(tmp_path, opt, dtype, cache_rows):
+    spec = TableConfig("t", num_rows=ROWS, dim=DIM, seed=5, dtype=dtype, optimizer=opt)
+    all_ids = np.arange(ROWS, dtype=np.int64)
+    emb = torch.nn.Embedding(ROWS, DIM, sparse=True)
+    with torch.no_grad():
+        emb.weight.copy_(torch.from_numpy(initial_rows(spec, all_ids)))
+    topt = _torch_opt(opt, emb.parameters())
+    rng = np.random.default_rng(0)
+    cfg = ShardConfig(data_dir=str(tmp_path / "s"), map_size=64 << 20, cache_rows=cache_rows)
+    with Shard(cfg) as shard:
+        shard.create_table(spec)
+        for step in range(1, STEPS + 1):
+            ids = rng.integers(0, ROWS // 2 if step % 2 else ROWS, 120)  # duplicates guaranteed
+            # multiples of 1/64: duplicate rows sum exactly in any order, as torch's coalesce
+            # may order them differently; what is compared is the optimizer's arithmetic
+            grads = (np.round(rng.standard_normal((120, DIM)) * 64) / 64).astype(np.float32)
+            if step == 3:
+                shard.lookup("t", rng.integers(0, ROWS, 50))  # fill the mirror from LMDB / init
+            topt.zero_grad()
+            out = emb(torch.from_numpy(ids))
+            (out * torch.from_numpy(grads)).sum().backward()
+            topt.step()
+            res = shard.push("t", ids, grads)
+            assert res.step == step and res.rows_updated == np.unique(ids).shape[0]
+            np.testing.assert_allclose(shard.lookup("t", all_ids), emb.weight.detach().numpy(),
+                                       rtol=0, atol=1e-6)
+            np.testing.assert_allclose(shard.optimizer_state("t", all_ids),
+                                       _torch_state(opt, topt, emb.weight), rtol=0, atol=1e-6)
+        assert shard.table_stats("t").step == STEPS
+
+
+def test_coalesce_sums_duplicates():
+    ids = np.array([5, 1, 5, 3, 1, 5], np.int64)
+    g = np.arange(12, dtype=np.float32).reshape(6, 2)
+    u, s = coalesce(ids, g)
+    np.testing.assert_array_equal(u, [1, 3, 5])
+    np.testing.assert_array_equal(s, [g[1] + g[4], g[3], g[0] + g[2] + g[5]])
+    u, s = coalesce(np.array([2, 0], np.int64), g[:2])
+    np.testing.assert_array_equal(u, [0, 2])
+    np.testing.assert_array_equal(s, g[[1, 0]])
+
+
+def test_bfloat16_storage_rounds_rows(tmp_path):
+    spec = TableConfig("t", num_rows=50, dim=4, dtype="bfloat16",
+                       optimizer=OptimizerConfig(kind="sgd", lr=0.1))
+    with Shard(ShardConfig(data_dir=str(tmp_path / "s"), map_size=64 << 20)) as shard:
+        shard.create_table(spec)
+        ids = np.arange(50, dtype=np.int64)
+        before = shard.lookup("t", ids)
+        g = np.random.default_rng(0).standard_normal((50, 4)).astype(np.float32)
+        shard.push("t", ids, g)
+        after = shard.lookup("t", ids)
+        # stored values are bfloat16: the low 16 bits of every float32 are zero
+        assert not (after.view(np.uint32) & 0xFFFF).any()
+        np.testing.assert_allclose(after, before - 0.1 * g, rtol=2**-7, atol=1e-6)
+        assert shard.record_bytes("t") == 4 * 2
