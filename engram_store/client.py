@@ -109,7 +109,12 @@ class StoreClient:
                 opts = [("grpc.max_send_message_length", self.config.max_message_bytes),
                         ("grpc.max_receive_message_length", self.config.max_message_bytes)]
                 channel = grpc.insecure_channel(address, options=opts)
-                entry = self._stubs[address] = (channel, store_pb2_grpc.MemoryStoreStub(channel))
+                stub = store_pb2_grpc.MemoryStoreStub(channel)
+                # Lookup answers are decoded by wire.decode_lookup_response: no protobuf copy
+                stub.LookupRaw = channel.unary_unary(
+                    "/engram.v1.MemoryStore/Lookup",
+                    request_serializer=pb.LookupRequest.SerializeToString)
+                entry = self._stubs[address] = (channel, stub)
             return entry[1]
 
     def _error(self, e: grpc.RpcError, address: str) -> EngramError:
@@ -147,8 +152,9 @@ class StoreClient:
         Raises _StaleMap only after every call has ended, so a caller can resend just the parts
         that were rejected (stale entries are returned as _StaleMap instances).
         """
+        # one call blocks in this thread: grpc's future path adds a thread hand-off
         inflight = [getattr(self._stub(a), m).future(r, timeout=self.config.timeout_s)
-                    for a, m, r in calls]
+                    if len(calls) > 1 else None for a, m, r in calls]
         out: list = []
         error: EngramError | None = None
         for (address, method, request), fut in zip(calls, inflight, strict=True):
@@ -216,7 +222,7 @@ class StoreClient:
         for attempt in range(self.config.retries + 1):
             m = self._map
             parts = self._route(m, table, uniq)
-            calls = [(m.addresses[s], "Lookup", pb.LookupRequest(
+            calls = [(m.addresses[s], "LookupRaw", pb.LookupRequest(
                 table=table, ids=wire.pack_ids(uniq[pos]), dtype=self._wire,
                 map_version=m.version)) for s, pos in parts]
             responses = self._fanout(calls)
@@ -227,9 +233,8 @@ class StoreClient:
                 raise error_for_code("FAILED_PRECONDITION", str(stale))
             self.refresh_map()
             self._backoff(attempt)
-        dim = responses[0].dim
-        self._dims[table] = dim
-        chunks = [wire.unpack_rows(r.rows, wire.dtype_name(r.dtype), dim) for r in responses]
+        chunks = [wire.decode_lookup_response(r)[0] for r in responses]
+        dim = self._dims[table] = chunks[0].shape[1]
         if len(chunks) == 1:
             rows_u = chunks[0]  # (len(uniq), dim), possibly a read-only view of the response
         else:

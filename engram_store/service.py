@@ -21,7 +21,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from . import wire
+from . import dtypes, wire
 from .config import ShardConfig
 from .errors import BatchTooLarge, EngramError, InvalidArgument, ReadOnly
 from .proto import store_pb2 as pb
@@ -53,7 +53,7 @@ def _abort(context: grpc.ServicerContext, err: Exception) -> None:
     """End the call with the gRPC status that an error stands for (INTERNAL if unexpected)."""
     if isinstance(err, EngramError):
         context.abort(grpc.StatusCode[err.code], str(err))
-    log.exception("unexpected error in a request")
+    log.error("unexpected error in a request", exc_info=err)
     context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}: {err}")
 
 
@@ -157,10 +157,8 @@ class MemoryStoreServicer:
         dtype = wire.dtype_name(request.dtype)
         ids = self._ids(request.ids)
         rows = self.shard.lookup(request.table, ids)  # (n, dim) float32
-        buf = wire.pack_rows(rows, dtype)
-        resp = pb.LookupResponse(rows=buf, num_rows=len(ids), dim=rows.shape[1],
-                                 dtype=wire.DTYPE_TO_PB[dtype])
-        return resp, len(ids), len(buf)
+        resp = wire.encode_lookup_response(rows, dtype)  # serialized LookupResponse
+        return resp, len(ids), rows.size * dtypes.itemsize(dtype)
 
     @_rpc
     def PushGradients(self, request: pb.PushGradientsRequest, context):
@@ -256,6 +254,15 @@ def _parser(cls: type) -> Callable[[bytes], object]:
     return parse
 
 
+def _serializer(cls: type) -> Callable[[object], bytes]:
+    """Serialize a response message; bytes are an already serialized one (see Lookup)."""
+
+    def serialize(response) -> bytes:
+        return response if isinstance(response, bytes) else cls.SerializeToString(response)
+
+    return serialize
+
+
 def add_servicer(servicer: MemoryStoreServicer, server: grpc.Server) -> None:
     """Register the servicer for every method of engram.v1.MemoryStore, with tolerant parsing."""
     desc = pb.DESCRIPTOR.services_by_name["MemoryStore"]
@@ -269,7 +276,7 @@ def add_servicer(servicer: MemoryStoreServicer, server: grpc.Server) -> None:
         resp_cls = getattr(pb, m.output_type.name)
         make = kinds[(m.client_streaming, m.server_streaming)]
         handlers[m.name] = make(getattr(servicer, m.name), request_deserializer=_parser(req_cls),
-                                response_serializer=resp_cls.SerializeToString)
+                                response_serializer=_serializer(resp_cls))
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     server.add_registered_method_handlers(SERVICE, handlers)
 
