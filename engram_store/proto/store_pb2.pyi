@@ -26,6 +26,15 @@ class InitKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INIT_UNSPECIFIED: _ClassVar[InitKind]
     NORMAL: _ClassVar[InitKind]
     ZEROS: _ClassVar[InitKind]
+
+class SnapshotPhase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SNAPSHOT_PHASE_UNSPECIFIED: _ClassVar[SnapshotPhase]
+    SNAPSHOT_FREEZE: _ClassVar[SnapshotPhase]
+    SNAPSHOT_ALLOW: _ClassVar[SnapshotPhase]
+    SNAPSHOT_STATUS: _ClassVar[SnapshotPhase]
+    SNAPSHOT_COPY: _ClassVar[SnapshotPhase]
+    SNAPSHOT_THAW: _ClassVar[SnapshotPhase]
 DTYPE_UNSPECIFIED: DType
 FLOAT32: DType
 BFLOAT16: DType
@@ -37,6 +46,12 @@ ADAM: OptimizerKind
 INIT_UNSPECIFIED: InitKind
 NORMAL: InitKind
 ZEROS: InitKind
+SNAPSHOT_PHASE_UNSPECIFIED: SnapshotPhase
+SNAPSHOT_FREEZE: SnapshotPhase
+SNAPSHOT_ALLOW: SnapshotPhase
+SNAPSHOT_STATUS: SnapshotPhase
+SNAPSHOT_COPY: SnapshotPhase
+SNAPSHOT_THAW: SnapshotPhase
 
 class OptimizerSpec(_message.Message):
     __slots__ = ("kind", "lr", "beta1", "beta2", "eps", "initial_accumulator_value", "lr_decay")
@@ -309,3 +324,33 @@ class DeleteRowsResponse(_message.Message):
     ROWS_FIELD_NUMBER: _ClassVar[int]
     rows: int
     def __init__(self, rows: _Optional[int] = ...) -> None: ...
+
+class SnapshotRequest(_message.Message):
+    __slots__ = ("phase", "snapshot_id", "lease_s", "allow", "path")
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_ID_FIELD_NUMBER: _ClassVar[int]
+    LEASE_S_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    phase: SnapshotPhase
+    snapshot_id: str
+    lease_s: float
+    allow: _containers.RepeatedScalarFieldContainer[str]
+    path: str
+    def __init__(self, phase: _Optional[_Union[SnapshotPhase, str]] = ..., snapshot_id: _Optional[str] = ..., lease_s: _Optional[float] = ..., allow: _Optional[_Iterable[str]] = ..., path: _Optional[str] = ...) -> None: ...
+
+class SnapshotResponse(_message.Message):
+    __slots__ = ("applied", "rejected", "tables", "shard", "bytes", "frozen")
+    APPLIED_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_FIELD_NUMBER: _ClassVar[int]
+    TABLES_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    FROZEN_FIELD_NUMBER: _ClassVar[int]
+    applied: _containers.RepeatedScalarFieldContainer[str]
+    rejected: _containers.RepeatedScalarFieldContainer[str]
+    tables: _containers.RepeatedCompositeFieldContainer[TableInfo]
+    shard: ShardState
+    bytes: int
+    frozen: bool
+    def __init__(self, applied: _Optional[_Iterable[str]] = ..., rejected: _Optional[_Iterable[str]] = ..., tables: _Optional[_Iterable[_Union[TableInfo, _Mapping]]] = ..., shard: _Optional[_Union[ShardState, _Mapping]] = ..., bytes: _Optional[int] = ..., frozen: _Optional[bool] = ...) -> None: ...

@@ -525,3 +525,78 @@ class MemoryStore:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class StoreAdminStub:
+    """Operations on a shard that are not part of serving rows. Writes need a read-write token.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Snapshot = channel.unary_unary(
+                '/engram.v1.StoreAdmin/Snapshot',
+                request_serializer=engram_dot_v1_dot_store__pb2.SnapshotRequest.SerializeToString,
+                response_deserializer=engram_dot_v1_dot_store__pb2.SnapshotResponse.FromString,
+                _registered_method=True)
+
+
+class StoreAdminServicer:
+    """Operations on a shard that are not part of serving rows. Writes need a read-write token.
+    """
+
+    def Snapshot(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_StoreAdminServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Snapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.Snapshot,
+                    request_deserializer=engram_dot_v1_dot_store__pb2.SnapshotRequest.FromString,
+                    response_serializer=engram_dot_v1_dot_store__pb2.SnapshotResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'engram.v1.StoreAdmin', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('engram.v1.StoreAdmin', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class StoreAdmin:
+    """Operations on a shard that are not part of serving rows. Writes need a read-write token.
+    """
+
+    @staticmethod
+    def Snapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/engram.v1.StoreAdmin/Snapshot',
+            engram_dot_v1_dot_store__pb2.SnapshotRequest.SerializeToString,
+            engram_dot_v1_dot_store__pb2.SnapshotResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
