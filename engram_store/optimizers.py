@@ -27,52 +27,67 @@ def coalesce(ids: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return sids[starts], np.add.reduceat(grads[order], starts, axis=0)
 
 
-def sgd(opt: OptimizerConfig, rows: np.ndarray, grads: np.ndarray) -> np.ndarray:
+def sgd(opt: OptimizerConfig, rows: np.ndarray, grads: np.ndarray,
+        out: np.ndarray | None = None) -> np.ndarray:
     """p -= lr * g."""
-    return rows + np.float32(-opt.lr) * grads
+    upd = grads * np.float32(-opt.lr)
+    return np.add(rows, upd, out=out)
 
 
 def adagrad(opt: OptimizerConfig, rows: np.ndarray, state_sum: np.ndarray, grads: np.ndarray,
-            step: int) -> tuple[np.ndarray, np.ndarray]:
+            step: int, out_rows: np.ndarray | None = None, out_sum: np.ndarray | None = None
+            ) -> tuple[np.ndarray, np.ndarray]:
     """torch.optim.Adagrad's sparse path: sum += g^2; p -= clr * g / (sqrt(sum) + eps)."""
     clr = opt.lr / (1 + (step - 1) * opt.lr_decay)
-    state_sum = state_sum + grads * grads
+    state_sum = np.add(state_sum, grads * grads, out=out_sum)
     std = np.sqrt(state_sum)
     std += np.float32(opt.resolved_eps)
-    return rows + np.float32(-clr) * (grads / std), state_sum
+    np.divide(grads, std, out=std)
+    std *= np.float32(-clr)
+    return np.add(rows, std, out=out_rows), state_sum
 
 
 def adam(opt: OptimizerConfig, rows: np.ndarray, exp_avg: np.ndarray, exp_avg_sq: np.ndarray,
-         grads: np.ndarray, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+         grads: np.ndarray, step: int, out_rows: np.ndarray | None = None,
+         out_avg: np.ndarray | None = None, out_avg_sq: np.ndarray | None = None
+         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """torch.optim.SparseAdam: lazy Adam, moments of the given rows only."""
     b1, b2 = opt.beta1, opt.beta2
     # old <- old + (1 - b) * (new - old), in torch's order
-    m_upd = grads - exp_avg
-    m_upd *= np.float32(1 - b1)
-    v_upd = grads * grads
-    v_upd -= exp_avg_sq
-    v_upd *= np.float32(1 - b2)
-    exp_avg = exp_avg + m_upd
-    exp_avg_sq = exp_avg_sq + v_upd
-    denom = np.sqrt(exp_avg_sq)
+    upd = grads - exp_avg
+    upd *= np.float32(1 - b1)
+    exp_avg = np.add(exp_avg, upd, out=out_avg)
+    np.multiply(grads, grads, out=upd)
+    upd -= exp_avg_sq
+    upd *= np.float32(1 - b2)
+    exp_avg_sq = np.add(exp_avg_sq, upd, out=out_avg_sq)
+    denom = np.sqrt(exp_avg_sq, out=upd)
     denom += np.float32(opt.resolved_eps)
     step_size = opt.lr * math.sqrt(1 - b2**step) / (1 - b1**step)
-    upd = exp_avg / denom
-    upd *= np.float32(-step_size)
-    return rows + upd, exp_avg, exp_avg_sq
+    np.divide(exp_avg, denom, out=denom)
+    denom *= np.float32(-step_size)
+    return np.add(rows, denom, out=out_rows), exp_avg, exp_avg_sq
 
 
 def apply(opt: OptimizerConfig, rows: np.ndarray, state: np.ndarray, grads: np.ndarray,
-          step: int) -> tuple[np.ndarray, np.ndarray]:
-    """New (rows, state) after one optimizer step on coalesced rows; `step` is 1-based."""
+          step: int, out_rows: np.ndarray | None = None, out_state: np.ndarray | None = None
+          ) -> tuple[np.ndarray, np.ndarray]:
+    """New (rows, state) after one optimizer step on coalesced rows; `step` is 1-based.
+
+    `out_rows` / `out_state` (float32, maybe strided views) receive the results if given; they
+    must not overlap the inputs.
+    """
     if step < 1:
         raise ValueError(f"optimizer step {step} must be >= 1")
+    dim = rows.shape[1]
+    if out_state is None:
+        out_state = np.empty(state.shape, np.float32)
     if opt.kind == "sgd":
-        return sgd(opt, rows, grads), state
+        return sgd(opt, rows, grads, out_rows), out_state
     if opt.kind == "adagrad":
-        return adagrad(opt, rows, state, grads, step)
+        return adagrad(opt, rows, state, grads, step, out_rows, out_state)
     if opt.kind == "adam":
-        dim = rows.shape[1]
-        new_rows, m, v = adam(opt, rows, state[:, :dim], state[:, dim:], grads, step)
-        return new_rows, np.concatenate([m, v], axis=1)
+        new_rows, _, _ = adam(opt, rows, state[:, :dim], state[:, dim:], grads, step, out_rows,
+                              out_state[:, :dim], out_state[:, dim:])
+        return new_rows, out_state
     raise ValueError(f"optimizer {opt.kind!r} is unknown")

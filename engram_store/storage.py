@@ -45,7 +45,7 @@ from .routing import slot_of
 _MAX_DBS = 4096  # tables per shard (+3 internal databases)
 _REQ = struct.Struct(">qq")  # request log value: (step, rows_updated)
 _SCAN = 1 << 16  # records read per chunk when scanning a table (export / delete)
-_CHUNK = 1024  # rows per optimizer chunk
+_CHUNK = 512  # rows per optimizer chunk: temporaries stay in L1/L2
 _SCRATCH_MAX = 256 << 20  # writer buffers up to this size are kept for the next push
 
 
@@ -125,10 +125,11 @@ def _keys(ids: np.ndarray) -> list[bytes]:
 
 def _distinct(ids: np.ndarray, grads: np.ndarray
               ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """Sorted distinct ids, and either the order that sorts `grads` (no duplicates: gathered
-    chunk by chunk later) or the summed gradients of the distinct ids."""
+    """Sorted distinct ids, the order that sorts `grads` (None: already sorted), and the summed
+    gradients of the distinct ids where there were duplicates (None: none; `grads` are used
+    in `order`, chunk by chunk, without a full copy)."""
     if ids.shape[0] < 2 or bool(np.all(ids[1:] > ids[:-1])):
-        return ids, np.arange(ids.shape[0]), None
+        return ids, None, None
     order = np.argsort(ids, kind="stable")
     sids = ids[order]
     if bool(np.all(sids[1:] != sids[:-1])):
@@ -408,13 +409,19 @@ class Shard:
             gen = t.mirror.gen
         miss = ~hit
         miss_ids, inverse = np.unique(ids[miss], return_inverse=True)
-        with self._env.begin() as txn:
-            rec = self._read(txn, t, miss_ids)
+        try:
+            with self._env.begin() as txn:
+                rec = self._read(txn, t, miss_ids)
+        except lmdb.Error:
+            if self._tables.get(table) is not t:  # dropped while we read
+                raise TableNotFound(f"table {table!r} was dropped; create it again") from None
+            raise
         out[miss] = self._rows_of(t, rec)[inverse]
-        with self._mlock.write():
-            # a write since `gen` may have committed newer values than these: then skip
-            if t.mirror.gen == gen:
-                t.mirror.put(miss_ids, rec)
+        if t.mirror.capacity:
+            with self._mlock.write():
+                # a write since `gen` may have committed newer values than these: then skip
+                if t.mirror.gen == gen:
+                    t.mirror.put(miss_ids, rec)
         return out
 
     def optimizer_state(self, table: str, ids: np.ndarray) -> np.ndarray:
@@ -447,37 +454,34 @@ class Shard:
             raise InvalidArgument("grads contain NaN or Inf; skip or clip this step")
         if not isinstance(step, (int, np.integer)) or isinstance(step, bool) or step < 0:
             raise InvalidArgument(f"step={step} must be an integer >= 0 (0: table step + 1)")
-        rid = request_id.encode()
+        if not isinstance(request_id, str):
+            raise InvalidArgument(f"request_id must be a str, got {type(request_id).__name__}")
+        req_key = t.spec.name.encode() + b"\0" + request_id.encode()
+        if len(req_key) > self._env.max_key_size():
+            raise InvalidArgument(f"request_id of {len(request_id)} characters is too long; "
+                                  f"use at most {self._env.max_key_size() - len(table) - 1} bytes")
         with self._wlock:
-            # ownership under the writer lock: a freeze either precedes this push or follows it
-            self._check_owned(t, ids, push=True)
             if self._tables.get(table) is not t:
                 raise TableNotFound(f"table {table!r} was dropped; create it again")
-            step = int(step) or t.step + 1
-            if n == 0:
-                return PushResult(0, False, step)
-            uids, order, summed = _distinct(ids, grads)
-            req_key = t.spec.name.encode() + b"\0" + rid
             try:
                 with self._env.begin(write=True) as txn:
-                    if rid:
-                        done = txn.get(req_key, db=self._req)
-                        if done is not None:
-                            old_step, rows_updated = _REQ.unpack(done)
-                            return PushResult(rows_updated, True, old_step)
+                    # a retry of an applied push is acknowledged even if its slots moved since
+                    done = txn.get(req_key, db=self._req) if request_id else None
+                    if done is not None:
+                        old_step, rows_updated = _REQ.unpack(done)
+                        return PushResult(rows_updated, True, old_step)
+                    # ownership under the writer lock: a freeze precedes this push or follows it
+                    self._check_owned(t, ids, push=True)
+                    step = int(step) or t.step + 1
+                    if n == 0:
+                        return PushResult(0, False, step)
+                    uids, order, summed = _distinct(ids, grads)
                     m = uids.shape[0]
-                    old, _, _ = self._records(t, uids, txn, self._scratch("old", m, t.record_bytes))
                     new = self._scratch("new", m, t.record_bytes)
-                    # chunks keep the optimizer's temporaries in cache
-                    for lo in range(0, m, _CHUNK):
-                        hi = min(lo + _CHUNK, m)
-                        g = summed[lo:hi] if summed is not None else grads[order[lo:hi]]
-                        rows, state = optimizers.apply(
-                            t.spec.optimizer, self._rows_of(t, old[lo:hi]),
-                            self._state_of(t, old[lo:hi]), g, step)
-                        self._encode(t, rows, state, new[lo:hi])
+                    self._apply(t, uids, order, grads if summed is None else summed, step, new,
+                                txn)
                     txn.cursor(db=t.db).putmulti(_items(uids, new))
-                    if rid:
+                    if request_id:
                         self._log_request(txn, req_key, step, m)
                     new_step, new_pushes = max(t.step, step), t.pushes + 1
                     txn.put(b"table:" + t.spec.name.encode(), t.meta_json(new_step, new_pushes),
@@ -489,6 +493,46 @@ class Shard:
                 t.mirror.put(uids, new)
                 t.mirror.gen += 1
             return PushResult(int(m), False, step)
+
+    def _apply(self, t: _Table, uids: np.ndarray, order: np.ndarray | None, grads: np.ndarray,
+               step: int, new: np.ndarray, txn: lmdb.Transaction) -> None:
+        """Records after one optimizer step on distinct sorted `uids` into `new`; the gradient
+        of uids[i] is grads[order[i]] (grads[i] when order is None). Works in row chunks, which
+        keep the optimizer's temporaries in cache."""
+        m = uids.shape[0]
+
+        def chunks(src: np.ndarray | None) -> None:
+            for lo in range(0, m, _CHUNK):
+                hi = min(lo + _CHUNK, m)
+                g = grads[lo:hi] if order is None else grads[order[lo:hi]]
+                old = t.mirror.rec[pos[lo:hi]] if src is None else src[lo:hi]
+                self._step_chunk(t, old, new[lo:hi], g, step)
+
+        with self._mlock.read():
+            pos = t.mirror.find(uids)
+            if (pos >= 0).all():  # warm: gather each chunk straight from the mirror
+                chunks(None)
+                return
+        old, _, _ = self._records(t, uids, txn, self._scratch("old", m, t.record_bytes))
+        chunks(old)
+
+    def _step_chunk(self, t: _Table, old: np.ndarray, new: np.ndarray, grads: np.ndarray,
+                    step: int) -> None:
+        """Optimizer step from records `old` into records `new`, written in place."""
+        f32 = t.spec.dtype == "float32" and t.row_bytes % 4 == 0
+        rows = old[:, : t.row_bytes].view("<f4") if f32 else self._rows_of(t, old)
+        state = old[:, t.row_bytes:]
+        out_state = new[:, t.row_bytes:]
+        if t.row_bytes % 4:  # float32 views need 4-byte aligned fields
+            state, out_state = np.array(state), None
+        rows, out = optimizers.apply(
+            t.spec.optimizer, rows, state.view("<f4"), grads, step,
+            new[:, : t.row_bytes].view("<f4") if f32 else None,
+            None if out_state is None else out_state.view("<f4"))
+        if not f32:
+            new[:, : t.row_bytes] = dtypes.to_dtype(rows, t.spec.dtype).view(np.uint8)
+        if out_state is None:
+            new[:, t.row_bytes:] = out.view(np.uint8)
 
     def _log_request(self, txn: lmdb.Transaction, key: bytes, step: int, rows: int) -> None:
         cur = txn.cursor(db=self._reqseq)

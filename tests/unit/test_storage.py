@@ -304,3 +304,48 @@ def test_stats(trained):
     assert s["stored_bytes"] == 70 * trained.record_bytes("t") == 70 * DIM * 12
     assert s["map_size_bytes"] == 64 << 20 and 0 < s["used_bytes"] <= s["map_size_bytes"]
     assert s["cache_rows"] >= 0
+
+
+def test_retry_of_applied_push_is_acknowledged_while_frozen(trained):
+    ids = ALL[:5]
+    first = trained.push("t", ids, _grads(5), request_id="r")
+    slots = slot_of("t", ids, 4)
+    frozen = np.zeros(4, np.uint8)
+    frozen[slots] = 1
+    trained.set_shard_state(ShardStateInfo(num_slots=4, frozen=frozen.tobytes()))
+    again = trained.push("t", ids, _grads(5), request_id="r")
+    assert again.duplicate and again.step == first.step
+    with pytest.raises(ShardUnavailable):
+        trained.push("t", ids, _grads(5), request_id="new")
+    with pytest.raises(InvalidArgument, match="too long"):
+        trained.push("t", ids, _grads(5), request_id="x" * 600)
+
+
+def test_full_map_raises_store_full_and_changes_nothing(tmp_path):
+    from engram_store.errors import StoreFull
+    cfg = ShardConfig(data_dir=str(tmp_path / "s"), map_size=1 << 20)
+    spec = TableConfig("big", num_rows=100_000, dim=64)
+    with Shard(cfg) as shard:
+        shard.create_table(spec)
+        few = np.arange(10, dtype=np.int64)
+        shard.push("big", few, np.ones((10, 64), np.float32))
+        before = shard.lookup("big", few), shard.optimizer_state("big", few)
+        many = np.arange(5000, dtype=np.int64)
+        with pytest.raises(StoreFull, match="map-size"):
+            shard.push("big", many, np.ones((5000, 64), np.float32), request_id="q")
+        _assert_same((shard.lookup("big", few), shard.optimizer_state("big", few)), before)
+        st = shard.table_stats("big")
+        assert (st.stored_rows, st.step, st.pushes) == (10, 1, 1)
+        # the request id was not recorded: the same push may be retried after a restart
+        assert not shard.push("big", few, np.ones((10, 64), np.float32), request_id="q").duplicate
+
+
+def test_dropped_table_is_gone_after_reopen(shard_config, trained):
+    trained.create_table(TableConfig("u", num_rows=10, dim=2))
+    assert trained.drop_table("t")
+    trained.close()
+    with Shard(shard_config) as again:
+        assert [t.name for t in again.tables()] == ["u"]
+        again.create_table(SPEC)  # a fresh table of the same name starts from its initial rows
+        np.testing.assert_array_equal(again.lookup("t", ALL), initial_rows(SPEC, ALL))
+        assert again.table_stats("t").step == 0
