@@ -20,6 +20,7 @@ import os
 import struct
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import lmdb
@@ -243,12 +244,9 @@ class Shard:
             if len(self._tables) >= _MAX_DBS:
                 raise StoreFull(f"this shard holds the maximum of {_MAX_DBS} tables; drop one")
             t = _Table(spec, None)
-            try:
-                with self._env.begin(write=True) as txn:
-                    t.db = self._env.open_db(b"rows:" + spec.name.encode(), txn=txn)
-                    txn.put(b"table:" + spec.name.encode(), t.meta_json(), db=self._meta)
-            except lmdb.MapFullError as e:
-                raise self._full() from e
+            with self._write() as txn:
+                t.db = self._env.open_db(b"rows:" + spec.name.encode(), txn=txn)
+                txn.put(b"table:" + spec.name.encode(), t.meta_json(), db=self._meta)
             t = self._add_table(spec, t.db)
             return self._stats(t), True
 
@@ -259,7 +257,7 @@ class Shard:
             if t is None:
                 return False
             self._writable()
-            with self._env.begin(write=True) as txn:
+            with self._write() as txn:
                 txn.drop(t.db, delete=True)
                 txn.delete(b"table:" + name.encode(), db=self._meta)
             with self._mlock.write():
@@ -463,31 +461,28 @@ class Shard:
         with self._wlock:
             if self._tables.get(table) is not t:
                 raise TableNotFound(f"table {table!r} was dropped; create it again")
-            try:
-                with self._env.begin(write=True) as txn:
-                    # a retry of an applied push is acknowledged even if its slots moved since
-                    done = txn.get(req_key, db=self._req) if request_id else None
-                    if done is not None:
-                        old_step, rows_updated = _REQ.unpack(done)
-                        return PushResult(rows_updated, True, old_step)
-                    # ownership under the writer lock: a freeze precedes this push or follows it
-                    self._check_owned(t, ids, push=True)
-                    step = int(step) or t.step + 1
-                    if n == 0:
-                        return PushResult(0, False, step)
-                    uids, order, summed = _distinct(ids, grads)
-                    m = uids.shape[0]
-                    new = self._scratch("new", m, t.record_bytes)
-                    self._apply(t, uids, order, grads if summed is None else summed, step, new,
-                                txn)
-                    txn.cursor(db=t.db).putmulti(_items(uids, new))
-                    if request_id:
-                        self._log_request(txn, req_key, step, m)
-                    new_step, new_pushes = max(t.step, step), t.pushes + 1
-                    txn.put(b"table:" + t.spec.name.encode(), t.meta_json(new_step, new_pushes),
-                            db=self._meta)
-            except lmdb.MapFullError as e:
-                raise self._full() from e
+            with self._write() as txn:
+                # a retry of an applied push is acknowledged even if its slots moved since
+                done = txn.get(req_key, db=self._req) if request_id else None
+                if done is not None:
+                    old_step, rows_updated = _REQ.unpack(done)
+                    return PushResult(rows_updated, True, old_step)
+                # ownership under the writer lock: a freeze precedes this push or follows it
+                self._check_owned(t, ids, push=True)
+                step = int(step) or t.step + 1
+                if n == 0:
+                    return PushResult(0, False, step)
+                uids, order, summed = _distinct(ids, grads)
+                m = uids.shape[0]
+                new = self._scratch("new", m, t.record_bytes)
+                self._apply(t, uids, order, grads if summed is None else summed, step, new,
+                            txn)
+                txn.cursor(db=t.db).putmulti(_items(uids, new))
+                if request_id:
+                    self._log_request(txn, req_key, step, m)
+                new_step, new_pushes = max(t.step, step), t.pushes + 1
+                txn.put(b"table:" + t.spec.name.encode(), t.meta_json(new_step, new_pushes),
+                        db=self._meta)
             t.step, t.pushes = new_step, new_pushes
             with self._mlock.write():
                 t.mirror.put(uids, new)
@@ -545,9 +540,16 @@ class Shard:
                 txn.delete(cur.value(), db=self._req)
                 cur.delete()
 
-    def _full(self) -> StoreFull:
-        return StoreFull(f"the LMDB map of {self.config.map_size} bytes is full; restart the "
-                         "shard with a larger --map-size (only touched pages use disk)")
+    @contextmanager
+    def _write(self, **kw: object) -> Iterator[lmdb.Transaction]:
+        """A write transaction: committed when the block ends, aborted on any exception (so
+        nothing is partly applied); a full LMDB map raises StoreFull."""
+        try:
+            with self._env.begin(write=True, **kw) as txn:
+                yield txn
+        except lmdb.MapFullError as e:
+            raise StoreFull(f"the LMDB map of {self.config.map_size} bytes is full; restart the "
+                            "shard with a larger --map-size (only touched pages use disk)") from e
 
     # ---- shard state and resharding ----
 
@@ -569,7 +571,7 @@ class Shard:
                 raise LayoutMismatch(
                     f"data directory belongs to cluster layout {self._state.layout!r}, not "
                     f"{state.layout!r}; give this shard a fresh --data directory")
-            with self._env.begin(write=True) as txn:
+            with self._write() as txn:
                 txn.put(b"shard", state.to_json().encode(), db=self._meta)
             self._state = state
             return state
@@ -629,13 +631,10 @@ class Shard:
                 raise InvalidArgument("imported records contain NaN or Inf; re-export them")
         with self._wlock:
             new_step = max(t.step, int(step))
-            try:
-                with self._env.begin(write=True) as txn:
-                    txn.cursor(db=t.db).putmulti(_items(ids, rec))
-                    txn.put(b"table:" + t.spec.name.encode(), t.meta_json(new_step),
-                            db=self._meta)
-            except lmdb.MapFullError as e:
-                raise self._full() from e
+            with self._write() as txn:
+                txn.cursor(db=t.db).putmulti(_items(ids, rec))
+                txn.put(b"table:" + t.spec.name.encode(), t.meta_json(new_step),
+                        db=self._meta)
             t.step = new_step
             with self._mlock.write():
                 t.mirror.clear()
@@ -649,7 +648,7 @@ class Shard:
         mask = self._slot_mask(slot_mask)
         with self._wlock:
             n = 0
-            with self._env.begin(write=True, db=t.db) as txn:
+            with self._write(db=t.db) as txn:
                 doomed = [ids for ids, _ in self._scan(txn, t, mask)]
                 for k in _keys(np.concatenate(doomed)) if doomed else []:
                     n += txn.delete(k)
@@ -657,6 +656,15 @@ class Shard:
                 t.mirror.clear()
                 t.mirror.gen += 1
             return n
+
+    # ---- snapshots ----
+
+    def snapshot(self, path: str) -> list[TableStats]:
+        """Copy the environment, compacted, into the existing empty directory `path` and return
+        every table's stats as copied. Writers wait for the copy (it is one read transaction)."""
+        with self._wlock:
+            self._env.copy(path, compact=True)
+            return [self._stats(self._tables[n]) for n in sorted(self._tables)]
 
     # ---- stats ----
 
