@@ -66,6 +66,7 @@ class TrainConfig:
     steps: int = 300
     lr: float = 1e-3
     weight_decay: float = 0.1
+    adam_eps: float = 1e-8  # dense AdamW eps
     table_lr_mult: float = 5.0  # the paper: tables learn at 5x the backbone lr, no weight decay
     # store and prefetch
     backend: str = "store"  # "store" (remote tables) or "local" (LocalMemory + SparseAdam)
@@ -415,7 +416,7 @@ def train_worker(cfg: TrainConfig, rank: int = 0, world: int = 1,
             dist.barrier()  # tables exist before anyone looks rows up
 
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                            betas=(0.9, 0.95))
+                            betas=(0.9, 0.95), eps=cfg.adam_eps)
     start = 0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -528,7 +529,8 @@ def train_worker(cfg: TrainConfig, rank: int = 0, world: int = 1,
         "params": param_split(model, hcfg), "tables": tables, "history": history,
     }
     if rank == 0:
-        summary["checkpoint"] = save_checkpoint(cfg, model, opt, corpus, summary, store)
+        summary["checkpoint"] = save_checkpoint(cfg, model, opt, corpus, summary, store,
+                                                {k: v.to_dict() for k, v in specs.items()})
     if store is not None:
         store.close()
     return summary
@@ -562,7 +564,8 @@ def default_out() -> str:
 
 
 def save_checkpoint(cfg: TrainConfig, model: torch.nn.Module, opt: torch.optim.Optimizer,
-                    corpus: Corpus, summary: dict, store: Any) -> str:
+                    corpus: Corpus, summary: dict, store: Any,
+                    specs: dict[int, dict] | None = None) -> str:
     """Dense weights, optimizer, config, tokenizer identity, step and where the tables live.
 
     The store keeps the tables: the checkpoint records the table names, their step and the shard
@@ -570,7 +573,8 @@ def save_checkpoint(cfg: TrainConfig, model: torch.nn.Module, opt: torch.optim.O
     """
     out = Path(cfg.out or default_out())
     out.mkdir(parents=True, exist_ok=True)
-    store_info: dict[str, Any] = {"addresses": list(cfg.store), "tables": summary["tables"]}
+    store_info: dict[str, Any] = {"addresses": list(cfg.store), "tables": summary["tables"],
+                                  "specs": specs}
     if store is not None:
         snap = getattr(store, "snapshot", None)
         if callable(snap):
@@ -605,11 +609,16 @@ def _ray_worker(loop_config: dict) -> None:
     device = ray.train.torch.get_device() if cfg.device != "cpu" else torch.device("cpu")
     summary = train_worker(cfg, rank, world, device, report=lambda m: None)
     if rank == 0:
-        slim = {k: v for k, v in summary.items() if k != "params"}
-        slim["params"] = {k: v for k, v in summary["params"].items() if k != "table_rows"}
-        ray.train.report({"summary": json.dumps(slim, default=str)})
+        # Result.metrics of Ray Train only carries metrics reported with a checkpoint, so the
+        # summary travels as a (tiny) checkpoint directory that Ray persists under storage_path.
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:
+            (Path(d) / "summary.json").write_text(json.dumps(summary, default=str))
+            ray.train.report({"step": summary["steps"]},
+                             checkpoint=ray.train.Checkpoint.from_directory(d))
     else:
-        ray.train.report({})
+        ray.train.report({"step": summary["steps"]})
 
 
 def run_ray_train(cfg: TrainConfig) -> dict:
@@ -636,7 +645,8 @@ def run_ray_train(cfg: TrainConfig) -> dict:
     result = trainer.fit()
     if result.error:
         raise result.error
-    return json.loads(result.metrics["summary"])
+    with result.checkpoint.as_directory() as d:
+        return json.loads((Path(d) / "summary.json").read_text())
 
 
 def _cluster_has_gpus() -> bool:
