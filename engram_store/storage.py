@@ -342,9 +342,12 @@ class Shard:
 
     def _read(self, txn: lmdb.Transaction, t: _Table, ids: np.ndarray) -> np.ndarray:
         """Records of distinct `ids` from LMDB; initial rows and state where never stored."""
-        get = txn.get
-        vals = [get(k, db=t.db) for k in _keys(ids)]
-        found = [i for i, v in enumerate(vals) if v is not None]
+        if txn.stat(t.db)["entries"] == 0:  # a fresh table: skip n futile gets
+            found, vals = [], []
+        else:
+            get = txn.get
+            vals = [get(k, db=t.db) for k in _keys(ids)]
+            found = [i for i, v in enumerate(vals) if v is not None]
         if len(found) == ids.shape[0]:
             return np.frombuffer(b"".join(vals), np.uint8).reshape(-1, t.record_bytes)
         rec = self._encode(t, init.initial_rows(t.spec, ids),

@@ -349,3 +349,13 @@ def test_dropped_table_is_gone_after_reopen(shard_config, trained):
         again.create_table(SPEC)  # a fresh table of the same name starts from its initial rows
         np.testing.assert_array_equal(again.lookup("t", ALL), initial_rows(SPEC, ALL))
         assert again.table_stats("t").step == 0
+
+
+def test_snapshot_copy_opens_with_the_same_contents(tmp_path, trained):
+    before = _snapshot(trained)
+    dest = tmp_path / "snap"
+    dest.mkdir()
+    stats = trained.snapshot(str(dest))
+    assert [s.spec.name for s in stats] == ["t"] and stats[0].stored_rows == before[4]
+    with Shard(ShardConfig(data_dir=str(dest), map_size=64 << 20, read_only=True)) as copy:
+        _assert_same(_snapshot(copy), before)
