@@ -276,6 +276,10 @@ class EngramCluster:
         """Process id of shard `index`'s actor (tests kill it to check restarts)."""
         return ray_get(self._registry.shard_pid.remote(index), timeout=60)
 
+    def registry_pid(self) -> int:
+        """Process id of the registry actor."""
+        return ray_get(self._registry.pid.remote(), timeout=60)
+
     def down(self) -> None:
         """Stop every shard and the registry; the data stays in data_root for the next `up`."""
         try:

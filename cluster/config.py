@@ -41,6 +41,9 @@ class ClusterConfig:
     def registry_name(self) -> str:
         return f"{self.name}.registry"
 
+    def shard_actor_name(self, index: int) -> str:
+        return f"{self.name}.shard-{index}"
+
     def validate(self) -> None:
         """Raise ConfigError naming the field to change."""
         if self.num_shards < 1:

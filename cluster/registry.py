@@ -32,7 +32,7 @@ from engram_store.errors import DataDirLocked, EngramError, LayoutMismatch, Shar
 from engram_store.routing import ShardMap
 
 from .admin import ShardAdmin, request_totals, shard_state
-from .config import LOCAL_HOST, ClusterConfig
+from .config import LOCAL_HOST, ClusterConfig, shard_dir
 from .shard_actor import ShardHost, _reconstructed, shard_actor_options
 
 META_FILE = "cluster.json"
@@ -54,6 +54,14 @@ def ray_get(refs, timeout: float | None = None):
             "pending actors (is there a node with the store resource and free CPUs?)") from None
 
 
+def _named_actor(name: str, namespace: str):
+    """The live actor called `name`, or None."""
+    try:
+        return ray.get_actor(name, namespace=namespace)
+    except ValueError:
+        return None
+
+
 def store_nodes(resource: str) -> list[dict]:
     """Alive Ray nodes that offer `resource`, in a stable order (IP, then node id)."""
     nodes = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get(resource, 0) > 0]
@@ -67,6 +75,9 @@ def registry_actor_options(config: ClusterConfig) -> dict:
 
     opts: dict = {"name": config.registry_name, "namespace": config.namespace,
                   "lifetime": "detached", "num_cpus": 0, "max_restarts": config.max_restarts,
+                  # calls made while it restarts wait for it (a scale() it was running is
+                  # re-run from the map it saved, which makes the same target)
+                  "max_task_retries": -1 if config.max_restarts else 0,
                   "max_concurrency": 16}
     nodes = store_nodes(config.store_resource)
     if nodes:
@@ -174,6 +185,9 @@ class Registry:
     def shard_pid(self, index: int) -> int:
         return ray_get(self._hosts[index].pid.remote(), timeout=30)
 
+    def pid(self) -> int:
+        return os.getpid()
+
     def shard_stats(self) -> list[dict]:
         """Per shard: rows, bytes, requests served, map version it holds (from Stats)."""
         m = self.get_map()
@@ -223,7 +237,7 @@ class Registry:
             t0 = time.monotonic()
             if m == n:
                 return {"from": n, "to": m, "moved_slots": 0, "moved_rows": 0, "duration_s": 0.0,
-                        "version": old.version}
+                        "start_s": 0.0, "longest_freeze_s": 0.0, "version": old.version}
             addresses = list(old.addresses)
             if m > n:
                 addresses += self._start_hosts(range(n, m))
@@ -236,15 +250,18 @@ class Registry:
                     self._map = old
                     self._kill_hosts(range(n, m))
                     raise
+            t_started = time.monotonic()
             target = old.rebalanced(addresses if m > n else addresses[:m])
-            moved_slots, moved_rows = 0, 0
+            moved_slots, moved_rows, longest_freeze = 0, 0, 0.0
             current = self._map
             for src in range(n):
                 slots = [s for s in range(old.num_slots)
                          if current.assignment[s] == src and target.assignment[s] != src]
                 if not slots:
                     continue
+                t_freeze = time.monotonic()
                 current, rows = self._move(current, src, slots, target)
+                longest_freeze = max(longest_freeze, time.monotonic() - t_freeze)
                 moved_slots += len(slots)
                 moved_rows += rows
             if m < n:
@@ -256,9 +273,13 @@ class Registry:
                 time.sleep(0.2)  # let in-flight requests on removed shards finish
                 self._stop_hosts(range(m, n))
             self._save_meta()
+            # start_s: new shard actors starting; longest_freeze_s: the longest time any slot
+            # refused pushes (one source's freeze -> copy -> publish -> delete -> unfreeze).
             self._last_reshard = {"from": n, "to": m, "moved_slots": moved_slots,
                                   "moved_rows": moved_rows,
                                   "duration_s": round(time.monotonic() - t0, 3),
+                                  "start_s": round(t_started - t0, 3),
+                                  "longest_freeze_s": round(longest_freeze, 3),
                                   "version": current.version}
             return dict(self._last_reshard)
 
@@ -340,10 +361,22 @@ class Registry:
         actor_cls = ray.remote(ShardHost)
         new = []
         for i in indices:
-            node_id = self._pick_node(i, nodes, load)
+            h = _named_actor(self.config.shard_actor_name(i), self.config.namespace)
+            if h is not None:
+                # It outlived a registry that crashed: adopt it, it still serves its directory.
+                info = ray_get(h.info.remote(), timeout=30)
+                want = shard_dir(self.config.data_root, i)
+                if info["data_dir"] != want or info["layout"] != self._layout:
+                    raise DataDirLocked(
+                        f"shard actor {self.config.shard_actor_name(i)!r} serves "
+                        f"{info['data_dir']} (layout {info['layout']}), not {want}; stop it "
+                        "(`ray kill` / `engram cluster down`) or pick another cluster --name")
+                node_id = info["node_id"]
+            else:
+                node_id = self._pick_node(i, nodes, load)
+                h = actor_cls.options(**shard_actor_options(self.config, i, node_id)).remote(
+                    self.config, i, self._layout, host)
             load[node_id] = load.get(node_id, 0) + 1
-            h = actor_cls.options(**shard_actor_options(self.config, node_id)).remote(
-                self.config, i, self._layout, host)
             new.append(h)
             self._host_nodes.append(node_id)
         assert len(self._hosts) == indices[0], "shards start in index order"
@@ -363,7 +396,8 @@ class Registry:
         self._kill_hosts(indices)
 
     def _kill_hosts(self, indices) -> None:
-        """Kill the actors `indices` (the tail of self._hosts) for good."""
+        """Kill the actors `indices` (the tail of self._hosts) for good, and wait until their
+        names are free (a later scale-up starts shards of the same names)."""
         indices = sorted(indices)
         for i in indices:
             try:
@@ -373,6 +407,12 @@ class Registry:
         if indices:
             del self._hosts[indices[0]:]
             del self._host_nodes[indices[0]:]
+        deadline = time.monotonic() + 15
+        for i in indices:
+            name = self.config.shard_actor_name(i)
+            while (_named_actor(name, self.config.namespace) is not None
+                   and time.monotonic() < deadline):
+                time.sleep(0.05)
 
     def _admin(self, address: str) -> ShardAdmin:
         a = self._admins.get(address)

@@ -19,9 +19,12 @@ from .admin import ShardAdmin
 from .config import LOCAL_HOST, ClusterConfig, shard_dir
 
 
-def shard_actor_options(config: ClusterConfig, node_id: str | None) -> dict:
-    """Ray actor options of a shard: CPUs and memory from the config, a sliver of the store
+def shard_actor_options(config: ClusterConfig, index: int, node_id: str | None) -> dict:
+    """Ray actor options of shard `index`: CPUs and memory from the config, a sliver of the store
     resource so it lands only on store nodes (never a GPU), restarts, and its node.
+
+    Named and detached: a shard outlives a crash of the registry that started it, and the
+    restarted registry finds it by name instead of starting another on the same directory.
 
     Placement is decided by the registry (spread over store nodes) and pinned with a hard node
     affinity, because a restarted actor must come back where its LMDB directory is.
@@ -36,6 +39,8 @@ def shard_actor_options(config: ClusterConfig, node_id: str | None) -> dict:
         # A method call that a crash interrupts is retried on the restarted actor.
         "max_task_retries": -1 if config.max_restarts else 0,
         "namespace": config.namespace,
+        "name": config.shard_actor_name(index),
+        "lifetime": "detached",
     }
     if config.memory_per_shard:
         opts["memory"] = config.memory_per_shard
@@ -119,7 +124,7 @@ class ShardHost:
 
         return {"index": self.index, "address": self._address, "pid": os.getpid(),
                 "node_id": ray.get_runtime_context().get_node_id(), "node_ip": _node_ip(),
-                "data_dir": shard_dir(self.config.data_root, self.index)}
+                "data_dir": shard_dir(self.config.data_root, self.index), "layout": self.layout}
 
     def pid(self) -> int:
         return os.getpid()

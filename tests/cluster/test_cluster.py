@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import threading
 import time
 
@@ -81,8 +82,9 @@ def test_scaling_under_pushes_matches_one_shard(ray_cluster, tmp_path):
 
 
 def test_kill9_of_shards_loses_no_acknowledged_push(ray_cluster, tmp_path):
-    """SIGKILL a shard process three times during a push stream: Ray restarts it on the same
-    data dir, the stream resumes by itself, every acknowledged push is there."""
+    """SIGKILL a shard process three times, then the registry, during a push stream: Ray
+    restarts each (a shard on its data dir), the stream resumes by itself, and every
+    acknowledged push is there."""
     spec = table_spec(num_rows=5000)
     cluster = EngramCluster.up(cluster_config(tmp_path / "c", 2), tables=[spec])
     try:
@@ -98,6 +100,13 @@ def test_kill9_of_shards_loses_no_acknowledged_push(ray_cluster, tmp_path):
             # resumed by itself: pushes are acknowledged again after the restart
             assert pusher.wait_for(before + 20, 45), f"stream stalled after kill {round_}"
             assert cluster.shard_pid(shard) != pid
+        # the registry too: the shards (detached) keep serving, the restarted registry adopts them
+        pids = [cluster.shard_pid(i) for i in range(2)]
+        before = pusher.acked
+        os.kill(cluster.registry_pid(), signal.SIGKILL)
+        assert pusher.wait_for(before + 20, 45), "stream stalled after the registry's kill"
+        assert [cluster.shard_pid(i) for i in range(2)] == pids
+        assert cluster.shard_map().num_shards == 2
         acked = pusher.stop()
         assert len(pusher.failures) <= 3, pusher.failures  # the client's own retries cover it
         ids, expected = reference_table(tmp_path, spec, acked)
@@ -142,8 +151,11 @@ def test_refusals_change_nothing(ray_cluster, tmp_path):
             cluster.scale(0)
         assert cluster.shard_map().version == version
 
+        with socket.socket() as sock:  # a port nothing listens on
+            sock.bind(("127.0.0.1", 0))
+            dead = f"127.0.0.1:{sock.getsockname()[1]}"
         with pytest.raises(RayUnreachable, match="cannot reach"):
-            EngramCluster.up(cluster_config(tmp_path / "x", 1), address="127.0.0.1:1")
+            EngramCluster.up(cluster_config(tmp_path / "x", 1), address=dead)
         assert not (tmp_path / "x").exists()
 
         # a second live cluster on the same data root: refused by the data-root lock
