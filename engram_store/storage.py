@@ -20,6 +20,7 @@ import os
 import struct
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -47,6 +48,8 @@ _MAX_DBS = 4096  # tables per shard (+3 internal databases)
 _REQ = struct.Struct(">qq")  # request log value: (step, rows_updated)
 _SCAN = 1 << 16  # records read per chunk when scanning a table (export / delete)
 _CHUNK = 512  # rows per optimizer chunk: temporaries stay in L1/L2
+_PART = 8192  # rows per optimizer task on the writer's thread pool
+_OPT_THREADS = 4  # optimizer threads per shard (the gRPC workers need cores too)
 _SCRATCH_MAX = 256 << 20  # writer buffers up to this size are kept for the next push
 
 
@@ -173,6 +176,8 @@ class Shard:
             raise
         self._wlock = threading.Lock()
         self._bufs: dict[str, np.ndarray] = {}  # writer scratch, used under _wlock only
+        threads = min(_OPT_THREADS, os.cpu_count() or 1)
+        self._pool = ThreadPoolExecutor(threads, "engram-opt") if threads > 1 else None
         self._mlock = RWLock()
         self._meta = self._env.open_db(b"meta")
         self._req = self._env.open_db(b"requests")
@@ -198,6 +203,8 @@ class Shard:
             if self._closed:
                 return
             self._closed = True
+            if self._pool is not None:
+                self._pool.shutdown()
             self._env.close()
             self._release_lock()
 
@@ -499,12 +506,21 @@ class Shard:
         keep the optimizer's temporaries in cache."""
         m = uids.shape[0]
 
-        def chunks(src: np.ndarray | None) -> None:
-            for lo in range(0, m, _CHUNK):
+        def part(src: np.ndarray | None, start: int) -> None:
+            for lo in range(start, min(start + _PART, m), _CHUNK):
                 hi = min(lo + _CHUNK, m)
                 g = grads[lo:hi] if order is None else grads[order[lo:hi]]
                 old = t.mirror.rec[pos[lo:hi]] if src is None else src[lo:hi]
                 self._step_chunk(t, old, new[lo:hi], g, step)
+
+        def chunks(src: np.ndarray | None) -> None:
+            # numpy releases the GIL in its loops, so parts run in parallel on a multi-core host
+            starts = range(0, m, _PART)
+            if len(starts) == 1 or self._pool is None:
+                for lo in starts:
+                    part(src, lo)
+            else:
+                list(self._pool.map(lambda lo: part(src, lo), starts))
 
         with self._mlock.read():
             pos = t.mirror.find(uids)
