@@ -123,3 +123,23 @@ def test_storage_dtypes_and_odd_dims(tmp_path, dtype, kind):
             np.testing.assert_array_equal(shard.lookup("t", ids), rows)
             np.testing.assert_array_equal(shard.optimizer_state("t", ids), state)
         assert shard.record_bytes("t") == 7 * dtypes.itemsize(dtype) + 4 * 7 * opt.state_width
+
+
+def test_large_push_in_parallel_parts(tmp_path):
+    """Pushes larger than one optimizer part (8192 rows) run on the thread pool; cold (LMDB and
+    init) and warm (mirror) pushes give the arithmetic of one contiguous apply()."""
+    from engram_store import optimizers
+    from engram_store.init import initial_state
+    spec = TableConfig("t", num_rows=50_000, dim=4, optimizer=OptimizerConfig(kind="adam"))
+    rng = np.random.default_rng(4)
+    ids = rng.permutation(50_000)[:20_000].astype(np.int64)
+    order = np.argsort(ids)
+    rows, state = initial_rows(spec, ids[order]), initial_state(spec, ids.shape[0])
+    with Shard(ShardConfig(data_dir=str(tmp_path / "s"), map_size=256 << 20)) as shard:
+        shard.create_table(spec)
+        for step in (1, 2):
+            g = rng.standard_normal((ids.shape[0], 4)).astype(np.float32)
+            shard.push("t", ids, g)
+            rows, state = optimizers.apply(spec.optimizer, rows, state, g[order], step)
+            np.testing.assert_array_equal(shard.lookup("t", ids[order]), rows)
+            np.testing.assert_array_equal(shard.optimizer_state("t", ids[order]), state)
