@@ -365,20 +365,17 @@ class Shard:
         return rec
 
     def _records(self, t: _Table, ids: np.ndarray, txn: lmdb.Transaction | None,
-                 out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, int]:
-        """Current records of distinct `ids` (mirror first, then LMDB), the positions in `ids`
-        that missed the mirror, and the mirror generation seen before reading LMDB."""
-        n = ids.shape[0]
+                 out: np.ndarray | None = None) -> np.ndarray:
+        """Current records of distinct `ids`: mirror first, then LMDB (or init)."""
         with self._mlock.read():
             pos = t.mirror.find(ids)
             hit = pos >= 0
-            gen = t.mirror.gen
             if out is None:
-                out = np.empty((n, t.record_bytes), np.uint8)
+                out = np.empty((ids.shape[0], t.record_bytes), np.uint8)
             if hit.all():
                 # mode="clip" skips take's defensive copy of `out`; positions are valid
                 np.take(t.mirror.rec, pos, axis=0, out=out, mode="clip")
-                return out, np.empty(0, np.int64), gen
+                return out
             out[hit] = t.mirror.rec[pos[hit]]
         miss = np.flatnonzero(~hit)
         if txn is None:
@@ -386,7 +383,7 @@ class Shard:
                 out[miss] = self._read(rtxn, t, ids[miss])
         else:
             out[miss] = self._read(txn, t, ids[miss])
-        return out, miss, gen
+        return out
 
     def _scratch(self, name: str, n: int, width: int) -> np.ndarray:
         """A reusable (n, width) uint8 buffer for the writer (fresh pages fault slowly)."""
@@ -437,7 +434,7 @@ class Shard:
         t = self._get(table)
         self._check_ids(t, ids)
         uids, inverse = np.unique(ids, return_inverse=True)
-        rec, _, _ = self._records(t, uids, None)
+        rec = self._records(t, uids, None)
         return np.array(self._state_of(t, rec))[inverse]
 
     # ---- writes ----
@@ -527,7 +524,7 @@ class Shard:
             if (pos >= 0).all():  # warm: gather each chunk straight from the mirror
                 chunks(None)
                 return
-        old, _, _ = self._records(t, uids, txn, self._scratch("old", m, t.record_bytes))
+        old = self._records(t, uids, txn, self._scratch("old", m, t.record_bytes))
         chunks(old)
 
     def _step_chunk(self, t: _Table, old: np.ndarray, new: np.ndarray, grads: np.ndarray,
