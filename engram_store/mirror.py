@@ -104,9 +104,11 @@ class Mirror:
         k = new.shape[0]
         self._reserve(self.n + k)
         at = slice(self.n, self.n + k)
-        self._ids[at] = ids[new]
-        self.rec[at] = rec[new]
-        self._pos1[ids[new]] = np.arange(self.n + 1, self.n + k + 1, dtype=np.int32)
+        if k < ids.shape[0]:
+            ids, rec = ids[new], rec[new]
+        self._ids[at] = ids
+        self.rec[at] = rec
+        self._pos1[ids] = np.arange(self.n + 1, self.n + k + 1, dtype=np.int32)
         self.n += k
 
     def clear(self) -> None:
