@@ -218,3 +218,61 @@ def test_connect_and_cli(ray_cluster, tmp_path, capsys):
     except BaseException:
         cluster.down()
         raise
+
+
+def test_discover_store_by_shard_or_ray_address(ray_cluster, tmp_path):
+    """discover_store finds the whole store from one shard's address (no Ray) or from Ray."""
+    from cluster.api import discover_store
+
+    spec = table_spec(num_rows=2000)
+    config = cluster_config(tmp_path / "c", 2)
+    cluster = EngramCluster.up(config, tables=[spec])
+    try:
+        ids = np.arange(0, 2000, 7)
+        with cluster.client() as c:
+            expected = c.lookup(spec.name, ids)
+        with discover_store(cluster.shard_map().addresses[1]) as c:
+            assert c.shard_map.num_shards == 2
+            np.testing.assert_array_equal(c.lookup(spec.name, ids), expected)
+        with discover_store(ray_cluster[0].address, name=config.name,
+                            namespace=config.namespace) as c:
+            np.testing.assert_array_equal(c.lookup(spec.name, ids), expected)
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            dead = f"127.0.0.1:{sock.getsockname()[1]}"
+        with pytest.raises(RayUnreachable, match="nothing answers"):
+            discover_store(dead)
+    finally:
+        cluster.down()
+
+
+def test_cli_up_returns_and_the_cluster_lives_on(ray_cluster, tmp_path):
+    """`engram cluster up --address` returns; status/scale/down from other processes reach it."""
+    import subprocess
+    import sys
+
+    address = ray_cluster[0].address
+    name = "cli-" + os.urandom(3).hex()
+    common = ["--address", address, "--name", name, "--namespace", "engram-test"]
+
+    def engram(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "cluster.cli", "cluster", *args, *common],
+                              capture_output=True, text=True, timeout=120,
+                              cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+
+    up = engram("up", "--shards", "1", "--data", str(tmp_path / "c"), "--slots", "64",
+                "--store-resource", "engram_store_test", "--cpus-per-shard", "0.25")
+    assert up.returncode == 0, up.stderr[-2000:]
+    assert "reach it with --address" in up.stdout
+    try:
+        scaled = engram("scale", "--shards", "2")
+        assert scaled.returncode == 0, scaled.stderr[-2000:]
+        assert json.loads(scaled.stdout.strip().splitlines()[-1])["to"] == 2
+        status = engram("status", "--interval", "0")
+        assert status.returncode == 0 and "127.0.0.1:" in status.stdout, status.stderr[-2000:]
+        assert len([ln for ln in status.stdout.splitlines() if "127.0.0.1:" in ln]) == 2
+    finally:
+        down = engram("down")
+    assert down.returncode == 0, down.stderr[-2000:]
+    gone = engram("status")
+    assert gone.returncode == 2 and "no cluster named" in gone.stderr
