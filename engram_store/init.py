@@ -52,9 +52,9 @@ def initial_rows(spec: TableConfig, ids: np.ndarray) -> np.ndarray:
     """float32 (n, spec.dim) initial values of global rows `ids` (N(0, init_std^2) or zeros)."""
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
     n, dim = ids.shape[0], spec.dim
-    out = np.zeros((n, dim), dtype=np.float32)
     if spec.init == "zeros" or n == 0 or spec.init_std == 0:
-        return out
+        return np.zeros((n, dim), dtype=np.float32)
+    out = np.empty((n, dim), dtype=np.float32)
     # chunks of ~64k values keep the float64 temporaries in cache instead of faulting in new pages
     step = max(1, _CHUNK // ((dim + 1) // 2))
     for lo in range(0, n, step):
