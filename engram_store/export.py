@@ -134,6 +134,8 @@ def write_table(path: str, spec: TableConfig, cursors: list[_Cursor], dtype: str
         for lo in range(0, spec.num_rows, chunk_rows):
             hi = min(lo + chunk_rows, spec.num_rows)
             rows = init.initial_rows(spec, np.arange(lo, hi, dtype=np.int64))  # (n, dim)
+            if spec.dtype != "float32":  # the store serves init rows rounded to storage dtype
+                rows = dtypes.to_float32(dtypes.to_dtype(rows, spec.dtype), spec.dtype)
             for c in cursors:
                 ids, vals = c.take_below(hi)
                 if vals is not None:
