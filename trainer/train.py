@@ -63,7 +63,7 @@ class TrainConfig:
     batch_size: int = 16  # per trainer worker; the global batch is batch_size * trainers
     seed: int = 1337
     # optimisation
-    steps: int = 300
+    steps: int = 200
     lr: float = 1e-3
     weight_decay: float = 0.1
     adam_eps: float = 1e-8  # dense AdamW eps
@@ -72,6 +72,8 @@ class TrainConfig:
     backend: str = "store"  # "store" (remote tables) or "local" (LocalMemory + SparseAdam)
     store: tuple[str, ...] = ()  # shard addresses host:port; any shard publishes the others
     table_prefix: str = ""  # prepended to engram_l{layer}, so several runs can share a store
+    store_token: str = ""  # bearer token of a store that requires authentication
+    store_data_root: str = ""  # where the store cluster keeps its shards (for the checkpoint)
     update: str = "async"
     prefetch_depth: int = 1
     max_inflight: int = 2
@@ -85,7 +87,7 @@ class TrainConfig:
     # evaluation, output
     eval_batches: int = 8
     eval_every: int = 0  # 0 = only before and after training
-    log_every: int = 10
+    log_every: int = 5
     out: str = ""  # run directory; "" = runs/<timestamp>
     resume: str = ""  # checkpoint to start from
     progress: bool = True
@@ -237,15 +239,17 @@ def worker_batches(corpus: Corpus, split: str, cfg: TrainConfig, rank: int, worl
 # ---------------------------------------------------------------------------------- store
 
 
-def connect_store(addresses: tuple[str, ...] | list[str], timeout_s: float = 10.0):
+def connect_store(addresses: tuple[str, ...] | list[str], token: str = "",
+                  timeout_s: float = 10.0):
     """A StoreClient to the shards; ConfigError at once if none answers."""
     from engram_store.client import StoreClient
 
     try:
-        probe = StoreClient(list(addresses), ClientConfig(timeout_s=timeout_s, retries=2))
+        probe = StoreClient(list(addresses), ClientConfig(timeout_s=timeout_s, retries=2,
+                                                          token=token))
         probe.stats()
         probe.close()
-        return StoreClient(list(addresses), ClientConfig())
+        return StoreClient(list(addresses), ClientConfig(token=token))
     except EngramError as e:
         raise ConfigError(
             f"the memory store at {', '.join(addresses)} is unreachable ({e}); start it with "
@@ -406,7 +410,7 @@ def train_worker(cfg: TrainConfig, rank: int = 0, world: int = 1,
 
     store = None
     if specs and cfg.backend == "store":
-        store = connect_store(cfg.store)
+        store = connect_store(cfg.store, cfg.store_token)
         if rank == 0:
             for spec in specs.values():
                 store.create_table(spec)  # idempotent for the same spec
@@ -492,6 +496,7 @@ def train_worker(cfg: TrainConfig, rank: int = 0, world: int = 1,
                 if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
                     m["val_loss"] = evaluate(model, val_fetcher, cfg.eval_batches)
                 if bar is not None:
+                    bar.update(step - bar.n)
                     bar.set_postfix(loss=f"{loss_ema:.3f}", tok_s=f"{m['tokens_per_s']:.0f}",
                                     stall=f"{m['stall_pct']:.1f}%",
                                     rows_tok=f"{m['rows_per_token']:.2f}")
@@ -499,7 +504,7 @@ def train_worker(cfg: TrainConfig, rank: int = 0, world: int = 1,
                     if report is not None:
                         report(m)
                     print(_log_line(step, cfg.steps, m), flush=True)
-            if bar is not None:
+            if bar is not None and step > bar.n and step % cfg.log_every:
                 bar.update(1)
         if hasattr(fetcher, "drain"):
             fetcher.drain()  # every push acknowledged before evaluation and the checkpoint
@@ -574,16 +579,19 @@ def save_checkpoint(cfg: TrainConfig, model: torch.nn.Module, opt: torch.optim.O
     out = Path(cfg.out or default_out())
     out.mkdir(parents=True, exist_ok=True)
     store_info: dict[str, Any] = {"addresses": list(cfg.store), "tables": summary["tables"],
-                                  "specs": specs}
+                                  "specs": specs, "data_root": cfg.store_data_root}
     if store is not None:
-        snap = getattr(store, "snapshot", None)
-        if callable(snap):
-            store_info["snapshot"] = snap(str(out / "store"))
+        try:
+            from engram_store.snapshot import snapshot
+
+            # A consistent copy of every shard (each push wholly in or out), written by the shard
+            # servers: on a multi-machine store the path must be on a shared filesystem.
+            store_info["snapshot"] = snapshot(store, str((out / "store-snapshot").resolve()))
+        except (ImportError, EngramError, OSError) as e:
+            store_info["snapshot_error"] = str(e)
         try:
             store_info["table_steps"] = {name: store.table_info(name).step
                                          for name in summary["tables"].values()}
-            store_info["shards"] = [{"address": s.get("address"),
-                                     "data_dir": s.get("data_dir", "")} for s in store.stats()]
         except EngramError:
             pass
     ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict(), "config": cfg.to_dict(),
