@@ -19,7 +19,6 @@ import grpc
 from .auth import server_credentials, server_interceptors
 from .config import ShardConfig
 from .metrics import ServerMetrics
-from .proto import store_pb2_grpc as pb_grpc
 from .snapshot import SnapshotGate, SnapshotServicer
 
 ADMIN_SERVICE = "engram.v1.StoreAdmin"
@@ -36,7 +35,7 @@ class ServerExtras:
 
     def register(self, server: grpc.Server) -> None:
         """Add the StoreAdmin service and start /metrics (when a metrics port is configured)."""
-        pb_grpc.add_StoreAdminServicer_to_server(SnapshotServicer(self.shard, self.gate), server)
+        SnapshotServicer(self.shard, self.gate).add_to_server(server)
         if self.metrics is not None:
             self.metrics_port = self.metrics.serve(self.config.metrics_port, self.config.host)
 

@@ -33,6 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from . import wire
 from .auth import open_channel, wrap_handler
@@ -203,15 +204,33 @@ class SnapshotGate(grpc.ServerInterceptor):
         return wrap_handler(handler, wrap)
 
 
-class SnapshotServicer(pb_grpc.StoreAdminServicer):
+def _parse_request(buf: bytes) -> pb.SnapshotRequest | InvalidArgument:
+    """A SnapshotRequest, or the error to answer for bytes that do not parse (grpc's own
+    deserializer failure would end the call with INTERNAL)."""
+    try:
+        return pb.SnapshotRequest.FromString(buf)
+    except (DecodeError, ValueError, RuntimeError) as e:
+        return InvalidArgument(f"request is not a valid engram.v1.SnapshotRequest ({e})")
+
+
+class SnapshotServicer:
     """engram.v1.StoreAdmin: the shard's side of the snapshot protocol."""
 
     def __init__(self, shard: Shard, gate: SnapshotGate) -> None:
         self.shard = shard
         self.gate = gate
 
+    def add_to_server(self, server: grpc.Server) -> None:
+        handler = grpc.unary_unary_rpc_method_handler(
+            self.Snapshot, request_deserializer=_parse_request,
+            response_serializer=pb.SnapshotResponse.SerializeToString)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            "engram.v1.StoreAdmin", {"Snapshot": handler}),))
+
     def Snapshot(self, request: pb.SnapshotRequest, context) -> pb.SnapshotResponse:
         try:
+            if isinstance(request, InvalidArgument):
+                raise request
             return self._snapshot(request)
         except EngramError as e:
             context.abort(grpc.StatusCode[e.code], str(e))
