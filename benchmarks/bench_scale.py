@@ -25,9 +25,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TABLE = "bench"
 
 
-def _client(address: str, num_rows: int, batch: int, start: float, stop: float, seed: int,
-            out: mp.Queue) -> None:
-    """Look up random batches from `start` to `stop` (wall clock); report [(t, rows), ...]."""
+def _client(address: str, num_rows: int, batch: int, start: float, stop, max_s: float,
+            seed: int, out) -> None:
+    """Look up random batches from wall-clock `start` until `stop` is set (or max_s passed);
+    report [(t, rows), ...] on `out`."""
     from engram_store.client import StoreClient
 
     rng = np.random.default_rng(seed)
@@ -36,33 +37,41 @@ def _client(address: str, num_rows: int, batch: int, start: float, stop: float, 
         c.lookup(TABLE, np.arange(4))  # connect before the clock starts
         while time.time() < start:
             time.sleep(0.001)
-        while time.time() < stop:
+        while not stop.is_set() and time.time() < start + max_s:
             rows = c.lookup(TABLE, rng.integers(0, num_rows, batch))
             marks.append((time.time(), rows.shape[0]))
     out.put(marks)
 
 
 def drive(address: str, args: argparse.Namespace, seconds: float,
-          during=None) -> tuple[list[tuple[float, int]], float, object]:
-    """Run args.clients lookup processes for `seconds`; call during() 1 s in. Returns all marks,
-    the start time, and during()'s result."""
+          during=None) -> tuple[list[tuple[float, int]], float, float, object]:
+    """Run args.clients lookup processes; without `during`, for `seconds`; with it, call during()
+    2 s in and stop `seconds` after it returns. Returns all marks, start and end time, and
+    during()'s result."""
     ctx = mp.get_context("spawn")
-    q: mp.Queue = ctx.Queue()
+    q = ctx.Queue()
+    stop = ctx.Event()
     start = time.time() + 3.0  # spawn + import + connect before the clock starts
-    procs = [ctx.Process(target=_client, args=(address, args.rows, args.batch, start,
-                                               start + seconds, i, q)) for i in range(args.clients)]
+    procs = [ctx.Process(target=_client, args=(address, args.rows, args.batch, start, stop,
+                                               seconds + 300, i, q))
+             for i in range(args.clients)]
     for p in procs:
         p.start()
     result = None
     if during is not None:
-        time.sleep(max(0.0, start + 1.0 - time.time()))
+        time.sleep(max(0.0, start + 2.0 - time.time()))
         result = during()
+        time.sleep(seconds)
+    else:
+        time.sleep(max(0.0, start + seconds - time.time()))
+    end = time.time()
+    stop.set()
     marks = []
     for _ in procs:
-        marks += q.get(timeout=seconds + 120)
+        marks += q.get(timeout=120)
     for p in procs:
         p.join(timeout=30)
-    return sorted(marks), start, result
+    return sorted(marks), start, end, result
 
 
 def rate(marks, t0: float, t1: float) -> float:
@@ -104,15 +113,14 @@ def main() -> int:
         for n in counts:
             cluster.scale(n)
             address = cluster.shard_map().addresses[0]
-            marks, start, _ = drive(address, args, args.seconds)
-            by_shards[n] = rate(marks, start, start + args.seconds)
+            marks, start, end, _ = drive(address, args, args.seconds)
+            by_shards[n] = rate(marks, start, end)
             print(f"{n} shard(s): {by_shards[n]:,.0f} lookup rows/s "
                   f"({args.clients} clients, batch {args.batch})", flush=True)
 
         # live reshard 2 -> 4 under the same load, throughput in 0.25 s bins
         cluster.scale(2)
         address = cluster.shard_map().addresses[0]
-        window = max(args.seconds, 6.0)
         times: dict = {}
 
         def reshard() -> dict:
@@ -121,12 +129,13 @@ def main() -> int:
             times["t1"] = time.time()
             return r
 
-        marks, start, moved = drive(address, args, window, during=reshard)
+        marks, start, end, moved = drive(address, args, 2.0, during=reshard)
         baseline = rate(marks, start, times["t0"])
         bins = [rate(marks, t, t + 0.25) for t in np.arange(times["t0"], times["t1"], 0.25)] \
             or [rate(marks, times["t0"], times["t1"])]
-        after = rate(marks, times["t1"], start + window)
+        after = rate(marks, times["t1"], end)
         lowest = min(bins)
+        stalled = 0.25 * sum(b < 0.1 * baseline for b in bins)  # seconds below 10% of before
         print(f"reshard 2->4: {moved['moved_rows']:,} rows in {moved['duration_s']:.2f} s "
               f"({moved['start_s']:.2f} s starting 2 actors, longest freeze "
               f"{moved['longest_freeze_s']:.2f} s); "
@@ -144,6 +153,7 @@ def main() -> int:
                         "rows_per_s_during": round(rate(marks, times["t0"], times["t1"])),
                         "rows_per_s_before": round(baseline), "rows_per_s_lowest_bin": round(lowest),
                         "rows_per_s_after": round(after),
+                        "seconds_below_10pct": stalled,
                         "dip_pct": round(100 * (1 - lowest / baseline), 1) if baseline else None},
         }
     finally:

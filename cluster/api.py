@@ -32,6 +32,8 @@ from .admin import ShardAdmin
 from .config import ClusterConfig
 from .registry import Registry, ray_get, registry_actor_options
 
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 class ClusterExists(EngramError):
     """A cluster of that name is already up in the Ray namespace."""
@@ -124,9 +126,12 @@ def _connect_ray(address: str | None, config: ClusterConfig) -> tuple[str, bool]
             return ray.get_runtime_context().gcs_address, False
         need = math.ceil(config.num_shards * config.cpus_per_shard)
         # Logical CPUs: room to scale to twice the shards even on a small machine.
-        ray.init(num_cpus=max(os.cpu_count() or 1, 2 * need),
+        ray.init(address="local", _node_ip_address="127.0.0.1",
+                 num_cpus=max(os.cpu_count() or 1, 2 * need),
                  resources={config.store_resource: 1000}, include_dashboard=False,
-                 namespace=config.namespace, log_to_driver=False)
+                 namespace=config.namespace, log_to_driver=False,
+                 # actors import this checkout even when the project is not pip-installed
+                 runtime_env={"env_vars": {"PYTHONPATH": _ROOT}})
         return ray.get_runtime_context().gcs_address, True
     if address != "auto" and "://" not in address:
         _probe_tcp(address)

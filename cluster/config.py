@@ -36,6 +36,9 @@ class ClusterConfig:
     shard: ShardConfig = field(default_factory=lambda: ShardConfig(data_dir="-", workers=8))
     client: ClientConfig = field(default_factory=ClientConfig)
     ready_timeout_s: float = 120.0  # how long up/scale wait for shard actors to start
+    # Slots moved per freeze while resharding: fewer = shorter pauses of pushes to the moving
+    # slots, more map versions (one per group).
+    reshard_group_slots: int = 64
 
     @property
     def registry_name(self) -> str:
@@ -58,6 +61,8 @@ class ClusterConfig:
             raise ConfigError("cpus_per_shard and memory_per_shard must be >= 0")
         if not self.store_resource:
             raise ConfigError("store_resource must name a Ray custom resource")
+        if self.reshard_group_slots < 1:
+            raise ConfigError(f"reshard_group_slots={self.reshard_group_slots} must be >= 1")
         if self.max_restarts < -1:
             raise ConfigError(f"max_restarts={self.max_restarts} must be -1 (unlimited) or >= 0")
         self.client.validate()

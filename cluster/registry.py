@@ -7,9 +7,10 @@ The layout lives in `<data_root>/cluster.json`; `<data_root>/cluster.lock` (floc
 live cluster off the same directory.
 
 Resharding N -> M follows DESIGN.md "Routing and resharding": start new shards when growing; for
-each source shard: freeze its moving slots, copy their rows (ExportRows -> ImportRows, every
-table), publish the next map (destinations first), delete the rows on the source, unfreeze; stop
-the removed shards when shrinking. A push either commits before the freeze (and is copied) or is
+each group of moving slots (one source, one destination, at most reshard_group_slots slots):
+freeze them on the source, copy their rows (ExportRows -> ImportRows, every table), publish the
+next map (destination first), delete the rows on the source, unfreeze; stop the removed shards
+when shrinking. A push either commits before the freeze (and is copied) or is
 answered UNAVAILABLE and retried by the client against the new owner, so none is lost; lookups keep
 reading the committed rows on the source until the new owners hold them.
 """
@@ -254,11 +255,15 @@ class Registry:
             target = old.rebalanced(addresses if m > n else addresses[:m])
             moved_slots, moved_rows, longest_freeze = 0, 0, 0.0
             current = self._map
+            groups = []  # (source, slots): one destination each, at most reshard_group_slots
             for src in range(n):
-                slots = [s for s in range(old.num_slots)
-                         if current.assignment[s] == src and target.assignment[s] != src]
-                if not slots:
-                    continue
+                for dst in range(len(addresses)):
+                    slots = [s for s in range(old.num_slots)
+                             if current.assignment[s] == src and target.assignment[s] == dst
+                             and dst != src]
+                    step = self.config.reshard_group_slots
+                    groups += [(src, slots[i:i + step]) for i in range(0, len(slots), step)]
+            for src, slots in groups:
                 t_freeze = time.monotonic()
                 current, rows = self._move(current, src, slots, target)
                 longest_freeze = max(longest_freeze, time.monotonic() - t_freeze)
@@ -274,7 +279,7 @@ class Registry:
                 self._stop_hosts(range(m, n))
             self._save_meta()
             # start_s: new shard actors starting; longest_freeze_s: the longest time any slot
-            # refused pushes (one source's freeze -> copy -> publish -> delete -> unfreeze).
+            # refused pushes (one group's freeze -> copy -> publish -> delete -> unfreeze).
             self._last_reshard = {"from": n, "to": m, "moved_slots": moved_slots,
                                   "moved_rows": moved_rows,
                                   "duration_s": round(time.monotonic() - t0, 3),

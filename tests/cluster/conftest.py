@@ -41,7 +41,7 @@ def cluster_config(root, num_shards: int = 2, **kw) -> ClusterConfig:
         shard=ShardConfig(data_dir="-", workers=4, cache_rows=1 << 14, map_size=1 << 28),
         client=ClientConfig(timeout_s=20, retries=14, backoff_s=0.02, backoff_max_s=1.0,
                             threads=4),
-        ready_timeout_s=60, **kw)
+        ready_timeout_s=60, reshard_group_slots=8, **kw)
 
 
 def table_spec(name: str = "emb", num_rows: int = 20_000, dim: int = 8) -> TableConfig:
