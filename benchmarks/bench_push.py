@@ -5,8 +5,9 @@
 Starts `engram serve` in a subprocess on 127.0.0.1, creates an Adam table, warms it, then times
 pushes of `--rows` distinct random rows of `--dim` float32 gradients through StoreClient. Each push
 returns only after the shard committed its LMDB transaction. Reported: one push at a time
-(`rows_per_s`, target >= 1e6) and two in flight (`rows_per_s_pipelined`, push_async). The last
-line printed is one JSON object.
+(`rows_per_s`, target >= 1e6) and two in flight (`rows_per_s_pipelined`, push_async), next to
+the server's own p50 handler time and the same pushes on a Shard in this process (no gRPC). The
+last line printed is one JSON object.
 """
 
 from __future__ import annotations
@@ -15,13 +16,15 @@ import argparse
 import json
 import os
 import platform
+import tempfile
 import time
 
 import numpy as np
 from _procs import shard_server
 
 from engram_store.client import StoreClient
-from engram_store.config import ClientConfig, OptimizerConfig, TableConfig
+from engram_store.config import ClientConfig, OptimizerConfig, ShardConfig, TableConfig
+from engram_store.storage import Shard
 
 TARGET = 1e6
 
@@ -69,6 +72,21 @@ def main() -> int:
         pipelined_s = (time.perf_counter() - t0) / args.iters
         info = client.table_info("bench")
         assert info.step == step0 + 2 * args.iters, (info.step, step0)
+        server = {m["method"]: m for m in client.stats()[0]["methods"]}["PushGradients"]
+
+    # the same pushes on a Shard in this process: what the gRPC layer adds is the difference
+    with tempfile.TemporaryDirectory(prefix="engram-bench-") as data, \
+            Shard(ShardConfig(data_dir=data)) as shard:
+        shard.create_table(spec)
+        for lo in range(0, args.table_rows, args.rows):
+            ids = np.arange(lo, min(lo + args.rows, args.table_rows))
+            shard.push("bench", ids, np.zeros((len(ids), args.dim), np.float32))
+        times = []
+        for i in range(args.iters):
+            t0 = time.perf_counter()
+            shard.push("bench", batches[i], grads)
+            times.append(time.perf_counter() - t0)
+        local_s = float(np.median(times))
 
     mb = args.rows * args.dim * 4 / 1e6
     result = {
@@ -76,6 +94,8 @@ def main() -> int:
         "iters": args.iters, "table_rows": args.table_rows,
         "push_ms": push_s * 1e3, "rows_per_s": args.rows / push_s, "grad_mb_per_s": mb / push_s,
         "pipelined_push_ms": pipelined_s * 1e3, "rows_per_s_pipelined": args.rows / pipelined_s,
+        "server_push_p50_ms": server["p50_ms"], "inprocess_shard_push_ms": local_s * 1e3,
+        "inprocess_rows_per_s": args.rows / local_s,
         "target_rows_per_s": TARGET, "meets_target": args.rows / push_s >= TARGET,
         "stored_rows": info.stored_rows, "stored_bytes": info.stored_bytes,
         "cpus": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),

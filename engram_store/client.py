@@ -62,6 +62,15 @@ def _is_stale(e: grpc.RpcError) -> bool:
     return e.code() == grpc.StatusCode.FAILED_PRECONDITION and _STALE in (e.details() or "")
 
 
+def _coalesce(ids: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct ids with their gradient rows summed (as the shard sums them), or the arrays
+    unchanged when the ids are already distinct (the common case: no copy of the gradients)."""
+    s = np.sort(ids)
+    if s.shape[0] < 2 or bool(np.all(s[1:] != s[:-1])):
+        return ids, grads
+    return coalesce(ids, grads)
+
+
 class StoreClient:
     """Client of a sharded memory store (DESIGN.md "Client")."""
 
@@ -110,10 +119,13 @@ class StoreClient:
                         ("grpc.max_receive_message_length", self.config.max_message_bytes)]
                 channel = grpc.insecure_channel(address, options=opts)
                 stub = store_pb2_grpc.MemoryStoreStub(channel)
-                # Lookup answers are decoded by wire.decode_lookup_response: no protobuf copy
+                # the large messages skip protobuf's copies (wire.py)
                 stub.LookupRaw = channel.unary_unary(
                     "/engram.v1.MemoryStore/Lookup",
                     request_serializer=pb.LookupRequest.SerializeToString)
+                stub.PushRaw = channel.unary_unary(  # requests from wire.encode_push_request
+                    "/engram.v1.MemoryStore/PushGradients",
+                    response_deserializer=pb.PushGradientsResponse.FromString)
                 entry = self._stubs[address] = (channel, stub)
             return entry[1]
 
@@ -272,7 +284,7 @@ class StoreClient:
             raise InvalidArgument(f"grads have shape {grads.shape}; table {table!r} needs "
                                   f"({len(ids)}, {dim}): one row of dim {dim} per id")
         grads = grads.reshape(len(ids), dim).astype(np.float32, copy=False)
-        ids, grads = coalesce(ids, grads)  # same summation order as the shard
+        ids, grads = _coalesce(ids, grads)
         rid = request_id or uuid.uuid4().hex
         total, all_dup, applied_step = 0, True, 0
         for attempt in range(self.config.retries + 1):
@@ -288,10 +300,10 @@ class StoreClient:
                 # stale-map refresh sends rows the old owner rejected, under a fresh id
                 k = per_shard[s] = per_shard.get(s, -1) + 1
                 sub = f"{rid}/{s}" + (f".{k}" if k else "") + (f"@{m.version}" if attempt else "")
-                calls.append((m.addresses[s], "PushGradients", pb.PushGradientsRequest(
-                    table=table, ids=wire.pack_ids(ids[pos]),
-                    grads=wire.pack_rows(grads[pos], self.config.wire_dtype),
-                    grad_dtype=self._wire, request_id=sub, step=step, map_version=m.version)))
+                part = slice(None) if len(parts) == 1 else pos  # one part: no gather copy
+                calls.append((m.addresses[s], "PushRaw", wire.encode_push_request(
+                    table, ids[part], grads[part], self.config.wire_dtype, sub, step,
+                    m.version)))
             responses = self._fanout(calls)
             stale = []
             for (_, pos), r in zip(parts, responses, strict=True):

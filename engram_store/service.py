@@ -165,7 +165,8 @@ class MemoryStoreServicer:
         self._writable()
         dtype = wire.dtype_name(request.grad_dtype, "grad_dtype")
         ids = self._ids(request.ids)
-        grads = wire.unpack_rows(request.grads, dtype, self.shard.table(request.table).dim,
+        buf = request.grads  # each read of a bytes field copies it: read once
+        grads = wire.unpack_rows(buf, dtype, self.shard.table(request.table).dim,
                                  "grads")  # (n, dim) float32
         if len(grads) != len(ids):
             raise InvalidArgument(
@@ -174,7 +175,7 @@ class MemoryStoreServicer:
         res = self.shard.push(request.table, ids, grads, request.request_id, request.step)
         resp = pb.PushGradientsResponse(rows_updated=res.rows_updated, duplicate=res.duplicate,
                                         step=res.step)
-        return resp, len(ids), len(request.grads)
+        return resp, len(ids), len(buf)
 
     @_rpc
     def Stats(self, request: pb.StatsRequest, context):
