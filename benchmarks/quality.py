@@ -1,0 +1,387 @@
+"""Does the memory help? Dense baseline vs Engram at equal backbone compute, plus an allocation sweep.
+
+    python benchmarks/quality.py [--corpus PATH] [--quick] [--steps N] [--curves FILE]
+
+1. Baseline vs Engram: the same backbone (layers, width, heads), the same tokens in the same order,
+   the same steps and seed; the Engram model adds one Engram layer (block 1) whose tables live
+   in-process (trainer.train.LocalFetcher: nn.Embedding(sparse) + SparseAdam at table_lr_mult x lr,
+   the trainer's local backend). Reported: validation loss of both over the whole validation split
+   (capped by --val-batches) and the ratio engram / baseline (target <= 0.97).
+2. Per-token loss on frequent multi-token names: words of the training split that the tokenizer
+   cuts into >= 2 tokens (e.g. " getattr" -> " get" "attr"), the --top-words most frequent; the loss
+   on their non-first tokens (what an n-gram lookup can recall) vs every other token, both models.
+3. Allocation sweep: a fixed total parameter budget (the baseline's parameters at --sweep-width)
+   split between backbone width and Engram table rows at --ratios of the total in tables; same
+   steps and tokens for every point. The paper found a U shape with its optimum at 20-25%.
+
+Writes the loss curves (train loss per step, validation loss every --eval-every steps, per model
+and per sweep point) to --curves; prints progress to stderr and one JSON object as the last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from engram_store.hashing import NgramHasher, compress_tokenizer  # noqa: E402
+from trainer import data  # noqa: E402
+from trainer.model import GPT, param_split  # noqa: E402
+from trainer.tokenizer import PAD_ID  # noqa: E402
+from trainer.train import Corpus, LocalFetcher, TrainConfig, table_specs  # noqa: E402
+
+TARGET_RATIO = 0.97
+PAPER_OPTIMUM = (0.20, 0.25)
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------ data
+
+
+@dataclasses.dataclass
+class Data:
+    """The trainer's Corpus plus the token streams the phrase analysis needs."""
+
+    corpus: Corpus
+    train_tokens: np.ndarray  # (N,) the training split, documents joined by EOT
+    val_tokens: np.ndarray
+    name: str
+
+
+def load_data(corpus: str | None, vocab_size: int, docs: list | None = None,
+              cache_dir: str | None = None) -> Data:
+    """Tokenize (cached) and wrap as trainer.train.Corpus: the batches trainer.train.load_corpus
+    yields (train: ds.batches; val: consecutive eval windows), from one prepare_data call.
+    `docs` (trainer.data.Document list) replaces the corpus, e.g. for tests."""
+    prep = data.prepare_data(corpus, vocab_size, cache_dir=cache_dir, docs=docs)
+    ds = prep.dataset
+    lookup, compressed = compress_tokenizer(prep.tokenizer)
+
+    def batches(split: str, batch_size: int, seq_len: int, seed: int, start_step: int = 0):
+        if split == "train":
+            for b in ds.batches("train", batch_size, seq_len, seed, start_step=start_step):
+                yield b[:, :-1], b[:, 1:]  # (B, T) inputs, (B, T) targets
+            return
+        while True:
+            for b in ds.eval_batches(split, batch_size, seq_len):
+                yield b[:, :-1], b[:, 1:]
+
+    fp = hashlib.sha256(prep.tokenizer.to_str().encode()).hexdigest()[:16]
+    c = Corpus(ds.vocab_size, PAD_ID, fp, lookup, compressed, batches, prep.tokenizer)
+    return Data(c, np.asarray(ds.tokens("train"), np.int64), np.asarray(ds.tokens("val"), np.int64),
+                corpus or "builtin (stdlib docstrings + pydoc topics)")
+
+
+# ------------------------------------------------------------------- frequent multi-token words
+
+
+def _token_texts(tokenizer, vocab: int) -> list[str]:
+    return [tokenizer.decode([i], skip_special_tokens=False) for i in range(vocab)]
+
+
+def word_runs(tokens: np.ndarray, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(start, length) of every word: a maximal run of tokens where each token after the first
+    starts with a letter/digit and its predecessor ends with one (no space or punctuation between)."""
+    vocab = len(texts)
+    first_alnum = np.array([bool(t) and t[0].isalnum() for t in texts], bool)
+    last_alnum = np.array([bool(t) and t[-1].isalnum() for t in texts], bool)
+    tok = np.clip(tokens, 0, vocab - 1)
+    cont = np.zeros(len(tokens), bool)
+    cont[1:] = first_alnum[tok[1:]] & last_alnum[tok[:-1]]
+    starts = np.flatnonzero(~cont)
+    lengths = np.diff(np.r_[starts, len(tokens)])
+    return starts, lengths
+
+
+def frequent_words(train: np.ndarray, texts: list[str], top: int) -> list[tuple[tuple[int, ...], int]]:
+    """The `top` most frequent words of >= 2 tokens whose text is a name (letters/digits/_)."""
+    starts, lengths = word_runs(train, texts)
+    multi = lengths >= 2
+    counts: Counter = Counter()
+    for s, n in zip(starts[multi].tolist(), lengths[multi].tolist(), strict=True):
+        counts[tuple(train[s:s + n].tolist())] += 1
+    out = []
+    for key, c in counts.most_common():
+        word = "".join(texts[t] for t in key).strip()
+        if word.replace("_", "").isalnum() and c >= 2:
+            out.append((key, c))
+            if len(out) == top:
+                break
+    return out
+
+
+def phrase_mask(tokens: np.ndarray, texts: list[str], words: set[tuple[int, ...]]) -> np.ndarray:
+    """True at every non-first token of an occurrence of one of `words` in `tokens`."""
+    starts, lengths = word_runs(tokens, texts)
+    mask = np.zeros(len(tokens), bool)
+    for s, n in zip(starts[lengths >= 2].tolist(), lengths[lengths >= 2].tolist(),
+                    strict=True):
+        if tuple(tokens[s:s + n].tolist()) in words:
+            mask[s + 1:s + n] = True
+    return mask
+
+
+# ----------------------------------------------------------------------------- train / eval
+
+
+@dataclasses.dataclass
+class RunResult:
+    name: str
+    val_loss: float
+    params: dict
+    train_s: float
+    steps: list[int]
+    train_loss: list[float]
+    val_steps: list[int]
+    val_curve: list[float]
+    token_losses: np.ndarray  # (n,) per-token validation loss, in stream order of the val targets
+    n_embd: int
+    table_base_size: int
+
+
+class Trained:
+    """A model with its in-process tables (LocalFetcher), for evaluation."""
+
+    def __init__(self, cfg: TrainConfig, d: Data) -> None:
+        torch.manual_seed(cfg.seed)
+        c = d.corpus
+        self.cfg = cfg
+        self.mcfg = cfg.model_config(c.vocab_size, c.pad_id)
+        self.model = GPT(self.mcfg)
+        h = self.mcfg.hash
+        self.hasher = NgramHasher(h, c.lookup, c.compressed_vocab) if h else None
+        self.specs = table_specs(cfg, self.hasher) if self.hasher else {}
+        self.fetcher = LocalFetcher(self.hasher, self.specs, h,
+                                    c.batches("train", cfg.batch_size, cfg.seq_len, cfg.seed),
+                                    torch.device("cpu"))
+
+    @torch.no_grad()
+    def token_losses(self, windows: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+        """Per-token cross-entropy over the given (x, y) batches, flattened in batch order."""
+        self.model.eval()
+        out = []
+        for x, y in windows:
+            mem = self.fetcher.memory(self.hasher.global_ids(x)) if self.hasher else None
+            logits, _ = self.model(torch.from_numpy(x), mem)
+            loss = F.cross_entropy(logits.flatten(0, 1), torch.from_numpy(y).reshape(-1),
+                                   reduction="none")
+            out.append(loss.numpy())
+        self.model.train()
+        return np.concatenate(out)
+
+
+def val_windows(d: Data, cfg: TrainConfig, max_batches: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The validation split's consecutive non-overlapping windows (the trainer's eval batches)."""
+    it = d.corpus.batches("val", cfg.batch_size, cfg.seq_len, cfg.seed)
+    n_windows = (len(d.val_tokens) - 1) // cfg.seq_len
+    n = max(1, min(max_batches, n_windows // cfg.batch_size))
+    return [next(it) for _ in range(n)]
+
+
+def train_run(name: str, cfg: TrainConfig, d: Data, windows: list, eval_every: int,
+              curve_batches: int) -> RunResult:
+    """Train `cfg` with the trainer's local backend; evaluate on `windows`."""
+    t = Trained(cfg, d)
+    model, fetcher = t.model, t.fetcher
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                            betas=(0.9, 0.95))  # as trainer.train.train_worker
+    steps, losses, vsteps, vcurve = [], [], [], []
+    t0 = time.perf_counter()
+    for step in range(1, cfg.steps + 1):
+        f = fetcher.next()
+        _, loss = model(f.x, f.memory, f.y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        fetcher.push(step, {})  # SparseAdam step on the tables' rows used this step
+        steps.append(step)
+        losses.append(float(loss.detach()))
+        if eval_every and (step % eval_every == 0 or step == cfg.steps):
+            vsteps.append(step)
+            vcurve.append(float(t.token_losses(windows[:curve_batches]).mean()))
+    train_s = time.perf_counter() - t0
+    tl = t.token_losses(windows)
+    split = param_split(model, t.mcfg.hash)
+    split.pop("table_rows", None)
+    log(f"  {name}: width {cfg.n_embd}, tables {split['engram_tables']:,} "
+        f"({100 * split['table_fraction']:.0f}%), val loss {tl.mean():.4f}, {train_s:.0f} s")
+    return RunResult(name, float(tl.mean()), split, train_s, steps, losses, vsteps, vcurve, tl,
+                     cfg.n_embd, cfg.table_base_size if cfg.engram_layers else 0)
+
+
+# ---------------------------------------------------------------------------- allocation sweep
+
+
+def count_params(cfg: TrainConfig, d: Data) -> dict:
+    """param_split of the model `cfg` builds (on the meta device: no memory, no init cost)."""
+    mcfg = cfg.model_config(d.corpus.vocab_size, d.corpus.pad_id)
+    with torch.device("meta"):
+        model = GPT(mcfg)
+    return param_split(model, mcfg.hash)
+
+
+def sweep_configs(base: TrainConfig, d: Data, budget: int, ratios: list[float]
+                  ) -> list[tuple[float, TrainConfig]]:
+    """For each ratio r: tables hold ~r*budget parameters (rows per head from table_base_size),
+    the backbone width is the multiple of n_head whose dense parameters come closest to the rest."""
+    out = []
+    heads = base.hash_heads * (base.max_ngram - 1)
+    d_head = base.n_embed_per_ngram // base.hash_heads
+    for r in ratios:
+        if r <= 0:
+            layers, rows_per_head = (), base.table_base_size
+        else:
+            layers = base.engram_layers or (1,)
+            rows_per_head = max(16, round(r * budget / (heads * d_head)))
+        best = None
+        for w in range(base.n_head * 2, 4096, base.n_head):
+            cfg = dataclasses.replace(base, n_embd=w, engram_layers=layers,
+                                      table_base_size=rows_per_head)
+            p = count_params(cfg, d)
+            dense = p["backbone"] + p["engram_dense"]
+            if best is None or abs(p["total"] - budget) < best[0]:
+                best = (abs(p["total"] - budget), cfg)
+            if dense > budget:
+                break
+        out.append((r, best[1]))
+    return out
+
+
+# ------------------------------------------------------------------------------------- main
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--corpus", default=None, help="text file/folder (default: built-in corpus)")
+    ap.add_argument("--quick", action="store_true", help="small model, few steps (~5 min, 2 CPUs)")
+    ap.add_argument("--steps", type=int, default=None, help="training steps per run")
+    ap.add_argument("--sweep-steps", type=int, default=None, help="steps per sweep point")
+    ap.add_argument("--ratios", default="0,0.1,0.25,0.5,0.75",
+                    help="fractions of the parameter budget in tables, '' = no sweep")
+    ap.add_argument("--width", type=int, default=None, help="backbone width of the main pair")
+    ap.add_argument("--sweep-width", type=int, default=None,
+                    help="the budget: the baseline's parameters at this width")
+    ap.add_argument("--top-words", type=int, default=500, help="frequent multi-token words")
+    ap.add_argument("--val-batches", type=int, default=64, help="validation batches (cap)")
+    ap.add_argument("--curves", default="results/quality_curves.json", help="loss curves out")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    q = args.quick
+    base = TrainConfig(
+        backend="local", corpus=args.corpus or "builtin", vocab_size=4096, n_layer=4, n_head=4,
+        n_embd=args.width or (96 if q else 256), engram_layers=(1,), max_ngram=3, hash_heads=4,
+        n_embed_per_ngram=64 if q else 128, table_base_size=20_000 if q else 50_000,
+        seq_len=64 if q else 128, batch_size=16, seed=1337,
+        steps=args.steps or (400 if q else 2000), lr=2e-3 if q else 1e-3, table_lr_mult=5.0,
+        progress=False)
+    sweep_steps = args.sweep_steps or (250 if q else 1000)
+    sweep_width = args.sweep_width or (96 if q else 192)
+    t_all = time.perf_counter()
+    d = load_data(args.corpus, base.vocab_size)
+    log(f"corpus {d.name}: {len(d.train_tokens):,} train / {len(d.val_tokens):,} val tokens, "
+        f"vocab {d.corpus.vocab_size}")
+    windows = val_windows(d, base, args.val_batches)
+    eval_every = max(1, base.steps // 20)
+    curve_batches = 4
+
+    # 1. baseline vs Engram, same backbone, tokens, steps, seed
+    log("baseline vs Engram:")
+    runs = {name: train_run(name, cfg, d, windows, eval_every, curve_batches)
+            for name, cfg in (("baseline", dataclasses.replace(base, engram_layers=())),
+                              ("engram", base))}
+    b, e = runs["baseline"], runs["engram"]
+    ratio = e.val_loss / b.val_loss
+
+    # 2. frequent multi-token words
+    texts = _token_texts(d.corpus.tokenizer, d.corpus.vocab_size)
+    words = frequent_words(d.train_tokens, texts, args.top_words)
+    # the windows are consecutive from the split's start: target j is val stream position j + 1
+    mask_stream = phrase_mask(d.val_tokens, texts, {w for w, _ in words})
+    mask = mask_stream[1:1 + len(b.token_losses)]
+    phrases = {
+        "top_words": len(words), "val_phrase_tokens": int(mask.sum()),
+        "val_other_tokens": int((~mask).sum()),
+        "examples": ["|".join(texts[t] for t in w) for w, _ in words[:12]],
+    }
+    for r in (b, e):
+        phrases[r.name] = {"phrase_loss": float(r.token_losses[mask].mean()) if mask.any() else None,
+                           "other_loss": float(r.token_losses[~mask].mean())}
+    if mask.any():
+        phrases["phrase_loss_ratio"] = phrases["engram"]["phrase_loss"] / \
+            phrases["baseline"]["phrase_loss"]
+        phrases["other_loss_ratio"] = phrases["engram"]["other_loss"] / \
+            phrases["baseline"]["other_loss"]
+
+    # 3. allocation sweep at a fixed parameter budget
+    sweep = []
+    ratios = [float(x) for x in args.ratios.split(",") if x.strip()]
+    if ratios:
+        sbase = dataclasses.replace(base, n_embd=sweep_width, steps=sweep_steps)
+        budget = count_params(dataclasses.replace(sbase, engram_layers=()), d)["total"]
+        log(f"allocation sweep, budget {budget:,} parameters, {sweep_steps} steps each:")
+        for r, cfg in sweep_configs(sbase, d, budget, ratios):
+            res = train_run(f"sweep{r:g}", cfg, d, windows, max(1, sweep_steps // 10),
+                            curve_batches)
+            sweep.append({"target_fraction": r, "table_fraction": res.params["table_fraction"],
+                          "n_embd": cfg.n_embd, "table_base_size": res.table_base_size,
+                          "params": res.params, "val_loss": res.val_loss, "train_s": res.train_s,
+                          "val_steps": res.val_steps, "val_curve": res.val_curve})
+    best = min(sweep, key=lambda s: s["val_loss"]) if sweep else None
+
+    curves = {name: {"step": r.steps, "train_loss": r.train_loss, "val_step": r.val_steps,
+                     "val_loss": r.val_curve} for name, r in runs.items()}
+    curves["sweep"] = [{k: s[k] for k in ("target_fraction", "table_fraction", "n_embd",
+                                          "val_loss", "val_steps", "val_curve")} for s in sweep]
+    if args.curves:
+        Path(args.curves).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.curves).write_text(json.dumps(curves))
+
+    cfg_keys = ("n_layer", "n_head", "n_embd", "engram_layers", "max_ngram", "hash_heads",
+                "n_embed_per_ngram", "table_base_size", "vocab_size", "seq_len", "batch_size",
+                "steps", "lr", "table_lr_mult", "weight_decay", "seed")
+    result = {
+        "benchmark": "quality", "quick": q, "corpus": d.name,
+        "train_tokens": int(len(d.train_tokens)), "val_tokens_evaluated": int(len(b.token_losses)),
+        "tokens_trained": base.steps * base.batch_size * base.seq_len,
+        "config": {k: getattr(base, k) for k in cfg_keys},
+        "baseline": {"val_loss": b.val_loss, "params": b.params, "train_s": b.train_s},
+        "engram": {"val_loss": e.val_loss, "params": e.params, "train_s": e.train_s},
+        "val_loss_ratio": ratio, "target_ratio": TARGET_RATIO, "meets_target": ratio <= TARGET_RATIO,
+        "phrases": phrases,
+        "sweep": [{k: v for k, v in s.items() if k not in ("val_steps", "val_curve")}
+                  for s in sweep],
+        "sweep_budget_params": budget if ratios else None, "sweep_steps": sweep_steps,
+        "sweep_best_fraction": best["table_fraction"] if best else None,
+        "sweep_best_target_fraction": best["target_fraction"] if best else None,
+        "paper_optimum_fraction": list(PAPER_OPTIMUM),
+        "curves": args.curves, "wall_s": time.perf_counter() - t_all,
+        "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+    }
+    print(json.dumps(result, default=lambda o: None if isinstance(o, float) and math.isnan(o)
+                     else str(o)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
