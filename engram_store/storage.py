@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import lmdb
 import numpy as np
 
-from . import dtypes, init, optimizers
+from . import init
 from .config import ShardConfig, TableConfig
 from .errors import (
     BatchTooLarge,
@@ -42,6 +42,7 @@ from .errors import (
     WrongShard,
 )
 from .mirror import Mirror, RWLock
+from .records import Layout, distinct_ids, put_items, row_keys
 from .routing import slot_of
 
 _MAX_DBS = 4096  # tables per shard (+3 internal databases)
@@ -110,42 +111,14 @@ class _Table:
     mirror: Mirror = field(init=False)
 
     def __post_init__(self) -> None:
-        s = self.spec
-        self.row_bytes = s.dim * dtypes.itemsize(s.dtype)
-        self.state_dim = s.optimizer.state_width * s.dim
-        self.record_bytes = self.row_bytes + 4 * self.state_dim
+        self.layout = Layout(self.spec)
+        self.record_bytes = self.layout.record_bytes
 
     def meta_json(self, step: int | None = None, pushes: int | None = None) -> bytes:
         """The `table:<name>` meta value, optionally with new counters."""
         return json.dumps({"spec": self.spec.to_dict(),
                            "step": self.step if step is None else step,
                            "pushes": self.pushes if pushes is None else pushes}).encode()
-
-
-def _keys(ids: np.ndarray) -> list[bytes]:
-    """8-byte big-endian keys (big-endian so LMDB's byte order is row-id order)."""
-    return ids.astype(">u8").view("V8").tolist()
-
-
-def _distinct(ids: np.ndarray, grads: np.ndarray
-              ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """Sorted distinct ids, the order that sorts `grads` (None: already sorted), and the summed
-    gradients of the distinct ids where there were duplicates (None: none; `grads` are used
-    in `order`, chunk by chunk, without a full copy)."""
-    if ids.shape[0] < 2 or bool(np.all(ids[1:] > ids[:-1])):
-        return ids, None, None
-    order = np.argsort(ids, kind="stable")
-    sids = ids[order]
-    if bool(np.all(sids[1:] != sids[:-1])):
-        return sids, order, None
-    uids, summed = optimizers.coalesce(ids, grads)
-    return uids, None, summed
-
-
-def _items(ids: np.ndarray, rec: np.ndarray) -> Iterator[tuple[bytes, bytes]]:
-    """(key, record) pairs for Cursor.putmulti; void-dtype tolist() splits rows into bytes fast."""
-    vals = np.ascontiguousarray(rec).view(f"V{rec.shape[1]}").ravel().tolist()
-    return zip(_keys(ids), vals, strict=True)
 
 
 class Shard:
@@ -324,40 +297,17 @@ class Shard:
 
     # ---- records ----
 
-    def _rows_of(self, t: _Table, rec: np.ndarray) -> np.ndarray:
-        """float32 rows of records (n, record_bytes) (or of their first row_bytes columns)."""
-        raw = rec[:, : t.row_bytes]
-        if t.spec.dtype == "float32":
-            # a contiguous gather is reused as is; a view into LMDB bytes or the mirror is copied
-            own = raw.flags.c_contiguous and raw.flags.writeable and raw.base is None
-            return raw.view("<f4") if own else np.array(raw).view("<f4")
-        return dtypes.to_float32(np.ascontiguousarray(raw).view(
-            dtypes.numpy_dtype(t.spec.dtype)), t.spec.dtype)
-
-    def _state_of(self, t: _Table, rec: np.ndarray) -> np.ndarray:
-        """float32 optimizer state of records (a view)."""
-        return rec[:, t.row_bytes:].view("<f4")
-
-    def _encode(self, t: _Table, rows: np.ndarray, state: np.ndarray,
-                out: np.ndarray | None = None) -> np.ndarray:
-        """Records (n, record_bytes) of float32 rows and state."""
-        if out is None:
-            out = np.empty((rows.shape[0], t.record_bytes), np.uint8)
-        out[:, : t.row_bytes] = dtypes.to_dtype(rows, t.spec.dtype).view(np.uint8)
-        out[:, t.row_bytes:] = state.astype("<f4", copy=False).view(np.uint8)
-        return out
-
     def _read(self, txn: lmdb.Transaction, t: _Table, ids: np.ndarray) -> np.ndarray:
         """Records of distinct `ids` from LMDB; initial rows and state where never stored."""
         if txn.stat(t.db)["entries"] == 0:  # a fresh table: skip n futile gets
             found, vals = [], []
         else:
             get = txn.get
-            vals = [get(k, db=t.db) for k in _keys(ids)]
+            vals = [get(k, db=t.db) for k in row_keys(ids)]
             found = [i for i, v in enumerate(vals) if v is not None]
         if len(found) == ids.shape[0]:
             return np.frombuffer(b"".join(vals), np.uint8).reshape(-1, t.record_bytes)
-        rec = self._encode(t, init.initial_rows(t.spec, ids),
+        rec = t.layout.encode(init.initial_rows(t.spec, ids),
                            init.initial_state(t.spec, ids.shape[0]))
         if found:
             rec[found] = np.frombuffer(b"".join(vals[i] for i in found), np.uint8).reshape(
@@ -408,9 +358,9 @@ class Shard:
             pos = t.mirror.find(ids)
             hit = pos >= 0
             if hit.all():
-                return self._rows_of(t, t.mirror.rec[pos, : t.row_bytes])
+                return t.layout.rows(t.mirror.rec[pos, : t.layout.row_bytes])
             out = np.empty((ids.shape[0], t.spec.dim), np.float32)
-            out[hit] = self._rows_of(t, t.mirror.rec[pos[hit], : t.row_bytes])
+            out[hit] = t.layout.rows(t.mirror.rec[pos[hit], : t.layout.row_bytes])
             gen = t.mirror.gen
         miss = ~hit
         miss_ids, inverse = np.unique(ids[miss], return_inverse=True)
@@ -421,7 +371,7 @@ class Shard:
             if self._tables.get(table) is not t:  # dropped while we read
                 raise TableNotFound(f"table {table!r} was dropped; create it again") from None
             raise
-        out[miss] = self._rows_of(t, rec)[inverse]
+        out[miss] = t.layout.rows(rec)[inverse]
         if t.mirror.capacity:
             with self._mlock.write():
                 # a write since `gen` may have committed newer values than these: then skip
@@ -435,7 +385,7 @@ class Shard:
         self._check_ids(t, ids)
         uids, inverse = np.unique(ids, return_inverse=True)
         rec = self._records(t, uids, None)
-        return np.array(self._state_of(t, rec))[inverse]
+        return np.array(t.layout.state(rec))[inverse]
 
     # ---- writes ----
 
@@ -479,12 +429,12 @@ class Shard:
                 step = int(step) or t.step + 1
                 if n == 0:
                     return PushResult(0, False, step)
-                uids, order, summed = _distinct(ids, grads)
+                uids, order, summed = distinct_ids(ids, grads)
                 m = uids.shape[0]
                 new = self._scratch("new", m, t.record_bytes)
                 self._apply(t, uids, order, grads if summed is None else summed, step, new,
                             txn)
-                txn.cursor(db=t.db).putmulti(_items(uids, new))
+                txn.cursor(db=t.db).putmulti(put_items(uids, new))
                 if request_id:
                     self._log_request(txn, req_key, step, m)
                 new_step, new_pushes = max(t.step, step), t.pushes + 1
@@ -508,7 +458,7 @@ class Shard:
                 hi = min(lo + _CHUNK, m)
                 g = grads[lo:hi] if order is None else grads[order[lo:hi]]
                 old = t.mirror.rec[pos[lo:hi]] if src is None else src[lo:hi]
-                self._step_chunk(t, old, new[lo:hi], g, step)
+                t.layout.step(old, new[lo:hi], g, step)
 
         def chunks(src: np.ndarray | None) -> None:
             # numpy releases the GIL in its loops, so parts run in parallel on a multi-core host
@@ -526,24 +476,6 @@ class Shard:
                 return
         old = self._records(t, uids, txn, self._scratch("old", m, t.record_bytes))
         chunks(old)
-
-    def _step_chunk(self, t: _Table, old: np.ndarray, new: np.ndarray, grads: np.ndarray,
-                    step: int) -> None:
-        """Optimizer step from records `old` into records `new`, written in place."""
-        f32 = t.spec.dtype == "float32" and t.row_bytes % 4 == 0
-        rows = old[:, : t.row_bytes].view("<f4") if f32 else self._rows_of(t, old)
-        state = old[:, t.row_bytes:]
-        out_state = new[:, t.row_bytes:]
-        if t.row_bytes % 4:  # float32 views need 4-byte aligned fields
-            state, out_state = np.array(state), None
-        rows, out = optimizers.apply(
-            t.spec.optimizer, rows, state.view("<f4"), grads, step,
-            new[:, : t.row_bytes].view("<f4") if f32 else None,
-            None if out_state is None else out_state.view("<f4"))
-        if not f32:
-            new[:, : t.row_bytes] = dtypes.to_dtype(rows, t.spec.dtype).view(np.uint8)
-        if out_state is None:
-            new[:, t.row_bytes:] = out.view(np.uint8)
 
     def _log_request(self, txn: lmdb.Transaction, key: bytes, step: int, rows: int) -> None:
         cur = txn.cursor(db=self._reqseq)
@@ -642,13 +574,13 @@ class Shard:
         if np.unique(ids).shape[0] != ids.shape[0]:
             raise InvalidArgument("import ids must be distinct")
         if ids.shape[0]:
-            rows, state = self._rows_of(t, rec), self._state_of(t, np.ascontiguousarray(rec))
+            rows, state = t.layout.rows(rec), t.layout.state(np.ascontiguousarray(rec))
             if not (np.isfinite(rows).all() and np.isfinite(state).all()):
                 raise InvalidArgument("imported records contain NaN or Inf; re-export them")
         with self._wlock:
             new_step = max(t.step, int(step))
             with self._write() as txn:
-                txn.cursor(db=t.db).putmulti(_items(ids, rec))
+                txn.cursor(db=t.db).putmulti(put_items(ids, rec))
                 txn.put(b"table:" + t.spec.name.encode(), t.meta_json(new_step),
                         db=self._meta)
             t.step = new_step
@@ -666,7 +598,7 @@ class Shard:
             n = 0
             with self._write(db=t.db) as txn:
                 doomed = [ids for ids, _ in self._scan(txn, t, mask)]
-                for k in _keys(np.concatenate(doomed)) if doomed else []:
+                for k in row_keys(np.concatenate(doomed)) if doomed else []:
                     n += txn.delete(k)
             with self._mlock.write():
                 t.mirror.clear()
