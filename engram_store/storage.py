@@ -152,21 +152,29 @@ class Shard:
         threads = min(_OPT_THREADS, os.cpu_count() or 1)
         self._pool = ThreadPoolExecutor(threads, "engram-opt") if threads > 1 else None
         self._mlock = RWLock()
+        self._tables: dict[str, _Table] = {}
+        self._state = ShardStateInfo()
+        self._closed = False
+        try:
+            self._load()
+        except BaseException:
+            self.close()
+            raise
+
+    def _load(self) -> None:
+        """Open the internal databases and restore the tables and shard state."""
         self._meta = self._env.open_db(b"meta")
         self._req = self._env.open_db(b"requests")
         self._reqseq = self._env.open_db(b"reqseq")
-        self._tables: dict[str, _Table] = {}
-        self._state = ShardStateInfo()
         with self._env.begin(db=self._meta) as txn:
             raw_state = txn.get(b"shard")
-            metas = [(k, v) for k, v in txn.cursor() if k.startswith(b"table:")]
+            metas = [v for k, v in txn.cursor() if k.startswith(b"table:")]
         if raw_state:
             self._state = ShardStateInfo.from_json(raw_state)
-        for _, v in metas:
+        for v in metas:
             d = json.loads(v)
             self._add_table(TableConfig.from_dict(d["spec"]), self._env.open_db(
                 b"rows:" + d["spec"]["name"].encode()), d["step"], d["pushes"])
-        self._closed = False
 
     # ---- lifecycle ----
 

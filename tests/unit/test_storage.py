@@ -359,3 +359,13 @@ def test_snapshot_copy_opens_with_the_same_contents(tmp_path, trained):
     assert [s.spec.name for s in stats] == ["t"] and stats[0].stored_rows == before[4]
     with Shard(ShardConfig(data_dir=str(dest), map_size=64 << 20, read_only=True)) as copy:
         _assert_same(_snapshot(copy), before)
+
+
+def test_failed_open_releases_the_directory(shard_config, shard):
+    shard.create_table(SPEC)
+    with shard._write() as txn:  # a corrupt table entry, as a bad disk or manual edit leaves
+        txn.put(b"table:t", b"{not json", db=shard._meta)
+    shard.close()
+    for _ in range(2):  # the second attempt fails the same way, not with DataDirLocked
+        with pytest.raises(ValueError):
+            Shard(shard_config)
