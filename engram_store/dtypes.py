@@ -74,8 +74,13 @@ def to_bytes(arr: np.ndarray, name: str) -> bytes:
     return np.ascontiguousarray(to_dtype(arr, name), dtype=_NP[name]).tobytes()
 
 
-def from_bytes(buf: bytes | bytearray | memoryview, name: str, dim: int) -> np.ndarray:
-    """float32 (n, dim) rows decoded from packed little-endian bytes in dtype `name`."""
+def from_bytes(buf: bytes | bytearray | memoryview, name: str, dim: int,
+               copy: bool = True) -> np.ndarray:
+    """float32 (n, dim) rows decoded from packed little-endian bytes in dtype `name`.
+
+    copy=False skips the copy of float32 data: the result may then be a read-only view of `buf`
+    (fine for gradients handed to Shard.push, which never writes them).
+    """
     _check(name)
     row_bytes = dim * _NP[name].itemsize
     if row_bytes <= 0:
@@ -87,4 +92,4 @@ def from_bytes(buf: bytes | bytearray | memoryview, name: str, dim: int) -> np.n
     arr = np.frombuffer(buf, dtype=_NP[name]).reshape(-1, dim)
     out = to_float32(arr, name)
     # frombuffer of immutable bytes is read-only; callers may update rows in place
-    return out if out.flags.writeable else out.copy()
+    return out if out.flags.writeable or not copy else out.copy()

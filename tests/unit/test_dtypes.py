@@ -52,3 +52,11 @@ def test_from_bytes_rejects_partial_rows():
     with pytest.raises(InvalidArgument, match="unknown"):
         dtypes.itemsize("int8")
     assert dtypes.from_bytes(b"", "bfloat16", 3).shape == (0, 3)
+
+
+def test_from_bytes_without_copy():
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    view = dtypes.from_bytes(x.tobytes(), "float32", 3, copy=False)
+    np.testing.assert_array_equal(view, x)
+    assert not view.flags.writeable
+    assert dtypes.from_bytes(x.tobytes(), "float32", 3).flags.writeable
