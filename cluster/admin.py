@@ -10,11 +10,21 @@ from typing import TypeVar
 
 import grpc
 
+from engram_store.config import ClientConfig
 from engram_store.errors import ShardUnavailable, error_for_code
 from engram_store.proto import store_pb2 as pb
 from engram_store.proto import store_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
+
+
+def _open_channel(address: str, client: ClientConfig, options: list) -> grpc.Channel:
+    """A channel that sends the client's token (and speaks TLS) as StoreClient's do."""
+    try:
+        from engram_store.auth import open_channel
+    except ImportError:  # a store without authentication support: plaintext, no token
+        return grpc.insecure_channel(address, options=options)
+    return open_channel(address, client, options)
 
 # Codes worth waiting out: a shard actor being restarted by Ray, or a server still binding.
 _TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
@@ -23,12 +33,16 @@ _TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 class ShardAdmin:
     """One shard server, addressed as "host:port", with calls that retry while it restarts."""
 
-    def __init__(self, address: str, timeout_s: float = 30.0, max_message_bytes: int = 512 << 20):
+    def __init__(self, address: str, client: ClientConfig | None = None,
+                 timeout_s: float | None = None):
+        """`client` gives the token / TLS root to use (the cluster's own ClientConfig: its token
+        must be a write token when shards require one) and the default timeout."""
+        client = client or ClientConfig()
         self.address = address
-        self.timeout_s = timeout_s
-        opts = [("grpc.max_send_message_length", max_message_bytes),
-                ("grpc.max_receive_message_length", max_message_bytes)]
-        self._channel = grpc.insecure_channel(address, options=opts)
+        self.timeout_s = client.timeout_s if timeout_s is None else timeout_s
+        opts = [("grpc.max_send_message_length", client.max_message_bytes),
+                ("grpc.max_receive_message_length", client.max_message_bytes)]
+        self._channel = _open_channel(address, client, opts)
         self._stub = pb_grpc.MemoryStoreStub(self._channel)
 
     def close(self) -> None:

@@ -313,7 +313,7 @@ def discover_store(address: str, config: ClientConfig | None = None,
     config = config or ClientConfig()
     if address != "auto" and "://" not in address:
         try:
-            with ShardAdmin(address, timeout_s=3.0) as admin:
+            with ShardAdmin(address, config, timeout_s=3.0) as admin:
                 admin.stats(wait_s=0)
             return StoreClient(address, config)
         except ShardUnavailable:

@@ -42,6 +42,11 @@ def add_commands(subparsers) -> None:
                     help="address shards listen on: '' auto (127.0.0.1 on one machine), "
                          "'node' (the node's IP), or an explicit address")
     up.add_argument("--cache-rows", type=int, default=None, help="RAM mirror rows per table")
+    up.add_argument("--tokens-file", default=None,
+                    help="file of `read TOKEN` / `write TOKEN` lines: shards require a token, and "
+                         "the cluster's own client uses the first write token")
+    up.add_argument("--insecure", action="store_true",
+                    help="let shards listen on a node IP without tokens (trusted networks only)")
     up.set_defaults(func=cmd_up)
 
     st = sub.add_parser("status", help="shards, nodes, addresses, rows, bytes, requests/s")
@@ -64,16 +69,32 @@ def cluster_config(args: argparse.Namespace):
     """The ClusterConfig that `engram cluster up` flags describe."""
     import dataclasses
 
+    from engram_store.config import AuthConfig
+    from engram_store.errors import ConfigError
+
     from .config import ClusterConfig
 
     d = ClusterConfig()
-    shard = d.shard if args.cache_rows is None else dataclasses.replace(
-        d.shard, cache_rows=args.cache_rows)
+    shard, client = d.shard, d.client
+    if args.cache_rows is not None:
+        shard = dataclasses.replace(shard, cache_rows=args.cache_rows)
+    if args.tokens_file or args.insecure:
+        read, write = (), ()
+        if args.tokens_file:
+            from engram_store.auth import load_tokens_file
+
+            read, write = load_tokens_file(args.tokens_file)
+            if not write:
+                raise ConfigError(f"{args.tokens_file} holds no write token; the cluster needs "
+                                  "one to move rows and set shard state")
+            client = dataclasses.replace(client, token=write[0])
+        shard = dataclasses.replace(shard, auth=AuthConfig(
+            read_tokens=read, write_tokens=write, insecure=args.insecure))
     return ClusterConfig(num_shards=args.shards, data_root=args.data,
                          store_resource=args.store_resource, cpus_per_shard=args.cpus_per_shard,
                          memory_per_shard=args.memory_per_shard,
                          num_slots=args.slots or d.num_slots, namespace=args.namespace,
-                         name=args.name, host=args.host, shard=shard)
+                         name=args.name, host=args.host, shard=shard, client=client)
 
 
 def cmd_up(args: argparse.Namespace) -> int:

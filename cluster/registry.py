@@ -422,9 +422,7 @@ class Registry:
     def _admin(self, address: str) -> ShardAdmin:
         a = self._admins.get(address)
         if a is None:
-            a = self._admins[address] = ShardAdmin(
-                address, timeout_s=self.config.client.timeout_s,
-                max_message_bytes=self.config.shard.max_message_bytes)
+            a = self._admins[address] = ShardAdmin(address, self.config.client)
         return a
 
     # -- the data root -----------------------------------------------------------------------

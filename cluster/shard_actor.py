@@ -144,7 +144,7 @@ class ShardHost:
         self._address = ""
 
     def _check_layout(self) -> None:
-        with ShardAdmin(self._address, timeout_s=10.0) as admin:
+        with ShardAdmin(self._address, self.config.client, timeout_s=10.0) as admin:
             state = admin.wait_ready().shard
         if state.layout and state.layout != self.layout:
             raise LayoutMismatch(

@@ -276,3 +276,28 @@ def test_cli_up_returns_and_the_cluster_lives_on(ray_cluster, tmp_path):
     assert down.returncode == 0, down.stderr[-2000:]
     gone = engram("status")
     assert gone.returncode == 2 and "no cluster named" in gone.stderr
+
+
+def test_tokens_protect_the_shards(ray_cluster, tmp_path):
+    """Shards that require tokens: the cluster's own calls and its client carry the write token;
+    a client without one is refused."""
+    from engram_store.client import StoreClient
+    from engram_store.config import AuthConfig
+    from engram_store.errors import EngramError
+
+    spec = table_spec(num_rows=1000)
+    base = cluster_config(tmp_path / "c", 1)
+    config = dataclasses.replace(
+        base, shard=dataclasses.replace(base.shard, auth=AuthConfig(write_tokens=("w-secret",))),
+        client=dataclasses.replace(base.client, token="w-secret"))
+    cluster = EngramCluster.up(config, tables=[spec])
+    try:
+        cluster.scale(2)  # SetShardState, ExportRows/ImportRows, DeleteRows with the token
+        with cluster.client() as c:
+            c.push(spec.name, np.arange(8), np.ones((8, spec.dim), np.float32), step=1)
+            assert c.lookup(spec.name, np.arange(8)).shape == (8, spec.dim)
+        address = cluster.shard_map().addresses[0]
+        with pytest.raises(EngramError, match="requires a token"):
+            StoreClient(address, dataclasses.replace(config.client, token="", retries=0))
+    finally:
+        cluster.down()
