@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 
+from . import ops_cli
 from .config import DTYPES, INITS, OPTIMIZERS, OptimizerConfig, ShardConfig, TableConfig
 from .errors import EngramError, InvalidArgument
 
@@ -44,7 +45,8 @@ def shard_config(args: argparse.Namespace) -> ShardConfig:
         max_batch_rows=args.max_batch_rows or d.max_batch_rows,
         max_message_bytes=args.max_message_bytes or d.max_message_bytes,
         cache_rows=d.cache_rows if args.cache_rows is None else args.cache_rows,
-        durable=args.durable, read_only=args.read_only, workers=args.workers or d.workers)
+        durable=args.durable, read_only=args.read_only, workers=args.workers or d.workers,
+        auth=ops_cli.auth_config(args), metrics_port=args.metrics_port)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -71,6 +73,7 @@ def _add_serve(sub) -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="gRPC server threads (default 8)")
     p.add_argument("--durable", action="store_true", help="fsync every commit")
     p.add_argument("--read-only", action="store_true", help="serve lookups only")
+    ops_cli.add_serve_options(p)  # tokens, TLS, --insecure, --metrics-port
     p.set_defaults(func=cmd_serve)
     return p
 
@@ -101,9 +104,8 @@ def table_spec(args: argparse.Namespace) -> TableConfig:
 
 def _client(args: argparse.Namespace, **config):
     from .client import StoreClient
-    from .config import ClientConfig
 
-    return StoreClient(args.address, ClientConfig(**config))
+    return StoreClient(args.address, ops_cli.client_config(args, **config))
 
 
 def _info_dict(info) -> dict:
@@ -134,6 +136,7 @@ def _add_table(sub) -> argparse.ArgumentParser:
     drop = tsub.add_parser("drop", help="drop a table and its rows on every shard")
     for q in (create, lst, info, drop):
         q.add_argument("--address", required=True, metavar="HOST:PORT", help="any shard")
+        ops_cli.add_client_options(q)
         q.set_defaults(func=cmd_table)
     for q in (create, info, drop):
         q.add_argument("--name", required=True, help="table name")
@@ -197,10 +200,13 @@ def add_commands(sub) -> dict[str, argparse.ArgumentParser]:
     q.add_argument("--json", action="store_true", help="print one JSON object")
     q.add_argument("--dtype", choices=DTYPES, default="float32", help="wire dtype of the rows")
     q.add_argument("--text", help="query the rows a text hashes to (needs the trainer package)")
+    ops_cli.add_client_options(q)
     q.set_defaults(func=cmd_query)
     s = parsers["stats"] = sub.add_parser("stats", help="a shard's counters and latencies")
     s.add_argument("--address", required=True, metavar="HOST:PORT", help="any shard")
+    ops_cli.add_client_options(s)
     s.set_defaults(func=cmd_stats)
+    ops_cli.add_commands(sub)  # snapshot, restore, export
     return parsers
 
 

@@ -23,6 +23,7 @@ import grpc
 import numpy as np
 
 from . import wire
+from .auth import open_channel
 from .config import ClientConfig, TableConfig
 from .errors import EngramError, InvalidArgument, ShardUnavailable, error_for_code
 from .optimizers import coalesce
@@ -117,7 +118,7 @@ class StoreClient:
             if entry is None:
                 opts = [("grpc.max_send_message_length", self.config.max_message_bytes),
                         ("grpc.max_receive_message_length", self.config.max_message_bytes)]
-                channel = grpc.insecure_channel(address, options=opts)
+                channel = open_channel(address, self.config, opts)  # TLS, token (auth.py)
                 stub = store_pb2_grpc.MemoryStoreStub(channel)
                 # the large messages skip protobuf's copies (wire.py)
                 stub.LookupRaw = channel.unary_unary(

@@ -24,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 from . import dtypes, wire
 from .config import ShardConfig
 from .errors import BatchTooLarge, EngramError, InvalidArgument, ReadOnly
+from .operations import ADMIN_SERVICE, server_extras
 from .proto import store_pb2 as pb
 from .storage import Shard
 
@@ -289,11 +290,14 @@ def create_server(config: ShardConfig) -> tuple[grpc.Server, int, Shard]:
     """
     config.validate()
     shard = Shard(config)
+    extras = None
     try:
         opts = [("grpc.max_send_message_length", config.max_message_bytes),
                 ("grpc.max_receive_message_length", config.max_message_bytes),
                 ("grpc.so_reuseport", 0)]
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers), options=opts)
+        extras = server_extras(config, shard)  # auth, metrics, snapshot gate (operations.py)
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers), options=opts,
+                             interceptors=extras.interceptors)
         servicer = MemoryStoreServicer(shard, config)
         add_servicer(servicer, server)
         server.servicer = servicer  # for tests and serve(); grpc.Server allows attributes
@@ -302,13 +306,17 @@ def create_server(config: ShardConfig) -> tuple[grpc.Server, int, Shard]:
             health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         server.health = health_servicer
+        extras.register(server)
+        server.extras = extras
         reflection.enable_server_reflection(
-            (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-        port = server.add_insecure_port(f"{config.host}:{config.port}")
+            (SERVICE, ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        port = extras.add_port(server, f"{config.host}:{config.port}")
         if port == 0:
             raise OSError(f"cannot listen on {config.host}:{config.port}; pick another --port")
         server.start()
     except BaseException:
+        if extras is not None:
+            extras.close()
         shard.close()
         raise
     return server, port, shard
@@ -320,6 +328,8 @@ def stop_server(server: grpc.Server, shard: Shard, grace_s: float = 5.0) -> None
     if health_servicer is not None:
         health_servicer.enter_graceful_shutdown()
     server.stop(grace_s).wait()
+    if getattr(server, "extras", None) is not None:
+        server.extras.close()
     shard.close()
 
 
