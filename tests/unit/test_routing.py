@@ -39,7 +39,7 @@ def test_rebalance_moves_few_slots_and_balances(n_from, n_to):
     assert new.version == old.version + 1
     counts = np.bincount(new.assignment, minlength=n_to)
     assert counts.max() - counts.min() <= 1
-    moved = sum(a != b for a, b in zip(old.assignment, new.assignment))
+    moved = sum(a != b for a, b in zip(old.assignment, new.assignment, strict=True))
     # the least any layout change can move: slots above each kept shard's new quota
     old_counts = np.bincount(old.assignment, minlength=max(n_from, n_to))
     must_move = sum(max(0, int(old_counts[s]) - int(counts[s]) if s < n_to else int(old_counts[s]))
