@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import threading
 
@@ -107,7 +108,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         cluster.close()
         return 0
     # A Ray started by this process ends with it, so serve until told to stop.
-    print(f"serving until Ctrl-C; from another shell: engram cluster status --address "
+    # A Ray that ray.init() starts may require its token (~/.ray/auth_token); Ray sends it to an
+    # explicit --address only when RAY_AUTH_MODE=token says so.
+    auth = "RAY_AUTH_MODE=token " if os.environ.get("RAY_AUTH_MODE") == "token" else ""
+    print(f"serving until Ctrl-C; from another shell: {auth}engram cluster status --address "
           f"{cluster.ray_address}", flush=True)
     done = threading.Event()
     previous = {s: signal.signal(s, lambda *_: done.set()) for s in (signal.SIGINT, signal.SIGTERM)}
