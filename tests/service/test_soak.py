@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import threading
 import time
 
@@ -22,6 +23,7 @@ import pytest
 
 from engram_store.client import StoreClient
 from engram_store.config import ClientConfig, OptimizerConfig, TableConfig
+from engram_store.metrics import scrape, summarize
 
 pytestmark = pytest.mark.slow
 
@@ -30,6 +32,7 @@ CLIENTS = 8
 ROWS, DIM = 200_000, 16
 LOOKUP_IDS, PUSH_IDS = 4096, 2048
 RSS_GROWTH_BOUND = 64 << 20  # bytes the server may grow after warm-up (request log, allocator)
+TOKEN = "soak-write-token"  # auth and metrics on: the interceptors are part of what is soaked
 TABLE = TableConfig(name="soak", num_rows=ROWS, dim=DIM, init="zeros",
                     optimizer=OptimizerConfig(kind="sgd", lr=1.0))
 
@@ -44,7 +47,7 @@ class Worker(threading.Thread):
 
     def run(self) -> None:
         try:
-            with StoreClient(self.address, ClientConfig(timeout_s=30)) as c:
+            with StoreClient(self.address, ClientConfig(timeout_s=30, token=TOKEN)) as c:
                 while not self.stop.is_set():
                     if self.rng.random() < 0.5:
                         rows = c.lookup("soak", self.rng.integers(0, ROWS, LOOKUP_IDS))
@@ -60,10 +63,18 @@ class Worker(threading.Thread):
             self.error = e
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_soak(server_process, tmp_path):
-    server = server_process(tmp_path / "shard")
+    metrics_port = _free_port()
+    server = server_process(tmp_path / "shard", "--write-token", TOKEN,
+                            "--metrics-port", str(metrics_port))
     proc = psutil.Process(server.proc.pid)
-    with StoreClient(server.address) as c:
+    with StoreClient(server.address, ClientConfig(token=TOKEN)) as c:
         c.create_table(TABLE)
     stop = threading.Event()
     workers = [Worker(server.address, seed, stop) for seed in range(CLIENTS)]
@@ -82,7 +93,7 @@ def test_soak(server_process, tmp_path):
     errors = [w.error for w in workers if w.error is not None]
     assert not errors, errors
 
-    with StoreClient(server.address) as c:
+    with StoreClient(server.address, ClientConfig(token=TOKEN)) as c:
         rows = np.concatenate([c.lookup("soak", np.arange(lo, min(lo + 65536, ROWS)))
                                for lo in range(0, ROWS, 65536)])
         stats = c.stats()[0]
@@ -108,6 +119,9 @@ def test_soak(server_process, tmp_path):
         "push_ms": {k: methods["PushGradients"][k] for k in ("p50_ms", "p99_ms")},
         "errors": {k: m["errors"] for k, m in methods.items() if m["errors"]},
         "lmdb_used_mib": round(stats["used_bytes"] / 2**20, 1),
+        "prometheus": {m: {k: round(v, 3) if isinstance(v, float) else v for k, v in d.items()}
+                       for m, d in summarize(scrape(f"127.0.0.1:{metrics_port}"))[
+                           "methods"].items() if m in ("Lookup", "PushGradients")},
     }
     print("\nSOAK " + json.dumps(report))
     assert not report["errors"]
