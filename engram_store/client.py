@@ -17,7 +17,6 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 
 import grpc
 import numpy as np
@@ -30,29 +29,14 @@ from .optimizers import coalesce
 from .proto import store_pb2 as pb
 from .proto import store_pb2_grpc
 from .routing import ShardMap
+from .storage import PushResult, TableStats
 
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 _STALE = "stale shard map"
 
 
-@dataclass(frozen=True)
-class TableInfo:
-    """A table as seen across all shards: stored rows/bytes and pushes summed, step the max."""
-
-    spec: TableConfig
-    stored_rows: int
-    stored_bytes: int
-    step: int
-    pushes: int
-
-
-@dataclass(frozen=True)
-class PushResult:
-    """One logical push: rows_updated summed over shards; duplicate only if every part was."""
-
-    rows_updated: int
-    duplicate: bool
-    step: int
+# the core's result classes: a caller gets the same types from a local Shard and from the store
+TableInfo = TableStats  # a table across all shards: rows/bytes/pushes summed, step the max
 
 
 class _StaleMap(Exception):
