@@ -324,7 +324,8 @@ class Prefetcher:
                 rows[~lf.hit_mask] = fetched
                 with self._lock:
                     self._cache[layer].put(lf.ids[~lf.hit_mask], fetched, issued_at)
-            rows[lf.hit_mask] = lf.hit_rows
+            if len(lf.hit_rows):
+                rows[lf.hit_mask] = lf.hit_rows
         rows = np.ascontiguousarray(rows, dtype=np.float32)
         for sub_ids, fut in lf.patches:  # in push order: later pushes overwrite earlier ones
             patch = fut.result()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import hashlib
 import json
 import math
@@ -198,15 +199,20 @@ SPLIT_IDS = {"train": 0, "val": 1}
 
 def load_corpus(cfg: TrainConfig) -> Corpus:
     """The configured corpus: built-in (Python docstrings, BPE), a path, or synthetic tokens."""
-    if cfg.corpus == "synthetic":
-        return _synthetic_corpus(cfg.vocab_size)
+    return _load_corpus(cfg.corpus, cfg.vocab_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_corpus(corpus: str, vocab_size: int) -> Corpus:
+    """Cached per process: reading the built-in corpus parses the stdlib (seconds)."""
+    if corpus == "synthetic":
+        return _synthetic_corpus(vocab_size)
     from engram_store.hashing import compress_tokenizer
 
     from . import data
     from .tokenizer import PAD_ID
 
-    prep = data.prepare_data(None if cfg.corpus in ("builtin", "") else cfg.corpus,
-                             cfg.vocab_size)
+    prep = data.prepare_data(None if corpus in ("builtin", "") else corpus, vocab_size)
     ds = prep.dataset
     vocab = prep.tokenizer.get_vocab_size(with_added_tokens=True)
     lookup, compressed = compress_tokenizer(prep.tokenizer)
