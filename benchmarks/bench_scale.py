@@ -100,7 +100,7 @@ def main() -> int:
     spec = TableConfig(name=TABLE, num_rows=args.rows, dim=args.dim,
                        optimizer=OptimizerConfig(kind="adam", lr=1e-3))
     config = ClusterConfig(num_shards=counts[0], data_root=root, cpus_per_shard=0.5,
-                           num_slots=256, shard=ShardConfig(data_dir="-", workers=8))
+                           shard=ShardConfig(data_dir="-", workers=8))
     cluster = EngramCluster.up(config, tables=[spec])
     try:
         with cluster.client() as c:  # stored rows, so a reshard has rows to move

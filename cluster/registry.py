@@ -264,9 +264,8 @@ class Registry:
                     step = self.config.reshard_group_slots
                     groups += [(src, slots[i:i + step]) for i in range(0, len(slots), step)]
             for src, slots in groups:
-                t_freeze = time.monotonic()
-                current, rows = self._move(current, src, slots, target)
-                longest_freeze = max(longest_freeze, time.monotonic() - t_freeze)
+                current, rows, blocked = self._move(current, src, slots, target)
+                longest_freeze = max(longest_freeze, blocked)
                 moved_slots += len(slots)
                 moved_rows += rows
             if m < n:
@@ -279,7 +278,7 @@ class Registry:
                 self._stop_hosts(range(m, n))
             self._save_meta()
             # start_s: new shard actors starting; longest_freeze_s: the longest time any slot
-            # refused pushes (one group's freeze -> copy -> publish -> delete -> unfreeze).
+            # refused pushes (one group's freeze -> copy -> new map on the source).
             self._last_reshard = {"from": n, "to": m, "moved_slots": moved_slots,
                                   "moved_rows": moved_rows,
                                   "duration_s": round(time.monotonic() - t0, 3),
@@ -290,38 +289,45 @@ class Registry:
 
     # -- resharding steps --------------------------------------------------------------------
     def _move(self, current: ShardMap, src: int, slots: list[int],
-              target: ShardMap) -> tuple[ShardMap, int]:
-        """Move `slots` of shard `src` to their owners in `target`; returns the published map."""
+              target: ShardMap) -> tuple[ShardMap, int, float]:
+        """Move `slots` of shard `src` to their owners in `target`. Returns the published map,
+        the rows copied, and how long pushes to those slots were refused."""
         ns = current.num_slots
         mask = np.zeros(ns, dtype=np.uint8)
         mask[slots] = 1
-        self._frozen[src] = mask.tobytes()
-        self._publish([src])  # freeze: from here on pushes to these slots are refused
         source = self._admin(current.addresses[src])
         tables = [t.spec for t in source.list_tables()]
         dests = sorted({target.assignment[s] for s in slots})
+        for d in dests:  # before the freeze: new shards may lack tables created since
+            for spec in tables:
+                self._admin(current.addresses[d]).create_table(spec)  # idempotent
+        t_frozen = time.monotonic()
+        self._frozen[src] = mask.tobytes()
+        self._publish([src])  # freeze: from here on pushes to these slots are refused
         rows = 0
         for d in dests:
             dmask = np.zeros(ns, dtype=np.uint8)
             dmask[[s for s in slots if target.assignment[s] == d]] = 1
-            dest = self._admin(current.addresses[d])
             for spec in tables:
-                dest.create_table(spec)  # idempotent; new shards may lack later tables
-                rows += source.copy_rows_to(dest, spec.name, dmask.tobytes())
+                rows += source.copy_rows_to(self._admin(current.addresses[d]), spec.name,
+                                            dmask.tobytes())
         assignment = list(current.assignment)
         for s in slots:
             assignment[s] = target.assignment[s]
         nxt = dataclasses.replace(current, version=current.version + 1,
                                   assignment=tuple(assignment))
         self._map = nxt  # clients may fetch it now: destinations get it first
-        others = [i for i in range(nxt.num_shards) if i not in dests and i != src]
-        self._publish(dests + others + [src])
+        # Once the source has the new map it answers "stale map" for these slots, and retried
+        # pushes go to the new owner: the pause ends here, not after the delete.
+        self._publish(dests + [src])
+        blocked = time.monotonic() - t_frozen
+        self._publish([i for i in range(nxt.num_shards) if i not in dests and i != src])
         for spec in tables:
             source.delete_rows(spec.name, mask.tobytes())
         self._frozen.pop(src, None)
         self._publish([src])  # unfreeze
         self._save_meta()
-        return nxt, rows
+        return nxt, rows, blocked
 
     def _copy_tables(self, indices) -> None:
         """Create every table of shard 0 on the shards `indices`."""
