@@ -1,8 +1,10 @@
-"""One small Ray for every cluster test: a trainer node (no store resource) and a store node,
-both on this machine (ray.cluster_utils.Cluster), started once per session."""
+"""One small Ray for the cluster tests: a trainer node (no store resource) and a store node, both on
+this machine (ray.cluster_utils.Cluster), started once for this package and shut down after it
+(other packages' tests start Ray their own way)."""
 
 from __future__ import annotations
 
+import pathlib
 import threading
 import time
 import uuid
@@ -17,15 +19,17 @@ from cluster.config import ClusterConfig  # noqa: E402
 from engram_store.config import ClientConfig, OptimizerConfig, ShardConfig, TableConfig  # noqa: E402
 
 STORE = "engram_store_test"  # the store resource of these tests
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def ray_cluster():
     """(cluster_utils.Cluster, store node id, trainer node id); this process is connected."""
     c = Cluster(initialize_head=True,
                 head_node_args={"num_cpus": 1, "include_dashboard": False})  # trainer node
     store = c.add_node(num_cpus=4, resources={STORE: 100})
-    ray.init(address=c.address, namespace="engram-test", log_to_driver=False)
+    ray.init(address=c.address, namespace="engram-test", log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})  # actors import this checkout
     yield c, store.node_id, c.head_node.node_id
     ray.shutdown()
     c.shutdown()
