@@ -1,0 +1,599 @@
+"""Run every benchmark in quick mode, collect their JSON, draw the figures, write RESULTS.md.
+
+    python benchmarks/run_all.py                 # all benchmarks, quick; results/ (~10-15 min, 2 CPUs)
+    python benchmarks/run_all.py --readme        # ... and copy RESULTS.md into README.md
+    python benchmarks/run_all.py --only wire,redis
+    python benchmarks/run_all.py --report-only --readme   # redraw/rewrite from results/*.json
+
+Each benchmark runs as a subprocess with a timeout; the last stdout line that parses as a JSON
+object becomes results/<name>.json. A benchmark that is missing, fails, times out or prints no JSON
+is written as {"status": ...} and listed as such in the table. Logs go to results/tmp/ (git-ignored).
+Figures: quality_loss.png (loss curves, baseline vs Engram, and the allocation sweep),
+lookup_vs_batch.png (store / raw gRPC / Redis), prefetch_stall.png (stall vs prefetch depth).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks"
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+@dataclass(frozen=True)
+class Bench:
+    """One benchmark script: its quick arguments (used when it has no --quick flag) and timeout."""
+
+    name: str
+    script: str
+    fallback_args: tuple[str, ...] = ()
+    extra_args: tuple[str, ...] = ()
+    timeout_s: int = 300
+
+
+BENCHES = (
+    Bench("lookup", "bench_lookup.py", ("--iters", "3", "--table-rows", "131072"), timeout_s=240),
+    Bench("push", "bench_push.py", ("--iters", "3", "--table-rows", "131072"), timeout_s=240),
+    Bench("scale", "bench_scale.py",
+          ("--clients", "2", "--seconds", "3", "--shards", "1,2,4", "--stored", "50000"),
+          timeout_s=420),
+    Bench("prefetch", "bench_prefetch.py", timeout_s=360),
+    Bench("redis", "bench_redis.py", timeout_s=360),
+    Bench("wire", "bench_wire.py", timeout_s=300),
+    Bench("quality", "quality.py", timeout_s=720),
+)
+
+
+# ------------------------------------------------------------------------------------- run
+
+
+def _supports_quick(path: Path) -> bool:
+    return '"--quick"' in path.read_text(encoding="utf-8", errors="replace")
+
+
+def _last_json(stdout: str) -> dict | None:
+    for line in reversed(stdout.strip().splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(obj, dict):
+                return obj
+    return None
+
+
+def run_bench(b: Bench, out: Path, quick: bool) -> dict:
+    """Run one benchmark; write out/<name>.json; return its run record."""
+    path = BENCH / b.script
+    rel = f"benchmarks/{b.script}"
+    rec: dict = {"name": b.name, "script": rel}
+    if not path.exists():
+        rec.update(status="missing", command=None, wall_s=0.0)
+        (out / f"{b.name}.json").write_text(json.dumps({"status": "missing", "script": rel}) + "\n")
+        return rec
+    args = list(b.extra_args)
+    if b.name == "quality":
+        args += ["--curves", str((out / "quality_curves.json").relative_to(ROOT))
+                 if out.is_relative_to(ROOT) else str(out / "quality_curves.json")]
+    if quick:
+        args = (["--quick"] if _supports_quick(path) else list(b.fallback_args)) + args
+    cmd = [sys.executable, rel, *args]
+    rec["command"] = "python " + " ".join(shlex.quote(a) for a in cmd[1:])
+    log_dir = out / "tmp"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "PYTHONUNBUFFERED": "1"}
+    rec["load_before"] = round(os.getloadavg()[0], 2)
+    t0 = time.perf_counter()
+    print(f"[run_all] {b.name}: {rec['command']}", file=sys.stderr, flush=True)
+    try:
+        p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=b.timeout_s)
+        stdout, stderr, rc = p.stdout, p.stderr, p.returncode
+        status = "ok" if rc == 0 else "failed"
+    except subprocess.TimeoutExpired as e:
+        stdout = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else e.stdout or ""
+        stderr = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr or ""
+        rc, status = None, "timeout"
+    rec["wall_s"] = round(time.perf_counter() - t0, 1)
+    rec["load_after"] = round(os.getloadavg()[0], 2)
+    rec["rc"] = rc
+    (log_dir / f"{b.name}.log").write_text(f"$ {rec['command']}\n--- stdout\n{stdout}\n"
+                                           f"--- stderr\n{stderr}")
+    result = _last_json(stdout)
+    if status == "ok" and result is None:
+        status = "no-json"
+    if status != "ok":
+        tail = (stderr or stdout).strip().splitlines()[-3:]
+        rec["error"] = " | ".join(tail)[-400:] or f"exit status {rc}"
+        if status == "timeout":
+            rec["error"] = f"no result within {b.timeout_s} s"
+    rec["status"] = status
+    payload = result if status == "ok" else {"status": status, "script": rel, "rc": rc,
+                                             "error": rec.get("error"), "partial": result}
+    (out / f"{b.name}.json").write_text(json.dumps(payload, indent=1) + "\n")
+    print(f"[run_all] {b.name}: {status} in {rec['wall_s']} s", file=sys.stderr, flush=True)
+    return rec
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _ema(xs: list[float], a: float = 0.05) -> list[float]:
+    out, m = [], None
+    for x in xs:
+        m = x if m is None else (1 - a) * m + a * x
+        out.append(m)
+    return out
+
+
+def plot_quality(out: Path) -> str | None:
+    path = out / "quality_curves.json"
+    if not path.exists():
+        return None
+    c = json.loads(path.read_text())
+    plt = _plt()
+    sweep = c.get("sweep") or []
+    fig, axes = plt.subplots(1, 2 if sweep else 1, figsize=(11 if sweep else 6, 4))
+    ax = axes[0] if sweep else axes
+    for name, color in (("baseline", "tab:gray"), ("engram", "tab:blue")):
+        r = c.get(name)
+        if not r:
+            continue
+        ax.plot(r["step"], _ema(r["train_loss"]), color=color, alpha=0.5, lw=1,
+                label=f"{name} train (EMA)")
+        if r.get("val_step"):
+            ax.plot(r["val_step"], r["val_loss"], color=color, marker="o", ms=3, lw=1.5,
+                    label=f"{name} validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title("Dense baseline vs Engram, same backbone and tokens")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    if sweep:
+        ax2 = axes[1]
+        xs = [100 * s["table_fraction"] for s in sweep]
+        ys = [s["val_loss"] for s in sweep]
+        ax2.plot(xs, ys, marker="o", color="tab:green")
+        for s, x, y in zip(sweep, xs, ys, strict=True):
+            ax2.annotate(f"w={s['n_embd']}", (x, y), fontsize=7, textcoords="offset points",
+                         xytext=(3, 4))
+        ax2.axvspan(20, 25, color="tab:orange", alpha=0.15, label="paper optimum (20-25%)")
+        ax2.set_xlabel("% of parameters in Engram tables (fixed total)")
+        ax2.set_ylabel("validation loss")
+        ax2.set_title("Allocation sweep")
+        ax2.legend(fontsize=8)
+        ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "quality_loss.png", dpi=110)
+    plt.close(fig)
+    return "quality_loss.png"
+
+
+def plot_lookup(out: Path) -> str | None:
+    r = _load(out, "redis")
+    sweep = (r or {}).get("batch_sweep")
+    if not sweep:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    bs = [s["batch"] for s in sweep]
+    for key, label, color in (("store_rows_per_s", "engram store (StoreClient)", "tab:blue"),
+                              ("raw_grpc_rows_per_s", "raw gRPC (same bytes, no work)", "tab:gray"),
+                              ("redis_rows_per_s", "Redis (pipelined MGET)", "tab:red")):
+        ax.plot(bs, [s[key] for s in sweep], marker="o", label=label, color=color)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("rows per lookup")
+    ax.set_ylabel("rows / s")
+    ax.set_title(f"Lookup throughput vs batch size (dim {r.get('dim')}, float32)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(out / "lookup_vs_batch.png", dpi=110)
+    plt.close(fig)
+    return "lookup_vs_batch.png"
+
+
+def _depth_series(obj) -> list[dict]:
+    """The first list of dicts in `obj` whose items carry a depth and a stall figure."""
+    if isinstance(obj, list):
+        if obj and all(isinstance(x, dict) for x in obj) and \
+                any("depth" in k for k in obj[0]) and any("stall" in k for k in obj[0]):
+            return obj
+        for x in obj:
+            found = _depth_series(x)
+            if found:
+                return found
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            found = _depth_series(v)
+            if found:
+                return found
+    return []
+
+
+def plot_prefetch(out: Path) -> str | None:
+    r = _load(out, "prefetch")
+    series = _depth_series(r) if r else []
+    if not series:
+        return None
+    dkey = next(k for k in series[0] if "depth" in k)
+    skeys = [k for k in series[0] if "stall" in k and isinstance(series[0][k], (int, float))]
+    if not skeys:
+        return None
+    groups: dict[str, list[dict]] = {}
+    for s in series:
+        label = ", ".join(f"{k}={s[k]}" for k in ("update", "mode", "backend") if k in s) or "run"
+        groups.setdefault(label, []).append(s)
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    skey = next((k for k in skeys if "pct" in k), skeys[0])
+    for label, items in groups.items():
+        items = sorted(items, key=lambda s: s[dkey])
+        ax.plot([s[dkey] for s in items], [s[skey] for s in items], marker="o", label=label)
+    ax.set_xlabel("prefetch depth (batches ahead)")
+    ax.set_ylabel(skey)
+    ax.set_title("Prefetch stall vs depth")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "prefetch_stall.png", dpi=110)
+    plt.close(fig)
+    return "prefetch_stall.png"
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _load(out: Path, name: str) -> dict | None:
+    p = out / f"{name}.json"
+    if not p.exists():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+def _fmt(x) -> str:
+    if x is None:
+        return "—"
+    if isinstance(x, bool):
+        return str(x)
+    if isinstance(x, int):
+        return f"{x:,}"
+    if isinstance(x, float):
+        a = abs(x)
+        if a >= 1000:
+            return f"{x:,.0f}"
+        if a >= 100:
+            return f"{x:.0f}"
+        if a >= 1:
+            return f"{x:.2f}"
+        return f"{x:.3f}"
+    return str(x)
+
+
+Row = tuple[str, str, str, str]  # figure, value, target, status
+
+
+def _check(value, op: str, target: float) -> str:
+    if value is None:
+        return "MISS (no value)"
+    ok = value >= target if op == ">=" else value <= target
+    return "PASS" if ok else "MISS"
+
+
+def rows_lookup(r: dict) -> list[Row]:
+    v = r.get("ratio_lookup_vs_raw_grpc")
+    t = r.get("target_ratio", 0.6)
+    return [("store lookup vs raw gRPC (time ratio, "
+             f"{_fmt(r.get('rows'))} rows x {r.get('dim')})", _fmt(v), f">= {t}",
+             _check(v, ">=", t)),
+            ("store lookup rows/s", _fmt(r.get("store_rows_per_s")), "—", "info")]
+
+
+def rows_push(r: dict) -> list[Row]:
+    v = r.get("rows_per_s")
+    t = r.get("target_rows_per_s", 1e6)
+    out = [(f"Adam push rows/s ({_fmt(r.get('rows'))} rows x {r.get('dim')}, committed)",
+            _fmt(v), f">= {_fmt(float(t))}", _check(v, ">=", t))]
+    if "rows_per_s_pipelined" in r:
+        out.append(("Adam push rows/s, 2 in flight", _fmt(r["rows_per_s_pipelined"]), "—", "info"))
+    return out
+
+
+def rows_scale(r: dict) -> list[Row]:
+    out = []
+    by = r.get("lookup_rows_per_s") or {}
+    if by:
+        out.append(("lookup rows/s at " + "/".join(f"{k}" for k in by) + " shards",
+                    " / ".join(_fmt(v) for v in by.values()), "—", "info"))
+    rs = r.get("reshard") or {}
+    if rs:
+        out.append((f"live reshard {rs.get('from')}->{rs.get('to')}: lowest 0.25 s bin dip",
+                    f"{_fmt(rs.get('dip_pct'))}% ({_fmt(rs.get('moved_rows'))} rows in "
+                    f"{_fmt(rs.get('duration_s'))} s)", "—", "info"))
+    return out + _generic_target_rows(r)
+
+
+def rows_redis(r: dict) -> list[Row]:
+    if r.get("skipped"):
+        return [("Redis baseline", "skipped", ">= 10x", f"SKIPPED: {r.get('reason')}")]
+    t = r.get("target_ratio", 10)
+    return [
+        (f"lookup: store / Redis rows/s ({_fmt(r.get('store_lookup_rows_per_s'))} vs "
+         f"{_fmt(r.get('redis_lookup_rows_per_s'))})", f"{_fmt(r.get('lookup_ratio'))}x",
+         f">= {t}x", _check(r.get("lookup_ratio"), ">=", t)),
+        (f"Adam push: store / Redis RMW rows/s ({_fmt(r.get('store_push_rows_per_s'))} vs "
+         f"{_fmt(r.get('redis_push_rows_per_s'))})", f"{_fmt(r.get('push_ratio'))}x",
+         f">= {t}x", _check(r.get("push_ratio"), ">=", t)),
+        ("same rows in both after the same pushes (max abs diff)",
+         _fmt(r.get("rows_match_after_pushes_max_abs_diff")), "0",
+         "PASS" if r.get("rows_match_after_pushes_max_abs_diff") == 0 else "MISS"),
+    ]
+
+
+def rows_wire(r: dict) -> list[Row]:
+    t = r.get("target_ratio", 0.5)
+    best = r.get("best_policy")
+    default = (r["default_batch"]["batch_size"], r["default_batch"]["seq_len"])
+    out = []
+    for run in r.get("runs", []):
+        if run["policy"] not in ("dedup", best):
+            continue
+        is_default = (run["batch_size"], run["seq_len"]) == default
+        status = "info"
+        if run["policy"] == best:
+            status = _check(run["lookup_ratio_vs_naive"], "<=", t)
+            if not is_default:
+                status = f"info (would {status})"
+        shape = f"{run['batch_size']}x{run['seq_len']}" + (" (trainer default)" if is_default
+                                                            else "")
+        out.append((f"lookup rows/token vs naive, {run['policy']}, batch {shape}: "
+                    f"{run['lookup_rows_per_token']:.2f} of {run['naive_rows_per_token']}",
+                    _fmt(run["lookup_ratio_vs_naive"]), f"<= {t}", status))
+    return out
+
+
+def rows_quality(r: dict) -> list[Row]:
+    t = r.get("target_ratio", 0.97)
+    b, e = r.get("baseline", {}), r.get("engram", {})
+    out = [(f"validation loss Engram / baseline ({_fmt(e.get('val_loss'))} vs "
+            f"{_fmt(b.get('val_loss'))})", _fmt(r.get("val_loss_ratio")), f"<= {t}",
+            _check(r.get("val_loss_ratio"), "<=", t))]
+    ph = r.get("phrases") or {}
+    for key, what in (("words", "frequent multi-token words"), ("trigrams", "frequent trigrams")):
+        p = ph.get(key) or {}
+        if p.get("loss_ratio") is not None:
+            out.append((f"loss on non-first tokens of {p['top']} {what}, Engram / baseline "
+                        f"({p['val_tokens']:,} val tokens)", _fmt(p["loss_ratio"]), "—", "info"))
+            out.append((f"loss on all other tokens ({what} split), Engram / baseline",
+                        _fmt(p["other_loss_ratio"]), "—", "info"))
+    if r.get("sweep"):
+        out.append(("allocation sweep: best % of parameters in tables",
+                    f"{100 * r['sweep_best_fraction']:.0f}%", "paper: 20-25%", "info"))
+    return out
+
+
+def _generic_target_rows(r: dict) -> list[Row]:
+    if "meets_target" not in r:
+        return []
+    tkeys = [k for k in r if k.startswith("target")]
+    target = ", ".join(f"{k}={r[k]}" for k in tkeys) or "—"
+    return [("meets_target (as the script reports it)", str(r["meets_target"]), target,
+             "PASS" if r["meets_target"] else "MISS")]
+
+
+def rows_generic(r: dict) -> list[Row]:
+    rows = _generic_target_rows(r)
+    if not rows:
+        nums = {k: v for k, v in r.items() if isinstance(v, (int, float)) and not
+                isinstance(v, bool)}
+        rows = [(k, _fmt(v), "—", "info") for k, v in list(nums.items())[:6]]
+    return rows
+
+
+ROWS: dict[str, Callable[[dict], list[Row]]] = {
+    "lookup": rows_lookup, "push": rows_push, "scale": rows_scale, "redis": rows_redis,
+    "wire": rows_wire, "quality": rows_quality,
+}
+
+
+def machine_info() -> dict:
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    ram = None
+    try:
+        m = re.search(r"MemTotal:\s+(\d+) kB", Path("/proc/meminfo").read_text())
+        ram = round(int(m.group(1)) / 1024**2, 1) if m else None
+    except OSError:
+        pass
+    info = {"cpus": os.cpu_count(), "cpu_model": model, "ram_gib": ram,
+            "os": platform.platform(), "python": platform.python_version()}
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def write_report(out: Path, meta: dict) -> str:
+    """RESULTS.md from results/*.json and the run record; returns its text."""
+    figures = [f for f in (plot_quality(out), plot_lookup(out), plot_prefetch(out)) if f]
+    m = meta["machine"]
+    lines = [
+        "# Benchmark results",
+        "",
+        f"- Date: {meta['date']}",
+        f"- Machine: {m['cpus']} CPUs ({m['cpu_model']}), {m['ram_gib']} GiB RAM, {m['os']}, "
+        f"Python {m['python']}" + (f", torch {m['torch']}" if m.get("torch") else ""),
+        f"- Command: `{meta['command']}` (every script in quick mode, one after another; each "
+        "script's JSON is in `results/<name>.json`, its command below)",
+        "- Timings come from a shared machine: the 1-minute load average before and after each "
+        "script is listed; a load above the CPU count means other work competed for the CPUs.",
+        "",
+        "| Benchmark | Figure | Value | Target | Status |",
+        "|---|---|---|---|---|",
+    ]
+    for rec in meta["runs"]:
+        name = rec["name"]
+        if rec["status"] != "ok":
+            what = {"missing": f"script {rec['script']} not found",
+                    "timeout": rec.get("error", "timeout"),
+                    "failed": f"exit {rec.get('rc')}: {rec.get('error', '')}",
+                    "no-json": "no JSON line printed"}.get(rec["status"], rec["status"])
+            what = what.replace("|", "/")
+            lines.append(f"| {name} | — | — | — | {rec['status'].upper()}: {what} |")
+            continue
+        r = _load(out, name) or {}
+        for fig, val, tgt, status in ROWS.get(name, rows_generic)(r) or rows_generic(r):
+            lines.append(f"| {name} | {fig} | {val} | {tgt} | {status} |")
+    lines += ["", "## Runs", "", "| Benchmark | Command | Status | Wall (s) | Load before/after |",
+              "|---|---|---|---|---|"]
+    for rec in meta["runs"]:
+        cmd = f"`{rec['command']}`" if rec.get("command") else "—"
+        lines.append(f"| {rec['name']} | {cmd} | {rec['status']} | {rec.get('wall_s', 0)} | "
+                     f"{rec.get('load_before', '—')} / {rec.get('load_after', '—')} |")
+    lines += _notes(out)
+    if figures:
+        lines += ["", "## Figures", ""]
+        lines += [f"![{f}]({f})" for f in figures]
+    text = "\n".join(lines) + "\n"
+    (out / "RESULTS.md").write_text(text)
+    return text
+
+
+def _notes(out: Path) -> list[str]:
+    """A few lines per benchmark that say why a figure is what it is."""
+    notes = []
+    q = _load(out, "quality")
+    if q and q.get("benchmark") == "quality":
+        c = q["config"]
+        notes.append(
+            f"- quality: {c['n_layer']} layers, width {c['n_embd']}, vocab {c['vocab_size']}, "
+            f"{c['steps']} steps x {c['batch_size']}x{c['seq_len']} tokens "
+            f"({q['tokens_trained']:,} tokens), corpus {q['corpus']}; Engram at block(s) "
+            f"{c['engram_layers']} with {q['engram']['params']['engram_tables']:,} table "
+            f"parameters; validation on {q['val_tokens_evaluated']:,} tokens.")
+        if q.get("sweep"):
+            pts = ", ".join(f"{100 * s['table_fraction']:.0f}% (w={s['n_embd']}): "
+                            f"{s['val_loss']:.3f}" for s in q["sweep"])
+            notes.append(f"- allocation sweep at {q['sweep_budget_params']:,} parameters, "
+                         f"{q['sweep_steps']} steps each: {pts}.")
+    w = _load(out, "wire")
+    if w and w.get("benchmark") == "wire":
+        notes.append(
+            f"- wire: naive = {w['naive_rows_per_token']} rows per token ((N-1) x K heads per "
+            "Engram layer); the hot-row cache can only serve rows fetched for the batch "
+            "`depth` steps earlier, because the training loop pushes every used row each step "
+            "and a push drops the row from the cache; bigger batches dedup more.")
+    r = _load(out, "redis")
+    if r and r.get("benchmark") == "redis" and not r.get("skipped"):
+        notes.append(
+            f"- redis: {r['redis_version'].split(' sha')[0]}, redis-py {r['redis_py']} "
+            f"({r['redis_parser']} reply parser), MGET/MSET chunks of {r['mget_chunk']} keys in "
+            "one pipeline; the RMW update uses engram_store.optimizers (the store's own Adam).")
+    return (["", "## Notes", ""] + notes) if notes else []
+
+
+def update_readme(text: str, readme: Path = ROOT / "README.md", prefix: str = "results/") -> None:
+    """Replace the block between the results markers (appended if absent) with `text`."""
+    body = re.sub(r"!\[([^\]]*)\]\(([^)/]+\.png)\)", rf"![\1]({prefix}\2)", text)
+    body = body.replace("# Benchmark results", "## Benchmark results", 1)
+    body = body.replace("`results/<name>.json`", "`results/<name>.json`; "
+                        "generated from results/RESULTS.md by `benchmarks/run_all.py --readme`")
+    block = f"{START}\n{body.rstrip()}\n{END}"
+    cur = readme.read_text(encoding="utf-8")
+    if START in cur and END in cur:
+        head, rest = cur.split(START, 1)
+        tail = rest.split(END, 1)[1]
+        new = head + block + tail
+    else:
+        new = cur.rstrip("\n") + "\n\n" + block + "\n"
+    readme.write_text(new, encoding="utf-8")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(ROOT / "results"), help="results folder")
+    ap.add_argument("--only", default="", help="comma-separated benchmark names")
+    ap.add_argument("--full", action="store_true", help="each script's default (long) mode")
+    ap.add_argument("--readme", action="store_true", help="copy RESULTS.md into README.md")
+    ap.add_argument("--report-only", action="store_true",
+                    help="do not run; redraw figures and rewrite RESULTS.md from out/*.json")
+    args = ap.parse_args()
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    meta_path = out / "run_all.json"
+    if args.report_only:
+        if not meta_path.exists():
+            print(f"no {meta_path}: run without --report-only first", file=sys.stderr)
+            return 2
+        meta = json.loads(meta_path.read_text())
+    else:
+        names = [n for n in args.only.split(",") if n]
+        unknown = set(names) - {b.name for b in BENCHES}
+        if unknown:
+            print(f"unknown benchmark(s) {sorted(unknown)}; choose from "
+                  f"{[b.name for b in BENCHES]}", file=sys.stderr)
+            return 2
+        cmd = "python benchmarks/run_all.py" + "".join(
+            f" {a}" for a in sys.argv[1:] if a != "--readme")
+        runs = []
+        old = json.loads(meta_path.read_text()) if meta_path.exists() and names else None
+        for b in BENCHES:
+            if names and b.name not in names:
+                prev = next((r for r in (old or {}).get("runs", []) if r["name"] == b.name), None)
+                if prev:
+                    runs.append(prev)
+                continue
+            runs.append(run_bench(b, out, quick=not args.full))
+        meta = {"date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+                "command": cmd, "machine": machine_info(), "runs": runs}
+        meta_path.write_text(json.dumps(meta, indent=1) + "\n")
+    text = write_report(out, meta)
+    if args.readme:
+        update_readme(text)
+    print(text)
+    summary = {"benchmark": "run_all", "out": str(out),
+               "status": {r["name"]: r["status"] for r in meta["runs"]}}
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
