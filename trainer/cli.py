@@ -70,6 +70,8 @@ def add_commands(subparsers) -> None:
                         "or synthetic")
     t.add_argument("--vocab-size", type=int, default=d.vocab_size)
     t.add_argument("--steps", type=int, default=d.steps)
+    t.add_argument("--minutes", type=float, default=4.0,
+                   help="stop early after this many minutes of training (0 = run every step)")
     t.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per trainer")
     t.add_argument("--seq-len", type=int, default=d.seq_len)
     t.add_argument("--lr", type=float, default=d.lr,
@@ -111,6 +113,7 @@ def train_config(args: argparse.Namespace):
         hash_heads=args.hash_heads, n_embed_per_ngram=args.memory_width,
         table_base_size=args.table_size, corpus=args.corpus, vocab_size=args.vocab_size,
         seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed, steps=args.steps,
+        max_minutes=args.minutes,
         lr=args.lr, update=args.update, prefetch_depth=args.prefetch_depth,
         max_inflight=args.max_inflight, cache_rows=args.cache_rows,
         cache_staleness=args.cache_staleness, trainers=args.trainers,

@@ -65,6 +65,7 @@ class TrainConfig:
     seed: int = 1337
     # optimisation
     steps: int = 200
+    max_minutes: float = 0.0  # stop early (at a logging step) after this long; 0 = no limit
     lr: float = 1e-3
     weight_decay: float = 0.1
     adam_eps: float = 1e-8  # dense AdamW eps
@@ -464,6 +465,7 @@ def train_worker(cfg: TrainConfig, rank: int = 0, world: int = 1,
     t_start = time.perf_counter()
     window_t, window_tokens, window_stall = time.perf_counter(), 0, fetcher.stats.stall_s
     loss_ema = None
+    stopped_early = 0
     sync = cfg.update == "sync"
     try:
         for step in range(start + 1, cfg.steps + 1):
@@ -499,6 +501,8 @@ def train_worker(cfg: TrainConfig, rank: int = 0, world: int = 1,
                      "rows_per_token": fetcher.stats.rows_per_token}
                 history.append(m)
                 window_t, window_tokens, window_stall = now, 0, fetcher.stats.stall_s
+                if cfg.max_minutes and _out_of_time(t_start, cfg.max_minutes, world, device):
+                    stopped_early = step
                 if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
                     m["val_loss"] = evaluate(model, val_fetcher, cfg.eval_batches)
                 if bar is not None:
@@ -506,12 +510,14 @@ def train_worker(cfg: TrainConfig, rank: int = 0, world: int = 1,
                     bar.set_postfix(loss=f"{loss_ema:.3f}", tok_s=f"{m['tokens_per_s']:.0f}",
                                     stall=f"{m['stall_pct']:.1f}%",
                                     rows_tok=f"{m['rows_per_token']:.2f}")
+                elif report is not None:
+                    report(m)
                 elif rank == 0:
-                    if report is not None:
-                        report(m)
                     print(_log_line(step, cfg.steps, m), flush=True)
             if bar is not None and step > bar.n and step % cfg.log_every:
                 bar.update(1)
+            if stopped_early:
+                break
         if hasattr(fetcher, "drain"):
             fetcher.drain()  # every push acknowledged before evaluation and the checkpoint
         if world > 1:
@@ -525,9 +531,11 @@ def train_worker(cfg: TrainConfig, rank: int = 0, world: int = 1,
     val_after = evaluate(model, val_fetcher, cfg.eval_batches) if cfg.eval_batches else math.nan
     stats = fetcher.stats
     fetcher.close()
-    steps_done = cfg.steps - start
+    last = stopped_early or cfg.steps
+    steps_done = last - start
     summary = {
-        "steps": cfg.steps, "steps_run": steps_done, "trainers": world,
+        "steps": last, "steps_run": steps_done, "trainers": world,
+        "stopped_early": bool(stopped_early),
         "device": str(device), "update": cfg.update, "prefetch_depth": cfg.prefetch_depth,
         "train_s": train_s,
         "tokens_per_s": stats.tokens * world / train_s if train_s > 0 else 0.0,
@@ -562,6 +570,19 @@ class _Borrowed:
 
     def close(self) -> None:
         pass
+
+
+def _out_of_time(t_start: float, minutes: float, world: int, device: torch.device) -> bool:
+    """Whether the time budget is spent; with several workers, whether any worker says so (all
+    workers call this at the same steps, so they stop together)."""
+    late = time.perf_counter() - t_start > 60 * minutes
+    if world > 1:
+        import torch.distributed as dist
+
+        flag = torch.tensor([int(late)], device=device)  # nccl reduces CUDA tensors only
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        late = bool(flag.item())
+    return late
 
 
 def _run_id(cfg: TrainConfig) -> str:
@@ -601,7 +622,7 @@ def save_checkpoint(cfg: TrainConfig, model: torch.nn.Module, opt: torch.optim.O
         except EngramError:
             pass
     ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict(), "config": cfg.to_dict(),
-            "tokenizer": tokenizer_info(corpus), "step": cfg.steps, "store": store_info}
+            "tokenizer": tokenizer_info(corpus), "step": summary["steps"], "store": store_info}
     path = out / "checkpoint.pt"
     torch.save(ckpt, path)
     slim = {k: v for k, v in summary.items() if k not in ("history",)}
@@ -621,7 +642,7 @@ def _ray_worker(loop_config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if cfg.device != "cpu" else torch.device("cpu")
-    summary = train_worker(cfg, rank, world, device, report=lambda m: None)
+    summary = train_worker(cfg, rank, world, device)  # rank 0 prints a line per log window
     if rank == 0:
         # Result.metrics of Ray Train only carries metrics reported with a checkpoint, so the
         # summary travels as a (tiny) checkpoint directory that Ray persists under storage_path.
@@ -681,7 +702,8 @@ def print_summary(summary: dict, file=sys.stdout) -> None:
     """The final report of a run."""
     p = summary["params"]
     lines = [
-        f"steps {summary['steps']} ({summary['trainers']} trainer(s), {summary['device']}, "
+        f"steps {summary['steps']}{' (time limit reached)' if summary.get('stopped_early') else ''}"
+        f" ({summary['trainers']} trainer(s), {summary['device']}, "
         f"update {summary['update']}, prefetch depth {summary['prefetch_depth']})",
         f"throughput  {summary['tokens_per_s']:.0f} tokens/s, {summary['step_ms']:.1f} ms/step",
         f"prefetch    stall {summary['stall_pct']:.2f}% of step time, "
