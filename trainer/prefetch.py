@@ -186,27 +186,47 @@ class _RowCache:
 
 
 class _DeviceCopier:
-    """Host rows -> device tensor. CUDA: pinned buffer + non-blocking copy on a side stream."""
+    """Host arrays -> device tensors. CUDA: pinned buffer + non-blocking copy on a side stream,
+    finished by making the compute stream wait on the copy's event. CPU: zero-copy views."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.cuda else None
 
-    def to_device(self, host: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(host)
+    def start(self, host: np.ndarray) -> tuple[torch.Tensor, Any]:
+        """Begin the copy; returns (tensor, event or None). Use the tensor only after finish()."""
+        t = torch.from_numpy(np.ascontiguousarray(host))
         if not self.cuda:
-            return t
-        pinned = t.pin_memory()  # a fresh pinned buffer per copy: no reuse hazard while in flight
+            return t, None
+        # pin_memory() draws from torch's caching host allocator, which keeps the block until the
+        # non-blocking copy that reads it has completed: a pool of pinned buffers, reuse-safe.
+        pinned = t.pin_memory()
         with torch.cuda.stream(self.stream):
             dev = pinned.to(self.device, non_blocking=True)
             event = torch.cuda.Event()
             event.record(self.stream)
-        # The compute stream must not read `dev` before the copy lands; record_stream tells the
-        # caching allocator that the compute stream uses memory allocated on the side stream.
-        torch.cuda.current_stream(self.device).wait_event(event)
-        dev.record_stream(torch.cuda.current_stream(self.device))
+        return dev, event
+
+    def finish(self, copy: tuple[torch.Tensor, Any]) -> torch.Tensor:
+        """The tensor, usable on the current (compute) stream."""
+        dev, event = copy
+        if event is not None:
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(event)  # kernels queued from now on run after the copy lands
+            dev.record_stream(stream)  # memory allocated on the side stream, used on this one
         return dev
+
+
+@dataclass
+class _Staged:
+    """A batch whose rows are assembled on the host and whose device copies have started."""
+
+    pending: _Pending
+    rows: dict[int, tuple[torch.Tensor, Any]]  # layer -> copy of (U, d)
+    inverse: dict[int, tuple[torch.Tensor, Any]]  # layer -> copy of (B*T*H,)
+    x: tuple[torch.Tensor, Any]
+    y: tuple[torch.Tensor, Any]
 
 
 class Prefetcher:
@@ -238,6 +258,7 @@ class Prefetcher:
         self._cache = {layer: _RowCache(config.cache_rows) for layer in self.tables}
         self._lock = threading.Lock()  # guards the cache (prefetch thread vs pushes)
         self._copier = _DeviceCopier(self.device)
+        self._staged: _Staged | None = None  # CUDA: next batch, device copy under way
 
     # -- issuing ---------------------------------------------------------------------------------
 
@@ -275,32 +296,48 @@ class Prefetcher:
 
     def next(self) -> Fetched:
         """The next batch with its rows; blocks (counted as stall) until they are here."""
-        self._fill(1)
-        if not self._window:
-            raise StopIteration
         t0 = time.perf_counter()
-        pending: _Pending = self._window.popleft().result()
-        hosts = {layer: self._assemble(layer, lf, pending.issued_at)
-                 for layer, lf in pending.layers.items()}
+        staged, self._staged = self._staged, None
+        if staged is None:
+            self._fill(1)
+            if not self._window:
+                raise StopIteration
+            staged = self._stage(self._window.popleft().result())
         self.stats.stall_s += time.perf_counter() - t0
+        pending = staged.pending
         self._step = pending.index + 1
         # Issue the next `depth` batches now so their lookups overlap this step's compute.
         self._fill(self.config.depth)
         memory, leaves, ids = {}, {}, {}
-        for layer, host in hosts.items():
+        for layer, copy in staged.rows.items():
             lf = pending.layers[layer]
-            leaf = self._copier.to_device(host).requires_grad_(True)  # (U, d)
-            inv = self._copier.to_device(lf.inverse.astype(np.int64, copy=False))
-            memory[layer] = leaf[inv].view(*lf.shape, host.shape[1])  # (B, T, H, d)
+            leaf = self._copier.finish(copy).requires_grad_(True)  # (U, d)
+            inv = self._copier.finish(staged.inverse[layer])  # (B*T*H,)
+            memory[layer] = leaf[inv].view(*lf.shape, leaf.shape[1])  # (B, T, H, d)
             leaves[layer], ids[layer] = leaf, lf.ids
-        x, y = (torch.as_tensor(np.asarray(v)) if not isinstance(v, torch.Tensor) else v
-                for v in (pending.x, pending.y))
-        if self.device.type == "cuda":
-            x, y = x.pin_memory().to(self.device, non_blocking=True), \
-                y.pin_memory().to(self.device, non_blocking=True)
+        x, y = self._copier.finish(staged.x), self._copier.finish(staged.y)  # (B, T)
         self.stats.steps += 1
-        self.stats.tokens += int(np.prod(x.shape))
+        self.stats.tokens += int(x.numel())
+        # CUDA, async: if the next batch's rows are already here, start its host-to-device copy
+        # now so it overlaps this step's compute. (sync mode may still patch it after the push.)
+        if self._copier.cuda and self.config.update == "async" and self._window \
+                and self._window[0].done() and self._lookups_done(self._window[0].result()):
+            self._staged = self._stage(self._window.popleft().result())
         return Fetched(pending.index, x, y, memory, leaves, ids)
+
+    @staticmethod
+    def _lookups_done(pending: _Pending) -> bool:
+        return all(lf.future is None or lf.future.done() for lf in pending.layers.values())
+
+    def _stage(self, pending: _Pending) -> _Staged:
+        """Assemble the batch's rows on the host (waiting for lookups) and start device copies."""
+        rows, inverse = {}, {}
+        for layer, lf in pending.layers.items():
+            rows[layer] = self._copier.start(self._assemble(layer, lf, pending.issued_at))
+            inverse[layer] = self._copier.start(lf.inverse.astype(np.int64, copy=False))
+        x, y = (v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
+                for v in (pending.x, pending.y))
+        return _Staged(pending, rows, inverse, self._copier.start(x), self._copier.start(y))
 
     def __iter__(self) -> Prefetcher:
         return self
