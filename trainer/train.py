@@ -23,6 +23,7 @@ import json
 import math
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -439,11 +440,15 @@ def train_worker(cfg: TrainConfig, rank: int = 0, world: int = 1,
 
         dmodel = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
+    # Push request ids must be unique per run: a store remembers them (exactly-once retries), so
+    # reusing ids of an earlier run on the same store would drop this run's pushes as duplicates.
+    run_id = uuid.uuid4().hex[:12]
+
     def make_fetcher(split: str, batches_iter: Iterator, pcfg: PrefetchConfig):
         if cfg.backend == "local" or not specs:
             return LocalFetcher(hasher, specs, hcfg, batches_iter, device)
         return Prefetcher(store, hasher.global_ids, tables, batches_iter, pcfg, device,
-                          dim=hcfg.d_head, request_prefix=f"{_run_id(cfg)}/r{rank}/{split}/")
+                          dim=hcfg.d_head, request_prefix=f"{run_id}/r{rank}/{split}/")
 
     # The local backend keeps one fetcher (it owns the tables) for training and evaluation.
     train_iter = worker_batches(corpus, "train", cfg, rank, world, start_step=start)
@@ -585,12 +590,6 @@ def _out_of_time(t_start: float, minutes: float, world: int, device: torch.devic
     return late
 
 
-def _run_id(cfg: TrainConfig) -> str:
-    """Stable per run, so a retried push keeps its request id."""
-    return hashlib.sha1(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode()
-                        ).hexdigest()[:12]
-
-
 def default_out() -> str:
     return str(Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
 
@@ -633,8 +632,23 @@ def save_checkpoint(cfg: TrainConfig, model: torch.nn.Module, opt: torch.optim.O
 # -------------------------------------------------------------------------------- Ray Train
 
 
+class _SummarySink:
+    """A tiny actor that receives rank 0's summary: works across nodes without shared storage
+    (Ray Train's Result.metrics only carries metrics reported with a checkpoint)."""
+
+    def __init__(self) -> None:
+        self.summary: str | None = None
+
+    def put(self, summary: str) -> None:
+        self.summary = summary
+
+    def get(self) -> str | None:
+        return self.summary
+
+
 def _ray_worker(loop_config: dict) -> None:
     """Ray Train's per-worker entry: rank and device from the train context."""
+    import ray
     import ray.train
     import ray.train.torch
 
@@ -644,23 +658,19 @@ def _ray_worker(loop_config: dict) -> None:
     device = ray.train.torch.get_device() if cfg.device != "cpu" else torch.device("cpu")
     summary = train_worker(cfg, rank, world, device)  # rank 0 prints a line per log window
     if rank == 0:
-        # Result.metrics of Ray Train only carries metrics reported with a checkpoint, so the
-        # summary travels as a (tiny) checkpoint directory that Ray persists under storage_path.
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as d:
-            (Path(d) / "summary.json").write_text(json.dumps(summary, default=str))
-            ray.train.report({"step": summary["steps"]},
-                             checkpoint=ray.train.Checkpoint.from_directory(d))
-    else:
-        ray.train.report({"step": summary["steps"]})
+        sink = ray.get_actor(loop_config["sink"], namespace=loop_config["namespace"])
+        ray.get(sink.put.remote(json.dumps(summary, default=str)))
+    ray.train.report({"step": summary["steps"]})
 
 
 def run_ray_train(cfg: TrainConfig) -> dict:
     """Data-parallel training over cfg.trainers Ray Train workers (DDP: gloo on CPU, nccl on GPU).
 
-    Needs a connected Ray (ray.init done by the caller). Returns rank 0's summary.
+    Needs a connected Ray (ray.init done by the caller). Workers need one GPU each when the
+    cluster has GPUs (or --device cuda), else one CPU, plus cfg.trainer_resource if set.
+    Returns rank 0's summary.
     """
+    import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -671,17 +681,26 @@ def run_ray_train(cfg: TrainConfig) -> dict:
     out = Path(cfg.out or default_out()).resolve()
     cfg = dataclasses.replace(cfg, out=str(out), progress=False,
                               device="cuda" if use_gpu else "cpu")
-    trainer = TorchTrainer(
-        _ray_worker, train_loop_config={"cfg": cfg.to_dict()},
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=cfg.trainers, use_gpu=use_gpu,
-                                     resources_per_worker=resources),
-        run_config=RunConfig(name=f"engram-{out.name}", storage_path=str(out / "ray")))
-    result = trainer.fit()
-    if result.error:
-        raise result.error
-    with result.checkpoint.as_directory() as d:
-        return json.loads((Path(d) / "summary.json").read_text())
+    name = f"engram-summary-{uuid.uuid4().hex[:8]}"
+    namespace = ray.get_runtime_context().namespace
+    sink = ray.remote(_SummarySink).options(name=name, namespace=namespace, num_cpus=0).remote()
+    try:
+        trainer = TorchTrainer(
+            _ray_worker,
+            train_loop_config={"cfg": cfg.to_dict(), "sink": name, "namespace": namespace},
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            scaling_config=ScalingConfig(num_workers=cfg.trainers, use_gpu=use_gpu,
+                                         resources_per_worker=resources),
+            run_config=RunConfig(name=f"engram-{out.name}", storage_path=str(out / "ray")))
+        result = trainer.fit()
+        if result.error:
+            raise result.error
+        summary = ray.get(sink.get.remote())
+    finally:
+        ray.kill(sink)
+    if summary is None:
+        raise RuntimeError("Ray Train finished without a summary from rank 0; see the worker logs")
+    return json.loads(summary)
 
 
 def _cluster_has_gpus() -> bool:
