@@ -282,9 +282,11 @@ class StoreClient:
             calls = []
             for s, pos in parts:
                 # one id per sub-request, kept across transient retries; a new routing after a
-                # stale-map refresh sends rows the old owner rejected, under a fresh id
+                # stale-map refresh sends rows the old owner rejected, under a fresh id. `~n`
+                # (parts of this push) lets a snapshot tell a half-applied push (snapshot.py)
                 k = per_shard[s] = per_shard.get(s, -1) + 1
-                sub = f"{rid}/{s}" + (f".{k}" if k else "") + (f"@{m.version}" if attempt else "")
+                sub = f"{rid}/{s}" + (f".{k}" if k else "") + (
+                    f"@{m.version}" if attempt else f"~{len(parts)}")
                 part = slice(None) if len(parts) == 1 else pos  # one part: no gather copy
                 calls.append((m.addresses[s], "PushRaw", wire.encode_push_request(
                     table, ids[part], grads[part], self.config.wire_dtype, sub, step,

@@ -6,11 +6,12 @@
 Snapshot protocol (coordinator `snapshot()`, shard side `SnapshotGate` + `SnapshotServicer`):
 1. FREEZE every shard: it refuses writes (pushes, imports, deletes, creates, drops) with UNAVAILABLE
    "snapshot in progress" (the client retries with backoff) and waits for writes in flight.
-2. A push spans shards (one sub-request per shard, ids `<logical id>/<shard>`), so one of its parts
-   may have been applied just before its shard froze while another was refused. The coordinator
-   asks every shard which logical pushes it refused, then which of those some shard applied, and
-   ALLOWs exactly those through until every shard has applied its part: each push is then wholly in
-   the snapshot or wholly out of it.
+2. A push spans shards (one sub-request per shard, ids `<logical id>/<shard>[.<chunk>]~<parts>`),
+   so one part may have been applied just before its shard froze while another was refused or is
+   still on its way. The coordinator asks every shard which sub-requests it applied in the last
+   seconds and which logical pushes it refused; a push with some part applied and not all of its
+   `<parts>` applied (or a part refused) is half applied: it ALLOWs those pushes through and waits
+   until all their parts are applied. Each push is then wholly in the snapshot or wholly out.
 3. COPY: each shard copies its LMDB environment (compacted) into `<dir>/shard-<i>`.
 4. THAW every shard (also on failure; a shard thaws by itself when the lease runs out, so a dead
    coordinator cannot stop training for longer than `lease_s`).
@@ -54,13 +55,36 @@ from .storage import Shard, ShardStateInfo
 MANIFEST = "manifest.json"
 FORMAT = "engram-snapshot/1"
 _GATED = frozenset({"PushGradients", "ImportRows", "DeleteRows", "CreateTable", "DropTable"})
-_RECENT_S = 30.0  # how long a shard remembers that it applied a logical push
+_RECENT_S = 30.0  # how long a shard remembers that it applied a push sub-request
+_WINDOW_S = 10.0  # default STATUS window: parts of one push arrive well within it
 _RECENT_MAX = 1 << 18
 
 
 def logical_id(request_id: str) -> str:
-    """The logical push id of a sub-request id (`<id>/<shard>[.<chunk>][@<map version>]`)."""
+    """The logical push id of a sub-request id (`<id>/<shard>[.<chunk>]~<parts>`, or
+    `<id>/<shard>[.<chunk>]@<map version>` when re-sent after a stale map)."""
     return request_id.split("/", 1)[0]
+
+
+def half_applied(applied: list[str] | set[str], refused: set[str]) -> set[str]:
+    """Logical pushes with some part applied and some part not (yet): a part refused, or fewer
+    distinct first-round parts applied than the `~<parts>` count their ids carry. A push re-sent
+    after a stale map (`@` ids) is judged by refusals only: its parts were re-routed."""
+    parts: dict[str, set[str]] = {}
+    for rid in applied:
+        parts.setdefault(logical_id(rid), set()).add(rid)
+    out = set()
+    for lid, subs in parts.items():
+        if lid in refused:
+            out.add(lid)
+            continue
+        if any("@" in r for r in subs):
+            continue
+        counts = {int(r.rsplit("~", 1)[1]) for r in subs
+                  if "~" in r and r.rsplit("~", 1)[1].isdigit()}
+        if counts and len(subs) < max(counts):
+            out.add(lid)
+    return out
 
 
 class SnapshotInProgress(ShardUnavailable):
@@ -78,7 +102,7 @@ class SnapshotGate(grpc.ServerInterceptor):
         self._allow: set[str] = set()
         self._rejected: set[str] = set()
         self._inflight = 0
-        self._recent: dict[str, float] = {}  # logical id -> monotonic time applied (insertion order)
+        self._recent: dict[str, float] = {}  # request id -> monotonic time applied (in order)
 
     # ---- state ----
 
@@ -123,11 +147,13 @@ class SnapshotGate(grpc.ServerInterceptor):
             self._check(snapshot_id)
             self._allow.update(ids)
 
-    def status(self, snapshot_id: str, among: list[str]) -> tuple[list[str], list[str]]:
-        """(ids of `among` applied here recently, ids refused since FREEZE and not applied)."""
+    def status(self, snapshot_id: str, window_s: float) -> tuple[list[str], list[str]]:
+        """(request ids applied here within window_s, logical ids refused since FREEZE and not
+        applied since)."""
         with self._cond:
             self._check(snapshot_id)
-            applied = [i for i in among if i in self._recent]
+            since = time.monotonic() - min(max(window_s, 0.0), _RECENT_S)
+            applied = [r for r, t in self._recent.items() if t >= since]
             return applied, sorted(self._rejected)
 
     def copy_check(self, snapshot_id: str) -> None:
@@ -165,11 +191,10 @@ class SnapshotGate(grpc.ServerInterceptor):
             self._inflight -= 1
             rid = getattr(request, "request_id", "")
             if applied and isinstance(rid, str) and rid:
-                lid = logical_id(rid)
                 now = time.monotonic()
-                self._recent.pop(lid, None)
-                self._recent[lid] = now
-                self._rejected.discard(lid)
+                self._recent.pop(rid, None)
+                self._recent[rid] = now
+                self._rejected.discard(logical_id(rid))
                 # prune the oldest (dicts keep insertion order, and we re-insert on update)
                 while self._recent:
                     k, t = next(iter(self._recent.items()))
@@ -242,7 +267,7 @@ class SnapshotServicer:
         elif r.phase == pb.SNAPSHOT_ALLOW:
             g.allow(sid, list(r.allow))
         elif r.phase == pb.SNAPSHOT_STATUS:
-            applied, rejected = g.status(sid, list(r.allow))
+            applied, rejected = g.status(sid, r.window_s or _WINDOW_S)
             return pb.SnapshotResponse(applied=applied, rejected=rejected, frozen=g.frozen)
         elif r.phase == pb.SNAPSHOT_COPY:
             return self._copy(sid, r.path)
@@ -334,27 +359,22 @@ def snapshot(target, directory: str, config: ClientConfig | None = None, lease_s
         frozen_at = time.time()
         allowed: set[str] = set()
         deadline = time.monotonic() + timeout_s
+        time.sleep(settle_s)  # let parts sent with an applied one arrive (and be refused)
         while True:
-            # pushes refused somewhere but applied somewhere else are half applied: let them in
-            time.sleep(settle_s)
-            refused = sorted({x for r in each(phase=pb.SNAPSHOT_STATUS) for x in r.rejected})
-            applied = {x for r in each(phase=pb.SNAPSHOT_STATUS, allow=refused)
-                       for x in r.applied}
-            new = applied - allowed
-            if not new:
+            # half-applied pushes (some part applied, some not): let them in and wait for them
+            status = each(phase=pb.SNAPSHOT_STATUS, window_s=_WINDOW_S)
+            pending = half_applied({x for r in status for x in r.applied},
+                                   {x for r in status for x in r.rejected})
+            if not pending:
                 break
-            allowed |= new
-            each(phase=pb.SNAPSHOT_ALLOW, allow=sorted(allowed))
-            while True:
-                pending = {x for r in each(phase=pb.SNAPSHOT_STATUS) for x in r.rejected} & allowed
-                if not pending:
-                    break
-                if time.monotonic() > deadline:
-                    raise ShardUnavailable(
-                        f"{len(pending)} half-applied push(es) were not retried within "
-                        f"{timeout_s}s (e.g. {sorted(pending)[0]}); is a client stuck? "
-                        "Retry the snapshot")
-                time.sleep(0.02)
+            if not pending <= allowed:
+                allowed |= pending
+                each(phase=pb.SNAPSHOT_ALLOW, allow=sorted(allowed))
+            if time.monotonic() > deadline:
+                raise ShardUnavailable(
+                    f"{len(pending)} half-applied push(es) did not complete within {timeout_s}s "
+                    f"(e.g. {sorted(pending)[0]}); is a client stuck? Retry the snapshot")
+            time.sleep(0.02)
         copies = list(pool.map(
             lambda i: call(i, timeout=max(cfg.timeout_s, lease_s), phase=pb.SNAPSHOT_COPY,
                            path=os.path.join(directory, f"shard-{i}")), range(len(stubs))))

@@ -326,18 +326,20 @@ class DeleteRowsResponse(_message.Message):
     def __init__(self, rows: _Optional[int] = ...) -> None: ...
 
 class SnapshotRequest(_message.Message):
-    __slots__ = ("phase", "snapshot_id", "lease_s", "allow", "path")
+    __slots__ = ("phase", "snapshot_id", "lease_s", "allow", "path", "window_s")
     PHASE_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_S_FIELD_NUMBER: _ClassVar[int]
     ALLOW_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_S_FIELD_NUMBER: _ClassVar[int]
     phase: SnapshotPhase
     snapshot_id: str
     lease_s: float
     allow: _containers.RepeatedScalarFieldContainer[str]
     path: str
-    def __init__(self, phase: _Optional[_Union[SnapshotPhase, str]] = ..., snapshot_id: _Optional[str] = ..., lease_s: _Optional[float] = ..., allow: _Optional[_Iterable[str]] = ..., path: _Optional[str] = ...) -> None: ...
+    window_s: float
+    def __init__(self, phase: _Optional[_Union[SnapshotPhase, str]] = ..., snapshot_id: _Optional[str] = ..., lease_s: _Optional[float] = ..., allow: _Optional[_Iterable[str]] = ..., path: _Optional[str] = ..., window_s: _Optional[float] = ...) -> None: ...
 
 class SnapshotResponse(_message.Message):
     __slots__ = ("applied", "rejected", "tables", "shard", "bytes", "frozen")

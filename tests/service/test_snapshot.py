@@ -117,6 +117,42 @@ def test_snapshot_is_a_consistent_cut_under_concurrent_pushes(make_shard, tmp_pa
         c.push("sgd", [0], np.zeros((1, DIM)))
 
 
+def test_snapshot_waits_for_a_part_still_on_its_way(make_shard, tmp_path):
+    """A push whose first part is applied before the freeze and whose second part arrives only
+    after the coordinator's settle time is completed before the copy, not split."""
+    shards = make_cluster(make_shard, 2)
+    with StoreClient(shards[0].address) as c:
+        c.create_table(SGD)
+        owner = c.shard_map.shard_of("sgd", np.arange(ROWS))
+    a, b = int(np.flatnonzero(owner == 0)[0]), int(np.flatnonzero(owner == 1)[0])
+    stubs = [pb_grpc.MemoryStoreStub(grpc.insecure_channel(s.address)) for s in shards]
+
+    def part(i: int, row: int) -> pb.PushGradientsRequest:
+        return pb.PushGradientsRequest(table="sgd", ids=np.array([row], "<i8").tobytes(),
+                                       grads=np.ones((1, DIM), "<f4").tobytes(), step=1,
+                                       request_id=f"late/{i}~2")
+
+    stubs[0].PushGradients(part(0, a), timeout=10)
+
+    def late() -> None:
+        time.sleep(0.6)  # well after the freeze and the 0.2 s settle time
+        while True:
+            try:
+                stubs[1].PushGradients(part(1, b), timeout=10)
+                return
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.UNAVAILABLE
+                time.sleep(0.02)
+
+    t = threading.Thread(target=late)
+    t.start()
+    path = snapshot(shards[0].address, str(tmp_path / "snap"))
+    t.join(10)
+    rows = snapshot_rows(str(tmp_path / "snap"), 2, "sgd", np.array([a, b]))
+    np.testing.assert_array_equal(rows, -np.ones((2, DIM)))
+    assert json.load(open(path))["half_applied_completed"] == 1
+
+
 @pytest.mark.parametrize("m_new", [1, 3])
 def test_restore_onto_another_shard_count_gives_identical_lookups(make_shard, tmp_path, m_new):
     shards = make_cluster(make_shard, 2)
