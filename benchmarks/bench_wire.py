@@ -71,28 +71,6 @@ class CountingStore:
             self._cv.wait_for(lambda: self.lookups >= n, timeout_s)
 
 
-def cache_workaround(dim: int) -> bool:
-    """Work around a Prefetcher bug if present: with the hot-row cache on, an empty cache returns
-    hit rows of shape (0, 0), which _assemble cannot assign to (0, dim) (ValueError on the first
-    batch). Wraps _RowCache.get to return (0, dim); returns True when the wrap was needed."""
-    from trainer import prefetch
-
-    probe = prefetch._RowCache(4).get(np.array([1], np.int64), 0, 0)[1]
-    if probe.shape[1:] == (dim,) or getattr(prefetch._RowCache.get, "_wire_fix", False):
-        return False
-    orig = prefetch._RowCache.get
-
-    def get(self, ids, use_step, staleness):
-        hit, rows = orig(self, ids, use_step, staleness)
-        if rows.shape[0] == 0 and rows.shape[1:] != (dim,):
-            rows = np.empty((0, dim), np.float32)
-        return hit, rows
-
-    get._wire_fix = True
-    prefetch._RowCache.get = get
-    return True
-
-
 def measure(cfg: TrainConfig, corpus, steps: int, pcfg: PrefetchConfig) -> dict:
     """Drive a Prefetcher for `steps` training steps; rows per token on the wire."""
     hcfg = cfg.hash_config(corpus.pad_id)
@@ -159,7 +137,6 @@ def main() -> int:
         ("dedup+cache d2", PrefetchConfig(depth=2, update="async", cache_rows=args.cache_rows,
                                           cache_staleness=3)),
     ]
-    workaround = cache_workaround(base.hash_config(corpus.pad_id).d_head)
     runs = []
     for B, T in shapes:
         cfg = TrainConfig(**{**base.to_dict(), "batch_size": B, "seq_len": T})
@@ -183,7 +160,6 @@ def main() -> int:
         "dedup_ratio": dedup["lookup_ratio_vs_naive"],
         "best_policy": best["policy"], "ratio": best["lookup_ratio_vs_naive"],
         "target_ratio": TARGET, "meets_target": best["lookup_ratio_vs_naive"] <= TARGET,
-        "prefetcher_empty_cache_workaround": workaround,
         "runs": runs, "wall_s": time.perf_counter() - t0,
         "cpus": os.cpu_count(), "python": platform.python_version(),
     }

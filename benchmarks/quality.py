@@ -7,9 +7,11 @@
    in-process (trainer.train.LocalFetcher: nn.Embedding(sparse) + SparseAdam at table_lr_mult x lr,
    the trainer's local backend). Reported: validation loss of both over the whole validation split
    (capped by --val-batches) and the ratio engram / baseline (target <= 0.97).
-2. Per-token loss on frequent multi-token names: words of the training split that the tokenizer
-   cuts into >= 2 tokens (e.g. " getattr" -> " get" "attr"), the --top-words most frequent; the loss
-   on their non-first tokens (what an n-gram lookup can recall) vs every other token, both models.
+2. Per-token loss on frequent multi-token names and phrases: (a) words of the training split that
+   the tokenizer cuts into >= 2 tokens (e.g. " IPv|6"), the --top-words most frequent (BPE merges
+   every very frequent word into one token, so these are mid-frequency names); (b) the
+   --top-trigrams most frequent token trigrams. The loss on their non-first tokens (what an
+   n-gram lookup can recall) vs every other token, both models.
 3. Allocation sweep: a fixed total parameter budget (the baseline's parameters at --sweep-width)
    split between backbone width and Engram table rows at --ratios of the total in tables; same
    steps and tokens for every point. The paper found a U shape with its optimum at 20-25%.
@@ -136,6 +138,44 @@ def phrase_mask(tokens: np.ndarray, texts: list[str], words: set[tuple[int, ...]
         if tuple(tokens[s:s + n].tolist()) in words:
             mask[s + 1:s + n] = True
     return mask
+
+
+def frequent_trigrams(train: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
+    """The `top` most frequent token trigrams of the training split: (trigrams (k, 3), counts)."""
+    t = train.astype(np.int64)
+    v = int(t.max()) + 1
+    keys = (t[:-2] * v + t[1:-1]) * v + t[2:]
+    uniq, counts = np.unique(keys, return_counts=True)
+    order = np.argsort(-counts, kind="stable")[:top]
+    k = uniq[order]
+    return np.stack([k // (v * v), (k // v) % v, k % v], axis=1), counts[order]
+
+
+def trigram_mask(tokens: np.ndarray, grams: np.ndarray) -> np.ndarray:
+    """True at the 2nd and 3rd token of every occurrence of one of `grams` (k, 3) in `tokens`."""
+    mask = np.zeros(len(tokens), bool)
+    if not len(grams) or len(tokens) < 3:
+        return mask
+    v = int(max(tokens.max(), grams.max())) + 1
+    t = tokens.astype(np.int64)
+    keys = (t[:-2] * v + t[1:-1]) * v + t[2:]
+    gk = (grams[:, 0] * v + grams[:, 1]) * v + grams[:, 2]
+    hit = np.flatnonzero(np.isin(keys, gk))
+    mask[hit + 1] = True
+    mask[hit + 2] = True
+    return mask
+
+
+def split_losses(mask: np.ndarray, *runs: RunResult) -> dict:
+    """Mean loss of each run on masked tokens vs the rest, and Engram / baseline ratios."""
+    out: dict = {"val_tokens": int(mask.sum()), "val_other_tokens": int((~mask).sum())}
+    for r in runs:
+        out[r.name] = {"loss": float(r.token_losses[mask].mean()) if mask.any() else None,
+                       "other_loss": float(r.token_losses[~mask].mean())}
+    if mask.any() and "baseline" in out and "engram" in out:
+        out["loss_ratio"] = out["engram"]["loss"] / out["baseline"]["loss"]
+        out["other_loss_ratio"] = out["engram"]["other_loss"] / out["baseline"]["other_loss"]
+    return out
 
 
 # ----------------------------------------------------------------------------- train / eval
@@ -278,10 +318,16 @@ def main() -> int:
     ap.add_argument("--width", type=int, default=None, help="backbone width of the main pair")
     ap.add_argument("--sweep-width", type=int, default=None,
                     help="the budget: the baseline's parameters at this width")
-    ap.add_argument("--top-words", type=int, default=500, help="frequent multi-token words")
+    ap.add_argument("--lr", type=float, default=None, help="backbone learning rate")
+    ap.add_argument("--table-lr-mult", type=float, default=5.0,
+                    help="table lr = this x backbone lr (the paper: 5)")
+    ap.add_argument("--top-words", type=int, default=2000, help="frequent multi-token words")
+    ap.add_argument("--top-trigrams", type=int, default=1000, help="frequent token trigrams")
     ap.add_argument("--val-batches", type=int, default=64, help="validation batches (cap)")
     ap.add_argument("--curves", default="results/quality_curves.json", help="loss curves out")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (0 = torch default); 1 by default: on a shared machine "
+                         "torch's spinning OpenMP threads run 10x slower than one thread")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -292,7 +338,7 @@ def main() -> int:
         n_embd=args.width or (96 if q else 256), engram_layers=(1,), max_ngram=3, hash_heads=4,
         n_embed_per_ngram=64 if q else 128, table_base_size=20_000 if q else 50_000,
         seq_len=64 if q else 128, batch_size=16, seed=1337,
-        steps=args.steps or (400 if q else 2000), lr=2e-3 if q else 1e-3, table_lr_mult=5.0,
+        steps=args.steps or (400 if q else 2000), lr=args.lr or (2e-3 if q else 1e-3), table_lr_mult=args.table_lr_mult,
         progress=False)
     sweep_steps = args.sweep_steps or (250 if q else 1000)
     sweep_width = args.sweep_width or (96 if q else 192)
@@ -312,25 +358,22 @@ def main() -> int:
     b, e = runs["baseline"], runs["engram"]
     ratio = e.val_loss / b.val_loss
 
-    # 2. frequent multi-token words
+    # 2. frequent multi-token words and frequent token trigrams
     texts = _token_texts(d.corpus.tokenizer, d.corpus.vocab_size)
     words = frequent_words(d.train_tokens, texts, args.top_words)
+    grams = frequent_trigrams(d.train_tokens, args.top_trigrams)
     # the windows are consecutive from the split's start: target j is val stream position j + 1
-    mask_stream = phrase_mask(d.val_tokens, texts, {w for w, _ in words})
-    mask = mask_stream[1:1 + len(b.token_losses)]
+    n = len(b.token_losses)
     phrases = {
-        "top_words": len(words), "val_phrase_tokens": int(mask.sum()),
-        "val_other_tokens": int((~mask).sum()),
-        "examples": ["|".join(texts[t] for t in w) for w, _ in words[:12]],
+        "words": {"top": len(words), "min_count": words[-1][1] if words else None,
+                  "examples": ["|".join(texts[t] for t in w) for w, _ in words[:12]],
+                  **split_losses(phrase_mask(d.val_tokens, texts, {w for w, _ in words}
+                                             )[1:1 + n], b, e)},
+        "trigrams": {"top": len(grams[0]),
+                     "min_count": int(grams[1][-1]) if len(grams[0]) else None,
+                     "examples": ["|".join(texts[t] for t in g) for g in grams[0][:12].tolist()],
+                     **split_losses(trigram_mask(d.val_tokens, grams[0])[1:1 + n], b, e)},
     }
-    for r in (b, e):
-        phrases[r.name] = {"phrase_loss": float(r.token_losses[mask].mean()) if mask.any() else None,
-                           "other_loss": float(r.token_losses[~mask].mean())}
-    if mask.any():
-        phrases["phrase_loss_ratio"] = phrases["engram"]["phrase_loss"] / \
-            phrases["baseline"]["phrase_loss"]
-        phrases["other_loss_ratio"] = phrases["engram"]["other_loss"] / \
-            phrases["baseline"]["other_loss"]
 
     # 3. allocation sweep at a fixed parameter budget
     sweep = []

@@ -342,6 +342,21 @@ def rows_scale(r: dict) -> list[Row]:
     return out + _generic_target_rows(r)
 
 
+def rows_prefetch(r: dict) -> list[Row]:
+    if "ratio_store_prefetch_vs_local" not in r:
+        return rows_generic(r)
+    t = r.get("target_ratio", 1.02)
+    ms = r.get("step_ms") or {}
+    out = [(f"step time, store + prefetch depth 1 / in-process tables ({_fmt(ms.get('store_depth1'))}"
+            f" vs {_fmt(ms.get('local'))} ms)", _fmt(r["ratio_store_prefetch_vs_local"]),
+            f"<= {t}", _check(r["ratio_store_prefetch_vs_local"], "<=", t))]
+    if r.get("depths"):
+        out.append(("stall % of step time at prefetch depth " +
+                    "/".join(str(d["prefetch_depth"]) for d in r["depths"]),
+                    " / ".join(_fmt(float(d["stall_pct"])) for d in r["depths"]), "—", "info"))
+    return out
+
+
 def rows_redis(r: dict) -> list[Row]:
     if r.get("skipped"):
         return [("Redis baseline", "skipped", ">= 10x", f"SKIPPED: {r.get('reason')}")]
@@ -420,7 +435,8 @@ def rows_generic(r: dict) -> list[Row]:
 
 
 ROWS: dict[str, Callable[[dict], list[Row]]] = {
-    "lookup": rows_lookup, "push": rows_push, "scale": rows_scale, "redis": rows_redis,
+    "lookup": rows_lookup, "push": rows_push, "scale": rows_scale, "prefetch": rows_prefetch,
+    "redis": rows_redis,
     "wire": rows_wire, "quality": rows_quality,
 }
 

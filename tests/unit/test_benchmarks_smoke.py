@@ -57,7 +57,6 @@ def test_wire_dedup_and_cache_send_fewer_rows_than_naive(tiny_corpus):
         bench_wire.independent_dedup(cfg, tiny_corpus, 4))
     assert dedup["push_rows_per_token"] == pytest.approx(dedup["lookup_rows_per_token"])
 
-    bench_wire.cache_workaround(cfg.hash_config(tiny_corpus.pad_id).d_head)
     cached = bench_wire.measure(cfg, tiny_corpus, 4, PrefetchConfig(
         depth=1, update="async", cache_rows=1 << 16, cache_staleness=1))
     assert cached["lookup_ratio_vs_naive"] <= dedup["lookup_ratio_vs_naive"]
