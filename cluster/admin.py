@@ -82,7 +82,9 @@ class ShardAdmin:
                           wait_s)
 
     def stats(self, wait_s: float | None = None) -> pb.StatsResponse:
-        return self._call(lambda: self._stub.Stats(pb.StatsRequest(), timeout=self.timeout_s),
+        """Stats; with `wait_s`, give up (ShardUnavailable) after about that long."""
+        rpc_timeout = self.timeout_s if wait_s is None else max(1.0, wait_s)
+        return self._call(lambda: self._stub.Stats(pb.StatsRequest(), timeout=rpc_timeout),
                           "Stats", wait_s)
 
     def set_state(self, state: pb.ShardState) -> pb.ShardState:

@@ -15,6 +15,17 @@ import signal
 import threading
 
 
+def _size(text: str) -> int:
+    """Bytes with an optional K/M/G/T suffix (powers of 1024), e.g. 64G."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("B")
+    try:
+        return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 1073741824 or 64G") \
+            from None
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=None,
                    help="Ray address (head's host:port, or 'auto'); `up` without it starts a "
@@ -36,7 +47,10 @@ def add_commands(subparsers) -> None:
                     help="data root: shard-<i>/ LMDB dirs and cluster.json (on every store node)")
     up.add_argument("--slots", type=int, default=None, help="hash slots (fixed per layout)")
     up.add_argument("--cpus-per-shard", type=float, default=1.0)
-    up.add_argument("--memory-per-shard", type=int, default=0, help="bytes reserved in Ray")
+    up.add_argument("--memory-per-shard", type=_size, default=0,
+                    help="memory reserved in Ray per shard, e.g. 64G (0: none)")
+    up.add_argument("--shared-storage", action="store_true",
+                    help="--data is one shared filesystem: shards may move between store nodes")
     up.add_argument("--store-resource", default="engram_store",
                     help="custom Ray resource that marks store nodes")
     up.add_argument("--host", default="",
@@ -94,6 +108,7 @@ def cluster_config(args: argparse.Namespace):
     return ClusterConfig(num_shards=args.shards, data_root=args.data,
                          store_resource=args.store_resource, cpus_per_shard=args.cpus_per_shard,
                          memory_per_shard=args.memory_per_shard,
+                         shared_storage=args.shared_storage,
                          num_slots=args.slots or d.num_slots, namespace=args.namespace,
                          name=args.name, host=args.host, shard=shard, client=client)
 

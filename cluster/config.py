@@ -35,6 +35,9 @@ class ClusterConfig:
     host: str = ""
     shard: ShardConfig = field(default_factory=lambda: ShardConfig(data_dir="-", workers=8))
     client: ClientConfig = field(default_factory=ClientConfig)
+    # data_root is one shared filesystem (NFS, ...): a shard may reopen its directory from any
+    # store node. Off: each shard is pinned to the node its data was written on.
+    shared_storage: bool = False
     ready_timeout_s: float = 120.0  # how long up/scale wait for shard actors to start
     # Slots moved per freeze while resharding: fewer = shorter pauses of pushes to the moving
     # slots, more map versions (one per group).

@@ -105,8 +105,8 @@ class Registry:
         self._lock_fd: int | None = None
         self._last_reshard: dict = {}
         if _reconstructed():
-            # The registry crashed and Ray restarted it; its shard actors died with it. Bring the
-            # cluster back from cluster.json and the shards' data directories.
+            # The registry crashed and Ray restarted it. Its shard actors are detached and kept
+            # serving: adopt them (start any that are gone) from cluster.json.
             self.start([])
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -276,6 +276,8 @@ class Registry:
                 self._publish(range(m))
                 time.sleep(0.2)  # let in-flight requests on removed shards finish
                 self._stop_hosts(range(m, n))
+                for i in range(m, n):  # their directories hold no rows: no node to come back to
+                    self._placement.pop(i, None)
             self._save_meta()
             # start_s: new shard actors starting; longest_freeze_s: the longest time any slot
             # refused pushes (one group's freeze -> copy -> new map on the source).
@@ -354,7 +356,15 @@ class Registry:
         """A store node for shard `index`: the node of its recorded IP if one is alive (its data
         is there), else the store node with the fewest shards (spread)."""
         want = self._placement.get(index)
-        cands = [n for n in nodes if n["NodeManagerAddress"] == want] or nodes
+        cands = [n for n in nodes if n["NodeManagerAddress"] == want]
+        if not cands:
+            if want is not None and not self.config.shared_storage:
+                raise ShardUnavailable(
+                    f"shard {index}'s data is on store node {want}, which is not in the Ray "
+                    "cluster; start Ray there with the store resource, or copy "
+                    f"{shard_dir(self.config.data_root, index)} to another store node and edit "
+                    "its IP in cluster.json (or set shared_storage when data_root is shared)")
+            cands = nodes
         return min(cands, key=lambda n: load.get(n["NodeID"], 0))["NodeID"]
 
     def _start_hosts(self, indices) -> list[str]:

@@ -17,7 +17,7 @@ import pytest
 
 from cluster.api import ClusterNotFound, EngramCluster, RayUnreachable
 from cluster.registry import META_FILE
-from engram_store.errors import ConfigError, DataDirLocked, LayoutMismatch
+from engram_store.errors import ConfigError, DataDirLocked, LayoutMismatch, ShardUnavailable
 
 from .conftest import Pusher, cluster_config, push_batch, reference_table, table_spec
 
@@ -274,8 +274,8 @@ def test_cli_up_returns_and_the_cluster_lives_on(ray_cluster, tmp_path):
     finally:
         down = engram("down")
     assert down.returncode == 0, down.stderr[-2000:]
-    gone = engram("status")
-    assert gone.returncode == 2 and "no cluster named" in gone.stderr
+    with pytest.raises(ClusterNotFound):
+        EngramCluster.connect(address, name=name, namespace="engram-test")
 
 
 def test_tokens_protect_the_shards(ray_cluster, tmp_path):
@@ -301,3 +301,19 @@ def test_tokens_protect_the_shards(ray_cluster, tmp_path):
             StoreClient(address, dataclasses.replace(config.client, token="", retries=0))
     finally:
         cluster.down()
+
+
+def test_a_shard_whose_node_is_gone_is_not_started_empty(ray_cluster, tmp_path):
+    """A shard's directory lives on the store node it was written on: `up` refuses to start it
+    elsewhere (with an empty directory) when that node is not in the Ray cluster."""
+    config = cluster_config(tmp_path / "c", 1)
+    EngramCluster.up(config, tables=[table_spec(num_rows=100)]).down()
+    path = tmp_path / "c" / META_FILE
+    meta = json.loads(path.read_text())
+    meta["placement"]["0"] = "10.255.255.1"  # a node that left
+    path.write_text(json.dumps(meta))
+    with pytest.raises(ShardUnavailable, match="not in the Ray cluster"):
+        EngramCluster.up(config)
+    assert json.loads(path.read_text()) == meta
+    shared = EngramCluster.up(dataclasses.replace(config, shared_storage=True))
+    shared.down()
