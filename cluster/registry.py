@@ -319,11 +319,12 @@ class Registry:
         nxt = dataclasses.replace(current, version=current.version + 1,
                                   assignment=tuple(assignment))
         self._map = nxt  # clients may fetch it now: destinations get it first
-        # Once the source has the new map it answers "stale map" for these slots, and retried
-        # pushes go to the new owner: the pause ends here, not after the delete.
-        self._publish(dests + [src])
+        # The source last: once it has the new map it answers "stale map" for these slots, and
+        # a client that then refreshes its map from any shard's Stats must find the new one.
+        # The pause of pushes to these slots ends here, not after the delete.
+        others = [i for i in range(nxt.num_shards) if i not in dests and i != src]
+        self._publish(dests + others + [src])
         blocked = time.monotonic() - t_frozen
-        self._publish([i for i in range(nxt.num_shards) if i not in dests and i != src])
         for spec in tables:
             source.delete_rows(spec.name, mask.tobytes())
         self._frozen.pop(src, None)
