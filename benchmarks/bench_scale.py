@@ -28,18 +28,19 @@ TABLE = "bench"
 def _client(address: str, num_rows: int, batch: int, start: float, stop, max_s: float,
             seed: int, out) -> None:
     """Look up random batches from wall-clock `start` until `stop` is set (or max_s passed);
-    report [(t, rows), ...] on `out`."""
+    report [(t, rows, latency), ...] on `out`."""
     from engram_store.client import StoreClient
 
     rng = np.random.default_rng(seed)
-    marks: list[tuple[float, int]] = []
+    marks: list[tuple[float, int, float]] = []
     with StoreClient(address) as c:
         c.lookup(TABLE, np.arange(4))  # connect before the clock starts
         while time.time() < start:
             time.sleep(0.001)
         while not stop.is_set() and time.time() < start + max_s:
+            t = time.time()
             rows = c.lookup(TABLE, rng.integers(0, num_rows, batch))
-            marks.append((time.time(), rows.shape[0]))
+            marks.append((time.time(), rows.shape[0], time.time() - t))
     out.put(marks)
 
 
@@ -68,7 +69,7 @@ def drive(address: str, args: argparse.Namespace, seconds: float,
     stop.set()
     marks = []
     for _ in procs:
-        marks += q.get(timeout=120)
+        marks += q.get(timeout=120)  # (time, rows, batch latency)
     for p in procs:
         p.join(timeout=30)
     return sorted(marks), start, end, result
@@ -76,7 +77,12 @@ def drive(address: str, args: argparse.Namespace, seconds: float,
 
 def rate(marks, t0: float, t1: float) -> float:
     """Rows per second completed in [t0, t1)."""
-    return sum(n for t, n in marks if t0 <= t < t1) / max(t1 - t0, 1e-9)
+    return sum(m[1] for m in marks if t0 <= m[0] < t1) / max(t1 - t0, 1e-9)
+
+
+def slowest(marks, t0: float, t1: float) -> float:
+    """The longest single lookup (seconds) that finished in [t0, t1)."""
+    return max((m[2] for m in marks if t0 <= m[0] < t1), default=0.0)
 
 
 def main() -> int:
@@ -154,6 +160,9 @@ def main() -> int:
                         "rows_per_s_before": round(baseline), "rows_per_s_lowest_bin": round(lowest),
                         "rows_per_s_after": round(after),
                         "seconds_below_10pct": stalled,
+                        "slowest_lookup_s_before": round(slowest(marks, start, times["t0"]), 3),
+                        "slowest_lookup_s_during": round(slowest(marks, times["t0"],
+                                                                 times["t1"]), 3),
                         "dip_pct": round(100 * (1 - lowest / baseline), 1) if baseline else None},
         }
     finally:
