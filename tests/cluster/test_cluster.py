@@ -75,10 +75,15 @@ def test_scaling_under_pushes_matches_one_shard(ray_cluster, tmp_path):
         # every stored row lives on exactly one shard: sources deleted what they gave away
         assert sum(s.stored_rows for s in status.shards) == len(ids)
         assert all(s.map_version == status.map_version for s in status.shards)
-        # a removed shard's directory holds no rows any more
         client.close()
     finally:
         cluster.down()
+    # the removed shard's directory holds no rows any more
+    from engram_store.config import ShardConfig
+    from engram_store.storage import Shard
+
+    with Shard(ShardConfig(data_dir=str(tmp_path / "c" / "shard-3"))) as removed:
+        assert removed.stats()["stored_rows"] == 0
 
 
 def test_kill9_of_shards_loses_no_acknowledged_push(ray_cluster, tmp_path):
