@@ -181,11 +181,22 @@ class RedisTable:
                             lambda m: initial_rows(self.spec, m), ids)
 
     def push(self, ids: np.ndarray, grads: np.ndarray) -> int:
-        """One Adam step on the rows of `ids` (duplicates summed); returns the step used."""
+        """One Adam step on the rows of `ids` (duplicates summed); returns the step used.
+
+        Two round trips: one pipeline (INCR step, MGET rows and state per chunk), then MSET."""
         uids, g = coalesce(np.asarray(ids, np.int64), np.asarray(grads, np.float32))
-        step = int(self.r.incr("step"))
-        rows = self.lookup(uids)
-        state = self._decode(self._mget(b"s", uids), self.state_dim,
+        pipe = self.r.pipeline(transaction=False)
+        pipe.incr("step")
+        for lo in range(0, len(uids), self.chunk):
+            part = uids[lo:lo + self.chunk].tolist()
+            pipe.mget([b"w%d" % i for i in part])
+            pipe.mget([b"s%d" % i for i in part])
+        res = pipe.execute()
+        step = int(res[0])
+        w_vals = [v for part in res[1::2] for v in part]
+        s_vals = [v for part in res[2::2] for v in part]
+        rows = self._decode(w_vals, self.dim, lambda m: initial_rows(self.spec, m), uids)
+        state = self._decode(s_vals, self.state_dim,
                              lambda m: np.zeros((len(m), self.state_dim), np.float32), uids)
         new_rows, new_state = apply(self.spec.optimizer, rows, state, g, step)
         self._mset(uids, new_rows, new_state)

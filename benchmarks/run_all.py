@@ -565,9 +565,10 @@ def _notes(out: Path) -> list[str]:
 def update_readme(text: str, readme: Path = ROOT / "README.md", prefix: str = "results/") -> None:
     """Replace the block between the results markers (appended if absent) with `text`."""
     body = re.sub(r"!\[([^\]]*)\]\(([^)/]+\.png)\)", rf"![\1]({prefix}\2)", text)
-    body = body.replace("# Benchmark results", "## Benchmark results", 1)
-    body = body.replace("`results/<name>.json`", "`results/<name>.json`; "
-                        "generated from results/RESULTS.md by `benchmarks/run_all.py --readme`")
+    body = body.replace("# Benchmark results", "## Benchmark results\n\n"
+                        "_Generated from [results/RESULTS.md](results/RESULTS.md) by "
+                        "`python benchmarks/run_all.py --readme`; every number traces to a file in "
+                        "results/ and the command that wrote it._", 1)
     block = f"{START}\n{body.rstrip()}\n{END}"
     cur = readme.read_text(encoding="utf-8")
     if START in cur and END in cur:
