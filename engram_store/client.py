@@ -215,7 +215,12 @@ class StoreClient:
         """Rows of `table` for integer `ids` of any shape: float32 (*ids.shape, dim)."""
         ids = self._check_ids(ids)
         flat = ids.reshape(-1)
-        uniq, inverse = np.unique(flat, return_inverse=True)
+        srt = np.sort(flat)
+        if srt.shape[0] < 2 or bool(np.all(srt[1:] != srt[:-1])):
+            # already distinct: ask in request order, so no reassembly gather is needed
+            uniq, inverse = flat, None
+        else:
+            uniq, inverse = np.unique(flat, return_inverse=True)
         for attempt in range(self.config.retries + 1):
             m = self._map
             parts = self._route(m, table, uniq)
@@ -238,7 +243,11 @@ class StoreClient:
             rows_u = np.empty((len(uniq), dim), np.float32)
             for (_, pos), rows in zip(parts, chunks, strict=True):
                 rows_u[pos] = rows
-        return rows_u[inverse].reshape(*ids.shape, dim)
+        if inverse is not None:
+            rows_u = rows_u[inverse]
+        elif not rows_u.flags.writeable:
+            rows_u = rows_u.copy()  # callers own the result (a view would pin the response)
+        return rows_u.reshape(*ids.shape, dim)
 
     def _last_step(self, table: str) -> int:
         if table not in self._steps:

@@ -150,6 +150,9 @@ def test_async_and_client_validation(client):
     fut = client.lookup_async("t", ids)
     push = client.push_async("t", ids, np.ones((3, 8), np.float32))
     assert fut.result().shape == (3, 8)
+    # the caller owns the rows, with or without duplicate ids
+    assert client.lookup("t", ids).flags.writeable
+    assert client.lookup("t", np.array([4, 4])).flags.writeable
     assert push.result().rows_updated == 3
     from engram_store.errors import InvalidArgument
 
