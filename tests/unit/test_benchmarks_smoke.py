@@ -114,3 +114,16 @@ def test_redis_rmw_adam_matches_the_store(redis_port, shard):
     np.testing.assert_array_equal(table.state(probe), shard.optimizer_state("t", probe))
     np.testing.assert_array_equal(table.lookup(probe), ref_rows[probe])
     assert not np.array_equal(table.lookup(probe[:40]), initial_rows(spec, probe[:40]))
+
+
+def test_readme_results_block_is_replaced_in_place(tmp_path):
+    import run_all
+
+    readme = tmp_path / "README.md"
+    readme.write_text("# project\n\ntext\n")
+    run_all.update_readme("# Benchmark results\n\n| a |\n\n![f](quality_loss.png)\n", readme)
+    run_all.update_readme("# Benchmark results\n\n| b |\n", readme)
+    text = readme.read_text()
+    assert text.startswith("# project\n\ntext\n")
+    assert text.count(run_all.START) == text.count(run_all.END) == 1
+    assert "| b |" in text and "| a |" not in text
