@@ -295,6 +295,11 @@ def main() -> int:
         redis_lookup = _median_s(lambda i: table.lookup(batches[i]), n_timed)
         store_push = _median_s(lambda i: client.push("bench", batches[i], grads), n_timed)
         redis_push = _median_s(lambda i: table.push(batches[i], grads), n_timed)
+        loop_ids = batches[0][:2000].tolist()  # what a client without pipelining would do
+        t0 = time.perf_counter()
+        for i in loop_ids:
+            r.get(b"w%d" % i)
+        get_loop = (time.perf_counter() - t0) / len(loop_ids)
         check_ids = np.concatenate([batches[-1][:512], rng.choice(args.table_rows, 512)])
         a, b = client.lookup("bench", check_ids), table.lookup(check_ids)
         max_diff = float(np.max(np.abs(a - b)))
@@ -332,6 +337,7 @@ def main() -> int:
         "store_push_ms": store_push * 1e3, "redis_push_ms": redis_push * 1e3,
         "store_push_rows_per_s": args.rows / store_push,
         "redis_push_rows_per_s": args.rows / redis_push,
+        "redis_get_loop_rows_per_s": 1 / get_loop,
         "lookup_ratio": lookup_ratio, "push_ratio": push_ratio,
         "meets_target": bool(lookup_ratio >= TARGET and push_ratio >= TARGET),
         "rows_match_after_pushes_max_abs_diff": max_diff, "same_step": bool(same_step),
