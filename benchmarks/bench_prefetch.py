@@ -48,7 +48,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=None, help="runs per configuration")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--shards", type=int, default=2)
+    ap.add_argument("--torch-threads", type=int, default=0,
+                    help="intra-op threads of the trainer (0 = torch's default); 1 on a 2-core "
+                         "machine leaves a core to the shards, as a store on other hosts would")
     args = ap.parse_args()
+    if args.torch_threads:
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
     steps = args.steps or (12 if args.quick else 25)
     rounds = args.rounds or (2 if args.quick else 3)
 
@@ -87,6 +94,7 @@ def main() -> None:
                   "engram_layers": list(base.engram_layers), "seq_len": base.seq_len,
                   "batch_size": base.batch_size, "table_rows_per_layer": "~8 x 50k"},
         "shards": args.shards, "steps_per_run": steps, "rounds": rounds,
+        "torch_threads": args.torch_threads or "default",
         "step_ms": {k: round(1000 * v, 1) for k, v in med.items()},
         "ratio_store_prefetch_vs_local": round(ratio, 4),
         "ratio_per_round": [round(r, 4) for r in round_ratio],
