@@ -74,3 +74,14 @@ def test_vocabulary_mismatch_on_resume(tmp_path):
     data = torch.load(ckpt, weights_only=False)
     assert data["tokenizer"] == {"fingerprint": "synthetic-64", "vocab_size": 64}
     assert TrainConfig.from_dict(data["config"]) == cfg
+
+
+def test_resume_continues_exactly(tmp_path, reference):
+    """10 steps, checkpoint, resume to 20 on the same store == 20 steps in one go."""
+    with shard_servers(tmp_path) as addresses:
+        first = tiny_config(store=addresses, steps=10, out=str(tmp_path / "a"))
+        ckpt = train_worker(first)["checkpoint"]
+        second = dataclasses.replace(first, steps=20, resume=ckpt, out=str(tmp_path / "b"))
+        summary = train_worker(second)
+        assert summary["steps_run"] == 10
+        assert_matches(summary["checkpoint"], addresses, second, reference)
