@@ -139,9 +139,22 @@ class StoreClient:
                 if _is_stale(e):
                     raise _StaleMap(e.details()) from None
                 if e.code() not in _RETRYABLE or attempt == self.config.retries:
+                    if e.code() in _RETRYABLE and self._provider_has_newer_map():
+                        # the shard may have been removed or moved while we were idle
+                        raise _StaleMap(f"shard {address} unreachable; the shard map changed"
+                                        ) from None
                     raise self._error(e, address) from None
             self._backoff(attempt)
         raise AssertionError("unreachable")
+
+    def _provider_has_newer_map(self) -> bool:
+        """Whether map_provider knows a newer map than ours (False without a provider)."""
+        if self._map_provider is None:
+            return False
+        try:
+            return self._map_provider().version > self._map.version
+        except Exception:  # the provider itself may be down; the original error is clearer
+            return False
 
     def _fanout(self, calls: list[tuple[str, str, object]]) -> list:
         """Send (address, method, request) calls in parallel; responses in the same order.

@@ -71,3 +71,23 @@ def test_moving_slots_are_retried(shard):
 def test_unreachable_shard_raises_unavailable():
     with pytest.raises(errors.ShardUnavailable, match="127.0.0.1:1"):
         StoreClient("127.0.0.1:1", ClientConfig(retries=1, backoff_s=0.01, timeout_s=2))
+
+
+def test_unreachable_shard_in_an_outdated_map_is_rerouted(make_shard):
+    """A client idle while its shard went away asks map_provider and reaches the new owner."""
+    gone, live = make_shard(), make_shard()
+    with StoreClient(live.address) as c:
+        c.create_table(table_spec())
+        c.push("t", np.arange(5), np.ones((5, 8)), step=1)
+        expected = c.lookup("t", np.arange(10))
+    old = ShardMap.balanced([gone.address], num_slots=4, version=1)
+    gone.stop()
+    new = ShardMap.balanced([live.address], num_slots=4, version=2)
+    cfg = ClientConfig(retries=1, backoff_s=0.01, timeout_s=2)
+    with StoreClient(old, cfg, map_provider=lambda: new) as c:
+        np.testing.assert_array_equal(c.lookup("t", np.arange(10)), expected)
+        assert c.shard_map == new
+    # without a newer map the error still names the dead shard
+    with StoreClient(old, cfg, map_provider=lambda: old) as c:
+        with pytest.raises(errors.ShardUnavailable, match=gone.address):
+            c.lookup("t", np.arange(10))
