@@ -289,8 +289,8 @@ def count_params(cfg: TrainConfig, d: Data) -> dict:
 
 def sweep_configs(base: TrainConfig, d: Data, budget: int, ratios: list[float]
                   ) -> list[tuple[float, TrainConfig]]:
-    """For each ratio r: tables hold ~r*budget parameters (rows per head from table_base_size),
-    the backbone width is the multiple of n_head whose dense parameters come closest to the rest."""
+    """For each ratio r: tables hold ~r*budget parameters (rows per head = table_base_size) and
+    the backbone width is the multiple of n_head that brings the total closest to the budget."""
     out = []
     heads = base.hash_heads * (base.max_ngram - 1)
     d_head = base.n_embed_per_ngram // base.hash_heads

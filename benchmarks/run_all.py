@@ -99,6 +99,7 @@ def run_bench(b: Bench, out: Path, quick: bool) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     rec["load_before"] = round(os.getloadavg()[0], 2)
+    rec["date"] = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     t0 = time.perf_counter()
     print(f"[run_all] {b.name}: {rec['command']}", file=sys.stderr, flush=True)
     try:
@@ -258,9 +259,11 @@ def plot_prefetch(out: Path) -> str | None:
         items = sorted(items, key=lambda s: s[dkey])
         ax.plot([s[dkey] for s in items], [s[skey] for s in items], marker="o", label=label)
     ax.set_xlabel("prefetch depth (batches ahead)")
-    ax.set_ylabel(skey)
-    ax.set_title("Prefetch stall vs depth")
-    ax.legend(fontsize=8)
+    ax.set_ylabel("stall, % of step time" if "pct" in skey else skey)
+    ax.set_xticks(sorted({s[dkey] for s in series}))
+    ax.set_title("Prefetch stall vs depth (store backend, async updates)")
+    if len(groups) > 1:
+        ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out / "prefetch_stall.png", dpi=110)
@@ -489,7 +492,9 @@ def write_report(out: Path, meta: dict) -> str:
         f"- Machine: {m['cpus']} CPUs ({m['cpu_model']}), {m['ram_gib']} GiB RAM, {m['os']}, "
         f"Python {m['python']}" + (f", torch {m['torch']}" if m.get("torch") else ""),
         f"- Command: `{meta['command']}` (every script in quick mode, one after another; each "
-        "script's JSON is in `results/<name>.json`, its command below)",
+        "script's JSON is in `results/<name>.json`, its command below)"
+        + ("; benchmarks outside --only keep their earlier results (see Started below)"
+           if "--only" in meta["command"] else ""),
         "- Timings come from a shared machine: the 1-minute load average before and after each "
         "script is listed; a load above the CPU count means other work competed for the CPUs. "
         f"Scripts run with OMP_NUM_THREADS={meta.get('omp_threads', '1')} (torch on one thread: "
@@ -512,11 +517,13 @@ def write_report(out: Path, meta: dict) -> str:
         r = _load(out, name) or {}
         for fig, val, tgt, status in ROWS.get(name, rows_generic)(r) or rows_generic(r):
             lines.append(f"| {name} | {fig} | {val} | {tgt} | {status} |")
-    lines += ["", "## Runs", "", "| Benchmark | Command | Status | Wall (s) | Load before/after |",
-              "|---|---|---|---|---|"]
+    lines += ["", "## Runs", "",
+              "| Benchmark | Command | Started | Status | Wall (s) | Load before/after |",
+              "|---|---|---|---|---|---|"]
     for rec in meta["runs"]:
         cmd = f"`{rec['command']}`" if rec.get("command") else "—"
-        lines.append(f"| {rec['name']} | {cmd} | {rec['status']} | {rec.get('wall_s', 0)} | "
+        lines.append(f"| {rec['name']} | {cmd} | {rec.get('date', '—')} | "
+                     f"{rec['status']} | {rec.get('wall_s', 0)} | "
                      f"{rec.get('load_before', '—')} / {rec.get('load_after', '—')} |")
     lines += _notes(out)
     lines += _why(out)
