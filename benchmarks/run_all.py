@@ -98,13 +98,14 @@ def run_bench(b: Bench, out: Path, quick: bool) -> dict:
     log_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    timeout = b.timeout_s if quick else 8 * b.timeout_s  # full mode trains far longer
     rec["load_before"] = round(os.getloadavg()[0], 2)
     rec["date"] = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     t0 = time.perf_counter()
     print(f"[run_all] {b.name}: {rec['command']}", file=sys.stderr, flush=True)
     try:
         p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
-                           timeout=b.timeout_s)
+                           timeout=timeout)
         stdout, stderr, rc = p.stdout, p.stderr, p.returncode
         status = "ok" if rc == 0 else "failed"
     except subprocess.TimeoutExpired as e:
@@ -123,7 +124,7 @@ def run_bench(b: Bench, out: Path, quick: bool) -> dict:
         tail = (stderr or stdout).strip().splitlines()[-3:]
         rec["error"] = " | ".join(tail)[-400:] or f"exit status {rc}"
         if status == "timeout":
-            rec["error"] = f"no result within {b.timeout_s} s"
+            rec["error"] = f"no result within {timeout} s"
     rec["status"] = status
     payload = result if status == "ok" else {"status": status, "script": rel, "rc": rc,
                                              "error": rec.get("error"), "partial": result}
