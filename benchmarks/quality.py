@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -44,11 +43,16 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engram_store.hashing import NgramHasher, compress_tokenizer  # noqa: E402
+from engram_store.hashing import NgramHasher  # noqa: E402
 from trainer import data  # noqa: E402
 from trainer.model import GPT, param_split  # noqa: E402
-from trainer.tokenizer import PAD_ID  # noqa: E402
-from trainer.train import Corpus, LocalFetcher, TrainConfig, table_specs  # noqa: E402
+from trainer.train import (  # noqa: E402
+    Corpus,
+    LocalFetcher,
+    TrainConfig,
+    corpus_from_prepared,
+    table_specs,
+)
 
 TARGET_RATIO = 0.97
 PAPER_OPTIMUM = (0.20, 0.25)
@@ -78,19 +82,7 @@ def load_data(corpus: str | None, vocab_size: int, docs: list | None = None,
     `docs` (trainer.data.Document list) replaces the corpus, e.g. for tests."""
     prep = data.prepare_data(corpus, vocab_size, cache_dir=cache_dir, docs=docs)
     ds = prep.dataset
-    lookup, compressed = compress_tokenizer(prep.tokenizer)
-
-    def batches(split: str, batch_size: int, seq_len: int, seed: int, start_step: int = 0):
-        if split == "train":
-            for b in ds.batches("train", batch_size, seq_len, seed, start_step=start_step):
-                yield b[:, :-1], b[:, 1:]  # (B, T) inputs, (B, T) targets
-            return
-        while True:
-            for b in ds.eval_batches(split, batch_size, seq_len):
-                yield b[:, :-1], b[:, 1:]
-
-    fp = hashlib.sha256(prep.tokenizer.to_str().encode()).hexdigest()[:16]
-    c = Corpus(ds.vocab_size, PAD_ID, fp, lookup, compressed, batches, prep.tokenizer)
+    c = corpus_from_prepared(prep)
     return Data(c, np.asarray(ds.tokens("train"), np.int64), np.asarray(ds.tokens("val"), np.int64),
                 corpus or "builtin (stdlib docstrings + pydoc topics)")
 

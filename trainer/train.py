@@ -209,12 +209,19 @@ def _load_corpus(corpus: str, vocab_size: int) -> Corpus:
     """Cached per process: reading the built-in corpus parses the stdlib (seconds)."""
     if corpus == "synthetic":
         return _synthetic_corpus(vocab_size)
+    from . import data
+
+    return corpus_from_prepared(
+        data.prepare_data(None if corpus in ("builtin", "") else corpus, vocab_size))
+
+
+def corpus_from_prepared(prep) -> Corpus:
+    """A Corpus over trainer.data.prepare_data's result: train batches from the seeded sampler,
+    validation as the split's consecutive windows, cycled."""
     from engram_store.hashing import compress_tokenizer
 
-    from . import data
     from .tokenizer import PAD_ID
 
-    prep = data.prepare_data(None if corpus in ("builtin", "") else corpus, vocab_size)
     ds = prep.dataset
     vocab = prep.tokenizer.get_vocab_size(with_added_tokens=True)
     lookup, compressed = compress_tokenizer(prep.tokenizer)
