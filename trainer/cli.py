@@ -87,6 +87,9 @@ def add_commands(subparsers) -> None:
                    help="async: hot-row cache per layer (0 = off)")
     t.add_argument("--cache-staleness", type=int, default=d.cache_staleness,
                    help="async: steps a cached row may be reused")
+    t.add_argument("--cache-keep-pushed", action="store_true",
+                   help="async: keep rows this trainer pushed in the cache until they are stale "
+                        "(by default a push evicts them)")
     t.add_argument("--eval-batches", type=int, default=d.eval_batches)
     t.add_argument("--eval-every", type=int, default=d.eval_every)
     t.add_argument("--seed", type=int, default=d.seed)
@@ -116,7 +119,8 @@ def train_config(args: argparse.Namespace):
         max_minutes=args.minutes,
         lr=args.lr, update=args.update, prefetch_depth=args.prefetch_depth,
         max_inflight=args.max_inflight, cache_rows=args.cache_rows,
-        cache_staleness=args.cache_staleness, trainers=args.trainers,
+        cache_staleness=args.cache_staleness, cache_drop_pushed=not args.cache_keep_pushed,
+        trainers=args.trainers,
         ray_train=args.ray_train or args.address is not None, device=args.device,
         trainer_resource=args.trainer_resource, eval_batches=args.eval_batches,
         eval_every=args.eval_every, out=str(pathlib.Path(args.out or default_out()).resolve()),

@@ -24,7 +24,10 @@ Update semantics (PrefetchConfig.update):
   cache is on); in sync terms it is at most depth + max_inflight (+ cache_staleness) steps stale.
 
 Hot-row cache (async only, off by default): a row fetched for a lookup issued at step s is reused by
-lookups for batches up to step s + cache_staleness; a push of the row by this worker drops it.
+lookups for batches up to step s + cache_staleness. With `cache_drop_pushed` (default) a push of the
+row by this worker drops it, so the cache only saves fetches between pushes; without it a pushed row
+stays until its staleness runs out, which is what makes hot n-grams cheap on the wire (the bound
+above holds either way: it counts from the fetch, not from the push).
 
 On CUDA the unique rows go through pinned host buffers and a non-blocking host-to-device copy on a
 side stream; the compute stream waits on an event recorded after the copy. On CPU the same code runs
@@ -67,6 +70,7 @@ class PrefetchConfig:
     max_inflight: int = 2  # async: pushes outstanding at once
     cache_rows: int = 0  # async: hot-row cache capacity per layer, 0 = off
     cache_staleness: int = 0  # async: steps a cached row may be reused
+    cache_drop_pushed: bool = True  # async: a push by this worker evicts the pushed rows
 
     def validate(self) -> None:
         if self.depth < 0:
@@ -408,7 +412,7 @@ class Prefetcher:
         async: the hot-row cache forgets them.
         """
         if self.config.update == "async":
-            if self.config.cache_rows:
+            if self.config.cache_rows and self.config.cache_drop_pushed:
                 with self._lock:
                     for layer, ids in pushed.items():
                         self._cache[layer].drop(ids)

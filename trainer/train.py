@@ -82,6 +82,7 @@ class TrainConfig:
     max_inflight: int = 2
     cache_rows: int = 0
     cache_staleness: int = 0
+    cache_drop_pushed: bool = True  # False: pushed rows stay cached until stale (fewer fetches)
     # workers
     trainers: int = 1
     ray_train: bool = False  # use Ray Train even for one trainer (always for > 1)
@@ -113,7 +114,8 @@ class TrainConfig:
     def prefetch_config(self) -> PrefetchConfig:
         return PrefetchConfig(depth=self.prefetch_depth, update=self.update,
                               max_inflight=self.max_inflight, cache_rows=self.cache_rows,
-                              cache_staleness=self.cache_staleness)
+                              cache_staleness=self.cache_staleness,
+                              cache_drop_pushed=self.cache_drop_pushed)
 
     def hash_config(self, pad_id: int) -> HashConfig | None:
         if not self.engram_layers:

@@ -149,6 +149,24 @@ def test_hot_row_cache_hits_and_push_invalidates():
     pf.close()
 
 
+def test_hot_row_cache_can_keep_pushed_rows_until_stale():
+    store = FakeStore()
+    cfg = PrefetchConfig(depth=0, update="async", cache_rows=1000, cache_staleness=2,
+                         cache_drop_pushed=False)
+    same = [(np.arange(10)[None, :], np.arange(10)[None, :])] * 6
+    pf = Prefetcher(store, hash_fn, {0: "t"}, iter(same), cfg, dim=DIM)
+    f = pf.next()  # fetched at step 0
+    pf.after_push({0: f.ids[0]})
+    assert len(pf._cache[0].ids) == len(f.ids[0])  # kept: the staleness bound counts from the fetch
+    before = store.lookups
+    pf.next()
+    pf.next()  # steps 1 and 2: within cache_staleness of the fetch
+    assert store.lookups == before
+    pf.next()  # step 3: stale, fetched again
+    assert store.lookups > before
+    pf.close()
+
+
 def test_stall_is_measured_and_hidden_by_depth():
     stalls = {}
     for depth in (0, 2):
