@@ -96,7 +96,8 @@ def measure(cfg: TrainConfig, corpus, steps: int, pcfg: PrefetchConfig) -> dict:
     naive = hcfg.heads_per_layer * n_layers
     return {
         "depth": pcfg.depth, "cache_rows": pcfg.cache_rows,
-        "cache_staleness": pcfg.cache_staleness, "steps": s.steps, "tokens": s.tokens,
+        "cache_staleness": pcfg.cache_staleness,
+        "cache_drop_pushed": pcfg.cache_drop_pushed, "steps": s.steps, "tokens": s.tokens,
         "naive_rows_per_token": naive, "lookup_rows_per_token": s.rows_per_token,
         "lookup_ratio_vs_naive": s.rows_per_token / naive,
         "push_rows_per_token": store.rows_pushed / max(s.tokens, 1),
@@ -136,6 +137,10 @@ def main() -> int:
                                           cache_staleness=1)),
         ("dedup+cache d2", PrefetchConfig(depth=2, update="async", cache_rows=args.cache_rows,
                                           cache_staleness=3)),
+        # pushed rows stay cached until 4 steps old: hot n-grams are fetched once per 4 steps
+        ("dedup+cache d1 keep s4", PrefetchConfig(depth=1, update="async",
+                                                  cache_rows=args.cache_rows, cache_staleness=4,
+                                                  cache_drop_pushed=False)),
     ]
     runs = []
     for B, T in shapes:
