@@ -557,11 +557,16 @@ def _notes(out: Path) -> list[str]:
                          "fixed FLOPs: a narrower backbone also computes less per token.")
     w = _load(out, "wire")
     if w and w.get("benchmark") == "wire":
+        keep = [x for x in w.get("runs", []) if x.get("cache_drop_pushed") is False]
         notes.append(
             f"- wire: naive = {w['naive_rows_per_token']} rows per token ((N-1) x K heads per "
-            "Engram layer); the hot-row cache can only serve rows fetched for the batch "
-            "`depth` steps earlier, because the training loop pushes every used row each step "
-            "and a push drops the row from the cache; bigger batches dedup more.")
+            "Engram layer). With the default cache policy a push drops the row from the cache, "
+            "and the training loop pushes every used row each step, so the cache only serves "
+            "rows shared with the batch `depth` steps earlier"
+            + (f"; \"{keep[0]['policy']}\" keeps pushed rows cached until "
+               f"{keep[0]['cache_staleness']} steps old (rows that much staler, async)"
+               if keep else "")
+            + ". Bigger batches dedup more.")
     r = _load(out, "redis")
     if r and r.get("benchmark") == "redis" and not r.get("skipped"):
         notes.append(
@@ -612,7 +617,8 @@ def _why(out: Path) -> list[str]:
             f"{w['default_batch']['seq_len']} = "
             f"{w['default_batch']['batch_size'] * w['default_batch']['seq_len']:,} tokens) only "
             f"{100 * (1 - w['dedup_ratio']):.0f}% of (position, head) rows repeat within a "
-            "batch, and the cache adds little (see the note above)"
+            f"batch; the best cache policy measured (\"{w.get('best_policy')}\") brings it to "
+            f"{w.get('ratio', 0):.2f} (see the note above)"
             + (f"; at {big[0]['batch_size']}x{big[0]['seq_len']} the ratio is "
                f"{big[0]['lookup_ratio_vs_naive']:.2f}." if big else "."))
     q = _load(out, "quality")
