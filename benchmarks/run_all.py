@@ -579,6 +579,15 @@ def _notes(out: Path) -> list[str]:
 def _why(out: Path) -> list[str]:
     """One line per missed target saying why, from the numbers in the JSON."""
     lines = []
+    lk = _load(out, "lookup")
+    if lk and lk.get("meets_target") is False:
+        srv = lk.get("server_lookup_p50_ms")
+        lines.append(
+            f"- lookup: quick mode times {lk.get('iters')} lookups of {lk.get('rows'):,} rows "
+            f"({lk['store_lookup_ms']:.0f} ms through StoreClient vs {lk['raw_grpc_ms']:.0f} ms "
+            "for the same bytes over raw gRPC"
+            + (f"; {srv:.0f} ms of it inside the server" if srv else "")
+            + "), so one slow phase of the shared CPUs moves the ratio; see the load column.")
     p = _load(out, "push")
     if p and p.get("meets_target") is False and p.get("inprocess_rows_per_s"):
         lines.append(
