@@ -80,6 +80,7 @@ def redis_server(binary: str, timeout_s: float = 15.0) -> Iterator[int]:
     """A throw-away redis-server on 127.0.0.1 (free port, no RDB/AOF, in a temp dir); yields the
     port; always killed at the end."""
     import redis
+    from _procs import stop  # benchmarks/ is on sys.path when run as a script
 
     with tempfile.TemporaryDirectory(prefix="engram-redis-") as tmp:
         for attempt in range(3):
@@ -107,12 +108,7 @@ def redis_server(binary: str, timeout_s: float = 15.0) -> Iterator[int]:
         try:
             yield port
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop(proc, timeout_s=10)
             proc.stderr.close()
 
 
