@@ -14,7 +14,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 def _engram() -> list[str]:
     script = pathlib.Path(sys.executable).parent / "engram"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "cluster.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "engram"]
 
 
 @contextlib.contextmanager

@@ -23,8 +23,8 @@ import grpc
 import numpy as np
 from _procs import raw_server, shard_server
 
-from engram_store.client import StoreClient
-from engram_store.config import ClientConfig, OptimizerConfig, TableConfig
+from engram_store.engine.config import ClientConfig, OptimizerConfig, TableConfig
+from engram_store.rpc.client import StoreClient
 
 TARGET = 0.6
 

@@ -6,7 +6,7 @@ What a user would otherwise build: one Redis key per row (`w<id>`: the float32 r
 row's Adam state (`s<id>`: exp_avg then exp_avg_sq), a redis-server on 127.0.0.1 started here on a
 free port with no persistence (killed at the end). Lookup = pipelined MGET (chunks of --chunk keys,
 one round trip); update = read-modify-write: MGET rows + state, the store's own numpy Adam
-(engram_store.optimizers, SparseAdam semantics) in the client, MSET both back. Not atomic: two
+(engram_store.engine.optimizers, SparseAdam semantics) in the client, MSET both back. Not atomic: two
 writers of one row would race (the engram store applies a push in one LMDB transaction).
 
 The engram side is `engram serve` in another process (benchmarks/_procs.py) through StoreClient,
@@ -37,9 +37,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engram_store.config import OptimizerConfig, TableConfig  # noqa: E402
-from engram_store.init import initial_rows  # noqa: E402
-from engram_store.optimizers import apply, coalesce  # noqa: E402
+from engram_store.engine.config import OptimizerConfig, TableConfig  # noqa: E402
+from engram_store.engine.init import initial_rows  # noqa: E402
+from engram_store.engine.optimizers import apply, coalesce  # noqa: E402
 
 TARGET = 10.0
 
@@ -118,7 +118,7 @@ def redis_server(binary: str, timeout_s: float = 15.0) -> Iterator[int]:
 class RedisTable:
     """One memory table in Redis: key w<id> = float32 row, s<id> = Adam state (m then v).
 
-    lookup: pipelined MGET; push: read-modify-write with engram_store.optimizers (the store's
+    lookup: pipelined MGET; push: read-modify-write with engram_store.engine.optimizers (the store's
     math) in the client, the table step kept in key `step` (INCR per push, like the store's
     step 0 = table step + 1).
     """
@@ -129,7 +129,7 @@ class RedisTable:
         self.state_dim = spec.optimizer.state_width * spec.dim
 
     def load(self, ids: np.ndarray, batch: int = 16384) -> None:
-        """Write the table's initial rows (engram_store.init, as the store computes them)."""
+        """Write the table's initial rows (engram_store.engine.init, as the store computes them)."""
         for lo in range(0, len(ids), batch):
             part = ids[lo:lo + batch]
             rows = initial_rows(self.spec, part)
@@ -257,8 +257,8 @@ def main() -> int:
     import grpc
     from _procs import raw_server, shard_server
 
-    from engram_store.client import StoreClient
-    from engram_store.config import ClientConfig
+    from engram_store.engine.config import ClientConfig
+    from engram_store.rpc.client import StoreClient
 
     rng = np.random.default_rng(0)
     n_timed = args.iters

@@ -29,7 +29,7 @@ def _client(address: str, num_rows: int, batch: int, start: float, stop, max_s: 
             seed: int, out) -> None:
     """Look up random batches from wall-clock `start` until `stop` is set (or max_s passed);
     report [(t, rows, latency), ...] on `out`."""
-    from engram_store.client import StoreClient
+    from engram_store.rpc.client import StoreClient
 
     rng = np.random.default_rng(seed)
     marks: list[tuple[float, int, float]] = []
@@ -99,7 +99,7 @@ def main() -> int:
 
     from cluster.api import EngramCluster
     from cluster.config import ClusterConfig
-    from engram_store.config import OptimizerConfig, ShardConfig, TableConfig
+    from engram_store.engine.config import OptimizerConfig, ShardConfig, TableConfig
 
     counts = [int(x) for x in args.shards.split(",")]
     root = args.data or tempfile.mkdtemp(prefix="bench-scale-")

@@ -8,7 +8,7 @@ with cache_rows > 0, serves rows fetched for an earlier batch from its hot-row c
 drives the real Prefetcher over the real corpus batches (trainer.train.load_corpus) with an
 in-process store that only counts what crosses the wire, pushes every used row each step as the
 training loop does, and reads the Prefetcher's own counters (rows_fetched, tokens, cache hits).
-An independent count (np.unique over engram_store.hashing ids per batch) checks the dedup figure.
+An independent count (np.unique over trainer.hashing ids per batch) checks the dedup figure.
 
 Figure of merit: lookup rows per token with dedup + cache / naive (target <= 0.5) at the trainer's
 default batch (16 x 128 tokens); other batch shapes and the push side are reported too.
@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engram_store.hashing import NgramHasher  # noqa: E402
+from trainer.hashing import NgramHasher  # noqa: E402
 from trainer.prefetch import PrefetchConfig, Prefetcher  # noqa: E402
 from trainer.train import TrainConfig, load_corpus, worker_batches  # noqa: E402
 

@@ -43,8 +43,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engram_store.hashing import NgramHasher  # noqa: E402
 from trainer import data  # noqa: E402
+from trainer.hashing import NgramHasher  # noqa: E402
 from trainer.model import GPT, param_split  # noqa: E402
 from trainer.train import (  # noqa: E402
     Corpus,

@@ -572,7 +572,7 @@ def _notes(out: Path) -> list[str]:
         notes.append(
             f"- redis: {r['redis_version'].split(' sha')[0]}, redis-py {r['redis_py']} "
             f"({r['redis_parser']} reply parser), MGET/MSET chunks of {r['mget_chunk']} keys in "
-            "one pipeline; the RMW update uses engram_store.optimizers (the store's own Adam).")
+            "one pipeline; the RMW update uses engram_store.engine.optimizers (the store's own Adam).")
     return (["", "## Notes", ""] + notes) if notes else []
 
 

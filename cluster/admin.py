@@ -10,10 +10,10 @@ from typing import TypeVar
 
 import grpc
 
-from engram_store.config import ClientConfig
-from engram_store.errors import ShardUnavailable, error_for_code
-from engram_store.proto import store_pb2 as pb
-from engram_store.proto import store_pb2_grpc as pb_grpc
+from engram_store.engine.config import ClientConfig
+from engram_store.engine.errors import ShardUnavailable, error_for_code
+from engram_store.rpc.proto import store_pb2 as pb
+from engram_store.rpc.proto import store_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
 
@@ -21,7 +21,7 @@ T = TypeVar("T")
 def _open_channel(address: str, client: ClientConfig, options: list) -> grpc.Channel:
     """A channel that sends the client's token (and speaks TLS) as StoreClient's do."""
     try:
-        from engram_store.auth import open_channel
+        from engram_store.rpc.auth import open_channel
     except ImportError:  # a store without authentication support: plaintext, no token
         return grpc.insecure_channel(address, options=options)
     return open_channel(address, client, options)

@@ -23,14 +23,13 @@ from dataclasses import dataclass
 
 import ray
 
-from engram_store.client import StoreClient
-from engram_store.config import ClientConfig, TableConfig
-from engram_store.errors import ConfigError, DataDirLocked, EngramError, ShardUnavailable
-from engram_store.routing import ShardMap
-
-from .admin import ShardAdmin
-from .config import ClusterConfig
-from .registry import Registry, ray_get, registry_actor_options
+from cluster.admin import ShardAdmin
+from cluster.config import ClusterConfig
+from cluster.registry import Registry, ray_get, registry_actor_options
+from engram_store.engine.config import ClientConfig, TableConfig
+from engram_store.engine.errors import ConfigError, DataDirLocked, EngramError, ShardUnavailable
+from engram_store.engine.routing import ShardMap
+from engram_store.rpc.client import StoreClient
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

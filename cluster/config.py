@@ -6,9 +6,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from engram_store.config import ClientConfig, ShardConfig
-from engram_store.errors import ConfigError
-from engram_store.routing import DEFAULT_SLOTS
+from engram_store.engine.config import ClientConfig, ShardConfig
+from engram_store.engine.errors import ConfigError
+from engram_store.engine.routing import DEFAULT_SLOTS
 
 LOCAL_HOST = "127.0.0.1"
 

@@ -29,12 +29,11 @@ import uuid
 import numpy as np
 import ray
 
-from engram_store.errors import DataDirLocked, EngramError, LayoutMismatch, ShardUnavailable
-from engram_store.routing import ShardMap
-
-from .admin import ShardAdmin, request_totals, shard_state
-from .config import LOCAL_HOST, ClusterConfig, shard_dir
-from .shard_actor import ShardHost, _reconstructed, shard_actor_options
+from cluster.admin import ShardAdmin, request_totals, shard_state
+from cluster.config import LOCAL_HOST, ClusterConfig, shard_dir
+from cluster.shard_actor import ShardHost, _reconstructed, shard_actor_options
+from engram_store.engine.errors import DataDirLocked, EngramError, LayoutMismatch, ShardUnavailable
+from engram_store.engine.routing import ShardMap
 
 META_FILE = "cluster.json"
 LOCK_FILE = "cluster.lock"
@@ -225,7 +224,7 @@ class Registry:
 
     def scale(self, num_shards: int) -> dict:
         """Reshard to `num_shards` while serving; returns what moved and how long it took."""
-        from engram_store.errors import ConfigError
+        from engram_store.engine.errors import ConfigError
 
         with self._lock:
             old = self.get_map()

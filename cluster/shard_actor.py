@@ -1,7 +1,7 @@
 """A shard server hosted by a Ray actor on a store node.
 
 `ShardHost` is a plain class: it opens the shard's LMDB directory and serves it over gRPC with
-engram_store.service.create_server. The cluster turns it into an actor with `shard_actor_options`;
+engram_store.rpc.server.create_server. The cluster turns it into an actor with `shard_actor_options`;
 when Ray restarts the actor after a crash, the constructor runs again, reopens the same directory
 (every committed push is in it) and tells the registry where it listens.
 """
@@ -13,10 +13,9 @@ import os
 import socket
 import threading
 
-from engram_store.errors import EngramError, LayoutMismatch
-
-from .admin import ShardAdmin
-from .config import LOCAL_HOST, ClusterConfig, shard_dir
+from cluster.admin import ShardAdmin
+from cluster.config import LOCAL_HOST, ClusterConfig, shard_dir
+from engram_store.engine.errors import EngramError, LayoutMismatch
 
 
 def shard_actor_options(config: ClusterConfig, index: int, node_id: str | None) -> dict:
@@ -91,7 +90,7 @@ class ShardHost:
     # -- the actor's methods ---------------------------------------------------------------
     def start(self) -> str:
         """Open the data directory, serve it, and return "host:port". Idempotent."""
-        from engram_store.service import create_server  # starts serving before it returns
+        from engram_store.rpc.server import create_server  # starts serving before it returns
 
         with self._lock:
             if self._address:
@@ -136,7 +135,7 @@ class ShardHost:
 
     # -- internals --------------------------------------------------------------------------
     def _stop_locked(self) -> None:
-        from engram_store.service import stop_server
+        from engram_store.rpc.server import stop_server
 
         if self._server is not None:
             stop_server(self._server, self._shard, grace_s=1.0)

@@ -1,4 +1,4 @@
-"""Generate the Python gRPC stubs from proto/ into engram_store/proto/ (committed to git).
+"""Generate the Python gRPC stubs from proto/ into engram_store/rpc/proto/ (committed to git).
 
     python proto/generate.py           # regenerate
     python proto/generate.py --check   # exit 1 if the committed stubs differ from a fresh build (CI)
@@ -18,7 +18,7 @@ from grpc_tools import protoc
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PROTO_DIR = ROOT / "proto"
-OUT_DIR = ROOT / "engram_store" / "proto"
+OUT_DIR = ROOT / "engram_store" / "rpc" / "proto"
 
 
 def generate(out: pathlib.Path) -> list[pathlib.Path]:
@@ -34,7 +34,7 @@ def generate(out: pathlib.Path) -> list[pathlib.Path]:
         for f in sorted(pathlib.Path(tmp).rglob("*.py*")):
             text = f.read_text()
             # protoc writes absolute imports (`from engram.v1 import store_pb2`); the stubs live
-            # inside engram_store.proto, so make them package-relative.
+            # inside engram_store.rpc.proto, so make them package-relative.
             text = re.sub(r"^from engram\.v1 import (\w+)", r"from . import \1", text, flags=re.M)
             dest = out / f.name
             dest.write_text(text)

@@ -24,9 +24,8 @@ from typing import Generic, TypeVar
 
 import numpy as np
 
-from engram_store.errors import ConfigError
-
-from .tokenizer import EOT_ID, atomic_write_bytes, load_or_train_tokenizer, tokenizer_dir
+from engram_store.engine.errors import ConfigError
+from trainer.tokenizer import EOT_ID, atomic_write_bytes, load_or_train_tokenizer, tokenizer_dir
 
 SPLITS = ("train", "val")
 CORPUS_SUFFIXES = (".txt", ".jsonl", ".parquet")

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engram_store.hashing import HashConfig, head_primes
+from trainer.hashing import HashConfig, head_primes
 
 
 class ShortConv(nn.Module):

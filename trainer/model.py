@@ -19,10 +19,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engram_store.errors import ConfigError
-from engram_store.hashing import HashConfig, head_primes
-
-from .engram import EngramModule
+from engram_store.engine.errors import ConfigError
+from trainer.engram import EngramModule
+from trainer.hashing import HashConfig, head_primes
 
 
 @dataclass(frozen=True)

@@ -47,13 +47,13 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from engram_store.errors import ConfigError
+from engram_store.engine.errors import ConfigError
 
 UPDATES = ("sync", "async")
 
 
 class Store(Protocol):
-    """What the prefetcher needs from engram_store.client.StoreClient."""
+    """What the prefetcher needs from engram_store.rpc.client.StoreClient."""
 
     def lookup_async(self, table: str, ids: np.ndarray) -> Future: ...
 

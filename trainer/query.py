@@ -15,12 +15,12 @@ import pathlib
 
 import numpy as np
 
-from engram_store.errors import ConfigError
+from engram_store.engine.errors import ConfigError
 
 
 def _config(checkpoint: str):
     """(TrainConfig, source) for the run whose hashing is wanted."""
-    from .train import TrainConfig
+    from trainer.train import TrainConfig
 
     path = pathlib.Path(checkpoint) if checkpoint else None
     if path is None:
@@ -40,11 +40,10 @@ def _config(checkpoint: str):
 
 def query_text(args: argparse.Namespace) -> int:
     """Print the row ids (per layer, position, head) and row norms that `args.text` hashes to."""
-    from engram_store.client import StoreClient
-    from engram_store.config import ClientConfig
-    from engram_store.hashing import NgramHasher
-
-    from .train import load_corpus, table_specs
+    from engram_store.engine.config import ClientConfig
+    from engram_store.rpc.client import StoreClient
+    from trainer.hashing import NgramHasher
+    from trainer.train import load_corpus, table_specs
 
     cfg, source = _config(getattr(args, "checkpoint", ""))
     if not cfg.engram_layers:

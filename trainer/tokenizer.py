@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from engram_store.errors import ConfigError
+from engram_store.engine.errors import ConfigError
 
 # Fixed ids 0..2: the end-of-text separator between documents, and a pad id equal to
 # HashConfig's default pad_id (2), which the n-gram hash pads the first positions with.

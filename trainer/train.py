@@ -32,13 +32,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from engram_store.config import ClientConfig, OptimizerConfig, TableConfig
-from engram_store.errors import ConfigError, EngramError
-from engram_store.hashing import HashConfig, NgramHasher
-
-from .engram import LocalMemory
-from .model import GPT, ModelConfig, param_split
-from .prefetch import PrefetchConfig, Prefetcher, PrefetchStats
+from engram_store.engine.config import ClientConfig, OptimizerConfig, TableConfig
+from engram_store.engine.errors import ConfigError, EngramError
+from trainer.engram import LocalMemory
+from trainer.hashing import HashConfig, NgramHasher
+from trainer.model import GPT, ModelConfig, param_split
+from trainer.prefetch import PrefetchConfig, Prefetcher, PrefetchStats
 
 DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("store", "local")
@@ -211,7 +210,7 @@ def _load_corpus(corpus: str, vocab_size: int) -> Corpus:
     """Cached per process: reading the built-in corpus parses the stdlib (seconds)."""
     if corpus == "synthetic":
         return _synthetic_corpus(vocab_size)
-    from . import data
+    from trainer import data
 
     return corpus_from_prepared(
         data.prepare_data(None if corpus in ("builtin", "") else corpus, vocab_size))
@@ -220,9 +219,8 @@ def _load_corpus(corpus: str, vocab_size: int) -> Corpus:
 def corpus_from_prepared(prep) -> Corpus:
     """A Corpus over trainer.data.prepare_data's result: train batches from the seeded sampler,
     validation as the split's consecutive windows, cycled."""
-    from engram_store.hashing import compress_tokenizer
-
-    from .tokenizer import PAD_ID
+    from trainer.hashing import compress_tokenizer
+    from trainer.tokenizer import PAD_ID
 
     ds = prep.dataset
     vocab = prep.tokenizer.get_vocab_size(with_added_tokens=True)
@@ -259,7 +257,7 @@ def worker_batches(corpus: Corpus, split: str, cfg: TrainConfig, rank: int, worl
 def connect_store(addresses: tuple[str, ...] | list[str], token: str = "",
                   timeout_s: float = 10.0):
     """A StoreClient to the shards; ConfigError at once if none answers."""
-    from engram_store.client import StoreClient
+    from engram_store.rpc.client import StoreClient
 
     try:
         probe = StoreClient(list(addresses), ClientConfig(timeout_s=timeout_s, retries=2,
@@ -290,7 +288,7 @@ class LocalFetcher:
 
     def __init__(self, hasher: NgramHasher | None, specs: dict[int, TableConfig],
                  hash_config: HashConfig | None, batches: Iterator, device: torch.device) -> None:
-        from engram_store.init import initial_rows
+        from engram_store.engine.init import initial_rows
 
         self.hasher, self.batches, self.device = hasher, batches, device
         self.memory = LocalMemory(hash_config).to(device) if hash_config else None
@@ -304,7 +302,7 @@ class LocalFetcher:
         self.stats = PrefetchStats()
 
     def next(self):
-        from .prefetch import Fetched
+        from trainer.prefetch import Fetched
 
         x, y = next(self.batches)
         memory = self.memory(self.hasher.global_ids(x)) if self.memory is not None else {}
@@ -618,7 +616,7 @@ def save_checkpoint(cfg: TrainConfig, model: torch.nn.Module, opt: torch.optim.O
                                   "specs": specs, "data_root": cfg.store_data_root}
     if store is not None:
         try:
-            from engram_store.snapshot import snapshot
+            from engram_store.ops.snapshot import snapshot
 
             # A consistent copy of every shard (each push wholly in or out), written by the shard
             # servers: on a multi-machine store the path must be on a shared filesystem.

@@ -16,7 +16,7 @@ ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from cluster.config import ClusterConfig  # noqa: E402
-from engram_store.config import ClientConfig, OptimizerConfig, ShardConfig, TableConfig  # noqa: E402
+from engram_store.engine.config import ClientConfig, OptimizerConfig, ShardConfig, TableConfig  # noqa: E402
 
 STORE = "engram_store_test"  # the store resource of these tests
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -107,7 +107,7 @@ class Pusher(threading.Thread):
 
 def reference_table(tmp_path, spec: TableConfig, pushes: int):
     """A plain one-shard Shard fed pushes 1..pushes; returns (touched ids, their rows)."""
-    from engram_store.storage import Shard
+    from engram_store.engine.shard import Shard
 
     with Shard(ShardConfig(data_dir=str(tmp_path / f"ref-{uuid.uuid4().hex[:6]}"),
                            map_size=1 << 28)) as ref:

@@ -17,9 +17,8 @@ import pytest
 
 from cluster.api import ClusterNotFound, EngramCluster, RayUnreachable
 from cluster.registry import META_FILE
-from engram_store.errors import ConfigError, DataDirLocked, LayoutMismatch, ShardUnavailable
-
-from .conftest import Pusher, cluster_config, push_batch, reference_table, table_spec
+from engram_store.engine.errors import ConfigError, DataDirLocked, LayoutMismatch, ShardUnavailable
+from tests.cluster.conftest import Pusher, cluster_config, push_batch, reference_table, table_spec
 
 
 def _nodes_of(cluster: EngramCluster) -> set[str]:
@@ -79,8 +78,8 @@ def test_scaling_under_pushes_matches_one_shard(ray_cluster, tmp_path):
     finally:
         cluster.down()
     # the removed shard's directory holds no rows any more
-    from engram_store.config import ShardConfig
-    from engram_store.storage import Shard
+    from engram_store.engine.config import ShardConfig
+    from engram_store.engine.shard import Shard
 
     with Shard(ShardConfig(data_dir=str(tmp_path / "c" / "shard-3"))) as removed:
         assert removed.stats()["stored_rows"] == 0
@@ -199,7 +198,7 @@ def test_refusals_change_nothing(ray_cluster, tmp_path):
 
 def test_connect_and_cli(ray_cluster, tmp_path, capsys):
     """connect() finds a cluster by name; the `engram cluster` commands drive it."""
-    from cluster.cli import main
+    from engram.cli import main
 
     address = ray_cluster[0].address
     config = cluster_config(tmp_path / "c", 1)
@@ -261,7 +260,7 @@ def test_cli_up_returns_and_the_cluster_lives_on(ray_cluster, tmp_path):
     common = ["--address", address, "--name", name, "--namespace", "engram-test"]
 
     def engram(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "cluster.cli", "cluster", *args, *common],
+        return subprocess.run([sys.executable, "-m", "engram", "cluster", *args, *common],
                               capture_output=True, text=True, timeout=120,
                               cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
 
@@ -286,9 +285,9 @@ def test_cli_up_returns_and_the_cluster_lives_on(ray_cluster, tmp_path):
 def test_tokens_protect_the_shards(ray_cluster, tmp_path):
     """Shards that require tokens: the cluster's own calls and its client carry the write token;
     a client without one is refused."""
-    from engram_store.client import StoreClient
-    from engram_store.config import AuthConfig
-    from engram_store.errors import EngramError
+    from engram_store.engine.config import AuthConfig
+    from engram_store.engine.errors import EngramError
+    from engram_store.rpc.client import StoreClient
 
     spec = table_spec(num_rows=1000)
     base = cluster_config(tmp_path / "c", 1)

@@ -8,11 +8,10 @@ import pytest
 
 from cluster.admin import ShardAdmin, shard_state
 from cluster.shard_actor import ShardHost
-from engram_store.client import StoreClient
-from engram_store.errors import LayoutMismatch
-from engram_store.routing import ShardMap
-
-from .conftest import cluster_config, table_spec
+from engram_store.engine.errors import LayoutMismatch
+from engram_store.engine.routing import ShardMap
+from engram_store.rpc.client import StoreClient
+from tests.cluster.conftest import cluster_config, table_spec
 
 
 def test_shard_host_reopens_its_directory_on_its_port(tmp_path):

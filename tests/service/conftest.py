@@ -10,9 +10,9 @@ import sys
 
 import pytest
 
-from engram_store.client import StoreClient
-from engram_store.config import ClientConfig, OptimizerConfig, ShardConfig, TableConfig
-from engram_store.service import create_server, stop_server
+from engram_store.engine.config import ClientConfig, OptimizerConfig, ShardConfig, TableConfig
+from engram_store.rpc.client import StoreClient
+from engram_store.rpc.server import create_server, stop_server
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SMALL_BATCH = 4096  # max_batch_rows of the test servers, so the limit is cheap to exceed
@@ -77,7 +77,7 @@ def client(shard):
 def engram_command() -> list[str]:
     """The `engram` console script of this venv (or the module behind it)."""
     script = pathlib.Path(sys.executable).parent / "engram"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "cluster.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "engram"]
 
 
 class ServerProcess:

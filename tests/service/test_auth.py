@@ -10,14 +10,13 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from engram_store.auth import load_tokens_file, open_channel
-from engram_store.client import StoreClient
-from engram_store.config import AuthConfig, ClientConfig, OptimizerConfig, ShardConfig
-from engram_store.errors import ConfigError
-from engram_store.proto import store_pb2 as pb
-from engram_store.proto import store_pb2_grpc as pb_grpc
-
-from .conftest import table_spec
+from engram_store.engine.config import AuthConfig, ClientConfig, OptimizerConfig, ShardConfig
+from engram_store.engine.errors import ConfigError
+from engram_store.rpc.auth import load_tokens_file, open_channel
+from engram_store.rpc.client import StoreClient
+from engram_store.rpc.proto import store_pb2 as pb
+from engram_store.rpc.proto import store_pb2_grpc as pb_grpc
+from tests.service.conftest import table_spec
 
 READ, WRITE = "r3ad-token", "wr1te-token"
 

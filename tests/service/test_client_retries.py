@@ -7,13 +7,12 @@ import threading
 import numpy as np
 import pytest
 
-from engram_store import errors
-from engram_store.client import StoreClient
-from engram_store.config import ClientConfig
-from engram_store.proto import store_pb2 as pb
-from engram_store.routing import ShardMap
-
-from .conftest import table_spec
+from engram_store.engine import errors
+from engram_store.engine.config import ClientConfig
+from engram_store.engine.routing import ShardMap
+from engram_store.rpc.client import StoreClient
+from engram_store.rpc.proto import store_pb2 as pb
+from tests.service.conftest import table_spec
 
 FAST = ClientConfig(retries=6, backoff_s=0.02)
 

@@ -7,12 +7,12 @@ import grpc
 import numpy as np
 import pytest
 
-from engram_store import errors, wire
-from engram_store.client import StoreClient
-from engram_store.config import ClientConfig, TableConfig
-from engram_store.proto import store_pb2 as pb
-
-from .conftest import SMALL_BATCH, table_spec
+from engram_store.engine import errors
+from engram_store.engine.config import ClientConfig, TableConfig
+from engram_store.rpc import wire
+from engram_store.rpc.client import StoreClient
+from engram_store.rpc.proto import store_pb2 as pb
+from tests.service.conftest import SMALL_BATCH, table_spec
 
 C = grpc.StatusCode
 ONES = np.ones((2, 8), np.float32)

@@ -10,15 +10,14 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
-from engram_store.client import StoreClient
-from engram_store.config import ClientConfig, OptimizerConfig, TableConfig
-from engram_store.errors import TableNotFound
-from engram_store.export import export_safetensors
-from engram_store.proto import store_pb2 as pb
-from engram_store.proto import store_pb2_grpc as pb_grpc
-from engram_store.snapshot import snapshot
-
-from .test_snapshot import make_cluster
+from engram_store.engine.config import ClientConfig, OptimizerConfig, TableConfig
+from engram_store.engine.errors import TableNotFound
+from engram_store.ops.export import export_safetensors
+from engram_store.ops.snapshot import snapshot
+from engram_store.rpc.client import StoreClient
+from engram_store.rpc.proto import store_pb2 as pb
+from engram_store.rpc.proto import store_pb2_grpc as pb_grpc
+from tests.service.test_snapshot import make_cluster
 
 HEADS = (1009, 1013, 1019, 1021)
 ENGRAM = TableConfig(name="engram_l1", head_rows=HEADS, dim=8, dtype="bfloat16", seed=3,

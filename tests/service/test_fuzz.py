@@ -15,11 +15,10 @@ from google.protobuf.descriptor import FieldDescriptor as FD
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engram_store.client import StoreClient
-from engram_store.config import OptimizerConfig
-from engram_store.proto import store_pb2 as pb
-
-from .conftest import LocalShard, table_spec
+from engram_store.engine.config import OptimizerConfig
+from engram_store.rpc.client import StoreClient
+from engram_store.rpc.proto import store_pb2 as pb
+from tests.service.conftest import LocalShard, table_spec
 
 TABLE = "fz"
 ROWS, DIM = 64, 4

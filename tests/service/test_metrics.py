@@ -7,12 +7,12 @@ import math
 import numpy as np
 import pytest
 
-from engram_store.client import StoreClient
-from engram_store.config import ClientConfig
-from engram_store.errors import InvalidArgument
-from engram_store.metrics import TrainerMetrics, histogram_quantile, scrape, summarize
-
-from .conftest import table_spec
+from engram_store.engine.config import ClientConfig
+from engram_store.engine.errors import InvalidArgument
+from engram_store.rpc.client import StoreClient
+from engram_store.rpc.metrics import histogram_quantile, scrape, summarize
+from tests.service.conftest import table_spec
+from trainer.metrics import TrainerMetrics
 
 
 def _value(families: dict, name: str, **labels) -> float:

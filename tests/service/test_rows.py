@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from engram_store import dtypes, wire
-from engram_store.client import StoreClient
-from engram_store.config import ClientConfig, OptimizerConfig
-from engram_store.proto import store_pb2 as pb
-from engram_store.routing import ShardMap
-
-from .conftest import table_spec
+from engram_store.engine import dtypes
+from engram_store.engine.config import ClientConfig, OptimizerConfig
+from engram_store.engine.routing import ShardMap
+from engram_store.rpc import wire
+from engram_store.rpc.client import StoreClient
+from engram_store.rpc.proto import store_pb2 as pb
+from tests.service.conftest import table_spec
 
 
 def _rng_batch(rng, num_rows: int, n: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
@@ -154,7 +154,7 @@ def test_async_and_client_validation(client):
     assert client.lookup("t", ids).flags.writeable
     assert client.lookup("t", np.array([4, 4])).flags.writeable
     assert push.result().rows_updated == 3
-    from engram_store.errors import InvalidArgument
+    from engram_store.engine.errors import InvalidArgument
 
     with pytest.raises(InvalidArgument, match="integer"):
         client.lookup("t", np.array([1.5]))

@@ -10,12 +10,11 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from engram_store import wire
-from engram_store.client import StoreClient
-from engram_store.proto import store_pb2 as pb
-from engram_store.routing import ShardMap
-
-from .conftest import ROOT, engram_command, table_spec
+from engram_store.engine.routing import ShardMap
+from engram_store.rpc import wire
+from engram_store.rpc.client import StoreClient
+from engram_store.rpc.proto import store_pb2 as pb
+from tests.service.conftest import ROOT, engram_command, table_spec
 
 
 def test_health_and_reflection(shard):

@@ -11,16 +11,16 @@ import grpc
 import numpy as np
 import pytest
 
-from engram_store.client import StoreClient
-from engram_store.config import ClientConfig, OptimizerConfig, TableConfig
-from engram_store.errors import ConfigError
-from engram_store.proto import store_pb2 as pb
-from engram_store.proto import store_pb2_grpc as pb_grpc
-from engram_store.routing import ShardMap
-from engram_store.snapshot import load_manifest, open_snapshot_shard, restore, snapshot
-from engram_store.storage import ShardStateInfo
-
-from .conftest import LocalShard
+from engram_store.engine.config import ClientConfig, OptimizerConfig, TableConfig
+from engram_store.engine.errors import ConfigError
+from engram_store.engine.routing import ShardMap
+from engram_store.engine.shard import ShardStateInfo
+from engram_store.ops.restore import restore
+from engram_store.ops.snapshot import load_manifest, open_snapshot_shard, snapshot
+from engram_store.rpc.client import StoreClient
+from engram_store.rpc.proto import store_pb2 as pb
+from engram_store.rpc.proto import store_pb2_grpc as pb_grpc
+from tests.service.conftest import LocalShard
 
 ROWS, DIM = 96, 4
 SGD = TableConfig(name="sgd", num_rows=ROWS, dim=DIM, init="zeros",

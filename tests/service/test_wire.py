@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engram_store import dtypes, wire
-from engram_store.config import OptimizerConfig, TableConfig
-from engram_store.errors import InvalidArgument
-from engram_store.proto import store_pb2 as pb
+from engram_store.engine import dtypes
+from engram_store.engine.config import OptimizerConfig, TableConfig
+from engram_store.engine.errors import InvalidArgument
+from engram_store.rpc import wire
+from engram_store.rpc.proto import store_pb2 as pb
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])

@@ -10,11 +10,11 @@ import pathlib
 import numpy as np
 import torch
 
-from engram_store.config import ShardConfig
-from engram_store.hashing import NgramHasher
-from engram_store.init import initial_rows
-from engram_store.service import create_server, stop_server
+from engram_store.engine.config import ShardConfig
+from engram_store.engine.init import initial_rows
+from engram_store.rpc.server import create_server, stop_server
 from trainer.engram import LocalMemory
+from trainer.hashing import NgramHasher
 from trainer.model import GPT
 from trainer.train import TrainConfig, load_corpus, table_specs, worker_batches
 
@@ -85,7 +85,7 @@ def reference_run(cfg: TrainConfig, world: int = 1) -> tuple[dict, dict[int, np.
 
 def store_tables(addresses, cfg: TrainConfig, num_rows: dict[int, int]) -> dict[int, np.ndarray]:
     """Every row of each Engram table as the store holds it now."""
-    from engram_store.client import StoreClient
+    from engram_store.rpc.client import StoreClient
 
     with StoreClient(list(addresses)) as c:
         return {layer: c.lookup(cfg.table_prefix + f"engram_l{layer}", np.arange(n))
@@ -93,7 +93,7 @@ def store_tables(addresses, cfg: TrainConfig, num_rows: dict[int, int]) -> dict[
 
 
 def _spec(ckpt: dict, layer: int):
-    from engram_store.config import TableConfig
+    from engram_store.engine.config import TableConfig
 
     return TableConfig.from_dict(ckpt["store"]["specs"][layer])
 

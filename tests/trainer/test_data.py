@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 import trainer.tokenizer as tokenizer_mod
-from engram_store.errors import ConfigError
-from engram_store.hashing import HashConfig, NgramHasher, compress_tokenizer
+from engram_store.engine.errors import ConfigError
 from trainer.data import (
     Document,
     Lookahead,
@@ -20,6 +19,7 @@ from trainer.data import (
     split_documents,
     stdlib_documents,
 )
+from trainer.hashing import HashConfig, NgramHasher, compress_tokenizer
 from trainer.tokenizer import EOT_ID, PAD_ID, SPECIAL_TOKENS
 
 

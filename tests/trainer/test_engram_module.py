@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from engram_store.hashing import HashConfig, NgramHasher, head_primes
 from trainer.engram import EngramModule, LocalMemory
+from trainer.hashing import HashConfig, NgramHasher, head_primes
 
 
 def rms(x, w, eps):

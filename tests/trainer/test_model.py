@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from engram_store.errors import ConfigError
-from engram_store.hashing import HashConfig, NgramHasher, head_primes
+from engram_store.engine.errors import ConfigError
 from trainer.engram import LocalMemory
+from trainer.hashing import HashConfig, NgramHasher, head_primes
 from trainer.model import GPT, ModelConfig, param_split, summary
 
 HASH = HashConfig(layers=(1, 2), max_ngram=3, heads=2, base_sizes=(97, 89), pad_id=2,

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from engram_store.errors import ConfigError
+from engram_store.engine.errors import ConfigError
 from trainer.prefetch import PrefetchConfig, Prefetcher
 
 ROWS, DIM, H = 64, 4, 3

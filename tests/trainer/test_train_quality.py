@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from tests.trainer.store_helpers import shard_servers, tiny_config
 from trainer.train import train_worker
-
-from .store_helpers import shard_servers, tiny_config
 
 
 @pytest.mark.timeout(300)

@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import pytest
 
+from tests.trainer.store_helpers import (
+    ROOT,
+    assert_matches,
+    reference_run,
+    shard_servers,
+    tiny_config,
+)
 from trainer.train import run_ray_train
-
-from .store_helpers import ROOT, assert_matches, reference_run, shard_servers, tiny_config
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from engram_store.errors import ConfigError
+from engram_store.engine.errors import ConfigError
+from tests.trainer.store_helpers import assert_matches, reference_run, shard_servers, tiny_config
 from trainer.train import TrainConfig, train_worker
-
-from .store_helpers import assert_matches, reference_run, shard_servers, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +37,7 @@ def test_async_training_runs_and_pushes(tmp_path):
         s = train_worker(cfg)
         assert np.isfinite(s["final_loss"]) and s["rows_per_token"] > 0
         assert 0 <= s["cache_hit_rate"] <= 1
-        from engram_store.client import StoreClient
+        from engram_store.rpc.client import StoreClient
 
         with StoreClient(list(addresses)) as c:
             assert c.table_info("engram_l1").step == cfg.steps  # every push landed, in order

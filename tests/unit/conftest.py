@@ -2,8 +2,8 @@
 
 import pytest
 
-from engram_store.config import ShardConfig
-from engram_store.storage import Shard
+from engram_store.engine.config import ShardConfig
+from engram_store.engine.shard import Shard
 
 
 @pytest.fixture

@@ -16,9 +16,9 @@ import bench_redis  # noqa: E402
 import bench_wire  # noqa: E402
 import quality  # noqa: E402
 
-from engram_store.config import OptimizerConfig, TableConfig  # noqa: E402
-from engram_store.init import initial_rows  # noqa: E402
-from engram_store.optimizers import apply, coalesce  # noqa: E402
+from engram_store.engine.config import OptimizerConfig, TableConfig  # noqa: E402
+from engram_store.engine.init import initial_rows  # noqa: E402
+from engram_store.engine.optimizers import apply, coalesce  # noqa: E402
 from trainer.data import Document  # noqa: E402
 from trainer.prefetch import PrefetchConfig  # noqa: E402
 from trainer.train import TrainConfig  # noqa: E402

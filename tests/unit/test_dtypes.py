@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from engram_store import dtypes
-from engram_store.errors import InvalidArgument
+from engram_store.engine import dtypes
+from engram_store.engine.errors import InvalidArgument
 
 
 def test_bf16_round_to_nearest_even_and_specials():

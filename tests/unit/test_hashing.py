@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engram_store.config import TableConfig
-from engram_store.errors import ConfigError, InvalidArgument
-from engram_store.hashing import (
+from engram_store.engine.config import TableConfig
+from engram_store.engine.errors import ConfigError, InvalidArgument
+from trainer.hashing import (
     HashConfig,
     NgramHasher,
     compress_tokenizer,

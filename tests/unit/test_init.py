@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from engram_store.config import OptimizerConfig, TableConfig
-from engram_store.init import initial_rows, initial_state
+from engram_store.engine.config import OptimizerConfig, TableConfig
+from engram_store.engine.init import initial_rows, initial_state
 
 
 def test_rows_depend_only_on_seed_id_and_column():
@@ -21,7 +21,7 @@ def test_rows_depend_only_on_seed_id_and_column():
 
 
 def test_same_rows_under_any_shard_split():
-    from engram_store.routing import slot_of
+    from engram_store.engine.routing import slot_of
     spec = TableConfig("t", num_rows=5_000, dim=4, seed=1)
     ids = np.arange(5_000, dtype=np.int64)
     whole = initial_rows(spec, ids)

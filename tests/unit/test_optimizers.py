@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from engram_store.config import OptimizerConfig, ShardConfig, TableConfig
-from engram_store.init import initial_rows
-from engram_store.optimizers import coalesce
-from engram_store.storage import Shard
+from engram_store.engine.config import OptimizerConfig, ShardConfig, TableConfig
+from engram_store.engine.init import initial_rows
+from engram_store.engine.optimizers import coalesce
+from engram_store.engine.shard import Shard
 
 ROWS, DIM, STEPS = 300, 8, 6
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse invariant checks")
@@ -105,8 +105,8 @@ def test_bfloat16_storage_rounds_rows(tmp_path):
 def test_storage_dtypes_and_odd_dims(tmp_path, dtype, kind):
     """Records with an odd dim (unaligned state in 16-bit dtypes) give the same arithmetic as
     contiguous float32 arrays, rounded to the storage dtype after each step."""
-    from engram_store import dtypes, optimizers
-    from engram_store.init import initial_state
+    from engram_store.engine import dtypes, optimizers
+    from engram_store.engine.init import initial_state
     opt = OptimizerConfig(kind=kind, lr=0.05, initial_accumulator_value=0.2)
     spec = TableConfig("t", num_rows=40, dim=7, dtype=dtype, optimizer=opt)
     ids = np.arange(0, 40, 3, dtype=np.int64)[::-1].copy()  # unsorted on purpose
@@ -128,8 +128,8 @@ def test_storage_dtypes_and_odd_dims(tmp_path, dtype, kind):
 def test_large_push_in_parallel_parts(tmp_path):
     """Pushes larger than one optimizer part (8192 rows) run on the thread pool; cold (LMDB and
     init) and warm (mirror) pushes give the arithmetic of one contiguous apply()."""
-    from engram_store import optimizers
-    from engram_store.init import initial_state
+    from engram_store.engine import optimizers
+    from engram_store.engine.init import initial_state
     spec = TableConfig("t", num_rows=50_000, dim=4, optimizer=OptimizerConfig(kind="adam"))
     rng = np.random.default_rng(4)
     ids = rng.permutation(50_000)[:20_000].astype(np.int64)

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from engram_store.errors import ConfigError
-from engram_store.routing import ShardMap, fmix64, slot_of
+from engram_store.engine.errors import ConfigError
+from engram_store.engine.routing import ShardMap, fmix64, slot_of
 
 
 def test_fmix64_matches_scalar_murmur_finaliser():

@@ -5,8 +5,8 @@ import threading
 import numpy as np
 import pytest
 
-from engram_store.config import OptimizerConfig, ShardConfig, TableConfig
-from engram_store.errors import (
+from engram_store.engine.config import OptimizerConfig, ShardConfig, TableConfig
+from engram_store.engine.errors import (
     BatchTooLarge,
     DataDirLocked,
     InvalidArgument,
@@ -17,9 +17,9 @@ from engram_store.errors import (
     TableNotFound,
     WrongShard,
 )
-from engram_store.init import initial_rows, initial_state
-from engram_store.routing import slot_of
-from engram_store.storage import Shard, ShardStateInfo
+from engram_store.engine.init import initial_rows, initial_state
+from engram_store.engine.routing import slot_of
+from engram_store.engine.shard import Shard, ShardStateInfo
 
 ROWS, DIM = 500, 4
 SPEC = TableConfig("t", num_rows=ROWS, dim=DIM, seed=11, optimizer=OptimizerConfig(lr=0.1))
@@ -322,7 +322,7 @@ def test_retry_of_applied_push_is_acknowledged_while_frozen(trained):
 
 
 def test_full_map_raises_store_full_and_changes_nothing(tmp_path):
-    from engram_store.errors import StoreFull
+    from engram_store.engine.errors import StoreFull
     cfg = ShardConfig(data_dir=str(tmp_path / "s"), map_size=1 << 20)
     spec = TableConfig("big", num_rows=100_000, dim=64)
     with Shard(cfg) as shard:

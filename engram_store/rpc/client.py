@@ -21,15 +21,20 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import grpc
 import numpy as np
 
-from . import wire
-from .auth import open_channel
-from .config import ClientConfig, TableConfig
-from .errors import EngramError, InvalidArgument, ShardUnavailable, error_for_code
-from .optimizers import coalesce
-from .proto import store_pb2 as pb
-from .proto import store_pb2_grpc
-from .routing import ShardMap
-from .storage import PushResult, TableStats
+from engram_store.engine.config import ClientConfig, TableConfig
+from engram_store.engine.errors import (
+    EngramError,
+    InvalidArgument,
+    ShardUnavailable,
+    error_for_code,
+)
+from engram_store.engine.optimizers import coalesce
+from engram_store.engine.routing import ShardMap
+from engram_store.engine.types import PushResult, TableStats
+from engram_store.rpc import wire
+from engram_store.rpc.auth import open_channel
+from engram_store.rpc.proto import store_pb2 as pb
+from engram_store.rpc.proto import store_pb2_grpc
 
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 _STALE = "stale shard map"

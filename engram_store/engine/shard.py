@@ -12,7 +12,6 @@ the mirror only after their LMDB commit, so a lookup never sees a torn or uncomm
 
 from __future__ import annotations
 
-import base64
 import fcntl
 import itertools
 import json
@@ -27,9 +26,9 @@ from dataclasses import dataclass, field
 import lmdb
 import numpy as np
 
-from . import init
-from .config import ShardConfig, TableConfig
-from .errors import (
+from engram_store.engine import init
+from engram_store.engine.config import ShardConfig, TableConfig
+from engram_store.engine.errors import (
     BatchTooLarge,
     DataDirLocked,
     InvalidArgument,
@@ -41,9 +40,10 @@ from .errors import (
     TableNotFound,
     WrongShard,
 )
-from .mirror import Mirror, RWLock
-from .records import Layout, distinct_ids, put_items, row_keys
-from .routing import slot_of
+from engram_store.engine.mirror import Mirror, RWLock
+from engram_store.engine.records import Layout, distinct_ids, put_items, row_keys
+from engram_store.engine.routing import slot_of
+from engram_store.engine.types import PushResult, ShardStateInfo, TableStats
 
 _MAX_DBS = 4096  # tables per shard (+3 internal databases)
 _REQ = struct.Struct(">qq")  # request log value: (step, rows_updated)
@@ -52,54 +52,6 @@ _CHUNK = 512  # rows per optimizer chunk: temporaries stay in L1/L2
 _PART = 8192  # rows per optimizer task on the writer's thread pool
 _OPT_THREADS = 4  # optimizer threads per shard (the gRPC workers need cores too)
 _SCRATCH_MAX = 256 << 20  # writer buffers up to this size are kept for the next push
-
-
-@dataclass(frozen=True)
-class ShardStateInfo:
-    """Which hash slots this shard owns and which are frozen (proto ShardState).
-
-    `owned` / `frozen`: num_slots bytes, 1 = owned / being moved. Empty `owned`: every slot is owned
-    (a standalone shard); empty `frozen`: nothing frozen.
-    """
-
-    shard_index: int = 0
-    map_version: int = 0
-    num_slots: int = 0
-    owned: bytes = b""
-    frozen: bytes = b""
-    layout: str = ""
-    shard_map_json: str = ""
-
-    def to_json(self) -> str:
-        d = dict(self.__dict__)
-        d["owned"] = base64.b64encode(self.owned).decode()
-        d["frozen"] = base64.b64encode(self.frozen).decode()
-        return json.dumps(d)
-
-    @classmethod
-    def from_json(cls, s: str | bytes) -> ShardStateInfo:
-        d = json.loads(s)
-        d["owned"] = base64.b64decode(d["owned"])
-        d["frozen"] = base64.b64decode(d["frozen"])
-        return cls(**d)
-
-
-@dataclass(frozen=True)
-class TableStats:
-    """A table as this shard holds it (proto TableInfo)."""
-
-    spec: TableConfig
-    stored_rows: int = 0  # rows pushed (or imported) at least once
-    stored_bytes: int = 0  # their records
-    step: int = 0  # highest optimizer step applied
-    pushes: int = 0  # push requests applied
-
-
-@dataclass(frozen=True)
-class PushResult:
-    rows_updated: int  # distinct rows changed
-    duplicate: bool  # the request id was applied before; nothing changed now
-    step: int  # the step the update was applied as
 
 
 @dataclass

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import dtypes
-from .config import OptimizerConfig, TableConfig
-from .errors import InvalidArgument
-from .proto import store_pb2 as pb
-from .storage import ShardStateInfo
+from engram_store.engine import dtypes
+from engram_store.engine.config import OptimizerConfig, TableConfig
+from engram_store.engine.errors import InvalidArgument
+from engram_store.engine.types import ShardStateInfo
+from engram_store.rpc.proto import store_pb2 as pb
 
 DTYPE_TO_PB = {"float32": pb.FLOAT32, "bfloat16": pb.BFLOAT16, "float16": pb.FLOAT16}
 PB_TO_DTYPE = {pb.DTYPE_UNSPECIFIED: "float32", **{v: k for k, v in DTYPE_TO_PB.items()}}

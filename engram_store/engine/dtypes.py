@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .config import DTYPES
-from .errors import InvalidArgument
+from engram_store.engine.config import DTYPES
+from engram_store.engine.errors import InvalidArgument
 
 _NP = {"float32": np.dtype("<f4"), "bfloat16": np.dtype("<u2"), "float16": np.dtype("<f2")}
 

@@ -11,7 +11,7 @@ per-server registry, served at http://HOST:P/metrics:
     engram_stored_rows / _stored_bytes / _used_bytes / _map_size_bytes / _cache_rows   (gauges)
     engram_table_step{table}                  highest optimizer step applied
 
-Trainer: `TrainerMetrics` (stall time, rows per token, hot-row cache hit rate), see its docstring.
+Trainer: `trainer.metrics.TrainerMetrics` (stall time, rows per token, cache hit rate).
 Readers: `scrape(url)` -> parsed families; `summarize(families)` -> the numbers a status table
 shows (requests, errors by code, p50/p99 per method, staleness p50/p99).
 """
@@ -24,11 +24,11 @@ import urllib.request
 from collections.abc import Callable, Iterator
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 
-from .auth import wrap_handler
+from engram_store.rpc.auth import wrap_handler
 
 LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0,
                    2.0, 5.0, 10.0, 30.0)
@@ -179,66 +179,6 @@ def _counting(requests: Iterator, counted: list[int]) -> Iterator:
         counted[0] += _rows(r)
         counted[1] += _size(r)
         yield r
-
-
-class TrainerMetrics:
-    """What a trainer reports: time stalled waiting for rows, rows fetched per token, and the
-    hot-row cache hit rate. One instance per worker; call `serve(port)` to expose it.
-
-        m = TrainerMetrics(rank=0); m.serve(9400)
-        m.observe_stall(seconds)                 # each step: time the step waited for its rows
-        m.observe_step(tokens=B*T, rows=n_ids)   # rows = distinct ids fetched for the step
-        m.observe_cache(hits, misses)            # per lookup batch of the hot-row cache
-    """
-
-    def __init__(self, rank: int = 0, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry or CollectorRegistry()
-        r, lab = self.registry, [str(rank)]
-        self.stall = Histogram("engram_trainer_stall_seconds", "time a step waited for rows",
-                               ["rank"], buckets=STALL_BUCKETS, registry=r).labels(*lab)
-        self.tokens = Counter("engram_trainer_tokens", "tokens trained", ["rank"],
-                              registry=r).labels(*lab)
-        self.rows = Counter("engram_trainer_rows", "rows fetched", ["rank"],
-                            registry=r).labels(*lab)
-        self.rows_per_token = Gauge("engram_trainer_rows_per_token",
-                                    "rows fetched per token in the last step", ["rank"],
-                                    registry=r).labels(*lab)
-        self.hits = Counter("engram_trainer_cache_hits", "hot-row cache hits", ["rank"],
-                            registry=r).labels(*lab)
-        self.misses = Counter("engram_trainer_cache_misses", "hot-row cache misses", ["rank"],
-                              registry=r).labels(*lab)
-        self.hit_rate = Gauge("engram_trainer_cache_hit_rate", "cache hits / lookups so far",
-                              ["rank"], registry=r).labels(*lab)
-        self._hits = self._lookups = 0
-        self._http = None
-
-    def observe_stall(self, seconds: float) -> None:
-        self.stall.observe(max(0.0, seconds))
-
-    def observe_step(self, tokens: int, rows: int) -> None:
-        self.tokens.inc(tokens)
-        self.rows.inc(rows)
-        if tokens:
-            self.rows_per_token.set(rows / tokens)
-
-    def observe_cache(self, hits: int, misses: int) -> None:
-        self.hits.inc(hits)
-        self.misses.inc(misses)
-        self._hits += hits
-        self._lookups += hits + misses
-        if self._lookups:
-            self.hit_rate.set(self._hits / self._lookups)
-
-    def serve(self, port: int, host: str = "127.0.0.1") -> int:
-        """Serve /metrics on host:port (0: any free port); returns the port."""
-        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
-        return self._http.server_port
-
-    def close(self) -> None:
-        if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
-            self._http = None
 
 
 # ---- reading ----

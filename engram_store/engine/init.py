@@ -17,8 +17,8 @@ import math
 
 import numpy as np
 
-from .config import TableConfig
-from .routing import fmix64
+from engram_store.engine.config import TableConfig
+from engram_store.engine.routing import fmix64
 
 _G = np.uint64(0x9E3779B97F4A7C15)  # golden-ratio odd constants spread consecutive counters
 _G2 = np.uint64(0xD1B54A32D192ED03)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import mmh3
 import numpy as np
 
-from .errors import ConfigError
+from engram_store.engine.errors import ConfigError
 
 DEFAULT_SLOTS = 1024
 

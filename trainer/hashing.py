@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from .config import OptimizerConfig, TableConfig
-from .errors import ConfigError, InvalidArgument
+from engram_store.engine.config import OptimizerConfig, TableConfig
+from engram_store.engine.errors import ConfigError, InvalidArgument
 
 _PRIME_1 = 10007  # per-layer seed stride of the reference
 _INT64_MAX = int(np.iinfo(np.int64).max)

@@ -25,9 +25,9 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from . import dtypes, init
-from .config import ClientConfig, TableConfig
-from .errors import ConfigError, InvalidArgument, TableNotFound, error_for_code
+from engram_store.engine import dtypes, init
+from engram_store.engine.config import ClientConfig, TableConfig
+from engram_store.engine.errors import ConfigError, InvalidArgument, TableNotFound, error_for_code
 
 _DTYPES = {"float32": ("F32", "<f4"), "float16": ("F16", "<f2")}
 _LAYER = re.compile(r"^engram_l(\d+)$")
@@ -77,9 +77,9 @@ def _remote_batches(address: str, config: ClientConfig, spec: TableConfig, slots
                     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     import grpc
 
-    from .auth import open_channel
-    from .proto import store_pb2 as pb
-    from .proto import store_pb2_grpc as pb_grpc
+    from engram_store.rpc.auth import open_channel
+    from engram_store.rpc.proto import store_pb2 as pb
+    from engram_store.rpc.proto import store_pb2_grpc as pb_grpc
 
     channel = open_channel(address, config, [
         ("grpc.max_receive_message_length", config.max_message_bytes)])
@@ -100,12 +100,12 @@ def _remote_batches(address: str, config: ClientConfig, spec: TableConfig, slots
 
 def _snapshot_batches(directory: str, index: int, spec: TableConfig, num_slots: int
                       ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    from .snapshot import _owned_mask, open_snapshot_shard
+    from engram_store.ops.snapshot import open_snapshot_shard, owned_mask
 
     with open_snapshot_shard(directory, index) as shard:
         if spec.name not in {t.name for t in shard.tables()}:
             return
-        mask = _owned_mask(shard.shard_state(), num_slots)
+        mask = owned_mask(shard.shard_state(), num_slots)
         for ids, rec, _ in shard.export_rows(spec.name, mask, 65536):
             yield ids, _decode(spec, rec)
 
@@ -178,12 +178,12 @@ def export_safetensors(target, out_dir: str, tables: list[str] | None = None,
     From a live store each shard's rows are read from one LMDB transaction, but shards are read
     one after another: export a snapshot (or a quiet store) for a single point in training.
     """
-    from .routing import ShardMap
+    from engram_store.engine.routing import ShardMap
 
     if (target is None) == (snapshot_dir is None):
         raise ConfigError("export needs exactly one source: --address or --from SNAPSHOT_DIR")
     if snapshot_dir is not None:
-        from .snapshot import load_manifest
+        from engram_store.ops.snapshot import load_manifest
 
         manifest = load_manifest(snapshot_dir)
         specs = {n: TableConfig.from_dict(d) for n, d in manifest["tables"].items()}
@@ -196,7 +196,7 @@ def export_safetensors(target, out_dir: str, tables: list[str] | None = None,
             return [_Cursor(_snapshot_batches(snapshot_dir, i, spec, num_slots))
                     for i in range(n_shards)]
     else:
-        from .client import StoreClient
+        from engram_store.rpc.client import StoreClient
 
         client = target if isinstance(target, StoreClient) else StoreClient(
             target, config or ClientConfig())

@@ -11,8 +11,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from . import dtypes, optimizers
-from .config import TableConfig
+from engram_store.engine import dtypes, optimizers
+from engram_store.engine.config import TableConfig
 
 
 def row_keys(ids: np.ndarray) -> list[bytes]:

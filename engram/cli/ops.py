@@ -1,87 +1,19 @@
-"""`engram snapshot | restore | export`, and the auth / TLS / metrics flags of `serve` and of the
-commands that talk to a store (composed into the `engram` parser by engram_store/cli.py)."""
+"""`engram snapshot | restore | export`: operations over a live store or a snapshot directory."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 
-from .config import AuthConfig, ClientConfig
-from .errors import ConfigError
-
-TOKEN_ENV = "ENGRAM_TOKEN"  # a launcher may hand the client token over this way, not via argv
-
-
-# ---- serve ----
-
-def add_serve_options(p: argparse.ArgumentParser) -> None:
-    """Auth, TLS and metrics flags of `engram serve`."""
-    g = p.add_argument_group("security and monitoring")
-    g.add_argument("--read-token", action="append", default=[], metavar="TOKEN",
-                   help="token allowed to look up and read stats (repeatable)")
-    g.add_argument("--write-token", action="append", default=[], metavar="TOKEN",
-                   help="token allowed to do everything (repeatable)")
-    g.add_argument("--tokens-file", metavar="PATH",
-                   help="file of `read TOKEN` / `write TOKEN` lines (keeps tokens out of ps)")
-    g.add_argument("--tls-cert", default="", metavar="PEM", help="serve TLS with this cert chain")
-    g.add_argument("--tls-key", default="", metavar="PEM", help="private key of --tls-cert")
-    g.add_argument("--insecure", action="store_true",
-                   help="allow serving a non-loopback --host without tokens")
-    g.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
-                   help="serve Prometheus /metrics on this port (0: any free port)")
-
-
-def auth_config(args: argparse.Namespace) -> AuthConfig:
-    """The AuthConfig that `engram serve` flags describe."""
-    from .auth import load_tokens_file
-
-    read, write = list(args.read_token), list(args.write_token)
-    if args.tokens_file:
-        r, w = load_tokens_file(args.tokens_file)
-        read += r
-        write += w
-    return AuthConfig(read_tokens=tuple(read), write_tokens=tuple(write),
-                      tls_cert=args.tls_cert, tls_key=args.tls_key, insecure=args.insecure)
-
-
-# ---- clients ----
-
-def add_client_options(p: argparse.ArgumentParser) -> None:
-    """--token / --tls-root-cert for a command that talks to a store."""
-    p.add_argument("--token", default=None,
-                   help=f"bearer token for a store that requires one (default ${TOKEN_ENV})")
-    p.add_argument("--tls-root-cert", default="", metavar="PEM",
-                   help="CA or self-signed certificate of a TLS store")
-
-
-def client_config(args: argparse.Namespace, **fields) -> ClientConfig:
-    """The ClientConfig of a command's --token / --tls-root-cert (and any other fields)."""
-    token = getattr(args, "token", None)
-    if token is None:
-        token = os.environ.get(TOKEN_ENV, "")
-    return ClientConfig(token=token, tls_root_cert=getattr(args, "tls_root_cert", "") or "",
-                        **fields)
-
-
-def _store_client(args: argparse.Namespace):
-    """A StoreClient for --address: a shard's host:port, or a Ray address when the cluster
-    package is installed (its registry knows the shard map)."""
-    from .client import StoreClient
-
-    config = client_config(args)
-    try:
-        cluster_api = importlib.import_module("cluster.api")
-    except ModuleNotFoundError:
-        return StoreClient(args.address, config)
-    return cluster_api.discover_store(args.address, config)
-
+from engram.cli.options import add_client_options
+from engram.cli.options import store_client as _store_client
+from engram_store.engine.errors import ConfigError
 
 # ---- commands ----
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
-    from .snapshot import load_manifest, snapshot
+    from engram_store.ops.snapshot import load_manifest, snapshot
 
     with _store_client(args) as client:
         path = snapshot(client, args.to, lease_s=args.lease, timeout_s=args.timeout)
@@ -93,7 +25,7 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    from .snapshot import restore
+    from engram_store.ops.restore import restore
 
     addresses = [a for a in (args.addresses or "").split(",") if a] or None
     print(json.dumps(restore(args.source, args.data_root, shards=args.shards,
@@ -102,7 +34,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_safetensors
+    from engram_store.ops.export import export_safetensors
 
     if args.format != "safetensors":
         raise ConfigError(f"--format {args.format}: only safetensors is supported")
@@ -124,7 +56,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub) -> None:
-    """Add snapshot, restore and export to an argparse subparsers object."""
+    """Add snapshot, restore and export to the `engram` parser's subparsers."""
     s = sub.add_parser("snapshot", help="consistent copy of every shard, while training runs",
                        description="Pause writes on every shard for the time of a compacted "
                                    "LMDB copy (clients retry), copy, resume; write manifest.json.")

@@ -7,7 +7,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from .errors import ConfigError, InvalidArgument
+from engram_store.engine.errors import ConfigError, InvalidArgument
 
 DTYPES = ("float32", "bfloat16", "float16")
 OPTIMIZERS = ("sgd", "adagrad", "adam")

@@ -14,16 +14,7 @@ import os
 import signal
 import threading
 
-
-def _size(text: str) -> int:
-    """Bytes with an optional K/M/G/T suffix (powers of 1024), e.g. 64G."""
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    t = text.strip().upper().removesuffix("B")
-    try:
-        return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 1073741824 or 64G") \
-            from None
+from engram.cli import options
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -47,7 +38,7 @@ def add_commands(subparsers) -> None:
                     help="data root: shard-<i>/ LMDB dirs and cluster.json (on every store node)")
     up.add_argument("--slots", type=int, default=None, help="hash slots (fixed per layout)")
     up.add_argument("--cpus-per-shard", type=float, default=1.0)
-    up.add_argument("--memory-per-shard", type=_size, default=0,
+    up.add_argument("--memory-per-shard", type=options.size, default=0,
                     help="memory reserved in Ray per shard, e.g. 64G (0: none)")
     up.add_argument("--shared-storage", action="store_true",
                     help="--data is one shared filesystem: shards may move between store nodes")
@@ -84,10 +75,9 @@ def cluster_config(args: argparse.Namespace):
     """The ClusterConfig that `engram cluster up` flags describe."""
     import dataclasses
 
-    from engram_store.config import AuthConfig
-    from engram_store.errors import ConfigError
-
-    from .config import ClusterConfig
+    from cluster.config import ClusterConfig
+    from engram_store.engine.config import AuthConfig
+    from engram_store.engine.errors import ConfigError
 
     d = ClusterConfig()
     shard, client = d.shard, d.client
@@ -96,7 +86,7 @@ def cluster_config(args: argparse.Namespace):
     if args.tokens_file or args.insecure:
         read, write = (), ()
         if args.tokens_file:
-            from engram_store.auth import load_tokens_file
+            from engram_store.rpc.auth import load_tokens_file
 
             read, write = load_tokens_file(args.tokens_file)
             if not write:
@@ -114,7 +104,7 @@ def cluster_config(args: argparse.Namespace):
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from .api import EngramCluster
+    from cluster.api import EngramCluster
 
     cluster = EngramCluster.up(cluster_config(args), address=args.address)
     print(cluster.status(interval_s=0).format(), flush=True)
@@ -142,7 +132,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def _connect(args: argparse.Namespace):
-    from .api import EngramCluster
+    from cluster.api import EngramCluster
 
     return EngramCluster.connect(args.address, name=args.name, namespace=args.namespace)
 
@@ -154,7 +144,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_scale(args: argparse.Namespace) -> int:
-    from engram_store.errors import ConfigError
+    from engram_store.engine.errors import ConfigError
 
     if args.shards < 1:  # say so before connecting anywhere
         raise ConfigError(f"cannot scale to {args.shards} shards; a cluster keeps at least 1 "

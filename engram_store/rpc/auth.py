@@ -17,8 +17,8 @@ from collections.abc import Callable
 
 import grpc
 
-from .config import AuthConfig, ClientConfig
-from .errors import ConfigError
+from engram_store.engine.config import AuthConfig, ClientConfig
+from engram_store.engine.errors import ConfigError
 
 #: methods anyone may call, token or not
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)

@@ -1,32 +1,25 @@
-"""The gRPC face of one shard: MemoryStoreServicer translates messages, storage.Shard does the work.
-
-    server, port, shard = create_server(ShardConfig(data_dir="/tmp/s0"))   # tests: port 0
-    serve(config)                                                           # blocks until SIGTERM
-"""
+"""MemoryStoreServicer: the gRPC face of one shard. Each method decodes its request, makes one
+call on the engine's Shard and encodes the answer; errors travel as their gRPC status."""
 
 from __future__ import annotations
 
 import collections
 import functools
 import logging
-import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent import futures
 
 import grpc
 import numpy as np
 from google.protobuf.message import DecodeError
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
-from . import dtypes, wire
-from .config import ShardConfig
-from .errors import BatchTooLarge, EngramError, InvalidArgument, ReadOnly
-from .operations import ADMIN_SERVICE, server_extras
-from .proto import store_pb2 as pb
-from .storage import Shard
+from engram_store.engine import dtypes
+from engram_store.engine.config import ShardConfig
+from engram_store.engine.errors import BatchTooLarge, EngramError, InvalidArgument, ReadOnly
+from engram_store.engine.shard import Shard
+from engram_store.rpc import wire
+from engram_store.rpc.proto import store_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -281,78 +274,3 @@ def add_servicer(servicer: MemoryStoreServicer, server: grpc.Server) -> None:
                                 response_serializer=_serializer(resp_cls))
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     server.add_registered_method_handlers(SERVICE, handlers)
-
-
-def create_server(config: ShardConfig) -> tuple[grpc.Server, int, Shard]:
-    """Open the shard and start a server on config.host:config.port (0: any free port).
-
-    Returns (server, bound port, shard). The caller stops the server and closes the shard.
-    """
-    config.validate()
-    shard = Shard(config)
-    extras = None
-    try:
-        opts = [("grpc.max_send_message_length", config.max_message_bytes),
-                ("grpc.max_receive_message_length", config.max_message_bytes),
-                ("grpc.so_reuseport", 0)]
-        extras = server_extras(config, shard)  # auth, metrics, snapshot gate (operations.py)
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers), options=opts,
-                             interceptors=extras.interceptors)
-        servicer = MemoryStoreServicer(shard, config)
-        add_servicer(servicer, server)
-        server.servicer = servicer  # for tests and serve(); grpc.Server allows attributes
-        health_servicer = health.HealthServicer()
-        for name in ("", SERVICE):
-            health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        server.health = health_servicer
-        extras.register(server)
-        server.extras = extras
-        reflection.enable_server_reflection(
-            (SERVICE, ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-        port = extras.add_port(server, f"{config.host}:{config.port}")
-        if port == 0:
-            raise OSError(f"cannot listen on {config.host}:{config.port}; pick another --port")
-        server.start()
-    except BaseException:
-        if extras is not None:
-            extras.close()
-        shard.close()
-        raise
-    return server, port, shard
-
-
-def stop_server(server: grpc.Server, shard: Shard, grace_s: float = 5.0) -> None:
-    """Stop taking calls, let calls in flight finish (up to grace_s), then close the shard."""
-    health_servicer = getattr(server, "health", None)
-    if health_servicer is not None:
-        health_servicer.enter_graceful_shutdown()
-    server.stop(grace_s).wait()
-    if getattr(server, "extras", None) is not None:
-        server.extras.close()
-    shard.close()
-
-
-def serve(config: ShardConfig, ready: Callable[[str, int], None] | None = None) -> None:
-    """Serve one shard until SIGTERM or SIGINT, then stop gracefully and close the shard.
-
-    `ready(host, port)` is called once the server listens (the CLI prints the address).
-    """
-    server, port, shard = create_server(config)
-    done = threading.Event()
-    previous = {s: signal.signal(s, lambda *_: done.set()) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        if ready is not None:
-            ready(config.host, port)
-        while not done.wait(1.0):
-            pass
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-        stop_server(server, shard)
-
-
-if __name__ == "__main__":
-    from .cli import serve_main
-
-    raise SystemExit(serve_main())

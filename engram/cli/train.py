@@ -1,4 +1,4 @@
-"""`engram train` (the main job) and the trainer's part of `engram query --text`.
+"""`engram train`: the main job.
 
 With no arguments `engram train` starts a local Ray on 127.0.0.1, a store cluster of 2 shard actors,
 trains a small Engram model on the built-in corpus with one trainer for a few minutes, evaluates,
@@ -13,7 +13,7 @@ import dataclasses
 import pathlib
 import sys
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _layers(text: str) -> tuple[int, ...]:
@@ -25,8 +25,8 @@ def _layers(text: str) -> tuple[int, ...]:
 
 
 def add_commands(subparsers) -> None:
-    """Add `train` to the `engram` parser, and --text options to the store's `query`."""
-    from .train import TrainConfig
+    """Add `train` to the `engram` parser's subparsers."""
+    from trainer.train import TrainConfig
 
     d = TrainConfig()
     p = subparsers.add_parser(
@@ -96,19 +96,10 @@ def add_commands(subparsers) -> None:
     t.add_argument("--json", action="store_true", help="print the summary as JSON too")
     p.set_defaults(func=cmd_train)
 
-    q = subparsers.choices.get("query")
-    if q is not None:  # `engram query --text` needs no --table: it names the Engram tables itself
-        for action in q._actions:
-            if "--table" in action.option_strings:
-                action.required = False
-        q.add_argument("--checkpoint", default="",
-                       help="with --text: the run whose hashing to use (default: newest under "
-                            "runs/, else the `engram train` defaults)")
-
 
 def train_config(args: argparse.Namespace):
     """The TrainConfig that `engram train` flags describe (store addresses filled in later)."""
-    from .train import TrainConfig, default_out
+    from trainer.train import TrainConfig, default_out
 
     return TrainConfig(
         n_layer=args.layers, n_head=args.heads, n_embd=args.width,
@@ -152,9 +143,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Run the main job; see the module docstring."""
     import json
 
-    from engram_store.errors import ConfigError
-
-    from .train import load_corpus, print_summary, table_specs, train, train_worker
+    from engram_store.engine.errors import ConfigError
+    from trainer.train import load_corpus, print_summary, table_specs, train, train_worker
 
     cfg = train_config(args)
     # Fail on bad configs before starting anything (the store check comes once it exists).
@@ -171,7 +161,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         elif cfg.engram_layers:
             from cluster.api import EngramCluster
             from cluster.config import ClusterConfig
-            from engram_store.hashing import NgramHasher
+            from trainer.hashing import NgramHasher
 
             started_ray = _start_ray(args, cfg)
             hasher = NgramHasher(cfg.hash_config(corpus.pad_id), corpus.lookup,

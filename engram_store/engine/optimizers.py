@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from .config import OptimizerConfig
+from engram_store.engine.config import OptimizerConfig
 
 
 def coalesce(ids: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
