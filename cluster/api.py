@@ -26,12 +26,11 @@ import ray
 from cluster.admin import ShardAdmin
 from cluster.config import ClusterConfig
 from cluster.registry import Registry, ray_get, registry_actor_options
+from cluster.runtime import start_local_ray
 from engram_store.engine.config import ClientConfig, TableConfig
 from engram_store.engine.errors import ConfigError, DataDirLocked, EngramError, ShardUnavailable
 from engram_store.engine.routing import ShardMap
 from engram_store.rpc.client import StoreClient
-
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class ClusterExists(EngramError):
@@ -125,12 +124,8 @@ def _connect_ray(address: str | None, config: ClusterConfig) -> tuple[str, bool]
             return ray.get_runtime_context().gcs_address, False
         need = math.ceil(config.num_shards * config.cpus_per_shard)
         # Logical CPUs: room to scale to twice the shards even on a small machine.
-        ray.init(address="local", _node_ip_address="127.0.0.1",
-                 num_cpus=max(os.cpu_count() or 1, 2 * need),
-                 resources={config.store_resource: 1000}, include_dashboard=False,
-                 namespace=config.namespace, log_to_driver=False,
-                 # actors import this checkout even when the project is not pip-installed
-                 runtime_env={"env_vars": {"PYTHONPATH": _ROOT}})
+        start_local_ray(num_cpus=2 * need, resources={config.store_resource: 1000},
+                        namespace=config.namespace)
         return ray.get_runtime_context().gcs_address, True
     if address != "auto" and "://" not in address:
         _probe_tcp(address)

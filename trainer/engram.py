@@ -1,4 +1,4 @@
-"""The Engram layer, model side (ENGRAM.md steps 5-6), and a local stand-in for the memory store.
+"""The Engram layer, model side (docs/algorithm.md steps 5-6), and a local stand-in for the memory store.
 
 EngramModule holds only the small dense part (key/value projections, norms, short convolution). The
 memory rows themselves arrive from outside as a tensor `e` (B, T, H, d_head), H = (N-1)*K heads: the
@@ -43,7 +43,7 @@ class ShortConv(nn.Module):
 
 
 class EngramModule(nn.Module):
-    """Gates memory rows by the hidden state and mixes them locally (ENGRAM.md step 6).
+    """Gates memory rows by the hidden state and mixes them locally (docs/algorithm.md step 6).
 
     forward(h, e): h (B, T, M, D) or (B, T, D) when M = 1; e (B, T, H, d_head) the layer's fetched
     rows in order-major head order. Returns y, same shape as h, to be added to the residual
@@ -60,7 +60,7 @@ class EngramModule(nn.Module):
         self.key_projs = nn.ModuleList(nn.Linear(memory_dim, n_embd) for _ in range(hc_mult))
         self.norm_k = nn.ModuleList(nn.RMSNorm(n_embd) for _ in range(hc_mult))
         self.norm_q = nn.ModuleList(nn.RMSNorm(n_embd) for _ in range(hc_mult))
-        # dilation N: the conv mixes positions t, t-N, t-2N, ... (ENGRAM.md step 6)
+        # dilation N: the conv mixes positions t, t-N, t-2N, ... (docs/algorithm.md step 6)
         self.short_conv = ShortConv(n_embd, hc_mult, kernel_size, dilation=max_ngram)
 
     @classmethod

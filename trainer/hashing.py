@@ -1,4 +1,4 @@
-"""ENGRAM.md steps 1-4: vocabulary compression, hash multipliers, prime head sizes, n-gram hashing.
+"""docs/algorithm.md steps 1-4: vocabulary compression, hash multipliers, prime head sizes, n-gram hashing.
 
 Everything here is numpy + stdlib so the store, the client and the trainer share one definition of
 "which row does this n-gram read". It matches the authors' demo (`engram_demo_v1.py`) bit for bit:
@@ -24,7 +24,7 @@ _INT64_MAX = int(np.iinfo(np.int64).max)
 
 @dataclass(frozen=True)
 class HashConfig:
-    """Where Engram sits and how its n-grams are hashed (ENGRAM.md reference settings by default).
+    """Where Engram sits and how its n-grams are hashed (docs/algorithm.md reference settings by default).
 
     layers: backbone layer indices (0-based block indices) carrying an Engram, in configured order:
         the order decides which layer gets which primes (step 3).
@@ -98,7 +98,7 @@ _WHITE_SPACE = (
 
 
 def normalize_token_text(text: str) -> str:
-    """The canonical form of one decoded token (ENGRAM.md step 1), '' if nothing is left.
+    """The canonical form of one decoded token (docs/algorithm.md step 1), '' if nothing is left.
 
     NFKC, NFD, drop combining marks (general category M*), lowercase, collapse runs of
     space/tab/CR/LF to one space; a text that is then exactly " " stays " ", else strip the ends.
@@ -114,7 +114,7 @@ def normalize_token_text(text: str) -> str:
 
 
 def compress_vocab(decoded: Sequence[str], raw: Sequence[str]) -> tuple[np.ndarray, int]:
-    """Map every base token id to a canonical id (ENGRAM.md step 1).
+    """Map every base token id to a canonical id (docs/algorithm.md step 1).
 
     decoded[i]: token i decoded on its own; raw[i]: its raw vocabulary string (used as the key when
     the decoded text holds U+FFFD, i.e. is a partial UTF-8 sequence). Returns (lookup int64 (V,),
@@ -149,7 +149,7 @@ def compress_tokenizer(tokenizer: Any) -> tuple[np.ndarray, int]:
 
 
 def layer_multipliers(layer: int, compressed_vocab: int, max_ngram: int, seed: int) -> np.ndarray:
-    """The N odd int64 multipliers of one Engram layer (ENGRAM.md step 2)."""
+    """The N odd int64 multipliers of one Engram layer (docs/algorithm.md step 2)."""
     if compressed_vocab < 1:
         raise InvalidArgument(f"compressed vocabulary size {compressed_vocab} must be >= 1")
     half = max(1, _INT64_MAX // compressed_vocab // 2)
@@ -187,7 +187,7 @@ def is_prime(n: int) -> bool:
 
 
 def head_primes(config: HashConfig) -> dict[int, list[list[int]]]:
-    """{layer: [[prime per head] per order 2..N]} (ENGRAM.md step 3); distinct across everything."""
+    """{layer: [[prime per head] per order 2..N]} (docs/algorithm.md step 3); distinct across everything."""
     seen: set[int] = set()
     out: dict[int, list[list[int]]] = {}
     for layer in config.layers:
@@ -213,7 +213,7 @@ def head_primes(config: HashConfig) -> dict[int, list[list[int]]]:
 class NgramHasher:
     """Hashes batches of base-token ids into Engram table rows for every configured layer.
 
-    `hash` gives the row within each head's table (ENGRAM.md step 4); `global_ids` adds each head's
+    `hash` gives the row within each head's table (docs/algorithm.md step 4); `global_ids` adds each head's
     offset, giving the row id of the layer's concatenated table `engram_l{layer}` (step 5).
     """
 
@@ -279,7 +279,7 @@ class NgramHasher:
         return mixes
 
     def hash(self, ids: np.ndarray) -> dict[int, np.ndarray]:
-        """{layer: int64 (B, T, (N-1)*K)} rows within each head, order-major (ENGRAM.md step 4)."""
+        """{layer: int64 (B, T, (N-1)*K)} rows within each head, order-major (docs/algorithm.md step 4)."""
         x = self.compress(ids)  # (B, T)
         K = self.config.heads
         out = {}

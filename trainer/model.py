@@ -5,7 +5,7 @@ from the store (or LocalMemory) by the trainer. With `engram_layers=()` it is th
 backbone, no Engram.
 
 Layer numbering: `engram_layers` are 0-based block indices, as in the authors' demo (layer 0 is the
-first transformer block); ENGRAM.md's "layers [1, 15]" means blocks 1 and 15 of a 30-block model.
+first transformer block); docs/algorithm.md's "layers [1, 15]" means blocks 1 and 15 of a 30-block model.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ class ModelConfig:
     """Backbone shape plus where Engram sits.
 
     engram_layers: 0-based block indices carrying an Engram; () is the baseline. When given
-        without `hash`, hash defaults to HashConfig(layers=engram_layers) (ENGRAM.md settings).
+        without `hash`, hash defaults to HashConfig(layers=engram_layers) (docs/algorithm.md settings).
     hash: how n-grams are hashed; its `layers` must equal engram_layers (it orders the primes).
     hc_mult: residual branches M; this backbone has one residual stream, so only 1 is supported.
     """

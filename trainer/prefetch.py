@@ -1,6 +1,6 @@
 """Prefetcher: fetch Engram rows for batches ahead of the step that uses them.
 
-Engram addresses depend only on the input tokens (ENGRAM.md, "The idea"), so the rows a batch needs
+Engram addresses depend only on the input tokens (docs/algorithm.md, "The idea"), so the rows a batch needs
 are known as soon as the batch is drawn. The prefetcher hashes batches `depth` steps ahead in a
 background thread and issues their store lookups while the model computes the current step; the step
 only waits ("stalls") when a lookup has not come back in time.

@@ -1,6 +1,6 @@
 """`engram query --address HOST:PORT --text "Alexander the Great"`: which rows a text reads.
 
-Tokenizes the text with the run's tokenizer, hashes it as the model does (ENGRAM.md steps 1-4), and
+Tokenizes the text with the run's tokenizer, hashes it as the model does (docs/algorithm.md steps 1-4), and
 prints, per Engram layer, position and head, the n-gram's row id and the norm of that row in the
 store. The hashing comes from a checkpoint (--checkpoint, else the newest runs/*/checkpoint.pt,
 else the `engram train` defaults); it is checked against the tables' head sizes in the store.

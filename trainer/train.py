@@ -173,7 +173,7 @@ class Corpus:
     vocab_size: int
     pad_id: int
     fingerprint: str  # identifies the tokenizer: a checkpoint only resumes with the same one
-    lookup: np.ndarray  # (V,) base id -> compressed id (ENGRAM.md step 1)
+    lookup: np.ndarray  # (V,) base id -> compressed id (docs/algorithm.md step 1)
     compressed_vocab: int
     batches: Callable[..., Iterator[tuple[np.ndarray, np.ndarray]]]
     # batches(split, batch_size, seq_len, seed, start_step) -> endless (x, y) int64 (B, T)

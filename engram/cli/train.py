@@ -13,8 +13,6 @@ import dataclasses
 import pathlib
 import sys
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-
 
 def _layers(text: str) -> tuple[int, ...]:
     try:
@@ -120,8 +118,6 @@ def train_config(args: argparse.Namespace):
 
 def _start_ray(args: argparse.Namespace, cfg) -> bool:
     """Connect to Ray (an --address) or start a local one on 127.0.0.1; True if started here."""
-    import os
-
     import ray
 
     if ray.is_initialized():
@@ -129,13 +125,11 @@ def _start_ray(args: argparse.Namespace, cfg) -> bool:
     if args.address is not None:
         ray.init(address=args.address, namespace="engram", log_to_driver=True)
         return False
+    from cluster.runtime import start_local_ray
+
     need = args.shards + (cfg.trainers if cfg.ray_train or cfg.trainers > 1 else 0) + 1
-    ray.init(address="local", _node_ip_address="127.0.0.1",
-             num_cpus=max(os.cpu_count() or 1, need),
-             resources={"engram_store": 1000}, include_dashboard=False, namespace="engram",
-             log_to_driver=True,
-             # workers import this checkout even when the project is not pip-installed
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    start_local_ray(num_cpus=need, resources={"engram_store": 1000}, namespace="engram",
+                    log_to_driver=True)
     return True
 
 

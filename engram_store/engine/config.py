@@ -56,7 +56,7 @@ class TableConfig:
     """One memory table: its row space, row width, storage dtype, initialisation and optimizer.
 
     The row space is either `num_rows`, or the concatenation of `head_rows` (one block per hash
-    head, ENGRAM.md step 5), in which case num_rows is their sum.
+    head, docs/algorithm.md step 5), in which case num_rows is their sum.
     """
 
     name: str
@@ -100,7 +100,7 @@ class TableConfig:
         self.optimizer.validate()
 
     def head_offsets(self) -> tuple[int, ...]:
-        """Start row of each head in the concatenated row space (ENGRAM.md step 5)."""
+        """Start row of each head in the concatenated row space (docs/algorithm.md step 5)."""
         out, acc = [], 0
         for h in self.head_rows:
             out.append(acc)

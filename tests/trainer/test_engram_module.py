@@ -1,4 +1,4 @@
-"""EngramModule (ENGRAM.md step 6) against a plain reference written here, forward and backward."""
+"""EngramModule (docs/algorithm.md step 6) against a plain reference written here, forward and backward."""
 
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ from engram_store.ops.snapshot import load_manifest, open_snapshot_shard, snapsh
 from engram_store.rpc.client import StoreClient
 from engram_store.rpc.proto import store_pb2 as pb
 from engram_store.rpc.proto import store_pb2_grpc as pb_grpc
-from tests.service.conftest import LocalShard
+from tests.servers import LocalShard
 
 ROWS, DIM = 96, 4
 SGD = TableConfig(name="sgd", num_rows=ROWS, dim=DIM, init="zeros",

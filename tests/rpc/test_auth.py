@@ -16,7 +16,7 @@ from engram_store.rpc.auth import load_tokens_file, open_channel
 from engram_store.rpc.client import StoreClient
 from engram_store.rpc.proto import store_pb2 as pb
 from engram_store.rpc.proto import store_pb2_grpc as pb_grpc
-from tests.service.conftest import table_spec
+from tests.servers import table_spec
 
 READ, WRITE = "r3ad-token", "wr1te-token"
 

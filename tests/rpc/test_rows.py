@@ -13,7 +13,7 @@ from engram_store.engine.routing import ShardMap
 from engram_store.rpc import wire
 from engram_store.rpc.client import StoreClient
 from engram_store.rpc.proto import store_pb2 as pb
-from tests.service.conftest import table_spec
+from tests.servers import table_spec
 
 
 def _rng_batch(rng, num_rows: int, n: int, dim: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,4 +1,5 @@
-"""Fixtures: shard servers in-process on port 0 (fresh data dir each) and in a subprocess."""
+"""Shard servers for the rpc, ops and cli tests (a pytest plugin of tests/conftest.py):
+in-process on port 0 (a fresh data dir each) and `engram serve` in a subprocess."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from engram_store.engine.config import ClientConfig, OptimizerConfig, ShardConfi
 from engram_store.rpc.client import StoreClient
 from engram_store.rpc.server import create_server, stop_server
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMALL_BATCH = 4096  # max_batch_rows of the test servers, so the limit is cheap to exceed
 
 

@@ -12,7 +12,7 @@ from engram_store.engine.config import ClientConfig, TableConfig
 from engram_store.rpc import wire
 from engram_store.rpc.client import StoreClient
 from engram_store.rpc.proto import store_pb2 as pb
-from tests.service.conftest import SMALL_BATCH, table_spec
+from tests.servers import SMALL_BATCH, table_spec
 
 C = grpc.StatusCode
 ONES = np.ones((2, 8), np.float32)

@@ -1,4 +1,4 @@
-"""ENGRAM.md steps 1-4 against the numbers in ENGRAM.md and a loop-based reference written here."""
+"""docs/algorithm.md steps 1-4 against the numbers in docs/algorithm.md and a loop-based reference written here."""
 
 from __future__ import annotations
 

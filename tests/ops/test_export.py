@@ -17,7 +17,7 @@ from engram_store.ops.snapshot import snapshot
 from engram_store.rpc.client import StoreClient
 from engram_store.rpc.proto import store_pb2 as pb
 from engram_store.rpc.proto import store_pb2_grpc as pb_grpc
-from tests.service.test_snapshot import make_cluster
+from tests.ops.test_snapshot import make_cluster
 
 HEADS = (1009, 1013, 1019, 1021)
 ENGRAM = TableConfig(name="engram_l1", head_rows=HEADS, dim=8, dtype="bfloat16", seed=3,

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from engram_store.engine.config import OptimizerConfig
 from engram_store.rpc.client import StoreClient
 from engram_store.rpc.proto import store_pb2 as pb
-from tests.service.conftest import LocalShard, table_spec
+from tests.servers import LocalShard, table_spec
 
 TABLE = "fz"
 ROWS, DIM = 64, 4

@@ -11,7 +11,7 @@ from safetensors.numpy import load_file
 
 from engram_store.engine.config import ClientConfig, OptimizerConfig, TableConfig
 from engram_store.rpc.client import StoreClient
-from tests.service.conftest import ROOT, engram_command
+from tests.servers import ROOT, engram_command
 
 SPEC = TableConfig(name="engram_l2", head_rows=(101, 103), dim=4,
                    optimizer=OptimizerConfig(kind="adagrad", lr=0.1))

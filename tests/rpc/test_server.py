@@ -14,7 +14,7 @@ from engram_store.engine.routing import ShardMap
 from engram_store.rpc import wire
 from engram_store.rpc.client import StoreClient
 from engram_store.rpc.proto import store_pb2 as pb
-from tests.service.conftest import ROOT, engram_command, table_spec
+from tests.servers import ROOT, engram_command, table_spec
 
 
 def test_health_and_reflection(shard):

@@ -12,7 +12,7 @@ from engram_store.engine.config import ClientConfig
 from engram_store.engine.routing import ShardMap
 from engram_store.rpc.client import StoreClient
 from engram_store.rpc.proto import store_pb2 as pb
-from tests.service.conftest import table_spec
+from tests.servers import table_spec
 
 FAST = ClientConfig(retries=6, backoff_s=0.02)
 

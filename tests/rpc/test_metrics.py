@@ -11,7 +11,7 @@ from engram_store.engine.config import ClientConfig
 from engram_store.engine.errors import InvalidArgument
 from engram_store.rpc.client import StoreClient
 from engram_store.rpc.metrics import histogram_quantile, scrape, summarize
-from tests.service.conftest import table_spec
+from tests.servers import table_spec
 from trainer.metrics import TrainerMetrics
 
 
