@@ -11,7 +11,7 @@ import numpy as np
 from engram_store.engine.config import DTYPES
 from engram_store.engine.errors import InvalidArgument
 
-_NP = {"float32": np.dtype("<f4"), "bfloat16": np.dtype("<u2"), "float16": np.dtype("<f2")}
+_NP: dict[str, np.dtype] = {"float32": np.dtype("<f4"), "bfloat16": np.dtype("<u2"), "float16": np.dtype("<f2")}
 
 
 def _check(name: str) -> None:

@@ -81,7 +81,8 @@ class Layout:
         """One optimizer step from records `old` into records `new` (distinct rows)."""
         rb = self.row_bytes
         rows = old[:, :rb].view("<f4") if self._f32 else self.rows(old)
-        state, out_state = old[:, rb:], new[:, rb:]
+        state = old[:, rb:]
+        out_state: np.ndarray | None = new[:, rb:]
         if rb % 4:  # a 16-bit row of odd dim leaves the state unaligned: work on a copy
             state, out_state = np.array(state), None
         rows, out = optimizers.apply(

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import cast
 
 import lmdb
 import numpy as np
@@ -57,7 +58,7 @@ _SCRATCH_MAX = 256 << 20  # writer buffers up to this size are kept for the next
 @dataclass
 class _Table:
     spec: TableConfig
-    db: object  # lmdb _Database handle
+    db: lmdb._Database  # a sub-database handle (a type only in lmdb's stubs)
     step: int = 0
     pushes: int = 0
     mirror: Mirror = field(init=False)
@@ -153,7 +154,8 @@ class Shard:
 
     # ---- tables ----
 
-    def _add_table(self, spec: TableConfig, db: object, step: int = 0, pushes: int = 0) -> _Table:
+    def _add_table(self, spec: TableConfig, db: lmdb._Database, step: int = 0,
+                   pushes: int = 0) -> _Table:
         t = _Table(spec, db, step, pushes)
         t.mirror = Mirror(spec.num_rows, t.record_bytes, self.config.cache_rows)
         self._tables[spec.name] = t
@@ -183,11 +185,11 @@ class Shard:
             self._writable()
             if len(self._tables) >= _MAX_DBS:
                 raise StoreFull(f"this shard holds the maximum of {_MAX_DBS} tables; drop one")
-            t = _Table(spec, None)
             with self._write() as txn:
-                t.db = self._env.open_db(b"rows:" + spec.name.encode(), txn=txn)
-                txn.put(b"table:" + spec.name.encode(), t.meta_json(), db=self._meta)
-            t = self._add_table(spec, t.db)
+                db = self._env.open_db(b"rows:" + spec.name.encode(), txn=txn)
+                txn.put(b"table:" + spec.name.encode(), _Table(spec, db).meta_json(),
+                        db=self._meta)
+            t = self._add_table(spec, db)
             return self._stats(t), True
 
     def drop_table(self, name: str) -> bool:
@@ -265,13 +267,14 @@ class Shard:
             get = txn.get
             vals = [get(k, db=t.db) for k in row_keys(ids)]
             found = [i for i, v in enumerate(vals) if v is not None]
-        if len(found) == ids.shape[0]:
-            return np.frombuffer(b"".join(vals), np.uint8).reshape(-1, t.record_bytes)
+        if len(found) == ids.shape[0]:  # every id stored: no None among vals
+            stored = b"".join(cast("list[bytes]", vals))
+            return np.frombuffer(stored, np.uint8).reshape(-1, t.record_bytes)
         rec = t.layout.encode(init.initial_rows(t.spec, ids),
                            init.initial_state(t.spec, ids.shape[0]))
         if found:
-            rec[found] = np.frombuffer(b"".join(vals[i] for i in found), np.uint8).reshape(
-                -1, t.record_bytes)
+            stored = b"".join(cast(bytes, vals[i]) for i in found)
+            rec[found] = np.frombuffer(stored, np.uint8).reshape(-1, t.record_bytes)
         return rec
 
     def _records(self, t: _Table, ids: np.ndarray, txn: lmdb.Transaction | None,
@@ -449,11 +452,11 @@ class Shard:
                 cur.delete()
 
     @contextmanager
-    def _write(self, **kw: object) -> Iterator[lmdb.Transaction]:
+    def _write(self, db: lmdb._Database | None = None) -> Iterator[lmdb.Transaction[bytes]]:
         """A write transaction: committed when the block ends, aborted on any exception (so
         nothing is partly applied); a full LMDB map raises StoreFull."""
         try:
-            with self._env.begin(write=True, **kw) as txn:
+            with self._env.begin(db=db, write=True) as txn:
                 yield txn
         except lmdb.MapFullError as e:
             raise StoreFull(f"the LMDB map of {self.config.map_size} bytes is full; restart the "
@@ -509,7 +512,7 @@ class Shard:
                 for lo in range(0, ids.shape[0], batch_rows):
                     yield ids[lo:lo + batch_rows], rec[lo:lo + batch_rows], step
 
-    def _scan(self, txn: lmdb.Transaction, t: _Table, mask: np.ndarray
+    def _scan(self, txn: lmdb.Transaction[bytes], t: _Table, mask: np.ndarray
               ) -> Iterator[tuple[np.ndarray, list[bytes]]]:
         """Chunks (ids, values) of the stored rows whose slot is set in `mask`."""
         it = txn.cursor(db=t.db).iternext()
