@@ -14,6 +14,7 @@ itself does (`ray start --head` + `--address`); `EngramCluster.connect(address)`
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import socket
@@ -32,21 +33,30 @@ from engram_store.engine.errors import ConfigError, DataDirLocked, EngramError, 
 from engram_store.engine.routing import ShardMap
 from engram_store.rpc.client import StoreClient
 
+log = logging.getLogger(__name__)
 
+
+# These register by class name when defined (engram_store/engine/errors.py), so they keep their
+# class across gRPC (engram_store/rpc/status.py) as well as across Ray (ray_get re-raises the
+# remote error itself); none is the default class of its status code.
 class ClusterExists(EngramError):
     """A cluster of that name is already up in the Ray namespace."""
 
     code = "ALREADY_EXISTS"
+    hint = "connect to it (EngramCluster.connect, `engram cluster status`) or pick another --name"
 
 
 class ClusterNotFound(EngramError):
     """No cluster of that name is up in the Ray namespace."""
 
     code = "NOT_FOUND"
+    hint = "start it (`engram cluster up`), or check --name, --namespace and --address"
 
 
 class RayUnreachable(ShardUnavailable):
     """Nothing answers at the Ray address given."""
+
+    hint = "give the Ray head's GCS address (host:6379), or leave --address out for a local Ray"
 
 
 @dataclass(frozen=True)
@@ -313,6 +323,10 @@ def discover_store(address: str, config: ClientConfig | None = None,
         except ShardUnavailable:
             raise RayUnreachable(f"nothing answers at {address!r}; give a shard's host:port or "
                                  "a Ray address") from None
-        except EngramError:
-            pass  # it answers, but is not a shard: a Ray GCS (gRPC UNIMPLEMENTED)
+        except EngramError as e:
+            if e.code in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+                raise  # a shard, which wants a token: say so rather than try it as Ray
+            # It answers, but not as a shard: a Ray GCS (gRPC UNIMPLEMENTED).
+            log.debug("%s is no shard (%s: %s); trying it as a Ray address", address,
+                      type(e).__name__, e)
     return EngramCluster.connect(address, name=name, namespace=namespace).client(config)

@@ -3,25 +3,23 @@
 It keeps the versioned routing.ShardMap (slot -> shard, shard -> address) and the layout id, pushes
 each shard its ShardState (owned and frozen slots, map version, the whole map) over gRPC, serves
 `get_map()` to clients' map_provider, and moves slots between shards when the cluster is scaled.
-The layout lives in `<data_root>/cluster.json`; `<data_root>/cluster.lock` (flock) keeps a second
-live cluster off the same directory.
+The layout lives in `<data_root>/cluster.json` and `<data_root>/cluster.lock` (flock) keeps a
+second live cluster off the same directory; both are engram_store/ops/layout.py's.
 
-Resharding N -> M follows DESIGN.md "Routing and resharding": start new shards when growing; for
-each group of moving slots (one source, one destination, at most reshard_group_slots slots):
-freeze them on the source, copy their rows (ExportRows -> ImportRows, every table), publish the
-next map (destination first), delete the rows on the source, unfreeze; stop the removed shards
-when shrinking. A push either commits before the freeze (and is copied) or is
-answered UNAVAILABLE and retried by the client against the new owner, so none is lost; lookups keep
-reading the committed rows on the source until the new owners hold them.
+Resharding N -> M follows docs/design.md "Routing and resharding", as cluster/planning.py plans
+it: start new shards when growing; for each group of moving slots (one source, one destination,
+at most reshard_group_slots slots): freeze them on the source, copy their rows (ExportRows ->
+ImportRows, every table), publish the next map (destination first), delete the rows on the
+source, unfreeze; stop the removed shards when shrinking. A push either commits before the freeze
+(and is copied) or is answered UNAVAILABLE and retried by the client against the new owner, so
+none is lost; lookups keep reading the committed rows on the source until the new owners hold
+them.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import fcntl
-import json
+import logging
 import os
-import socket
 import threading
 import time
 import uuid
@@ -29,14 +27,23 @@ import uuid
 import numpy as np
 import ray
 
+from cluster import planning
 from cluster.admin import ShardAdmin, request_totals, shard_state
 from cluster.config import LOCAL_HOST, ClusterConfig, shard_dir
+from cluster.planning import SlotMove
 from cluster.shard_actor import ShardHost, _reconstructed, shard_actor_options
-from engram_store.engine.errors import DataDirLocked, EngramError, LayoutMismatch, ShardUnavailable
+from engram_store.engine.errors import DataDirLocked, EngramError, ShardUnavailable
 from engram_store.engine.routing import ShardMap
+from engram_store.ops.layout import (
+    ClusterLayout,
+    DataRootLock,
+    layout_path,
+    lock_data_root,
+    read_layout,
+    write_layout,
+)
 
-META_FILE = "cluster.json"
-LOCK_FILE = "cluster.lock"
+log = logging.getLogger(__name__)
 
 
 def ray_get(refs, timeout: float | None = None):
@@ -101,11 +108,14 @@ class Registry:
         self._admins: dict[str, ShardAdmin] = {}
         self._tables: dict[str, dict] = {}
         self._layout = ""
-        self._lock_fd: int | None = None
+        self._restored_from = ""  # kept from a layout that `engram ops restore` wrote
+        self._dir_lock: DataRootLock | None = None
         self._last_reshard: dict = {}
         if _reconstructed():
             # The registry crashed and Ray restarted it. Its shard actors are detached and kept
             # serving: adopt them (start any that are gone) from cluster.json.
+            log.warning("registry of cluster %r restarted by Ray: adopting its shards from %s",
+                        config.name, layout_path(config.data_root))
             self.start([])
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -118,18 +128,19 @@ class Registry:
         with self._lock:
             if self._map is not None:
                 return self.summary()
-            self._take_dir_lock()
+            self._dir_lock = lock_data_root(self.config.data_root,
+                                            {"cluster": self.config.name})
             try:
-                meta = self._load_meta()
-                self._check_meta(meta, tables)
-                if meta:
-                    self._layout = meta["layout"]
-                    stored = ShardMap.from_json(meta["shard_map"])
-                    self._placement = {int(k): v for k, v in meta.get("placement", {}).items()}
-                    self._tables = dict(meta.get("tables", {}))
+                stored = read_layout(self.config.data_root)
+                if stored is not None:
+                    stored.check_compatible(self.config.num_slots, tables,
+                                            layout_path(self.config.data_root))
+                    self._layout = stored.layout
+                    self._placement = dict(stored.placement)
+                    self._tables = dict(stored.tables)
+                    self._restored_from = stored.restored_from
                     addresses = self._start_hosts(range(stored.num_shards))
-                    self._map = dataclasses.replace(stored, version=stored.version + 1,
-                                                    addresses=tuple(addresses))
+                    self._map = planning.with_addresses(stored.shard_map, addresses)
                 else:
                     self._layout = uuid.uuid4().hex
                     addresses = self._start_hosts(range(self.config.num_shards))
@@ -137,23 +148,22 @@ class Registry:
                                                   layout=self._layout)
                 self._frozen = {}
                 self._publish(range(self._map.num_shards))
-                self._tables.update({t["name"]: t for t in tables})
+                self._tables = dict(self._layout_record().with_tables(tables).tables)
                 self._save_meta()
             except BaseException:
                 self._kill_hosts(range(len(self._hosts)))
                 self._map = None
                 self._release_dir_lock()
                 raise
+            log.info("cluster %r up: layout %s, %d shards, map v%d", self.config.name,
+                     self._layout, self._map.num_shards, self._map.version)
             return self.summary()
 
     def stop(self) -> None:
         """Stop every shard server (data stays on disk) and release the data root."""
         with self._lock:
             if self._hosts:
-                try:
-                    ray.get([h.stop.remote() for h in self._hosts], timeout=30)
-                except Exception:  # a dead shard has nothing to flush: commits are in LMDB
-                    pass
+                self._stop_servers(range(len(self._hosts)))
             self._kill_hosts(range(len(self._hosts)))
             for a in self._admins.values():
                 a.close()
@@ -196,6 +206,7 @@ class Registry:
             try:
                 s = self._admin(addr).stats(wait_s=2.0)
             except EngramError as e:
+                log.warning("Stats of shard %d (%s) failed: %s", i, addr, e)
                 out.append({"index": i, "address": addr, "error": str(e)})
                 continue
             out.append({"index": i, "address": addr, "stored_rows": s.stored_rows,
@@ -212,123 +223,104 @@ class Registry:
         with self._lock:
             m = self._map
             if m is None or index >= m.num_shards:
+                log.info("shard %d restarted at %s, but it is not in the current map; ignored",
+                         index, address)
                 return
             if m.addresses[index] == address:
+                log.info("shard %d restarted at its address %s: sending its state", index, address)
                 self._publish([index])
                 return
+            log.info("shard %d restarted at %s (was %s): publishing a new map", index, address,
+                     m.addresses[index])
             addresses = list(m.addresses)
             addresses[index] = address
-            self._map = dataclasses.replace(m, version=m.version + 1, addresses=tuple(addresses))
+            self._map = planning.with_addresses(m, addresses)
             self._publish(range(self._map.num_shards))
             self._save_meta()
 
     def scale(self, num_shards: int) -> dict:
         """Reshard to `num_shards` while serving; returns what moved and how long it took."""
-        from engram_store.engine.errors import ConfigError
-
         with self._lock:
             old = self.get_map()
-            n, m = old.num_shards, num_shards
-            if m < 1:
-                raise ConfigError(f"cannot scale to {m} shards; a cluster keeps at least 1 "
-                                  "(use `engram cluster down` to stop it)")
-            if m > old.num_slots:
-                raise ConfigError(f"{m} shards exceed the {old.num_slots} slots of this layout")
+            plan = planning.plan_reshard(old, num_shards, self.config.reshard_group_slots)
+            n, m = plan.from_shards, plan.to_shards
             t0 = time.monotonic()
-            if m == n:
+            if plan.is_noop:
                 return {"from": n, "to": m, "moved_slots": 0, "moved_rows": 0, "duration_s": 0.0,
                         "start_s": 0.0, "longest_freeze_s": 0.0, "version": old.version}
-            addresses = list(old.addresses)
-            if m > n:
-                addresses += self._start_hosts(range(n, m))
+            log.info("cluster %r: resharding %d -> %d shards, %d slots in %d groups",
+                     self.config.name, n, m, plan.moved_slots, len(plan.moves))
+            if plan.started:
+                addresses = self._start_hosts(plan.started)
                 try:
-                    self._map = dataclasses.replace(old, version=old.version + 1,
-                                                    addresses=tuple(addresses))
+                    self._map = planning.grown(old, addresses)
                     self._publish(range(m))  # new shards: the map, owning nothing yet
-                    self._copy_tables(range(n, m))
+                    self._copy_tables(plan.started)
                 except BaseException:
                     self._map = old
-                    self._kill_hosts(range(n, m))
+                    self._kill_hosts(plan.started)
                     raise
             t_started = time.monotonic()
-            target = old.rebalanced(addresses if m > n else addresses[:m])
-            moved_slots, moved_rows, longest_freeze = 0, 0, 0.0
+            moved_rows, longest_freeze = 0, 0.0
             current = self._map
-            groups = []  # (source, slots): one destination each, at most reshard_group_slots
-            for src in range(n):
-                for dst in range(len(addresses)):
-                    slots = [s for s in range(old.num_slots)
-                             if current.assignment[s] == src and target.assignment[s] == dst
-                             and dst != src]
-                    step = self.config.reshard_group_slots
-                    groups += [(src, slots[i:i + step]) for i in range(0, len(slots), step)]
-            for src, slots in groups:
-                current, rows, blocked = self._move(current, src, slots, target)
+            for move in plan.moves:
+                current, rows, blocked = self._move(current, move)
                 longest_freeze = max(longest_freeze, blocked)
-                moved_slots += len(slots)
                 moved_rows += rows
-            if m < n:
+            if plan.removed:
                 # Every slot has left the removed shards; drop them from the map, then stop them
                 # (their directories now hold no rows).
-                self._map = current = dataclasses.replace(
-                    current, version=current.version + 1, addresses=tuple(addresses[:m]))
+                self._map = current = planning.shrunk(current, m)
                 self._publish(range(m))
                 time.sleep(0.2)  # let in-flight requests on removed shards finish
-                self._stop_hosts(range(m, n))
-                for i in range(m, n):  # their directories hold no rows: no node to come back to
+                self._stop_hosts(plan.removed)
+                for i in plan.removed:  # their directories hold no rows: no node to come back to
                     self._placement.pop(i, None)
             self._save_meta()
             # start_s: new shard actors starting; longest_freeze_s: the longest time any slot
             # refused pushes (one group's freeze -> copy -> new map on the source).
-            self._last_reshard = {"from": n, "to": m, "moved_slots": moved_slots,
+            self._last_reshard = {"from": n, "to": m, "moved_slots": plan.moved_slots,
                                   "moved_rows": moved_rows,
                                   "duration_s": round(time.monotonic() - t0, 3),
                                   "start_s": round(t_started - t0, 3),
                                   "longest_freeze_s": round(longest_freeze, 3),
                                   "version": current.version}
+            log.info("cluster %r resharded: %s", self.config.name, self._last_reshard)
             return dict(self._last_reshard)
 
     # -- resharding steps --------------------------------------------------------------------
-    def _move(self, current: ShardMap, src: int, slots: list[int],
-              target: ShardMap) -> tuple[ShardMap, int, float]:
-        """Move `slots` of shard `src` to their owners in `target`. Returns the published map,
-        the rows copied, and how long pushes to those slots were refused."""
-        ns = current.num_slots
-        mask = np.zeros(ns, dtype=np.uint8)
-        mask[slots] = 1
+    def _move(self, current: ShardMap, move: SlotMove) -> tuple[ShardMap, int, float]:
+        """Move `move.slots` from shard `move.source` to shard `move.dest`. Returns the
+        published map, the rows copied, and how long pushes to those slots were refused."""
+        src, dst = move.source, move.dest
+        mask = np.zeros(current.num_slots, dtype=np.uint8)
+        mask[list(move.slots)] = 1
         source = self._admin(current.addresses[src])
+        dest = self._admin(current.addresses[dst])
         tables = [t.spec for t in source.list_tables()]
-        dests = sorted({target.assignment[s] for s in slots})
-        for d in dests:  # before the freeze: new shards may lack tables created since
-            for spec in tables:
-                self._admin(current.addresses[d]).create_table(spec)  # idempotent
+        for spec in tables:  # before the freeze: new shards may lack tables created since
+            dest.create_table(spec)  # idempotent
         t_frozen = time.monotonic()
         self._frozen[src] = mask.tobytes()
         self._publish([src])  # freeze: from here on pushes to these slots are refused
         rows = 0
-        for d in dests:
-            dmask = np.zeros(ns, dtype=np.uint8)
-            dmask[[s for s in slots if target.assignment[s] == d]] = 1
-            for spec in tables:
-                rows += source.copy_rows_to(self._admin(current.addresses[d]), spec.name,
-                                            dmask.tobytes())
-        assignment = list(current.assignment)
-        for s in slots:
-            assignment[s] = target.assignment[s]
-        nxt = dataclasses.replace(current, version=current.version + 1,
-                                  assignment=tuple(assignment))
-        self._map = nxt  # clients may fetch it now: destinations get it first
+        for spec in tables:
+            rows += source.copy_rows_to(dest, spec.name, mask.tobytes())
+        nxt = planning.moved(current, move)
+        self._map = nxt  # clients may fetch it now: the destination gets it first
         # The source last: once it has the new map it answers "stale map" for these slots, and
         # a client that then refreshes its map from any shard's Stats must find the new one.
         # The pause of pushes to these slots ends here, not after the delete.
-        others = [i for i in range(nxt.num_shards) if i not in dests and i != src]
-        self._publish(dests + others + [src])
+        others = [i for i in range(nxt.num_shards) if i not in (src, dst)]
+        self._publish([dst, *others, src])
         blocked = time.monotonic() - t_frozen
         for spec in tables:
             source.delete_rows(spec.name, mask.tobytes())
         self._frozen.pop(src, None)
         self._publish([src])  # unfreeze
         self._save_meta()
+        log.debug("moved %d slots (%d rows) %d -> %d, map v%d, pushes paused %.3fs",
+                  len(move.slots), rows, src, dst, nxt.version, blocked)
         return nxt, rows, blocked
 
     def _copy_tables(self, indices) -> None:
@@ -392,6 +384,7 @@ class Registry:
                         f"shard actor {self.config.shard_actor_name(i)!r} serves "
                         f"{info['data_dir']} (layout {info['layout']}), not {want}; stop it "
                         "(`ray kill` / `engram cluster down`) or pick another cluster --name")
+                log.info("adopting the live shard actor %r", self.config.shard_actor_name(i))
                 node_id = info["node_id"]
             else:
                 node_id = self._pick_node(i, nodes, load)
@@ -408,12 +401,19 @@ class Registry:
             self._placement[i] = info["node_ip"]
         return list(addresses)
 
-    def _stop_hosts(self, indices) -> None:
+    def _stop_servers(self, indices) -> None:
+        """Ask the shard actors `indices` to stop serving and close LMDB. One that is dead or
+        does not answer is logged and left to _kill_hosts: its commits are in LMDB already."""
         indices = list(indices)
         try:
             ray.get([self._hosts[i].stop.remote() for i in indices], timeout=30)
-        except Exception:
-            pass
+        except ray.exceptions.RayError as e:
+            log.warning("cluster %r: shards %s did not stop cleanly (%s: %s); killing them, "
+                        "their committed pushes are on disk", self.config.name, indices,
+                        type(e).__name__, e)
+
+    def _stop_hosts(self, indices) -> None:
+        self._stop_servers(indices)
         self._kill_hosts(indices)
 
     def _kill_hosts(self, indices) -> None:
@@ -423,8 +423,8 @@ class Registry:
         for i in indices:
             try:
                 ray.kill(self._hosts[i], no_restart=True)
-            except Exception:
-                pass
+            except (ValueError, ray.exceptions.RayError) as e:  # gone already
+                log.info("killing shard actor %r: %s", self.config.shard_actor_name(i), e)
         if indices:
             del self._hosts[indices[0]:]
             del self._host_nodes[indices[0]:]
@@ -434,6 +434,8 @@ class Registry:
             while (_named_actor(name, self.config.namespace) is not None
                    and time.monotonic() < deadline):
                 time.sleep(0.05)
+            if time.monotonic() >= deadline and _named_actor(name, self.config.namespace):
+                log.warning("shard actor name %r is still taken 15s after its kill", name)
 
     def _admin(self, address: str) -> ShardAdmin:
         a = self._admins.get(address)
@@ -441,76 +443,26 @@ class Registry:
             a = self._admins[address] = ShardAdmin(address, self.config.client)
         return a
 
-    # -- the data root -----------------------------------------------------------------------
-    def _take_dir_lock(self) -> None:
-        os.makedirs(self.config.data_root, exist_ok=True)
-        path = os.path.join(self.config.data_root, LOCK_FILE)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.read(fd, 4096).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise DataDirLocked(
-                f"{self.config.data_root} is served by a live cluster ({holder}); stop it with "
-                "`engram cluster down`, or give this cluster another --data directory") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps({"cluster": self.config.name, "pid": os.getpid(),
-                                 "host": socket.gethostname()}).encode())
-        self._lock_fd = fd
-
+    # -- the data root (engram_store/ops/layout.py) ------------------------------------------
     def _release_dir_lock(self) -> None:
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)  # closing drops the flock
-            self._lock_fd = None
+        if self._dir_lock is not None:
+            self._dir_lock.release()
+            self._dir_lock = None
 
-    def _load_meta(self) -> dict | None:
-        path = os.path.join(self.config.data_root, META_FILE)
-        try:
-            with open(path) as f:
-                return json.load(f)
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as e:
-            raise LayoutMismatch(f"{path} is unreadable ({e}); restore it or use another --data "
-                                 "directory") from None
-
-    def _check_meta(self, meta: dict | None, tables: list[dict]) -> None:
-        if not meta:
-            return
-        path = os.path.join(self.config.data_root, META_FILE)
-        if meta.get("num_slots") != self.config.num_slots:
-            raise LayoutMismatch(
-                f"{path}: layout {meta.get('layout')} has {meta.get('num_slots')} slots, this "
-                f"cluster asks for {self.config.num_slots}; use --slots {meta.get('num_slots')} "
-                "or another --data directory")
-        for t in tables:
-            t = json.loads(json.dumps(t))  # as cluster.json holds it (tuples become lists)
-            old = meta.get("tables", {}).get(t["name"])
-            if old is not None and old != t:
-                diff = sorted(k for k in set(old) | set(t) if old.get(k) != t.get(k))
-                raise LayoutMismatch(
-                    f"{path}: table {t['name']!r} was created with another spec (differs in "
-                    f"{', '.join(diff)}); keep its spec, pick a new table name, or use another "
-                    "--data directory")
+    def _layout_record(self) -> ClusterLayout:
+        """What cluster.json is to hold now."""
+        return ClusterLayout(layout=self._layout, name=self.config.name, shard_map=self._map,
+                             placement=dict(self._placement), tables=dict(self._tables),
+                             restored_from=self._restored_from)
 
     def _save_meta(self) -> None:
-        m = self._map
-        meta = {"layout": self._layout, "name": self.config.name, "num_slots": m.num_slots,
-                "num_shards": m.num_shards, "shard_map": m.to_json(),
-                "placement": {str(k): v for k, v in self._placement.items() if k < m.num_shards},
-                "tables": self._tables, "updated": time.time()}
-        path = os.path.join(self.config.data_root, META_FILE)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(meta, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_layout(self.config.data_root, self._layout_record())
 
     def record_tables(self, tables: list[dict]) -> None:
         """Remember the specs of tables created through the cluster (layout checks on next up)."""
         with self._lock:
-            self._tables.update({t["name"]: t for t in tables})
-            if self._map is not None:
-                self._save_meta()
+            if self._map is None:
+                self._tables.update({t["name"]: t for t in tables})
+                return
+            self._tables = dict(self._layout_record().with_tables(tables).tables)
+            self._save_meta()

@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import pathlib
 
 import ray
+
+log = logging.getLogger(__name__)
 
 #: the checkout, put on the workers' PYTHONPATH so actors import it even when not pip-installed
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -21,4 +24,7 @@ def start_local_ray(*, num_cpus: int, resources: dict[str, float], namespace: st
              num_cpus=max(os.cpu_count() or 1, num_cpus), resources=dict(resources),
              include_dashboard=False, namespace=namespace, log_to_driver=log_to_driver,
              runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
-    return ray.get_runtime_context().gcs_address
+    address = ray.get_runtime_context().gcs_address
+    log.info("started a local Ray at %s (namespace %r, resources %s)", address, namespace,
+             resources)
+    return address

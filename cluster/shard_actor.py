@@ -9,6 +9,7 @@ when Ray restarts the actor after a crash, the constructor runs again, reopens t
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import threading
@@ -16,6 +17,8 @@ import threading
 from cluster.admin import ShardAdmin
 from cluster.config import LOCAL_HOST, ClusterConfig, shard_dir
 from engram_store.engine.errors import EngramError, LayoutMismatch
+
+log = logging.getLogger(__name__)
 
 
 def shard_actor_options(config: ClusterConfig, index: int, node_id: str | None) -> dict:
@@ -83,8 +86,12 @@ class ShardHost:
             try:
                 self.start()
             except EngramError as e:  # kept and raised by address(), so the registry sees why
+                log.error("restarted shard %d of cluster %r cannot serve: %s", index,
+                          config.name, e)
                 self._error = e
             else:
+                log.warning("shard %d of cluster %r restarted by Ray, serving %s again",
+                            index, config.name, self._address)
                 _notify_registry(config, index, self._address)
 
     # -- the actor's methods ---------------------------------------------------------------
@@ -157,7 +164,11 @@ class ShardHost:
         try:
             with open(self._port_file()) as f:
                 port = int(json.load(f)["port"])
-        except (OSError, ValueError, KeyError):
+        except FileNotFoundError:  # first start: any free port
+            return 0
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.warning("%s is unreadable (%s); shard %d takes a new port", self._port_file(), e,
+                        self.index)
             return 0
         return port if _port_is_free(host, port) else 0
 
@@ -172,15 +183,16 @@ def _reconstructed() -> bool:
     """True inside an actor that Ray is restarting after a crash."""
     import warnings
 
-    try:
-        import ray
+    import ray
 
-        with warnings.catch_warnings():  # Ray warns about an API it uses internally here
-            warnings.simplefilter("ignore")
-            return (ray.is_initialized()
-                    and ray.get_runtime_context().was_current_actor_reconstructed)
-    except Exception:  # not in an actor (plain-class use in tests)
+    if not ray.is_initialized():  # plain-class use (tests)
         return False
+    context = ray.get_runtime_context()
+    if context.get_actor_id() is None:  # the driver or a task, not an actor
+        return False
+    with warnings.catch_warnings():  # Ray warns about an API it uses internally here
+        warnings.simplefilter("ignore")
+        return bool(context.was_current_actor_reconstructed)
 
 
 def _node_ip() -> str:
@@ -197,4 +209,5 @@ def _notify_registry(config: ClusterConfig, index: int, address: str) -> None:
         registry = ray.get_actor(config.registry_name, namespace=config.namespace)
         registry.shard_restarted.remote(index, address)
     except ValueError:  # registry gone (cluster going down): nothing to tell
-        pass
+        log.info("shard %d of cluster %r restarted, but its registry is gone", index,
+                 config.name)

@@ -4,6 +4,9 @@
 shards stop; their data stays in --data). With --address it joins a running Ray cluster
 (`ray start --head`), starts the shards there and returns: the cluster lives on in Ray, and
 `status`, `scale` and `down` reach it with the same --address.
+
+Building the parser imports nothing of the cluster layer (nor Ray): each command imports it when
+it runs, and says which extra to install when it is missing.
 """
 
 from __future__ import annotations
@@ -71,10 +74,17 @@ def add_commands(subparsers) -> None:
     dn.set_defaults(func=cmd_down)
 
 
+def _require_cluster() -> None:
+    """ConfigError naming `pip install 'engram[cluster]'` unless the cluster layer (Ray)
+    imports."""
+    options.require("cluster", "cluster")
+
+
 def cluster_config(args: argparse.Namespace):
     """The ClusterConfig that `engram cluster up` flags describe."""
     import dataclasses
 
+    _require_cluster()
     from cluster.config import ClusterConfig
     from engram_store.engine.config import AuthConfig
     from engram_store.engine.errors import ConfigError
@@ -104,6 +114,7 @@ def cluster_config(args: argparse.Namespace):
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    _require_cluster()
     from cluster.api import EngramCluster
 
     cluster = EngramCluster.up(cluster_config(args), address=args.address)
@@ -132,6 +143,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def _connect(args: argparse.Namespace):
+    _require_cluster()
     from cluster.api import EngramCluster
 
     return EngramCluster.connect(args.address, name=args.name, namespace=args.namespace)

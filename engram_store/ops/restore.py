@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import time
 import uuid
 
 import numpy as np
@@ -16,6 +15,7 @@ from engram_store.engine.errors import (
 )
 from engram_store.engine.routing import DEFAULT_SLOTS, ShardMap
 from engram_store.engine.shard import Shard, ShardStateInfo
+from engram_store.ops.layout import ClusterLayout, write_layout
 from engram_store.ops.snapshot import load_manifest, open_snapshot_shard, owned_mask
 
 
@@ -79,12 +79,11 @@ def restore(source: str, data_root: str, shards: int | None = None,
     finally:
         for d in dests:
             d.close()
-    cluster_meta = {"layout": layout, "name": "engram", "num_slots": slots, "num_shards": m_new,
-                    "shard_map": new_map.to_json(), "placement": {},
-                    "tables": {s.name: s.to_dict() for s in specs}, "updated": time.time(),
-                    "restored_from": os.path.abspath(source)}
-    with open(os.path.join(data_root, "cluster.json"), "w") as f:
-        json.dump(cluster_meta, f, indent=1)
+    # The cluster registry's own layout file (ops/layout.py): `engram cluster up --data
+    # <data_root>` reopens the restored shards as a cluster.
+    write_layout(data_root, ClusterLayout(
+        layout=layout, name="engram", shard_map=new_map, placement={},
+        tables={s.name: s.to_dict() for s in specs}, restored_from=os.path.abspath(source)))
     return {"data_root": os.path.abspath(data_root), "shards": m_new, "num_slots": slots,
             "layout": layout, "rows_per_shard": rows_per_shard, "steps": steps,
             "tables": [s.name for s in specs], "from_snapshot": manifest["snapshot_id"]}

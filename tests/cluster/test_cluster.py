@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from cluster.api import ClusterNotFound, EngramCluster, RayUnreachable
-from cluster.registry import META_FILE
 from engram_store.engine.errors import ConfigError, DataDirLocked, LayoutMismatch, ShardUnavailable
+from engram_store.ops.layout import LAYOUT_FILE
 from tests.cluster.conftest import Pusher, cluster_config, push_batch, reference_table, table_spec
 
 
@@ -163,13 +163,13 @@ def test_refusals_change_nothing(ray_cluster, tmp_path):
         assert not (tmp_path / "x").exists()
 
         # a second live cluster on the same data root: refused by the data-root lock
-        meta_before = (tmp_path / "a" / META_FILE).read_text()
+        meta_before = (tmp_path / "a" / LAYOUT_FILE).read_text()
         with pytest.raises(DataDirLocked, match="live cluster"):
             EngramCluster.up(cluster_config(tmp_path / "a", 2))
         # the same cluster name again: refused before anything starts
         with pytest.raises(DataDirLocked, match="already serves"):
             EngramCluster.up(config)
-        assert (tmp_path / "a" / META_FILE).read_text() == meta_before
+        assert (tmp_path / "a" / LAYOUT_FILE).read_text() == meta_before
         assert cluster.shard_map().version == version
         with cluster.client() as c:  # still serving
             assert c.lookup(spec.name, np.arange(4)).shape == (4, spec.dim)
@@ -177,13 +177,13 @@ def test_refusals_change_nothing(ray_cluster, tmp_path):
         cluster.down()
 
     # the data root of a 64-slot layout refuses a 128-slot cluster
-    meta_before = (tmp_path / "a" / META_FILE).read_text()
+    meta_before = (tmp_path / "a" / LAYOUT_FILE).read_text()
     with pytest.raises(LayoutMismatch, match="64 slots"):
         EngramCluster.up(cluster_config(tmp_path / "a", 2, num_slots=128))
     # ... and a table spec that differs from the recorded one
     with pytest.raises(LayoutMismatch, match="another spec"):
         EngramCluster.up(cluster_config(tmp_path / "a", 2), tables=[table_spec(num_rows=999)])
-    assert (tmp_path / "a" / META_FILE).read_text() == meta_before
+    assert (tmp_path / "a" / LAYOUT_FILE).read_text() == meta_before
     assert json.loads(meta_before)["num_shards"] == 2
 
     # a shard directory copied from another cluster's layout
@@ -193,7 +193,7 @@ def test_refusals_change_nothing(ray_cluster, tmp_path):
     shutil.copytree(tmp_path / "b" / "shard-0", tmp_path / "a" / "shard-1")
     with pytest.raises(LayoutMismatch, match="belongs to cluster layout"):
         EngramCluster.up(cluster_config(tmp_path / "a", 2))
-    assert (tmp_path / "a" / META_FILE).read_text() == meta_before
+    assert (tmp_path / "a" / LAYOUT_FILE).read_text() == meta_before
 
 
 def test_connect_and_cli(ray_cluster, tmp_path, capsys):
@@ -312,7 +312,7 @@ def test_a_shard_whose_node_is_gone_is_not_started_empty(ray_cluster, tmp_path):
     elsewhere (with an empty directory) when that node is not in the Ray cluster."""
     config = cluster_config(tmp_path / "c", 1)
     EngramCluster.up(config, tables=[table_spec(num_rows=100)]).down()
-    path = tmp_path / "c" / META_FILE
+    path = tmp_path / "c" / LAYOUT_FILE
     meta = json.loads(path.read_text())
     meta["placement"]["0"] = "10.255.255.1"  # a node that left
     path.write_text(json.dumps(meta))
@@ -321,3 +321,28 @@ def test_a_shard_whose_node_is_gone_is_not_started_empty(ray_cluster, tmp_path):
     assert json.loads(path.read_text()) == meta
     shared = EngramCluster.up(dataclasses.replace(config, shared_storage=True))
     shared.down()
+
+
+class _Raiser:
+    """An actor that raises the error it is given (as the registry raises its refusals)."""
+
+    def fail(self, error: Exception) -> None:
+        raise error
+
+
+def test_errors_keep_their_class_through_ray(ray_cluster):
+    """ray_get raises what the actor raised, as its own class, not Ray's wrapper."""
+    import ray
+
+    from cluster.api import ClusterExists
+    from cluster.registry import ray_get
+
+    actor = ray.remote(num_cpus=0)(_Raiser).remote()
+    try:
+        for error in (ClusterNotFound("no cluster named 'x'"), ClusterExists("up already"),
+                      RayUnreachable("nothing at 1.2.3.4:6379"), LayoutMismatch("64 slots")):
+            with pytest.raises(type(error)) as e:
+                ray_get(actor.fail.remote(error), timeout=60)
+            assert type(e.value) is type(error) and str(e.value) == str(error)
+    finally:
+        ray.kill(actor)
