@@ -225,7 +225,7 @@ def base_venv(tmp_path_factory) -> pathlib.Path:
         ],
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=800,
         env=_env(),
         cwd=tmp,
     )
@@ -245,6 +245,7 @@ def _run(venv: pathlib.Path, cwd: pathlib.Path, *cmd: str) -> subprocess.Complet
     )
 
 
+@pytest.mark.timeout(900)  # a cold pip cache downloads grpcio, numpy and protobuf first
 def test_base_install_is_a_store_node(base_venv, tmp_path):
     where = _run(
         base_venv,
