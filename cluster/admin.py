@@ -4,16 +4,17 @@ the cluster's own business, not something a trainer's StoreClient needs."""
 
 from __future__ import annotations
 
-import time
+import dataclasses
 from collections.abc import Callable
 from typing import TypeVar
 
 import grpc
 
 from engram_store.engine.config import ClientConfig
-from engram_store.engine.errors import ShardUnavailable, error_for_code
+from engram_store.engine.errors import EngramError, ShardUnavailable
 from engram_store.rpc.proto import store_pb2 as pb
 from engram_store.rpc.proto import store_pb2_grpc as pb_grpc
+from engram_store.rpc.retry import RetryPolicy
 
 T = TypeVar("T")
 
@@ -26,8 +27,9 @@ def _open_channel(address: str, client: ClientConfig, options: list) -> grpc.Cha
         return grpc.insecure_channel(address, options=options)
     return open_channel(address, client, options)
 
-# Codes worth waiting out: a shard actor being restarted by Ray, or a server still binding.
-_TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+# Errors worth waiting out (ShardUnavailable, timeouts included): a shard actor being restarted
+# by Ray, or a server still binding. No retry limit: each call sets deadline_s (its wait_s).
+_RESTART = RetryPolicy(retries=None, backoff_s=0.05, backoff_max_s=1.0, deadline_s=0.0)
 
 
 class ShardAdmin:
@@ -55,26 +57,19 @@ class ShardAdmin:
         self.close()
 
     def _call(self, fn: Callable[[], T], what: str, wait_s: float | None = None) -> T:
-        """Run one RPC; on UNAVAILABLE retry with backoff for up to `wait_s` (default timeout_s),
-        because a shard that Ray is restarting answers again within seconds."""
-        deadline = time.monotonic() + (self.timeout_s if wait_s is None else wait_s)
-        delay = 0.05
-        while True:
-            try:
-                return fn()
-            except grpc.RpcError as e:
-                code = e.code()
-                if code in _TRANSIENT and time.monotonic() + delay < deadline:
-                    time.sleep(delay)
-                    delay = min(delay * 2, 1.0)
-                    continue
-                if code in _TRANSIENT:
-                    raise ShardUnavailable(
-                        f"shard {self.address} did not answer {what} within "
-                        f"{self.timeout_s:.0f}s ({e.details()}); check that its actor is alive "
-                        "(`engram cluster status`)") from None
-                raise error_for_code(code.name, f"{what} on shard {self.address}: "
-                                                f"{e.details()}") from None
+        """Run one RPC; while it fails with ShardUnavailable (UNAVAILABLE, DEADLINE_EXCEEDED) retry
+        with backoff for up to `wait_s` (default timeout_s), because a shard that Ray is
+        restarting answers again within seconds. Raises the class the shard raised."""
+        policy = dataclasses.replace(
+            _RESTART, deadline_s=self.timeout_s if wait_s is None else wait_s)
+        try:
+            return policy.call(fn)
+        except ShardUnavailable as e:
+            raise type(e)(f"shard {self.address} did not answer {what} within "
+                          f"{self.timeout_s:.0f}s ({e}); check that its actor is alive "
+                          "(`engram cluster status`)") from None
+        except EngramError as e:
+            raise type(e)(f"{what} on shard {self.address}: {e}") from None
 
     def wait_ready(self, wait_s: float | None = None) -> pb.StatsResponse:
         """Block until the server answers Stats; returns that answer."""

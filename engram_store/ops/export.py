@@ -27,7 +27,7 @@ import numpy as np
 
 from engram_store.engine import dtypes, init
 from engram_store.engine.config import ClientConfig, TableConfig
-from engram_store.engine.errors import ConfigError, InvalidArgument, TableNotFound, error_for_code
+from engram_store.engine.errors import ConfigError, InvalidArgument, TableNotFound
 
 _DTYPES = {"float32": ("F32", "<f4"), "float16": ("F16", "<f2")}
 _LAYER = re.compile(r"^engram_l(\d+)$")
@@ -80,6 +80,7 @@ def _remote_batches(address: str, config: ClientConfig, spec: TableConfig, slots
     from engram_store.rpc.auth import open_channel
     from engram_store.rpc.proto import store_pb2 as pb
     from engram_store.rpc.proto import store_pb2_grpc as pb_grpc
+    from engram_store.rpc.status import error_from_rpc
 
     channel = open_channel(address, config, [
         ("grpc.max_receive_message_length", config.max_message_bytes)])
@@ -93,7 +94,7 @@ def _remote_batches(address: str, config: ClientConfig, spec: TableConfig, slots
                 rec = np.frombuffer(b.records, np.uint8).reshape(len(ids), b.record_bytes)
                 yield ids, _decode(spec, rec)
         except grpc.RpcError as e:
-            raise error_for_code(e.code().name, f"shard {address}: {e.details()}") from None
+            raise error_from_rpc(e, f"shard {address}") from None
     finally:
         channel.close()
 

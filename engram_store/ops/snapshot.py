@@ -36,12 +36,7 @@ import grpc
 import numpy as np
 
 from engram_store.engine.config import ClientConfig, ShardConfig
-from engram_store.engine.errors import (
-    ConfigError,
-    LayoutMismatch,
-    ShardUnavailable,
-    error_for_code,
-)
+from engram_store.engine.errors import ConfigError, LayoutMismatch, ShardUnavailable
 from engram_store.engine.routing import ShardMap
 from engram_store.engine.shard import Shard, ShardStateInfo
 from engram_store.rpc import wire
@@ -49,6 +44,7 @@ from engram_store.rpc.admin import half_applied
 from engram_store.rpc.auth import open_channel
 from engram_store.rpc.proto import store_pb2 as pb
 from engram_store.rpc.proto import store_pb2_grpc as pb_grpc
+from engram_store.rpc.status import error_from_rpc
 
 MANIFEST = "manifest.json"
 FORMAT = "engram-snapshot/1"
@@ -102,8 +98,7 @@ def snapshot(target, directory: str, config: ClientConfig | None = None, lease_s
             return stubs[i].Snapshot(pb.SnapshotRequest(snapshot_id=sid, **fields),
                                      timeout=timeout)
         except grpc.RpcError as e:
-            err = error_for_code(e.code().name, f"shard {m.addresses[i]}: {e.details()}")
-            raise err from None
+            raise error_from_rpc(e, f"shard {m.addresses[i]}") from None
 
     def each(**fields) -> list[pb.SnapshotResponse]:
         return list(pool.map(lambda i: call(i, **fields), range(len(stubs))))

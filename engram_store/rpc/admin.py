@@ -19,12 +19,12 @@ from engram_store.engine.errors import (
     EngramError,
     InvalidArgument,
     ShardUnavailable,
-    error_for_code,
 )
 from engram_store.engine.shard import Shard
 from engram_store.rpc import wire
 from engram_store.rpc.auth import wrap_handler
 from engram_store.rpc.proto import store_pb2 as pb
+from engram_store.rpc.status import abort
 
 MANIFEST = "manifest.json"
 FORMAT = "engram-snapshot/1"
@@ -65,6 +65,22 @@ def half_applied(applied: list[str] | set[str], refused: set[str]) -> set[str]:
 class SnapshotInProgress(ShardUnavailable):
     """Writes are refused while a snapshot is taken; the client retries them."""
 
+    hint = "retry in a moment (StoreClient does, with backoff)"
+
+
+class SnapshotConflict(EngramError):
+    """A snapshot phase arrived out of turn: no snapshot is in progress, or another one is."""
+
+    code = "FAILED_PRECONDITION"
+    hint = "wait for the other snapshot to finish, or start again with FREEZE"
+
+
+class SnapshotExists(EngramError):
+    """The directory a shard is told to COPY into exists already."""
+
+    code = "ALREADY_EXISTS"
+    hint = "snapshot into a new directory"
+
 
 class SnapshotGate(grpc.ServerInterceptor):
     """Refuses writes while frozen (except ALLOWed logical pushes) and remembers, for a while,
@@ -94,11 +110,11 @@ class SnapshotGate(grpc.ServerInterceptor):
     def _check(self, snapshot_id: str) -> None:
         self._lapse_locked()
         if not self._frozen_id:
-            raise error_for_code("FAILED_PRECONDITION", "no snapshot is in progress on this "
-                                 "shard (it thawed, or its lease ran out); start again with FREEZE")
+            raise SnapshotConflict("no snapshot is in progress on this shard (it thawed, or its "
+                                   "lease ran out); start again with FREEZE")
         if snapshot_id != self._frozen_id:
-            raise error_for_code("FAILED_PRECONDITION", f"snapshot {self._frozen_id!r} is in "
-                                 f"progress, not {snapshot_id!r}; wait for it to finish")
+            raise SnapshotConflict(f"snapshot {self._frozen_id!r} is in progress, not "
+                                   f"{snapshot_id!r}; wait for it to finish")
 
     def freeze(self, snapshot_id: str, lease_s: float) -> None:
         """Refuse writes from now on; return once no write is in flight."""
@@ -109,8 +125,8 @@ class SnapshotGate(grpc.ServerInterceptor):
         with self._cond:
             self._lapse_locked()
             if self._frozen_id and self._frozen_id != snapshot_id:
-                raise error_for_code("FAILED_PRECONDITION", f"snapshot {self._frozen_id!r} is "
-                                     "already in progress; wait for it to finish")
+                raise SnapshotConflict(f"snapshot {self._frozen_id!r} is already in progress; "
+                                       "wait for it to finish")
             self._frozen_id, self._deadline = snapshot_id, time.monotonic() + lease_s
             self._allow, self._rejected = set(), set()
             if not self._cond.wait_for(lambda: self._inflight == 0, timeout=lease_s):
@@ -191,7 +207,7 @@ class SnapshotGate(grpc.ServerInterceptor):
                 try:
                     self._enter(name, None if handler.request_streaming else request)
                 except EngramError as e:
-                    context.abort(grpc.StatusCode[e.code], str(e))
+                    abort(context, e)
                 applied = False
                 try:
                     resp = behaviour(request, context)
@@ -232,8 +248,8 @@ class SnapshotServicer:
             if isinstance(request, InvalidArgument):
                 raise request
             return self._snapshot(request)
-        except EngramError as e:
-            context.abort(grpc.StatusCode[e.code], str(e))
+        except Exception as e:  # every failure becomes a status; the server keeps serving
+            abort(context, e)
 
     def _snapshot(self, r: pb.SnapshotRequest) -> pb.SnapshotResponse:
         g, sid = self.gate, r.snapshot_id
@@ -265,8 +281,7 @@ class SnapshotServicer:
         try:
             os.mkdir(path)
         except FileExistsError:
-            raise error_for_code("ALREADY_EXISTS", f"{path} exists; snapshot into a new "
-                                 "directory") from None
+            raise SnapshotExists(f"{path} exists; snapshot into a new directory") from None
         except OSError as e:
             raise InvalidArgument(f"cannot create {path}: {e}") from None
         try:

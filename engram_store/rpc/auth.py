@@ -2,7 +2,8 @@
 
 Server: `TokenAuthInterceptor` checks the `authorization: Bearer <token>` header of every call
 (health checks excepted, so load balancers and `grpc_health_probe` need no token). No or an unknown
-token -> UNAUTHENTICATED; a read token on a method that writes -> PERMISSION_DENIED.
+token -> Unauthenticated (UNAUTHENTICATED); a read token on a method that writes -> ReadOnly
+(PERMISSION_DENIED).
 `server_credentials(auth)` gives TLS credentials when a certificate is configured.
 
 Client: `open_channel(address, config, options)` opens a plaintext or TLS channel that sends the
@@ -13,12 +14,13 @@ from __future__ import annotations
 
 import collections
 import hmac
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import grpc
 
 from engram_store.engine.config import AuthConfig, ClientConfig
-from engram_store.engine.errors import ConfigError
+from engram_store.engine.errors import ConfigError, EngramError, ReadOnly, Unauthenticated
+from engram_store.rpc.status import abort
 
 #: methods anyone may call, token or not
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
@@ -36,7 +38,8 @@ def load_tokens_file(path: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
 
     Keeping tokens in a file (mode 600) keeps them out of `ps` output and shell history.
     """
-    read, write = [], []
+    read: list[str] = []
+    write: list[str] = []
     try:
         with open(path) as f:
             lines = f.read().splitlines()
@@ -110,20 +113,21 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
         if handler is None or method.startswith(OPEN_PREFIXES):
             return handler
         role = self._role(handler_call_details.invocation_metadata)
+        err: EngramError
         if role is None:
-            code, msg = grpc.StatusCode.UNAUTHENTICATED, (
+            err = Unauthenticated(
                 "this shard requires a token: send metadata `authorization: Bearer <token>` "
                 "(ClientConfig.token / --token)")
         elif role == "read" and method in WRITE_METHODS:
-            code, msg = grpc.StatusCode.PERMISSION_DENIED, (
+            err = ReadOnly(
                 f"{method.rsplit('/', 1)[-1]} writes; this token may only read. Use a write token")
         else:
             return handler
 
         def deny(_behaviour):
-            def abort(request, context):
-                context.abort(code, msg)
-            return abort
+            def refuse(request, context):
+                abort(context, err)
+            return refuse
 
         return wrap_handler(handler, deny)
 
@@ -165,7 +169,7 @@ class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInter
 
 
 def open_channel(address: str, config: ClientConfig,
-                 options: list[tuple[str, object]] | None = None) -> grpc.Channel:
+                 options: Sequence[tuple[str, object]] | None = None) -> grpc.Channel:
     """A channel to `address` that speaks TLS when config.tls_root_cert is set and sends
     config.token (if any) on every call."""
     options = list(options or [])

@@ -5,29 +5,26 @@
         c.push("engram_l1", ids, grads)                   # applied exactly once, even if retried
 
 A lookup deduplicates ids, routes each to its shard with the ShardMap, sends one request per shard
-(chunked by max_batch_rows) in parallel and reassembles rows in request order. Retries UNAVAILABLE
-and DEADLINE_EXCEEDED with exponential backoff, and a stale shard map after refreshing it; every
-other failure raises the errors.py class of the server's status code.
+(chunked by max_batch_rows) in parallel and reassembles rows in request order. Failures arrive as
+the errors.py class the server raised (status.py). ShardUnavailable (and its subclasses: timeouts,
+slots moving, a snapshot in progress) is retried with exponential backoff, and WrongShard (our
+shard map is stale) after refreshing the map, as retry.py's policy says; every other error is
+raised as it is.
 """
 
 from __future__ import annotations
 
 import threading
-import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import grpc
 import numpy as np
 
 from engram_store.engine.config import ClientConfig, TableConfig
-from engram_store.engine.errors import (
-    EngramError,
-    InvalidArgument,
-    ShardUnavailable,
-    error_for_code,
-)
+from engram_store.engine.errors import EngramError, InvalidArgument, ShardUnavailable, WrongShard
 from engram_store.engine.optimizers import coalesce
 from engram_store.engine.routing import ShardMap
 from engram_store.engine.types import PushResult, TableStats
@@ -35,21 +32,10 @@ from engram_store.rpc import wire
 from engram_store.rpc.auth import open_channel
 from engram_store.rpc.proto import store_pb2 as pb
 from engram_store.rpc.proto import store_pb2_grpc
-
-_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-_STALE = "stale shard map"
-
+from engram_store.rpc.retry import RetryPolicy, stale_map
 
 # the core's result classes: a caller gets the same types from a local Shard and from the store
 TableInfo = TableStats  # a table across all shards: rows/bytes/pushes summed, step the max
-
-
-class _StaleMap(Exception):
-    """A shard answered that the client routed with an outdated shard map."""
-
-
-def _is_stale(e: grpc.RpcError) -> bool:
-    return e.code() == grpc.StatusCode.FAILED_PRECONDITION and _STALE in (e.details() or "")
 
 
 def _coalesce(ids: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -59,6 +45,20 @@ def _coalesce(ids: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray, np.ndarra
     if s.shape[0] < 2 or bool(np.all(s[1:] != s[:-1])):
         return ids, grads
     return coalesce(ids, grads)
+
+
+class _Stub(store_pb2_grpc.MemoryStoreStub):
+    """MemoryStoreStub plus LookupRaw and PushRaw, which skip protobuf's copies of the large
+    messages (wire.py): LookupRaw answers serialized bytes, PushRaw sends them."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        super().__init__(channel)
+        self.LookupRaw = channel.unary_unary(
+            "/engram.v1.MemoryStore/Lookup",
+            request_serializer=pb.LookupRequest.SerializeToString)
+        self.PushRaw = channel.unary_unary(  # requests from wire.encode_push_request
+            "/engram.v1.MemoryStore/PushGradients",
+            response_deserializer=pb.PushGradientsResponse.FromString)
 
 
 class StoreClient:
@@ -72,9 +72,10 @@ class StoreClient:
         `map_provider` returns the current map when a shard says ours is stale."""
         config.validate()
         self.config = config
+        self._retry = RetryPolicy.of(config)
         self._map_provider = map_provider
         self._lock = threading.Lock()
-        self._stubs: dict[str, tuple[grpc.Channel, store_pb2_grpc.MemoryStoreStub]] = {}
+        self._stubs: dict[str, tuple[grpc.Channel, _Stub]] = {}
         self._pool = ThreadPoolExecutor(max_workers=config.threads,
                                         thread_name_prefix="engram-client")
         self._dims: dict[str, int] = {}
@@ -101,56 +102,40 @@ class StoreClient:
         """The shard map requests are routed with now."""
         return self._map
 
-    def _stub(self, address: str) -> store_pb2_grpc.MemoryStoreStub:
+    def _stub(self, address: str) -> _Stub:
         with self._lock:
             entry = self._stubs.get(address)
             if entry is None:
                 opts = [("grpc.max_send_message_length", self.config.max_message_bytes),
                         ("grpc.max_receive_message_length", self.config.max_message_bytes)]
                 channel = open_channel(address, self.config, opts)  # TLS, token (auth.py)
-                stub = store_pb2_grpc.MemoryStoreStub(channel)
-                # the large messages skip protobuf's copies (wire.py)
-                stub.LookupRaw = channel.unary_unary(
-                    "/engram.v1.MemoryStore/Lookup",
-                    request_serializer=pb.LookupRequest.SerializeToString)
-                stub.PushRaw = channel.unary_unary(  # requests from wire.encode_push_request
-                    "/engram.v1.MemoryStore/PushGradients",
-                    response_deserializer=pb.PushGradientsResponse.FromString)
-                entry = self._stubs[address] = (channel, stub)
+                entry = self._stubs[address] = (channel, _Stub(channel))
             return entry[1]
 
-    def _error(self, e: grpc.RpcError, address: str) -> EngramError:
-        code, details = e.code(), e.details() or ""
-        if code in _RETRYABLE:
-            return ShardUnavailable(f"shard {address} failed after {self.config.retries} retries: "
-                                    f"{code.name}: {details}")
-        return error_for_code(code.name, details)
+    def _call(self, address: str, method: str, request: object,
+              first: grpc.Future | None = None) -> Any:
+        """One RPC, retried by the retry policy; `first` is an attempt already in flight.
 
-    def _backoff(self, attempt: int) -> None:
-        time.sleep(min(self.config.backoff_s * 2**attempt, self.config.backoff_max_s))
-
-    def _call(self, address: str, method: str, request, first: grpc.Future | None = None):
-        """One RPC with retries of transient failures; `first` is an attempt already in flight.
-
-        Raises _StaleMap when the shard says our map is outdated, else the errors.py class.
+        Raises the class the shard raised: WrongShard when our map is outdated (also when the
+        shard stays unreachable and map_provider knows a newer map), ShardUnavailable (or its
+        subclass) once the retries are spent.
         """
         rpc = getattr(self._stub(address), method)
-        for attempt in range(self.config.retries + 1):
-            try:
-                if attempt == 0 and first is not None:
-                    return first.result()
-                return rpc(request, timeout=self.config.timeout_s)
-            except grpc.RpcError as e:
-                if _is_stale(e):
-                    raise _StaleMap(e.details()) from None
-                if e.code() not in _RETRYABLE or attempt == self.config.retries:
-                    if e.code() in _RETRYABLE and self._provider_has_newer_map():
-                        # the shard may have been removed or moved while we were idle
-                        raise _StaleMap(f"shard {address} unreachable; the shard map changed"
-                                        ) from None
-                    raise self._error(e, address) from None
-            self._backoff(attempt)
-        raise AssertionError("unreachable")
+        pending = [first] if first is not None else []
+
+        def once() -> Any:
+            if pending:
+                return pending.pop().result()
+            return rpc(request, timeout=self.config.timeout_s)
+
+        try:
+            return self._retry.call(once)
+        except ShardUnavailable as e:
+            if self._provider_has_newer_map():
+                # the shard may have been removed or moved while we were idle
+                raise WrongShard(f"shard {address} unreachable; the shard map changed") from None
+            raise type(e)(f"shard {address} failed after {self.config.retries} retries: "
+                          f"{e.code}: {e}") from None
 
     def _provider_has_newer_map(self) -> bool:
         """Whether map_provider knows a newer map than ours (False without a provider)."""
@@ -161,23 +146,25 @@ class StoreClient:
         except Exception:  # the provider itself may be down; the original error is clearer
             return False
 
-    def _fanout(self, calls: list[tuple[str, str, object]]) -> list:
+    def _fanout(self, calls: Sequence[tuple[str, str, object]]) -> list[Any]:
         """Send (address, method, request) calls in parallel; responses in the same order.
 
-        Raises _StaleMap only after every call has ended, so a caller can resend just the parts
-        that were rejected (stale entries are returned as _StaleMap instances).
+        A call refused for a stale map gives its WrongShard error in place of a response, so a
+        caller can resend just the parts that were rejected; any other error is raised once
+        every call has ended.
         """
         # one call blocks in this thread: grpc's future path adds a thread hand-off
         inflight = [getattr(self._stub(a), m).future(r, timeout=self.config.timeout_s)
                     if len(calls) > 1 else None for a, m, r in calls]
-        out: list = []
+        out: list[Any] = []
         error: EngramError | None = None
         for (address, method, request), fut in zip(calls, inflight, strict=True):
             try:
                 out.append(self._call(address, method, request, first=fut))
-            except _StaleMap as e:
-                out.append(e)
             except EngramError as e:
+                if stale_map(e):
+                    out.append(e)
+                    continue
                 error = error or e
                 out.append(None)
         if error is not None:
@@ -239,20 +226,21 @@ class StoreClient:
             uniq, inverse = flat, None
         else:
             uniq, inverse = np.unique(flat, return_inverse=True)
-        for attempt in range(self.config.retries + 1):
+        attempts = self._retry.start()
+        while True:
             m = self._map
             parts = self._route(m, table, uniq)
             calls = [(m.addresses[s], "LookupRaw", pb.LookupRequest(
                 table=table, ids=wire.pack_ids(uniq[pos]), dtype=self._wire,
                 map_version=m.version)) for s, pos in parts]
             responses = self._fanout(calls)
-            if not any(isinstance(r, _StaleMap) for r in responses):
+            stale = [r for r in responses if stale_map(r)]
+            if not stale:
                 break
-            if attempt == self.config.retries:
-                stale = next(r for r in responses if isinstance(r, _StaleMap))
-                raise error_for_code("FAILED_PRECONDITION", str(stale))
+            if not attempts.can_retry():
+                raise stale[0]
             self.refresh_map()
-            self._backoff(attempt)
+            attempts.backoff()
         chunks = [wire.decode_lookup_response(r)[0] for r in responses]
         dim = self._dims[table] = chunks[0].shape[1]
         if len(chunks) == 1:
@@ -299,8 +287,9 @@ class StoreClient:
         ids, grads = _coalesce(ids, grads)
         rid = request_id or uuid.uuid4().hex
         total, all_dup, applied_step = 0, True, 0
-        for attempt in range(self.config.retries + 1):
-            m = self._map
+        attempts = self._retry.start()
+        while True:
+            attempt, m = attempts.number, self._map
             parts = self._route(m, table, ids)
             if step == 0 and len(parts) > 1:
                 # "table step + 1" would differ between shards and chunks; fix one step for all
@@ -319,10 +308,12 @@ class StoreClient:
                     table, ids[part], grads[part], self.config.wire_dtype, sub, step,
                     m.version)))
             responses = self._fanout(calls)
-            stale = []
+            stale: list[np.ndarray] = []
+            refused: list[WrongShard] = []
             for (_, pos), r in zip(parts, responses, strict=True):
-                if isinstance(r, _StaleMap):
+                if stale_map(r):
                     stale.append(pos)
+                    refused.append(r)
                     continue
                 total += r.rows_updated
                 all_dup &= r.duplicate
@@ -330,13 +321,12 @@ class StoreClient:
             self._steps[table] = max(self._steps.get(table, 0), applied_step)
             if not stale:
                 return PushResult(rows_updated=total, duplicate=all_dup, step=applied_step)
-            if attempt == self.config.retries:
-                raise error_for_code("FAILED_PRECONDITION", str(stale[0]))
+            if not attempts.can_retry():
+                raise refused[0]
             pos = np.concatenate(stale)
             ids, grads = ids[pos], grads[pos]
             self.refresh_map()
-            self._backoff(attempt)
-        raise AssertionError("unreachable")
+            attempts.backoff()
 
     def lookup_async(self, table: str, ids) -> Future:
         """lookup() on a client thread; the Future's result is the rows."""
@@ -352,8 +342,8 @@ class StoreClient:
     def _all(self, method: str, request) -> list:
         responses = self._fanout([(a, method, request) for a in self._map.addresses])
         for r in responses:
-            if isinstance(r, _StaleMap):
-                raise error_for_code("FAILED_PRECONDITION", str(r))
+            if stale_map(r):
+                raise r
         return responses
 
     @staticmethod

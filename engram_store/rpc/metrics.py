@@ -22,6 +22,7 @@ import math
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
@@ -89,7 +90,7 @@ class ServerMetrics(grpc.ServerInterceptor):
         self._step_of = step_of
         if shard is not None:
             r.register(_ShardGauges(shard))
-        self._http = None
+        self._http: WSGIServer | None = None
         self.port: int | None = None
 
     def serve(self, port: int, host: str = "127.0.0.1") -> int:

@@ -30,7 +30,7 @@ ADMIN_SERVICE = "engram.v1.StoreAdmin"
 @dataclass
 class ServerExtras:
     config: ShardConfig
-    shard: object
+    shard: Shard
     gate: SnapshotGate
     metrics: ServerMetrics | None
     interceptors: list = field(default_factory=list)
@@ -39,7 +39,7 @@ class ServerExtras:
     def register(self, server: grpc.Server) -> None:
         """Add the StoreAdmin service and start /metrics (when a metrics port is configured)."""
         SnapshotServicer(self.shard, self.gate).add_to_server(server)
-        if self.metrics is not None:
+        if self.metrics is not None and self.config.metrics_port is not None:
             self.metrics_port = self.metrics.serve(self.config.metrics_port, self.config.host)
 
     def add_port(self, server: grpc.Server, address: str) -> int:

@@ -1,5 +1,6 @@
 """MemoryStoreServicer: the gRPC face of one shard. Each method decodes its request, makes one
-call on the engine's Shard and encodes the answer; errors travel as their gRPC status."""
+call on the engine's Shard and encodes the answer; errors travel as their gRPC status and class
+name (status.py)."""
 
 from __future__ import annotations
 
@@ -12,14 +13,15 @@ from collections.abc import Callable, Iterator
 
 import grpc
 import numpy as np
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 
 from engram_store.engine import dtypes
 from engram_store.engine.config import ShardConfig
-from engram_store.engine.errors import BatchTooLarge, EngramError, InvalidArgument, ReadOnly
+from engram_store.engine.errors import BatchTooLarge, InvalidArgument, ReadOnly
 from engram_store.engine.shard import Shard
 from engram_store.rpc import wire
 from engram_store.rpc.proto import store_pb2 as pb
+from engram_store.rpc.status import abort
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +32,7 @@ _LATENCY_RING = 4096  # recent latencies kept per method for p50/p99
 class _Malformed:
     """Stands in for a request whose bytes did not parse, so the servicer can say so."""
 
-    def __init__(self, cls: type, err: Exception):
+    def __init__(self, cls: type[Message], err: Exception):
         self.message = (f"request is not a valid {cls.DESCRIPTOR.full_name} ({err}); send a "
                         "serialized message of that type")
 
@@ -41,14 +43,6 @@ class _MethodStats:
     def __init__(self) -> None:
         self.requests = self.errors = self.rows = self.bytes = 0
         self.latencies: collections.deque[float] = collections.deque(maxlen=_LATENCY_RING)
-
-
-def _abort(context: grpc.ServicerContext, err: Exception) -> None:
-    """End the call with the gRPC status that an error stands for (INTERNAL if unexpected)."""
-    if isinstance(err, EngramError):
-        context.abort(grpc.StatusCode[err.code], str(err))
-    log.error("unexpected error in a request", exc_info=err)
-    context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}: {err}")
 
 
 def _rpc(fn: Callable) -> Callable:
@@ -71,7 +65,7 @@ def _rpc(fn: Callable) -> Callable:
             failed = e
         self._record(name, t0, rows, nbytes, failed is not None)
         if failed is not None:
-            _abort(context, failed)
+            abort(context, failed)
         return response
 
     return wrapper
@@ -205,7 +199,7 @@ class MemoryStoreServicer:
                                   records=records.tobytes(), record_bytes=rb, step=step)
         except Exception as e:
             self._record("ExportRows", t0, rows, nbytes, True)
-            _abort(context, e)
+            abort(context, e)
         self._record("ExportRows", t0, rows, nbytes, False)
 
     @_rpc
@@ -233,14 +227,14 @@ class MemoryStoreServicer:
         return pb.DeleteRowsResponse(rows=n), n, 0
 
 
-def _parser(cls: type) -> Callable[[bytes], object]:
+def _parser(cls: type[Message]) -> Callable[[bytes], object]:
     """A request deserializer that turns unparsable bytes into a _Malformed marker.
 
     grpc's own deserializer failure ends the call with INTERNAL "Exception deserializing request!",
     which tells the caller nothing; this lets the servicer answer INVALID_ARGUMENT instead.
     """
 
-    def parse(buf: bytes):
+    def parse(buf: bytes) -> object:
         try:
             return cls.FromString(buf)
         except (DecodeError, ValueError, RuntimeError) as e:
@@ -249,10 +243,10 @@ def _parser(cls: type) -> Callable[[bytes], object]:
     return parse
 
 
-def _serializer(cls: type) -> Callable[[object], bytes]:
+def _serializer(cls: type[Message]) -> Callable[[object], bytes]:
     """Serialize a response message; bytes are an already serialized one (see Lookup)."""
 
-    def serialize(response) -> bytes:
+    def serialize(response: Message | bytes) -> bytes:
         return response if isinstance(response, bytes) else cls.SerializeToString(response)
 
     return serialize

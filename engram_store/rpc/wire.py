@@ -16,7 +16,7 @@ from engram_store.engine.types import ShardStateInfo
 from engram_store.rpc.proto import store_pb2 as pb
 
 DTYPE_TO_PB = {"float32": pb.FLOAT32, "bfloat16": pb.BFLOAT16, "float16": pb.FLOAT16}
-PB_TO_DTYPE = {pb.DTYPE_UNSPECIFIED: "float32", **{v: k for k, v in DTYPE_TO_PB.items()}}
+PB_TO_DTYPE: dict[int, str] = {pb.DTYPE_UNSPECIFIED: "float32", **{v: k for k, v in DTYPE_TO_PB.items()}}
 OPT_TO_PB = {"sgd": pb.SGD, "adagrad": pb.ADAGRAD, "adam": pb.ADAM}
 PB_TO_OPT = {v: k for k, v in OPT_TO_PB.items()}
 INIT_TO_PB = {"normal": pb.NORMAL, "zeros": pb.ZEROS}
