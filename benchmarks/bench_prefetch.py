@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import statistics
 import sys
@@ -30,7 +31,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _procs import shard_server  # noqa: E402
 
-from trainer.train import TrainConfig, load_corpus, train_worker  # noqa: E402
+from trainer.config import PrefetchConfig, TrainConfig  # noqa: E402
+from trainer.corpus import load_corpus  # noqa: E402
+from trainer.loop import train_worker  # noqa: E402
 
 TARGET = 1.02
 
@@ -60,7 +63,7 @@ def main() -> None:
     rounds = args.rounds or (2 if args.quick else 3)
 
     base = TrainConfig(batch_size=args.batch_size, steps=steps, log_every=1, eval_batches=0,
-                       progress=False, update="async")
+                       progress=False, prefetch=PrefetchConfig(update="async"))
     corpus = load_corpus(base)
     configs = [("local", None)] + [("store", d) for d in (0, 1, 2)]
     times: dict[str, list[float]] = {}
@@ -73,9 +76,10 @@ def main() -> None:
         for r in range(rounds):
             for backend, depth in configs:
                 key = backend if depth is None else f"store_depth{depth}"
-                cfg = TrainConfig(**{**base.to_dict(), "backend": backend,
-                                     "prefetch_depth": depth or 0, "store": addresses,
-                                     "table_prefix": f"r{r}_", "out": f"{tmp}/{key}-{r}"})
+                cfg = dataclasses.replace(
+                    base, backend=backend, store=addresses, table_prefix=f"r{r}_",
+                    out=f"{tmp}/{key}-{r}",
+                    prefetch=dataclasses.replace(base.prefetch, depth=depth or 0))
                 s = train_worker(cfg, corpus=corpus, report=lambda m: None)
                 times.setdefault(key, []).extend(step_times(s, cfg))
                 stalls.setdefault(key, []).append(s["stall_pct"])
@@ -90,8 +94,8 @@ def main() -> None:
     ratio = statistics.median(round_ratio)
     result = {
         "benchmark": "prefetch",
-        "model": {"n_layer": base.n_layer, "n_embd": base.n_embd,
-                  "engram_layers": list(base.engram_layers), "seq_len": base.seq_len,
+        "model": {"n_layer": base.model.n_layer, "n_embd": base.model.n_embd,
+                  "engram_layers": list(base.model.engram_layers), "seq_len": base.seq_len,
                   "batch_size": base.batch_size, "table_rows_per_layer": "~8 x 50k"},
         "shards": args.shards, "steps_per_run": steps, "rounds": rounds,
         "torch_threads": args.torch_threads or "default",

@@ -5,7 +5,7 @@
 Naive: every (position, head) row fetched, (N-1)*K rows per token per Engram layer. The trainer's
 Prefetcher (trainer/prefetch.py) dedups each batch's ids per layer (np.unique) and, in async mode
 with cache_rows > 0, serves rows fetched for an earlier batch from its hot-row cache. This script
-drives the real Prefetcher over the real corpus batches (trainer.train.load_corpus) with an
+drives the real Prefetcher over the real corpus batches (trainer.corpus.load_corpus) with an
 in-process store that only counts what crosses the wire, pushes every used row each step as the
 training loop does, and reads the Prefetcher's own counters (rows_fetched, tokens, cache hits).
 An independent count (np.unique over trainer.hashing ids per batch) checks the dedup figure.
@@ -18,6 +18,7 @@ Last line printed: one JSON object.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -32,9 +33,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from trainer.config import PrefetchConfig, TrainConfig  # noqa: E402
+from trainer.corpus import load_corpus, worker_batches  # noqa: E402
 from trainer.hashing import NgramHasher  # noqa: E402
-from trainer.prefetch import PrefetchConfig, Prefetcher  # noqa: E402
-from trainer.train import TrainConfig, load_corpus, worker_batches  # noqa: E402
+from trainer.prefetch import Prefetcher  # noqa: E402
 
 TARGET = 0.5
 
@@ -73,9 +75,9 @@ class CountingStore:
 
 def measure(cfg: TrainConfig, corpus, steps: int, pcfg: PrefetchConfig) -> dict:
     """Drive a Prefetcher for `steps` training steps; rows per token on the wire."""
-    hcfg = cfg.hash_config(corpus.pad_id)
+    hcfg = cfg.model.hash_config(corpus.pad_id)
     hasher = NgramHasher(hcfg, corpus.lookup, corpus.compressed_vocab)
-    tables = {layer: f"engram_l{layer}" for layer in cfg.engram_layers}
+    tables = {layer: f"engram_l{layer}" for layer in cfg.model.engram_layers}
     store = CountingStore(hcfg.d_head)
     batches = worker_batches(corpus, "train", cfg, 0, 1)
     p = Prefetcher(store, hasher.global_ids, tables, batches, pcfg, "cpu", dim=hcfg.d_head)
@@ -89,7 +91,7 @@ def measure(cfg: TrainConfig, corpus, steps: int, pcfg: PrefetchConfig) -> dict:
             time.sleep(0.002)
             updates = {layer: (ids, np.zeros((len(ids), hcfg.d_head), np.float32))
                        for layer, ids in f.ids.items()}
-            p.push(step, updates)  # every used row is pushed, as trainer.train does
+            p.push(step, updates)  # every used row is pushed, as trainer.loop does
     finally:
         p.close()
     s = p.stats
@@ -108,7 +110,7 @@ def measure(cfg: TrainConfig, corpus, steps: int, pcfg: PrefetchConfig) -> dict:
 
 def independent_dedup(cfg: TrainConfig, corpus, steps: int) -> float:
     """Unique (layer, row) per batch / naive rows, counted directly from the hasher."""
-    hcfg = cfg.hash_config(corpus.pad_id)
+    hcfg = cfg.model.hash_config(corpus.pad_id)
     hasher = NgramHasher(hcfg, corpus.lookup, corpus.compressed_vocab)
     uniq = naive = 0
     for _, (x, _) in zip(range(steps), worker_batches(corpus, "train", cfg, 0, 1), strict=False):
@@ -144,7 +146,7 @@ def main() -> int:
     ]
     runs = []
     for B, T in shapes:
-        cfg = TrainConfig(**{**base.to_dict(), "batch_size": B, "seq_len": T})
+        cfg = dataclasses.replace(base, batch_size=B, seq_len=T)
         check = independent_dedup(cfg, corpus, steps)
         for name, pcfg in policies:
             m = measure(cfg, corpus, steps, pcfg)
@@ -156,10 +158,10 @@ def main() -> int:
     default = [r for r in runs if (r["batch_size"], r["seq_len"]) == shapes[0]]
     best = min(default, key=lambda r: r["lookup_ratio_vs_naive"])
     dedup = next(r for r in default if r["policy"] == "dedup")
-    hcfg = base.hash_config(corpus.pad_id)
+    hcfg = base.model.hash_config(corpus.pad_id)
     result = {
         "benchmark": "wire", "corpus": args.corpus, "steps": steps,
-        "engram_layers": list(base.engram_layers), "max_ngram": hcfg.max_ngram,
+        "engram_layers": list(base.model.engram_layers), "max_ngram": hcfg.max_ngram,
         "heads": hcfg.heads, "naive_rows_per_token": hcfg.heads_per_layer * len(hcfg.layers),
         "default_batch": {"batch_size": shapes[0][0], "seq_len": shapes[0][1]},
         "dedup_ratio": dedup["lookup_ratio_vs_naive"],

@@ -4,7 +4,7 @@
 
 1. Baseline vs Engram: the same backbone (layers, width, heads), the same tokens in the same order,
    the same steps and seed; the Engram model adds one Engram layer (block 1) whose tables live
-   in-process (trainer.train.LocalFetcher: nn.Embedding(sparse) + SparseAdam at table_lr_mult x lr,
+   in-process (trainer.fetch.LocalFetcher: nn.Embedding(sparse) + SparseAdam at table_lr_mult x lr,
    the trainer's local backend). Reported: validation loss of both over the whole validation split
    (capped by --val-batches) and the ratio engram / baseline (target <= 0.97). A third run,
    "engram_tuned", differs only in the table learning rate (--tuned-table-lr-mult x lr instead of
@@ -44,15 +44,12 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from trainer import data  # noqa: E402
+from trainer.config import ArchConfig, TrainConfig  # noqa: E402
+from trainer.corpus import Corpus, corpus_from_prepared  # noqa: E402
+from trainer.fetch import LocalFetcher  # noqa: E402
 from trainer.hashing import NgramHasher  # noqa: E402
 from trainer.model import GPT, param_split  # noqa: E402
-from trainer.train import (  # noqa: E402
-    Corpus,
-    LocalFetcher,
-    TrainConfig,
-    corpus_from_prepared,
-    table_specs,
-)
+from trainer.tables import table_specs  # noqa: E402
 
 TARGET_RATIO = 0.97
 PAPER_OPTIMUM = (0.20, 0.25)
@@ -77,7 +74,7 @@ class Data:
 
 def load_data(corpus: str | None, vocab_size: int, docs: list | None = None,
               cache_dir: str | None = None) -> Data:
-    """Tokenize (cached) and wrap as trainer.train.Corpus: the batches trainer.train.load_corpus
+    """Tokenize (cached) and wrap as trainer.corpus.Corpus: the batches trainer.corpus.load_corpus
     yields (train: ds.batches; val: consecutive eval windows), from one prepare_data call.
     `docs` (trainer.data.Document list) replaces the corpus, e.g. for tests."""
     prep = data.prepare_data(corpus, vocab_size, cache_dir=cache_dir, docs=docs)
@@ -243,7 +240,7 @@ def train_run(name: str, cfg: TrainConfig, d: Data, windows: list, eval_every: i
     t = Trained(cfg, d)
     model, fetcher = t.model, t.fetcher
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                            betas=(0.9, 0.95))  # as trainer.train.train_worker
+                            betas=(0.9, 0.95))  # as trainer.loop.train_worker
     steps, losses, vsteps, vcurve = [], [], [], []
     t0 = time.perf_counter()
     for step in range(1, cfg.steps + 1):
@@ -262,10 +259,11 @@ def train_run(name: str, cfg: TrainConfig, d: Data, windows: list, eval_every: i
     tl = t.token_losses(windows)
     split = param_split(model, t.mcfg.hash)
     split.pop("table_rows", None)
-    log(f"  {name}: width {cfg.n_embd}, tables {split['engram_tables']:,} "
+    log(f"  {name}: width {cfg.model.n_embd}, tables {split['engram_tables']:,} "
         f"({100 * split['table_fraction']:.0f}%), val loss {tl.mean():.4f}, {train_s:.0f} s")
     return RunResult(name, float(tl.mean()), split, train_s, steps, losses, vsteps, vcurve, tl,
-                     cfg.n_embd, cfg.table_base_size if cfg.engram_layers else 0)
+                     cfg.model.n_embd,
+                     cfg.model.table_base_size if cfg.model.engram_layers else 0)
 
 
 # ---------------------------------------------------------------------------- allocation sweep
@@ -284,18 +282,19 @@ def sweep_configs(base: TrainConfig, d: Data, budget: int, ratios: list[float]
     """For each ratio r: tables hold ~r*budget parameters (rows per head = table_base_size) and
     the backbone width is the multiple of n_head that brings the total closest to the budget."""
     out = []
-    heads = base.hash_heads * (base.max_ngram - 1)
-    d_head = base.n_embed_per_ngram // base.hash_heads
+    m = base.model
+    heads = m.hash_heads * (m.max_ngram - 1)
+    d_head = m.n_embed_per_ngram // m.hash_heads
     for r in ratios:
         if r <= 0:
-            layers, rows_per_head = (), base.table_base_size
+            layers, rows_per_head = (), m.table_base_size
         else:
-            layers = base.engram_layers or (1,)
+            layers = m.engram_layers or (1,)
             rows_per_head = max(16, round(r * budget / (heads * d_head)))
         best = None
-        for w in range(base.n_head * 2, 4096, base.n_head):
-            cfg = dataclasses.replace(base, n_embd=w, engram_layers=layers,
-                                      table_base_size=rows_per_head)
+        for w in range(m.n_head * 2, 4096, m.n_head):
+            cfg = dataclasses.replace(base, model=dataclasses.replace(
+                m, n_embd=w, engram_layers=layers, table_base_size=rows_per_head))
             p = count_params(cfg, d)
             dense = p["backbone"] + p["engram_dense"]
             if best is None or abs(p["total"] - budget) < best[0]:
@@ -340,9 +339,11 @@ def main() -> int:
 
     q = args.quick
     base = TrainConfig(
-        backend="local", corpus=args.corpus or "builtin", vocab_size=4096, n_layer=4, n_head=4,
-        n_embd=args.width or (96 if q else 256), engram_layers=(1,), max_ngram=3, hash_heads=4,
-        n_embed_per_ngram=64 if q else 128, table_base_size=20_000 if q else 50_000,
+        backend="local", corpus=args.corpus or "builtin", vocab_size=4096,
+        model=ArchConfig(n_layer=4, n_head=4, n_embd=args.width or (96 if q else 256),
+                         engram_layers=(1,), max_ngram=3, hash_heads=4,
+                         n_embed_per_ngram=64 if q else 128,
+                         table_base_size=20_000 if q else 50_000),
         seq_len=64 if q else 128, batch_size=16, seed=1337,
         steps=args.steps or (500 if q else 2000), lr=args.lr or (2e-3 if q else 1e-3), table_lr_mult=args.table_lr_mult,
         progress=False)
@@ -358,7 +359,8 @@ def main() -> int:
 
     # 1. baseline vs Engram, same backbone, tokens, steps, seed
     log("baseline vs Engram:")
-    pairs = [("baseline", dataclasses.replace(base, engram_layers=())), ("engram", base)]
+    pairs = [("baseline", dataclasses.replace(base, model=base.model.baseline())),
+             ("engram", base)]
     tuned = dataclasses.replace(base, table_lr_mult=args.tuned_table_lr_mult)
     if args.tuned_table_lr_mult:
         pairs.append(("engram_tuned", tuned))
@@ -390,15 +392,17 @@ def main() -> int:
     sweep = []
     ratios = [float(x) for x in args.ratios.split(",") if x.strip()]
     if ratios:
-        sbase = dataclasses.replace(tuned if args.tuned_table_lr_mult else base,
-                                    n_embd=sweep_width, steps=sweep_steps)
-        budget = count_params(dataclasses.replace(sbase, engram_layers=()), d)["total"]
+        src = tuned if args.tuned_table_lr_mult else base
+        sbase = dataclasses.replace(src, model=dataclasses.replace(src.model, n_embd=sweep_width),
+                                    steps=sweep_steps)
+        budget = count_params(dataclasses.replace(sbase, model=sbase.model.baseline()),
+                              d)["total"]
         log(f"allocation sweep, budget {budget:,} parameters, {sweep_steps} steps each:")
         for r, cfg in sweep_configs(sbase, d, budget, ratios):
             res = train_run(f"sweep{r:g}", cfg, d, windows, max(1, sweep_steps // 10),
                             curve_batches)
             sweep.append({"target_fraction": r, "table_fraction": res.params["table_fraction"],
-                          "n_embd": cfg.n_embd, "table_base_size": res.table_base_size,
+                          "n_embd": cfg.model.n_embd, "table_base_size": res.table_base_size,
                           "params": res.params, "val_loss": res.val_loss, "train_s": res.train_s,
                           "val_steps": res.val_steps, "val_curve": res.val_curve})
     best = min(sweep, key=lambda s: s["val_loss"]) if sweep else None
@@ -411,14 +415,13 @@ def main() -> int:
         Path(args.curves).parent.mkdir(parents=True, exist_ok=True)
         Path(args.curves).write_text(json.dumps(curves))
 
-    cfg_keys = ("n_layer", "n_head", "n_embd", "engram_layers", "max_ngram", "hash_heads",
-                "n_embed_per_ngram", "table_base_size", "vocab_size", "seq_len", "batch_size",
-                "steps", "lr", "table_lr_mult", "weight_decay", "seed")
+    run_keys = ("vocab_size", "seq_len", "batch_size", "steps", "lr", "table_lr_mult",
+                "weight_decay", "seed")
     result = {
         "benchmark": "quality", "quick": q, "corpus": d.name,
         "train_tokens": int(len(d.train_tokens)), "val_tokens_evaluated": int(len(b.token_losses)),
         "tokens_trained": base.steps * base.batch_size * base.seq_len,
-        "config": {k: getattr(base, k) for k in cfg_keys},
+        "config": {**dataclasses.asdict(base.model), **{k: getattr(base, k) for k in run_keys}},
         "baseline": {"val_loss": b.val_loss, "params": b.params, "train_s": b.train_s},
         "engram": {"val_loss": e.val_loss, "params": e.params, "train_s": e.train_s},
         "val_loss_ratio": ratio, "target_ratio": TARGET_RATIO, "meets_target": ratio <= TARGET_RATIO,

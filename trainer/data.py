@@ -15,6 +15,7 @@ import ast
 import hashlib
 import io
 import json
+import logging
 import os
 import sysconfig
 from collections.abc import Iterable, Iterator
@@ -26,6 +27,8 @@ import numpy as np
 
 from engram_store.engine.errors import ConfigError
 from trainer.tokenizer import EOT_ID, atomic_write_bytes, load_or_train_tokenizer, tokenizer_dir
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val")
 CORPUS_SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -55,8 +58,10 @@ def stdlib_documents() -> list[Document]:
             path = Path(dirpath) / fn
             try:
                 tree = ast.parse(path.read_text(encoding="utf-8"))
-            except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
-                continue  # a few stdlib files are deliberately invalid (lib2to3 fixtures, ...)
+            except (SyntaxError, UnicodeDecodeError, ValueError, OSError) as e:
+                # a few stdlib files are deliberately invalid (lib2to3 fixtures, ...)
+                log.debug("built-in corpus: skipping %s (%s)", path, e)
+                continue
             parts = [
                 ast.get_docstring(node)
                 for node in ast.walk(tree)
@@ -68,6 +73,7 @@ def stdlib_documents() -> list[Document]:
     try:
         from pydoc_data.topics import topics
     except ImportError:  # some distributions strip pydoc_data
+        log.info("built-in corpus: this Python has no pydoc_data; using docstrings only")
         topics = {}
     for name in sorted(topics):
         if topics[name].strip():

@@ -10,83 +10,16 @@ first transformer block); docs/algorithm.md's "layers [1, 15]" means blocks 1 an
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engram_store.engine.errors import ConfigError
+from trainer.config import ModelConfig  # torch-free, so the CLI can read its defaults
 from trainer.engram import EngramModule
 from trainer.hashing import HashConfig, head_primes
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Backbone shape plus where Engram sits.
-
-    engram_layers: 0-based block indices carrying an Engram; () is the baseline. When given
-        without `hash`, hash defaults to HashConfig(layers=engram_layers) (docs/algorithm.md settings).
-    hash: how n-grams are hashed; its `layers` must equal engram_layers (it orders the primes).
-    hc_mult: residual branches M; this backbone has one residual stream, so only 1 is supported.
-    """
-
-    vocab_size: int = 8192
-    n_layer: int = 6
-    n_head: int = 8
-    n_embd: int = 512
-    block_size: int = 256
-    engram_layers: tuple[int, ...] = ()
-    hash: HashConfig | None = None
-    hc_mult: int = 1
-    kernel_size: int = 4
-    dropout: float = 0.0
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "engram_layers", tuple(int(x) for x in self.engram_layers))
-        self._check_layers()  # before a default HashConfig could complain about them first
-        if self.engram_layers and self.hash is None:
-            object.__setattr__(self, "hash", HashConfig(layers=self.engram_layers))
-        self.validate()
-
-    def validate(self) -> None:
-        for name in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size", "kernel_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
-        if self.n_embd % self.n_head:
-            raise ConfigError(f"n_embd={self.n_embd} must be a multiple of n_head={self.n_head}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout={self.dropout} must lie in [0, 1)")
-        if self.hc_mult != 1:
-            raise ConfigError(
-                f"hc_mult={self.hc_mult}: this backbone has one residual stream; use hc_mult=1 "
-                "(EngramModule itself supports M branches for a hyper-connected backbone)")
-        self._check_layers()
-        if self.engram_layers:
-            assert self.hash is not None
-            if tuple(self.hash.layers) != self.engram_layers:
-                raise ConfigError(
-                    f"engram_layers {self.engram_layers} differ from hash.layers "
-                    f"{self.hash.layers}; give the same layers in the same order")
-            if self.hash.pad_id >= self.vocab_size:
-                raise ConfigError(
-                    f"hash.pad_id={self.hash.pad_id} is not a token id (vocab_size={self.vocab_size})")
-
-    def _check_layers(self) -> None:
-        bad = [x for x in self.engram_layers if not 0 <= x < self.n_layer]
-        if bad:
-            raise ConfigError(
-                f"engram_layers {self.engram_layers}: layer(s) {bad} outside the backbone's "
-                f"blocks 0..{self.n_layer - 1} (n_layer={self.n_layer}; indices are 0-based)")
-        if len(set(self.engram_layers)) != len(self.engram_layers):
-            raise ConfigError(f"engram_layers {self.engram_layers} contain a duplicate")
-
-    def baseline(self) -> ModelConfig:
-        """The same backbone without Engram."""
-        return dataclasses.replace(self, engram_layers=(), hash=None)
 
 
 class CausalSelfAttention(nn.Module):

@@ -47,9 +47,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from engram_store.engine.errors import ConfigError
-
-UPDATES = ("sync", "async")
+from trainer.config import PrefetchConfig  # torch-free, so the CLI can read its defaults
 
 
 class Store(Protocol):
@@ -59,29 +57,6 @@ class Store(Protocol):
 
     def push_async(self, table: str, ids: np.ndarray, grads: np.ndarray, step: int = 0,
                    request_id: str | None = None) -> Future: ...
-
-
-@dataclass(frozen=True)
-class PrefetchConfig:
-    """How far ahead rows are fetched and how pushes are ordered against lookups."""
-
-    depth: int = 1  # batches fetched ahead of the one in use; 0 = fetch on demand
-    update: str = "async"  # "sync" | "async" (see module docstring)
-    max_inflight: int = 2  # async: pushes outstanding at once
-    cache_rows: int = 0  # async: hot-row cache capacity per layer, 0 = off
-    cache_staleness: int = 0  # async: steps a cached row may be reused
-    cache_drop_pushed: bool = True  # async: a push by this worker evicts the pushed rows
-
-    def validate(self) -> None:
-        if self.depth < 0:
-            raise ConfigError(f"prefetch depth {self.depth} must be >= 0 (0 = fetch on demand)")
-        if self.update not in UPDATES:
-            raise ConfigError(f"update mode {self.update!r} is unknown; use one of {UPDATES}")
-        if self.max_inflight < 0 or self.cache_rows < 0 or self.cache_staleness < 0:
-            raise ConfigError("max_inflight, cache_rows and cache_staleness must be >= 0")
-        if self.update == "sync" and self.cache_rows:
-            raise ConfigError("the hot-row cache serves stale rows; use --update async with it "
-                              "or set cache_rows=0")
 
 
 @dataclass
@@ -239,6 +214,7 @@ class Prefetcher:
     `batches` yields (x, y) token arrays (B, T); `hash_fn(x)` returns {layer: int64 (B, T, H)} global
     row ids; `tables` maps each Engram layer to its store table. Call `next()` once per step, then
     `push(step, fetched.grads())` (or `after_push` on workers that did not push) after backward.
+    The training loop's row source for store tables (it meets trainer.fetch.Fetcher).
     """
 
     def __init__(self, store: Store, hash_fn: Callable[[np.ndarray], dict[int, np.ndarray]],

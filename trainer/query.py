@@ -20,7 +20,7 @@ from engram_store.engine.errors import ConfigError
 
 def _config(checkpoint: str):
     """(TrainConfig, source) for the run whose hashing is wanted."""
-    from trainer.train import TrainConfig
+    from trainer.config import TrainConfig
 
     path = pathlib.Path(checkpoint) if checkpoint else None
     if path is None:
@@ -28,25 +28,24 @@ def _config(checkpoint: str):
         path = runs[-1] if runs else None
     if path is None:
         return TrainConfig(), "engram train defaults"
-    if path.is_dir():
-        path = path / "checkpoint.pt"
-    if not path.exists():
-        raise ConfigError(f"--checkpoint {checkpoint}: no checkpoint there")
-    import torch
+    from trainer.checkpoint import checkpoint_path, load_checkpoint
 
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    return TrainConfig.from_dict(ckpt["config"]), str(path)
+    file = checkpoint_path(path)
+    if not file.exists():
+        raise ConfigError(f"--checkpoint {checkpoint}: no checkpoint there")
+    return TrainConfig.from_dict(load_checkpoint(file)["config"]), str(file)
 
 
 def query_text(args: argparse.Namespace) -> int:
     """Print the row ids (per layer, position, head) and row norms that `args.text` hashes to."""
     from engram_store.engine.config import ClientConfig
     from engram_store.rpc.client import StoreClient
+    from trainer.corpus import load_corpus
     from trainer.hashing import NgramHasher
-    from trainer.train import load_corpus, table_specs
+    from trainer.tables import table_specs
 
     cfg, source = _config(getattr(args, "checkpoint", ""))
-    if not cfg.engram_layers:
+    if not cfg.model.engram_layers:
         raise ConfigError(f"the run ({source}) has no Engram layers; nothing to query")
     cfg = dataclasses.replace(cfg, store=(args.address,))
     corpus = load_corpus(cfg)
@@ -56,12 +55,13 @@ def query_text(args: argparse.Namespace) -> int:
                      dtype=np.int64)[None, :]  # (1, T)
     if ids.shape[1] == 0:
         raise ConfigError("--text is empty after tokenization")
-    hasher = NgramHasher(cfg.hash_config(corpus.pad_id), corpus.lookup, corpus.compressed_vocab)
+    hasher = NgramHasher(cfg.model.hash_config(corpus.pad_id), corpus.lookup,
+                         corpus.compressed_vocab)
     specs = table_specs(cfg, hasher)
     local = hasher.hash(ids)  # {layer: (1, T, H)} row within each head
     glob = hasher.global_ids(ids)  # {layer: (1, T, H)} row of the layer's table
     tokens = [corpus.tokenizer.decode([int(t)]) for t in ids[0]]
-    N, K = cfg.max_ngram, cfg.hash_heads
+    N, K = cfg.model.max_ngram, cfg.model.hash_heads
     out = {"text": args.text, "hashing": source, "tokens": tokens, "layers": {}}
     with StoreClient(args.address, ClientConfig(token=getattr(args, "token", "") or "")) as c:
         for layer, spec in specs.items():

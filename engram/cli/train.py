@@ -13,6 +13,8 @@ import dataclasses
 import pathlib
 import sys
 
+from engram.cli import options
+
 
 def _layers(text: str) -> tuple[int, ...]:
     try:
@@ -23,10 +25,15 @@ def _layers(text: str) -> tuple[int, ...]:
 
 
 def add_commands(subparsers) -> None:
-    """Add `train` to the `engram` parser's subparsers."""
-    from trainer.train import TrainConfig
-
+    """Add `train` to the `engram` parser's subparsers (the flags' defaults: trainer.config,
+    which imports no torch). Without the trainer layer, `train` says which extra to install."""
+    try:
+        from trainer.config import DEVICES, UPDATES, TrainConfig
+    except ImportError:  # a store node: no torch / tokenizers
+        _add_unavailable(subparsers)
+        return
     d = TrainConfig()
+    dm, dp = d.model, d.prefetch
     p = subparsers.add_parser(
         "train", help="train an Engram model against the store (no flags: a local demo run)",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -41,7 +48,7 @@ def add_commands(subparsers) -> None:
                    help="store data root (default: <out>/store); reopening one resumes its tables")
     g.add_argument("--trainers", type=int, default=d.trainers,
                    help="data-parallel trainer workers (Ray Train, DDP)")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device)
+    g.add_argument("--device", choices=DEVICES, default=d.device)
     g.add_argument("--trainer-resource", default=d.trainer_resource, metavar="NAME",
                    help="custom Ray resource every trainer worker needs (e.g. engram_trainer on "
                         "CPU clusters); default none")
@@ -50,17 +57,17 @@ def add_commands(subparsers) -> None:
     g.add_argument("--out", default="", help="run directory (default runs/<timestamp>)")
     g.add_argument("--resume", default="", help="checkpoint (or run directory) to continue")
     m = p.add_argument_group("model")
-    m.add_argument("--layers", type=int, default=d.n_layer, help="transformer blocks")
-    m.add_argument("--width", type=int, default=d.n_embd, help="model width")
-    m.add_argument("--heads", type=int, default=d.n_head, help="attention heads")
-    m.add_argument("--engram-layers", type=_layers, default=d.engram_layers, metavar="1[,3]",
+    m.add_argument("--layers", type=int, default=dm.n_layer, help="transformer blocks")
+    m.add_argument("--width", type=int, default=dm.n_embd, help="model width")
+    m.add_argument("--heads", type=int, default=dm.n_head, help="attention heads")
+    m.add_argument("--engram-layers", type=_layers, default=dm.engram_layers, metavar="1[,3]",
                    help="0-based blocks carrying an Engram")
     m.add_argument("--no-engram", action="store_true", help="the baseline: no Engram, no store")
-    m.add_argument("--max-ngram", type=int, default=d.max_ngram, help="largest n-gram order N")
-    m.add_argument("--hash-heads", type=int, default=d.hash_heads, help="hash heads K per order")
-    m.add_argument("--memory-width", type=int, default=d.n_embed_per_ngram,
+    m.add_argument("--max-ngram", type=int, default=dm.max_ngram, help="largest n-gram order N")
+    m.add_argument("--hash-heads", type=int, default=dm.hash_heads, help="hash heads K per order")
+    m.add_argument("--memory-width", type=int, default=dm.n_embed_per_ngram,
                    help="memory width per n-gram order (d_head = this / hash heads)")
-    m.add_argument("--table-size", type=int, default=d.table_base_size,
+    m.add_argument("--table-size", type=int, default=dm.table_base_size,
                    help="rows per hash head (a prime just above)")
     t = p.add_argument_group("training")
     t.add_argument("--corpus", default=d.corpus,
@@ -74,16 +81,16 @@ def add_commands(subparsers) -> None:
     t.add_argument("--seq-len", type=int, default=d.seq_len)
     t.add_argument("--lr", type=float, default=d.lr,
                    help=f"backbone lr; tables learn at {d.table_lr_mult:g}x (server-side Adam)")
-    t.add_argument("--update", choices=("sync", "async"), default=d.update,
+    t.add_argument("--update", choices=UPDATES, default=dp.update,
                    help="sync: exact (pushes acknowledged before rows are reused); async: "
                         "bounded staleness depth + max-inflight steps")
-    t.add_argument("--prefetch-depth", type=int, default=d.prefetch_depth,
+    t.add_argument("--prefetch-depth", type=int, default=dp.depth,
                    help="batches whose rows are fetched ahead (0 = on demand)")
-    t.add_argument("--max-inflight", type=int, default=d.max_inflight,
+    t.add_argument("--max-inflight", type=int, default=dp.max_inflight,
                    help="async: pushes outstanding at once")
-    t.add_argument("--cache-rows", type=int, default=d.cache_rows,
+    t.add_argument("--cache-rows", type=int, default=dp.cache_rows,
                    help="async: hot-row cache per layer (0 = off)")
-    t.add_argument("--cache-staleness", type=int, default=d.cache_staleness,
+    t.add_argument("--cache-staleness", type=int, default=dp.cache_staleness,
                    help="async: steps a cached row may be reused")
     t.add_argument("--cache-keep-pushed", action="store_true",
                    help="async: keep rows this trainer pushed in the cache until they are stale "
@@ -95,21 +102,34 @@ def add_commands(subparsers) -> None:
     p.set_defaults(func=cmd_train)
 
 
+def _add_unavailable(subparsers) -> None:
+    """`train` without the trainer layer: any arguments, one error naming the extra."""
+    # prefix_chars="+": no argument parses as a flag, so `engram train --steps 3` reaches the
+    # install hint instead of an "unrecognized arguments" error.
+    p = subparsers.add_parser(
+        "train", help="train an Engram model (needs the train extra: pip install 'engram[train]')",
+        prefix_chars="+", add_help=False)
+    p.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    p.set_defaults(func=lambda args: options.require("trainer", "train"))
+
+
 def train_config(args: argparse.Namespace):
     """The TrainConfig that `engram train` flags describe (store addresses filled in later)."""
-    from trainer.train import TrainConfig, default_out
+    from trainer.config import ArchConfig, PrefetchConfig, TrainConfig, default_out
 
-    return TrainConfig(
+    model = ArchConfig(
         n_layer=args.layers, n_head=args.heads, n_embd=args.width,
         engram_layers=() if args.no_engram else args.engram_layers, max_ngram=args.max_ngram,
         hash_heads=args.hash_heads, n_embed_per_ngram=args.memory_width,
-        table_base_size=args.table_size, corpus=args.corpus, vocab_size=args.vocab_size,
+        table_base_size=args.table_size)
+    prefetch = PrefetchConfig(
+        depth=args.prefetch_depth, update=args.update, max_inflight=args.max_inflight,
+        cache_rows=args.cache_rows, cache_staleness=args.cache_staleness,
+        cache_drop_pushed=not args.cache_keep_pushed)
+    return TrainConfig(
+        model=model, prefetch=prefetch, corpus=args.corpus, vocab_size=args.vocab_size,
         seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed, steps=args.steps,
-        max_minutes=args.minutes,
-        lr=args.lr, update=args.update, prefetch_depth=args.prefetch_depth,
-        max_inflight=args.max_inflight, cache_rows=args.cache_rows,
-        cache_staleness=args.cache_staleness, cache_drop_pushed=not args.cache_keep_pushed,
-        trainers=args.trainers,
+        max_minutes=args.minutes, lr=args.lr, trainers=args.trainers,
         ray_train=args.ray_train or args.address is not None, device=args.device,
         trainer_resource=args.trainer_resource, eval_batches=args.eval_batches,
         eval_every=args.eval_every, out=str(pathlib.Path(args.out or default_out()).resolve()),
@@ -138,7 +158,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     import json
 
     from engram_store.engine.errors import ConfigError
-    from trainer.train import load_corpus, print_summary, table_specs, train, train_worker
+    from trainer.corpus import load_corpus
+    from trainer.launch import train
+    from trainer.loop import train_worker
+    from trainer.summary import print_summary
+    from trainer.tables import table_specs
 
     cfg = train_config(args)
     # Fail on bad configs before starting anything (the store check comes once it exists).
@@ -150,15 +174,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     cluster = None
     started_ray = False
     try:
-        if cfg.engram_layers and args.store:
+        if cfg.model.engram_layers and args.store:
             cfg = dataclasses.replace(cfg, store=tuple(a.strip() for a in args.store.split(",")))
-        elif cfg.engram_layers:
+        elif cfg.model.engram_layers:
             from cluster.api import EngramCluster
             from cluster.config import ClusterConfig
             from trainer.hashing import NgramHasher
 
             started_ray = _start_ray(args, cfg)
-            hasher = NgramHasher(cfg.hash_config(corpus.pad_id), corpus.lookup,
+            hasher = NgramHasher(cfg.model.hash_config(corpus.pad_id), corpus.lookup,
                                  corpus.compressed_vocab)
             specs = list(table_specs(cfg, hasher).values())
             data_root = args.data or str(pathlib.Path(cfg.out) / "store")

@@ -19,9 +19,8 @@ import quality  # noqa: E402
 from engram_store.engine.config import OptimizerConfig, TableConfig  # noqa: E402
 from engram_store.engine.init import initial_rows  # noqa: E402
 from engram_store.engine.optimizers import apply, coalesce  # noqa: E402
+from trainer.config import ArchConfig, PrefetchConfig, TrainConfig  # noqa: E402
 from trainer.data import Document  # noqa: E402
-from trainer.prefetch import PrefetchConfig  # noqa: E402
-from trainer.train import TrainConfig  # noqa: E402
 
 
 def _real_docs() -> list:
@@ -46,8 +45,8 @@ def tiny_corpus(tmp_path_factory):
 
 
 def test_wire_dedup_and_cache_send_fewer_rows_than_naive(tiny_corpus):
-    cfg = TrainConfig(backend="local", batch_size=4, seq_len=64, vocab_size=512,
-                      table_base_size=1000, progress=False)
+    cfg = TrainConfig(model=ArchConfig(table_base_size=1000), backend="local", batch_size=4,
+                      seq_len=64, vocab_size=512, progress=False)
     dedup = bench_wire.measure(cfg, tiny_corpus, 4, PrefetchConfig(depth=1, update="async"))
     assert dedup["naive_rows_per_token"] == 8  # (N-1) * K = 2 * 4 rows per token, one layer
     assert dedup["tokens"] == 4 * 4 * 64
@@ -89,8 +88,20 @@ def redis_port():
         yield port
 
 
-def test_redis_rmw_adam_matches_the_store(redis_port, shard):
+@pytest.fixture
+def engine_shard(tmp_path):
+    """The storage engine itself (no server): what the Redis baseline is compared against."""
+    from engram_store.engine.config import ShardConfig
+    from engram_store.engine.shard import Shard
+
+    with Shard(ShardConfig(data_dir=str(tmp_path / "shard"), map_size=64 << 20)) as s:
+        yield s
+
+
+def test_redis_rmw_adam_matches_the_store(redis_port, engine_shard):
     import redis
+
+    shard = engine_shard
 
     spec = TableConfig("t", num_rows=1000, dim=8, seed=3,
                        optimizer=OptimizerConfig(kind="adam", lr=0.05))

@@ -13,10 +13,12 @@ import torch
 from engram_store.engine.config import ShardConfig
 from engram_store.engine.init import initial_rows
 from engram_store.rpc.server import create_server, stop_server
+from trainer.config import TrainConfig
+from trainer.corpus import load_corpus, worker_batches
 from trainer.engram import LocalMemory
 from trainer.hashing import NgramHasher
 from trainer.model import GPT
-from trainer.train import TrainConfig, load_corpus, table_specs, worker_batches
+from trainer.tables import table_specs
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -34,7 +36,8 @@ def shard_servers(tmp_path: pathlib.Path, n: int = 2):
 
 
 def tiny_config(**kw) -> TrainConfig:
-    """A model small enough for 20 exact steps in a second or two.
+    """A model small enough for 20 exact steps in a second or two. `kw` in the flat names
+    TrainConfig.from_dict maps into the nested configs (n_layer=..., prefetch_depth=...).
 
     lr 3e-4 and AdamW eps 1e-6: at lr 3e-3 / eps 1e-8 this tiny model is chaotic (a 1e-7 relative
     perturbation of the dense grads, the float noise of DDP's different summation order, grows to
@@ -45,7 +48,7 @@ def tiny_config(**kw) -> TrainConfig:
                 seq_len=16, batch_size=4, steps=20, lr=3e-4, adam_eps=1e-6, update="sync", eval_batches=0,
                 log_every=5, progress=False)
     base.update(kw)
-    return TrainConfig(**base)
+    return TrainConfig.from_dict(base)
 
 
 def reference_run(cfg: TrainConfig, world: int = 1) -> tuple[dict, dict[int, np.ndarray]]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tests.trainer.store_helpers import shard_servers, tiny_config
-from trainer.train import train_worker
+from trainer.loop import train_worker
 
 
 @pytest.mark.timeout(300)

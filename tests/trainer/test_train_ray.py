@@ -12,7 +12,7 @@ from tests.trainer.store_helpers import (
     shard_servers,
     tiny_config,
 )
-from trainer.train import run_ray_train
+from trainer.launch import run_ray_train
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,8 @@ import torch
 
 from engram_store.engine.errors import ConfigError
 from tests.trainer.store_helpers import assert_matches, reference_run, shard_servers, tiny_config
-from trainer.train import TrainConfig, train_worker
+from trainer.config import TrainConfig
+from trainer.loop import train_worker
 
 
 @pytest.fixture(scope="module")

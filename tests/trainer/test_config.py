@@ -1,0 +1,103 @@
+"""TrainConfig nests the model (ArchConfig) and prefetch (PrefetchConfig) configs: to_dict /
+from_dict round trip the nested form and read the flat form of older checkpoints; validate()
+words its errors as the flag to change; trainer.config and the `engram` parser import no torch."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import pytest
+
+from engram_store.engine.errors import ConfigError
+from tests.trainer.store_helpers import ROOT
+from trainer.config import ArchConfig, PrefetchConfig, TrainConfig
+
+#: a TrainConfig.to_dict() as checkpoints wrote it before model and prefetch were nested
+FLAT = {"n_layer": 2, "n_head": 2, "n_embd": 32, "engram_layers": [1], "max_ngram": 3,
+        "hash_heads": 2, "n_embed_per_ngram": 16, "table_base_size": 500, "hash_seed": 7,
+        "corpus": "synthetic", "vocab_size": 64, "seq_len": 16, "batch_size": 4, "seed": 1337,
+        "steps": 200, "max_minutes": 0.0, "lr": 3e-4, "weight_decay": 0.1, "adam_eps": 1e-6,
+        "table_lr_mult": 5.0, "backend": "store", "store": ["127.0.0.1:1"], "table_prefix": "",
+        "store_token": "", "store_data_root": "", "update": "sync", "prefetch_depth": 2,
+        "max_inflight": 3, "cache_rows": 0, "cache_staleness": 0, "cache_drop_pushed": False,
+        "trainers": 1, "ray_train": False, "device": "auto", "trainer_resource": "",
+        "eval_batches": 0, "eval_every": 0, "log_every": 5, "out": "", "resume": "",
+        "progress": False}
+
+
+def nested() -> TrainConfig:
+    return TrainConfig(
+        model=ArchConfig(n_layer=2, n_head=2, n_embd=32, engram_layers=(1,), hash_heads=2,
+                         n_embed_per_ngram=16, table_base_size=500, hash_seed=7),
+        prefetch=PrefetchConfig(depth=2, update="sync", max_inflight=3, cache_drop_pushed=False),
+        corpus="synthetic", vocab_size=64, seq_len=16, batch_size=4, lr=3e-4, adam_eps=1e-6,
+        store=("127.0.0.1:1",), eval_batches=0, progress=False)
+
+
+def test_to_dict_is_nested_and_round_trips():
+    cfg = nested()
+    d = cfg.to_dict()
+    assert d["model"]["n_layer"] == 2 and d["prefetch"]["depth"] == 2
+    assert "n_layer" not in d and "prefetch_depth" not in d  # nested, not copied
+    assert TrainConfig.from_dict(d) == cfg
+    assert TrainConfig.from_dict(json.loads(json.dumps(d))) == cfg  # lists back to tuples
+
+
+def test_from_dict_reads_the_old_flat_form():
+    assert TrainConfig.from_dict(FLAT) == nested()
+
+
+def test_from_dict_ignores_unknown_keys_and_defaults_missing_ones():
+    cfg = TrainConfig.from_dict({"steps": 3, "no_such_field": 1, "model": {"n_embd": 64,
+                                                                           "gone": 2}})
+    assert cfg.steps == 3 and cfg.model == ArchConfig(n_embd=64)
+    assert cfg.prefetch == PrefetchConfig()
+
+
+def test_model_config_completes_the_arch_from_the_corpus():
+    cfg = nested()
+    m = cfg.model_config(vocab_size=64, pad_id=0)
+    assert (m.vocab_size, m.block_size, m.n_layer, m.engram_layers) == (64, 16, 2, (1,))
+    assert m.hash.seed == 7 and m.hash.base_sizes == (500, 500) and m.hash.pad_id == 0
+    assert cfg.model.baseline().hash_config(0) is None
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"model": ArchConfig(n_layer=2, engram_layers=(2,))}, "beyond the model depth"),
+    ({"model": ArchConfig(max_ngram=1)}, "n-gram order 1 < 2"),
+    ({"model": ArchConfig(n_head=0)}, "n_head=0 must be >= 1"),
+    ({"prefetch": PrefetchConfig(depth=-1)}, "prefetch depth -1"),
+    ({"prefetch": PrefetchConfig(update="sync", cache_rows=8)}, "hot-row cache"),
+    ({"seq_len": 0}, "seq_len=0 must be >= 1"),
+    ({"store": ()}, "no store address"),
+    ({"backend": "local", "trainers": 2}, "supports one trainer"),
+])
+def test_validate_names_what_to_change(change, message):
+    nested().validate()
+    with pytest.raises(ConfigError, match=message):
+        dataclasses.replace(nested(), **change).validate()
+
+
+def _python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_config_and_the_engram_parser_import_neither_torch_nor_ray():
+    r = _python("import sys, engram.cli, trainer.config, trainer.corpus, trainer.tables, "
+                "trainer.summary; engram.cli.build_parser(); "
+                "print(sorted(m for m in ('torch', 'ray', 'tokenizers') if m in sys.modules))")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
+
+
+def test_train_without_the_trainer_layer_names_the_extra():
+    # sys.modules["torch"] = None: find_spec("torch") is None, as on a store node without torch
+    r = _python("import sys; sys.modules['torch'] = None\n"
+                "import engram.cli\n"
+                "sys.exit(engram.cli.main(['train', '--steps', '3']))")
+    assert r.returncode == 2
+    assert "pip install 'engram[train]'" in r.stderr and "unrecognized" not in r.stderr

@@ -1,0 +1,288 @@
+"""What a training run is: TrainConfig, nesting the model (ArchConfig) and the prefetch
+(PrefetchConfig) it uses, and ModelConfig, the GPT's complete shape.
+
+Torch-free on purpose: the `engram train` parser reads its defaults from here, and building the
+`engram` parser must not import torch (a store node has none).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engram_store.engine.errors import ConfigError
+from trainer.hashing import HashConfig
+
+DEVICES = ("auto", "cpu", "cuda")
+BACKENDS = ("store", "local")
+UPDATES = ("sync", "async")
+
+
+@dataclass(frozen=True)
+class PrefetchConfig:
+    """How far ahead rows are fetched and how pushes are ordered against lookups
+    (trainer/prefetch.py's docstring has the semantics)."""
+
+    depth: int = 1  # batches fetched ahead of the one in use; 0 = fetch on demand
+    update: str = "async"  # "sync" | "async" (see trainer/prefetch.py)
+    max_inflight: int = 2  # async: pushes outstanding at once
+    cache_rows: int = 0  # async: hot-row cache capacity per layer, 0 = off
+    cache_staleness: int = 0  # async: steps a cached row may be reused
+    cache_drop_pushed: bool = True  # async: a push by this worker evicts the pushed rows
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the setting to change."""
+        if self.depth < 0:
+            raise ConfigError(f"prefetch depth {self.depth} must be >= 0 (0 = fetch on demand)")
+        if self.update not in UPDATES:
+            raise ConfigError(f"update mode {self.update!r} is unknown; use one of {UPDATES}")
+        if self.max_inflight < 0 or self.cache_rows < 0 or self.cache_staleness < 0:
+            raise ConfigError("max_inflight, cache_rows and cache_staleness must be >= 0")
+        if self.update == "sync" and self.cache_rows:
+            raise ConfigError("the hot-row cache serves stale rows; use --update async with it "
+                              "or set cache_rows=0")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Backbone shape plus where Engram sits: what trainer.model.GPT is built from.
+
+    engram_layers: 0-based block indices carrying an Engram; () is the baseline. When given
+        without `hash`, hash defaults to HashConfig(layers=engram_layers) (docs/algorithm.md settings).
+    hash: how n-grams are hashed; its `layers` must equal engram_layers (it orders the primes).
+    hc_mult: residual branches M; this backbone has one residual stream, so only 1 is supported.
+    """
+
+    vocab_size: int = 8192
+    n_layer: int = 6
+    n_head: int = 8
+    n_embd: int = 512
+    block_size: int = 256
+    engram_layers: tuple[int, ...] = ()
+    hash: HashConfig | None = None
+    hc_mult: int = 1
+    kernel_size: int = 4
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "engram_layers", tuple(int(x) for x in self.engram_layers))
+        self._check_layers()  # before a default HashConfig could complain about them first
+        if self.engram_layers and self.hash is None:
+            object.__setattr__(self, "hash", HashConfig(layers=self.engram_layers))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the field to change."""
+        for name in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size", "kernel_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"n_embd={self.n_embd} must be a multiple of n_head={self.n_head}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout={self.dropout} must lie in [0, 1)")
+        if self.hc_mult != 1:
+            raise ConfigError(
+                f"hc_mult={self.hc_mult}: this backbone has one residual stream; use hc_mult=1 "
+                "(EngramModule itself supports M branches for a hyper-connected backbone)")
+        self._check_layers()
+        if self.engram_layers:
+            assert self.hash is not None
+            if tuple(self.hash.layers) != self.engram_layers:
+                raise ConfigError(
+                    f"engram_layers {self.engram_layers} differ from hash.layers "
+                    f"{self.hash.layers}; give the same layers in the same order")
+            if self.hash.pad_id >= self.vocab_size:
+                raise ConfigError(
+                    f"hash.pad_id={self.hash.pad_id} is not a token id (vocab_size={self.vocab_size})")
+
+    def _check_layers(self) -> None:
+        bad = [x for x in self.engram_layers if not 0 <= x < self.n_layer]
+        if bad:
+            raise ConfigError(
+                f"engram_layers {self.engram_layers}: layer(s) {bad} outside the backbone's "
+                f"blocks 0..{self.n_layer - 1} (n_layer={self.n_layer}; indices are 0-based)")
+        if len(set(self.engram_layers)) != len(self.engram_layers):
+            raise ConfigError(f"engram_layers {self.engram_layers} contain a duplicate")
+
+    def baseline(self) -> ModelConfig:
+        """The same backbone without Engram."""
+        return dataclasses.replace(self, engram_layers=(), hash=None)
+
+
+@dataclass(frozen=True)
+class ArchConfig:
+    """The model a run trains: backbone shape, where Engram sits and how its n-grams hash.
+
+    The corpus completes it: model_config() adds the vocabulary size, the context length and the
+    tokenizer's pad id, giving the ModelConfig that GPT is built from. Checked by validate(), not
+    on construction, so that a run's validate() can word the error as a flag to change.
+    """
+
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 256
+    engram_layers: tuple[int, ...] = (1,)  # 0-based block indices; () = baseline without Engram
+    max_ngram: int = 3
+    hash_heads: int = 4  # K heads per n-gram order
+    n_embed_per_ngram: int = 128  # d_head = n_embed_per_ngram / hash_heads
+    table_base_size: int = 50_000  # rows per head ~ this (a prime just above)
+    hash_seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "engram_layers", tuple(int(x) for x in self.engram_layers))
+
+    def hash_config(self, pad_id: int) -> HashConfig | None:
+        """The n-gram hashing for a tokenizer with this pad id; None for the baseline."""
+        if not self.engram_layers:
+            return None
+        return HashConfig(layers=self.engram_layers, max_ngram=self.max_ngram,
+                          heads=self.hash_heads,
+                          base_sizes=(self.table_base_size,) * (self.max_ngram - 1),
+                          pad_id=pad_id, seed=self.hash_seed,
+                          n_embed_per_ngram=self.n_embed_per_ngram)
+
+    def model_config(self, vocab_size: int, block_size: int, pad_id: int) -> ModelConfig:
+        """The GPT's config for this corpus (vocabulary, pad id) and context length."""
+        return ModelConfig(vocab_size=vocab_size, n_layer=self.n_layer, n_head=self.n_head,
+                           n_embd=self.n_embd, block_size=block_size,
+                           engram_layers=self.engram_layers, hash=self.hash_config(pad_id))
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the `engram train` flag to change."""
+        bad = [x for x in self.engram_layers if not 0 <= x < self.n_layer]
+        if bad:
+            raise ConfigError(
+                f"Engram layer(s) {bad} lie beyond the model depth: --layers {self.n_layer} has "
+                f"blocks 0..{self.n_layer - 1}; lower --engram-layers or raise --layers")
+        if self.engram_layers and self.max_ngram < 2:
+            raise ConfigError(f"n-gram order {self.max_ngram} < 2: Engram hashes 2..N-grams; "
+                              "use max_ngram >= 2")
+        for name in ("n_layer", "n_head", "n_embd"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.engram_layers:
+            self.hash_config(0)  # HashConfig.validate: heads, widths, base sizes
+
+    def baseline(self) -> ArchConfig:
+        """The same backbone without Engram."""
+        return dataclasses.replace(self, engram_layers=())
+
+
+# The flat field names of checkpoints written before TrainConfig nested `prefetch`.
+_FLAT_PREFETCH = {"prefetch_depth": "depth", "update": "update", "max_inflight": "max_inflight",
+                  "cache_rows": "cache_rows", "cache_staleness": "cache_staleness",
+                  "cache_drop_pushed": "cache_drop_pushed"}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run. The CLI builds it; workers receive it as a dict (to_dict/from_dict)."""
+
+    model: ArchConfig = field(default_factory=ArchConfig)
+    # data
+    corpus: str = "builtin"  # "builtin", a text file/directory, or "synthetic" (random tokens)
+    vocab_size: int = 4096
+    seq_len: int = 128
+    batch_size: int = 16  # per trainer worker; the global batch is batch_size * trainers
+    seed: int = 1337
+    # optimisation
+    steps: int = 200
+    max_minutes: float = 0.0  # stop early (at a logging step) after this long; 0 = no limit
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    adam_eps: float = 1e-8  # dense AdamW eps
+    table_lr_mult: float = 5.0  # the paper: tables learn at 5x the backbone lr, no weight decay
+    # store and prefetch
+    backend: str = "store"  # "store" (remote tables) or "local" (LocalMemory + SparseAdam)
+    store: tuple[str, ...] = ()  # shard addresses host:port; any shard publishes the others
+    table_prefix: str = ""  # prepended to engram_l{layer}, so several runs can share a store
+    store_token: str = ""  # bearer token of a store that requires authentication
+    store_data_root: str = ""  # where the store cluster keeps its shards (for the checkpoint)
+    prefetch: PrefetchConfig = field(default_factory=PrefetchConfig)
+    # workers
+    trainers: int = 1
+    ray_train: bool = False  # use Ray Train even for one trainer (always for > 1)
+    device: str = "auto"
+    trainer_resource: str = ""  # e.g. "engram_trainer": a custom Ray resource each worker needs
+    # evaluation, output
+    eval_batches: int = 8
+    eval_every: int = 0  # 0 = only before and after training
+    log_every: int = 5
+    out: str = ""  # run directory; "" = runs/<timestamp>
+    resume: str = ""  # checkpoint to start from
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "store", tuple(self.store))
+
+    def to_dict(self) -> dict:
+        """Plain data (nested dicts for model and prefetch): picklable, JSON-able."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
+        """The config to_dict gave; also reads the flat form of checkpoints written before model
+        and prefetch were nested (n_layer=..., prefetch_depth=...). Unknown keys are ignored."""
+        rest = dict(d)
+        model = _fields_of(ArchConfig, rest.pop("model", None))
+        prefetch = _fields_of(PrefetchConfig, rest.pop("prefetch", None))
+        arch_names = {f.name for f in dataclasses.fields(ArchConfig)}
+        for key in list(rest):
+            if key in arch_names:
+                model.setdefault(key, rest.pop(key))
+            elif key in _FLAT_PREFETCH:
+                prefetch.setdefault(_FLAT_PREFETCH[key], rest.pop(key))
+        top = {f.name for f in dataclasses.fields(cls)} - {"model", "prefetch"}
+        return cls(model=ArchConfig(**model), prefetch=PrefetchConfig(**prefetch),
+                   **{k: v for k, v in rest.items() if k in top})
+
+    @property
+    def table_lr(self) -> float:
+        """The tables' Adam lr: table_lr_mult x the backbone's."""
+        return self.lr * self.table_lr_mult
+
+    def model_config(self, vocab_size: int, pad_id: int) -> ModelConfig:
+        """The GPT's config for a corpus with this vocabulary and pad id, context seq_len."""
+        return self.model.model_config(vocab_size, self.seq_len, pad_id)
+
+    def validate(self) -> None:
+        """Fail before anything starts, with a message that says what to change."""
+        self.model.validate()
+        if self.device not in DEVICES:
+            raise ConfigError(f"--device {self.device!r} is unknown; use one of {DEVICES}")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend {self.backend!r} is unknown; use one of {BACKENDS}")
+        if self.backend == "store" and self.model.engram_layers and not self.store:
+            raise ConfigError("no store address: start shards (engram serve, or the cluster) and "
+                              "pass their host:port")
+        for name in ("seq_len", "batch_size", "trainers", "vocab_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.steps < 0:
+            raise ConfigError(f"steps={self.steps} must be >= 0")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"--lr {self.lr} must be a positive number")
+        self.prefetch.validate()
+        if self.backend == "local" and self.trainers > 1:
+            raise ConfigError("the local (in-process) table backend supports one trainer; "
+                              "use the store for several")
+
+
+def _fields_of(cls: type, value: Any) -> dict[str, Any]:
+    """A sub-config (instance, dict or None) as a dict of cls's fields."""
+    if value is None:
+        return {}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in dict(value).items() if k in names}
+
+
+def default_out() -> str:
+    """runs/<timestamp>: where a run without --out writes its checkpoint and summary."""
+    return str(Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
