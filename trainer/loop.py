@@ -81,6 +81,7 @@ class Worker:
         hcfg = self.model.config.hash
         if self.cfg.backend == "local" or not self.specs:
             return LocalFetcher(self.hasher, self.specs, hcfg, batches, self.device)
+        assert self.store is not None and self.hasher is not None and hcfg is not None
         tables = {layer: s.name for layer, s in self.specs.items()}
         return Prefetcher(self.store, self.hasher.global_ids, tables, batches, pcfg, self.device,
                           dim=hcfg.d_head, request_prefix=f"{self.run_id}/r{self.rank}/{split}/")
@@ -109,7 +110,7 @@ def build_worker(cfg: TrainConfig, corpus: Corpus, rank: int, world: int,
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         start = int(ckpt["step"])
-    dmodel = model
+    dmodel: torch.nn.Module = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
