@@ -39,7 +39,7 @@ class _Cursor:
     def __init__(self, batches: Iterator[tuple[np.ndarray, np.ndarray]]):
         self._it = batches
         self._ids = np.empty(0, np.int64)
-        self._rows: np.ndarray | None = None
+        self._rows = np.empty((0, 0), np.float32)  # the rows of self._ids
         self._done = False
 
     def take_below(self, bound: int) -> tuple[np.ndarray, np.ndarray | None]:

@@ -138,7 +138,7 @@ def snapshot(target, directory: str, config: ClientConfig | None = None, lease_s
     for c in channels:
         c.close()
     tables: dict[str, dict] = {}
-    shards = []
+    shards: list[dict] = []
     for i, r in enumerate(copies):
         for t in r.tables:
             tables.setdefault(t.spec.name, wire.spec_from_pb(t.spec).to_dict())
