@@ -24,14 +24,13 @@ from dataclasses import dataclass
 
 import ray
 
-from cluster.admin import ShardAdmin
 from cluster.config import ClusterConfig
 from cluster.registry import Registry, ray_get, registry_actor_options
 from cluster.runtime import start_local_ray
 from engram_store.engine.config import ClientConfig, TableConfig
 from engram_store.engine.errors import ConfigError, DataDirLocked, EngramError, ShardUnavailable
 from engram_store.engine.routing import ShardMap
-from engram_store.rpc.client import StoreClient
+from engram_store.rpc.client import StoreClient, probe_shard
 
 log = logging.getLogger(__name__)
 
@@ -317,16 +316,11 @@ def discover_store(address: str, config: ClientConfig | None = None,
     config = config or ClientConfig()
     if address != "auto" and "://" not in address:
         try:
-            with ShardAdmin(address, config, timeout_s=3.0) as admin:
-                admin.stats(wait_s=0)
-            return StoreClient(address, config)
+            if probe_shard(address, config):
+                return StoreClient(address, config)
         except ShardUnavailable:
             raise RayUnreachable(f"nothing answers at {address!r}; give a shard's host:port or "
                                  "a Ray address") from None
-        except EngramError as e:
-            if e.code in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
-                raise  # a shard, which wants a token: say so rather than try it as Ray
-            # It answers, but not as a shard: a Ray GCS (gRPC UNIMPLEMENTED).
-            log.debug("%s is no shard (%s: %s); trying it as a Ray address", address,
-                      type(e).__name__, e)
+        # It answers, but not as a shard: a Ray GCS (gRPC UNIMPLEMENTED).
+        log.debug("%s is no shard; trying it as a Ray address", address)
     return EngramCluster.connect(address, name=name, namespace=namespace).client(config)

@@ -8,7 +8,7 @@ import importlib
 import os
 
 from engram_store.engine.config import AuthConfig, ClientConfig
-from engram_store.engine.errors import ConfigError
+from engram_store.engine.errors import ConfigError, ShardUnavailable
 
 TOKEN_ENV = "ENGRAM_TOKEN"  # a launcher may hand the client token over this way, not via argv
 
@@ -103,13 +103,21 @@ def shard_client(args: argparse.Namespace, **fields):
 
 
 def store_client(args: argparse.Namespace):
-    """A StoreClient for --address: a shard's HOST:PORT, or a Ray address when the cluster layer
-    is installed (its registry knows the shard map)."""
-    from engram_store.rpc.client import StoreClient
+    """A StoreClient for --address: a shard's HOST:PORT (the rest are found from its map), or
+    a Ray address when the cluster layer is installed (its registry knows the shard map). A
+    shard address never loads Ray."""
+    from engram_store.rpc.client import StoreClient, probe_shard
 
     config = client_config(args)
-    try:
-        cluster_api = importlib.import_module("cluster.api")
-    except ImportError:
-        return StoreClient(args.address, config)
-    return cluster_api.discover_store(args.address, config)
+    if args.address != "auto" and "://" not in args.address:
+        try:
+            is_shard = probe_shard(args.address, config)
+        except ShardUnavailable:
+            raise ShardUnavailable(f"nothing answers at {args.address!r}; give a shard's "
+                                   "HOST:PORT or a Ray address") from None
+        if is_shard:
+            return StoreClient(args.address, config)
+    require("cluster", "cluster")  # not a shard: a Ray address needs the cluster layer
+    from cluster.api import discover_store
+
+    return discover_store(args.address, config)

@@ -123,7 +123,7 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 @dataclass(frozen=True)
 class AuthConfig:
-    """Who may call a shard server: shared bearer tokens, and TLS (engram_store/auth.py).
+    """Who may call a shard server: shared bearer tokens, and TLS (engram_store/rpc/auth.py).
 
     No tokens: every call is allowed, which a server accepts only on a loopback host unless
     `insecure`. A read token may call lookups and stats; a write token may call everything.

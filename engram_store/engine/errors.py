@@ -167,6 +167,26 @@ class ConfigError(EngramError):
     hint = "change the flags or fields the message names"
 
 
+class SnapshotInProgress(ShardUnavailable):
+    """Writes are refused while a snapshot is taken; the client retries them."""
+
+    hint = "retry in a moment (StoreClient does, with backoff)"
+
+
+class SnapshotConflict(EngramError):
+    """A snapshot phase arrived out of turn: no snapshot is in progress, or another one is."""
+
+    code = "FAILED_PRECONDITION"
+    hint = "wait for the other snapshot to finish, or start again with FREEZE"
+
+
+class SnapshotExists(EngramError):
+    """The directory a shard is told to COPY into exists already."""
+
+    code = "ALREADY_EXISTS"
+    hint = "snapshot into a new directory"
+
+
 def error_classes() -> Mapping[str, type[EngramError]]:
     """Every error class defined so far (EngramError included), by class name (read-only).
     Classes of a module appear once it is imported (cluster.api's when cluster is)."""

@@ -1,6 +1,6 @@
 """Shard: one LMDB environment holding the rows and optimizer state of one or more tables.
 
-Layout (DESIGN.md "Storage"): sub-database `meta` (JSON table specs and counters under
+Layout (docs/design.md "Storage"): sub-database `meta` (JSON table specs and counters under
 `table:<name>`, shard state under `shard`), `rows:<name>` per table (8-byte big-endian row id ->
 record = row in storage dtype, then state_width * dim float32), `requests` (table \\0 request id ->
 step, rows) and `reqseq` (sequence -> request key, oldest first, for pruning).

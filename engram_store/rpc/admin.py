@@ -19,6 +19,9 @@ from engram_store.engine.errors import (
     EngramError,
     InvalidArgument,
     ShardUnavailable,
+    SnapshotConflict,
+    SnapshotExists,
+    SnapshotInProgress,
 )
 from engram_store.engine.shard import Shard
 from engram_store.rpc import wire
@@ -60,26 +63,6 @@ def half_applied(applied: list[str] | set[str], refused: set[str]) -> set[str]:
         if counts and len(subs) < max(counts):
             out.add(lid)
     return out
-
-
-class SnapshotInProgress(ShardUnavailable):
-    """Writes are refused while a snapshot is taken; the client retries them."""
-
-    hint = "retry in a moment (StoreClient does, with backoff)"
-
-
-class SnapshotConflict(EngramError):
-    """A snapshot phase arrived out of turn: no snapshot is in progress, or another one is."""
-
-    code = "FAILED_PRECONDITION"
-    hint = "wait for the other snapshot to finish, or start again with FREEZE"
-
-
-class SnapshotExists(EngramError):
-    """The directory a shard is told to COPY into exists already."""
-
-    code = "ALREADY_EXISTS"
-    hint = "snapshot into a new directory"
 
 
 class SnapshotGate(grpc.ServerInterceptor):

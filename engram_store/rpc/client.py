@@ -33,6 +33,7 @@ from engram_store.rpc.auth import open_channel
 from engram_store.rpc.proto import store_pb2 as pb
 from engram_store.rpc.proto import store_pb2_grpc
 from engram_store.rpc.retry import RetryPolicy, stale_map
+from engram_store.rpc.status import error_from_rpc
 
 # the core's result classes: a caller gets the same types from a local Shard and from the store
 TableInfo = TableStats  # a table across all shards: rows/bytes/pushes summed, step the max
@@ -62,7 +63,7 @@ class _Stub(store_pb2_grpc.MemoryStoreStub):
 
 
 class StoreClient:
-    """Client of a sharded memory store (DESIGN.md "Client")."""
+    """Client of a sharded memory store (docs/design.md "Client")."""
 
     def __init__(self, target: ShardMap | str | list[str] | tuple[str, ...],
                  config: ClientConfig = ClientConfig(),
@@ -418,3 +419,25 @@ def stats_dict(r: pb.StatsResponse) -> dict:
                     "stored_rows": t.stored_rows, "stored_bytes": t.stored_bytes,
                     "step": t.step, "pushes": t.pushes} for t in r.tables],
     }
+
+
+def probe_shard(address: str, config: ClientConfig = ClientConfig(),
+                timeout_s: float = 3.0) -> bool:
+    """Whether a shard of this store answers at "host:port": one Stats call, no retries.
+
+    True: a shard answered. False: something answered that is no shard (e.g. a Ray GCS, which
+    does not implement engram.v1). Raises ShardUnavailable when nothing answers, and the shard's
+    own error when it refuses us (Unauthenticated, ReadOnly): it is a shard that wants a token.
+    """
+    channel = open_channel(address, config)
+    try:
+        store_pb2_grpc.MemoryStoreStub(channel).Stats(pb.StatsRequest(), timeout=timeout_s)
+    except grpc.RpcError as e:
+        err = error_from_rpc(e, f"shard {address}")
+        if isinstance(err, ShardUnavailable) or e.code() in (
+                grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            raise err from None
+        return False
+    finally:
+        channel.close()
+    return True

@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 
 from engram_store.engine.config import ClientConfig, OptimizerConfig, TableConfig
-from engram_store.engine.errors import ConfigError
+from engram_store.engine.errors import ConfigError, DataDirLocked
 from engram_store.engine.routing import ShardMap
-from engram_store.engine.shard import ShardStateInfo
+from engram_store.engine.types import ShardStateInfo
+from engram_store.ops import restore as restore_module
+from engram_store.ops.layout import lock_data_root
 from engram_store.ops.restore import restore
 from engram_store.ops.snapshot import load_manifest, open_snapshot_shard, snapshot
 from engram_store.rpc.client import StoreClient
@@ -215,3 +217,26 @@ def test_snapshot_protocol_errors(shard, tmp_path):
         c.create_table(SGD)
     with pytest.raises(ConfigError, match="exists"):
         snapshot(shard.address, str(tmp_path))
+
+
+def test_restore_holds_the_data_root_lock(make_shard, tmp_path, monkeypatch):
+    """While a restore writes, a cluster (or a second restore) cannot take the directory."""
+    shards = make_cluster(make_shard, 2)
+    with StoreClient(shards[0].address) as c:
+        c.create_table(SGD)
+        c.push("sgd", np.arange(10), np.ones((10, DIM)), step=1)
+    snapshot(shards[0].address, str(tmp_path / "snap"))
+    seen = []
+    real_write = restore_module.write_layout
+
+    def write_while_checking(data_root, layout, *a, **kw):
+        with pytest.raises(DataDirLocked, match="being written by a live process"):
+            lock_data_root(data_root, {"cluster": "engram"})
+        seen.append(data_root)
+        return real_write(data_root, layout, *a, **kw)
+
+    monkeypatch.setattr(restore_module, "write_layout", write_while_checking)
+    restore(str(tmp_path / "snap"), str(tmp_path / "restored"), shards=2)
+    assert seen == [str(tmp_path / "restored")]
+    with lock_data_root(str(tmp_path / "restored"), {"cluster": "engram"}):  # released after
+        pass

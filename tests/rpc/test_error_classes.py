@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 import cluster.api  # noqa: F401  (registers the cluster's error classes, so they are covered)
-import engram_store.rpc.admin  # noqa: F401  (SnapshotInProgress, SnapshotConflict, ...)
 from engram_store.engine import errors
 from engram_store.engine.config import AuthConfig, ClientConfig
 from engram_store.engine.errors import EngramError, error_classes
@@ -143,7 +142,7 @@ def test_snapshot_and_auth_errors_keep_their_class(make_shard):
         assert (ERROR_KEY, "SnapshotConflict") in [tuple(m) for m in
                                                    raw.value.trailing_metadata()]
         with StoreClient(s.address, ClientConfig(token="w", retries=0)) as c:
-            with pytest.raises(engram_store.rpc.admin.SnapshotInProgress):
+            with pytest.raises(errors.SnapshotInProgress):
                 c.create_table(table_spec())
     finally:
         stub.Snapshot(pb.SnapshotRequest(phase=pb.SNAPSHOT_THAW, snapshot_id="a"))

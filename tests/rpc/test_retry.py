@@ -8,7 +8,7 @@ import pytest
 
 from engram_store.engine import errors
 from engram_store.engine.config import ClientConfig
-from engram_store.rpc.admin import SnapshotInProgress
+from engram_store.engine.errors import SnapshotInProgress
 from engram_store.rpc.client import StoreClient
 from engram_store.rpc.retry import RetryPolicy, retryable, stale_map
 
