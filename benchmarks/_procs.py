@@ -44,8 +44,10 @@ def stop(proc: subprocess.Popen, timeout_s: float) -> None:
 @contextlib.contextmanager
 def shard_server(*extra: str) -> Iterator[str]:
     """`engram serve` on 127.0.0.1, any free port, in a temporary data directory."""
-    with tempfile.TemporaryDirectory(prefix="engram-bench-") as data, \
-            server([*_engram(), "serve", "--data", data, "--port", "0", *extra]) as address:
+    with (
+        tempfile.TemporaryDirectory(prefix="engram-bench-") as data,
+        server([*_engram(), "serve", "--data", data, "--port", "0", *extra]) as address,
+    ):
         yield address
 
 

@@ -53,19 +53,28 @@ def main() -> int:
     rng = np.random.default_rng(0)
     batches = [rng.choice(args.table_rows, args.rows, replace=False) for _ in range(args.iters)]
     nbytes = args.rows * args.dim * 4
-    spec = TableConfig(name="bench", num_rows=args.table_rows, dim=args.dim,
-                       optimizer=OptimizerConfig(kind="adam", lr=1e-3))
+    spec = TableConfig(
+        name="bench",
+        num_rows=args.table_rows,
+        dim=args.dim,
+        optimizer=OptimizerConfig(kind="adam", lr=1e-3),
+    )
 
-    with shard_server() as address, raw_server() as raw_address, \
-            StoreClient(address, ClientConfig()) as client:
+    with (
+        shard_server() as address,
+        raw_server() as raw_address,
+        StoreClient(address, ClientConfig()) as client,
+    ):
         client.create_table(spec)
         for lo in range(0, args.table_rows, args.rows):  # warm: every row mirrored in RAM
             client.lookup("bench", np.arange(lo, min(lo + args.rows, args.table_rows)))
         local = client.lookup("bench", np.arange(args.table_rows))  # the same table, locally
         check = np.array_equal(client.lookup("bench", batches[-1]), local[batches[-1]])
 
-        opts = [("grpc.max_send_message_length", 1 << 30),
-                ("grpc.max_receive_message_length", 1 << 30)]
+        opts = [
+            ("grpc.max_send_message_length", 1 << 30),
+            ("grpc.max_receive_message_length", 1 << 30),
+        ]
         with grpc.insecure_channel(raw_address, options=opts) as ch:
             fetch = ch.unary_unary("/bench.Raw/Fetch")
             reqs = [struct.pack("<q", nbytes) + b.astype("<i8").tobytes() for b in batches]
@@ -74,23 +83,37 @@ def main() -> int:
                 client.lookup("bench", b)
                 fetch(r, timeout=60)
             store_s, raw_s, numpy_s = _median_s(
-                [lambda i: client.lookup("bench", batches[i]),
-                 lambda i: fetch(reqs[i], timeout=60),
-                 lambda i: local[batches[i]]], args.iters)
+                [
+                    lambda i: client.lookup("bench", batches[i]),
+                    lambda i: fetch(reqs[i], timeout=60),
+                    lambda i: local[batches[i]],
+                ],
+                args.iters,
+            )
         server = {m["method"]: m for m in client.stats()[0]["methods"]}["Lookup"]
 
     gb = nbytes / 1e9
     result = {
-        "benchmark": "lookup", "rows": args.rows, "dim": args.dim, "iters": args.iters,
-        "table_rows": args.table_rows, "bytes_per_lookup": nbytes,
-        "store_lookup_ms": store_s * 1e3, "store_rows_per_s": args.rows / store_s,
+        "benchmark": "lookup",
+        "rows": args.rows,
+        "dim": args.dim,
+        "iters": args.iters,
+        "table_rows": args.table_rows,
+        "bytes_per_lookup": nbytes,
+        "store_lookup_ms": store_s * 1e3,
+        "store_rows_per_s": args.rows / store_s,
         "store_gb_per_s": gb / store_s,
         "server_lookup_p50_ms": server["p50_ms"],
-        "raw_grpc_ms": raw_s * 1e3, "raw_grpc_gb_per_s": gb / raw_s,
-        "numpy_gather_ms": numpy_s * 1e3, "numpy_gather_gb_per_s": gb / numpy_s,
-        "ratio_lookup_vs_raw_grpc": raw_s / store_s, "target_ratio": TARGET,
+        "raw_grpc_ms": raw_s * 1e3,
+        "raw_grpc_gb_per_s": gb / raw_s,
+        "numpy_gather_ms": numpy_s * 1e3,
+        "numpy_gather_gb_per_s": gb / numpy_s,
+        "ratio_lookup_vs_raw_grpc": raw_s / store_s,
+        "target_ratio": TARGET,
         "meets_target": raw_s / store_s >= TARGET,
-        "cpus": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
         "rows_match_local_gather": bool(check),
     }
     print(json.dumps(result))

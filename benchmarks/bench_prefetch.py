@@ -51,9 +51,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=None, help="runs per configuration")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--shards", type=int, default=2)
-    ap.add_argument("--torch-threads", type=int, default=0,
-                    help="intra-op threads of the trainer (0 = torch's default); 1 on a 2-core "
-                         "machine leaves a core to the shards, as a store on other hosts would")
+    ap.add_argument(
+        "--torch-threads",
+        type=int,
+        default=0,
+        help="intra-op threads of the trainer (0 = torch's default); 1 on a 2-core "
+        "machine leaves a core to the shards, as a store on other hosts would",
+    )
     args = ap.parse_args()
     if args.torch_threads:
         import torch
@@ -62,8 +66,14 @@ def main() -> None:
     steps = args.steps or (12 if args.quick else 25)
     rounds = args.rounds or (2 if args.quick else 3)
 
-    base = TrainConfig(batch_size=args.batch_size, steps=steps, log_every=1, eval_batches=0,
-                       progress=False, prefetch=PrefetchConfig(update="async"))
+    base = TrainConfig(
+        batch_size=args.batch_size,
+        steps=steps,
+        log_every=1,
+        eval_batches=0,
+        progress=False,
+        prefetch=PrefetchConfig(update="async"),
+    )
     corpus = load_corpus(base)
     configs = [("local", None)] + [("store", d) for d in (0, 1, 2)]
     times: dict[str, list[float]] = {}
@@ -77,27 +87,44 @@ def main() -> None:
             for backend, depth in configs:
                 key = backend if depth is None else f"store_depth{depth}"
                 cfg = dataclasses.replace(
-                    base, backend=backend, store=addresses, table_prefix=f"r{r}_",
+                    base,
+                    backend=backend,
+                    store=addresses,
+                    table_prefix=f"r{r}_",
                     out=f"{tmp}/{key}-{r}",
-                    prefetch=dataclasses.replace(base.prefetch, depth=depth or 0))
+                    prefetch=dataclasses.replace(base.prefetch, depth=depth or 0),
+                )
                 s = train_worker(cfg, corpus=corpus, report=lambda m: None)
                 times.setdefault(key, []).extend(step_times(s, cfg))
                 stalls.setdefault(key, []).append(s["stall_pct"])
                 push_waits.setdefault(key, []).append(s["push_wait_pct"])
                 rows_per_token[key] = s["rows_per_token"]
-                print(f"round {r} {key}: {1000 * statistics.median(step_times(s, cfg)):.0f} "
-                      f"ms/step, stall {s['stall_pct']:.2f}%", file=sys.stderr, flush=True)
-            round_ratio.append(statistics.median(times["store_depth1"][-(steps - 1):]) /
-                               statistics.median(times["local"][-(steps - 1):]))
+                print(
+                    f"round {r} {key}: {1000 * statistics.median(step_times(s, cfg)):.0f} "
+                    f"ms/step, stall {s['stall_pct']:.2f}%",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            round_ratio.append(
+                statistics.median(times["store_depth1"][-(steps - 1) :])
+                / statistics.median(times["local"][-(steps - 1) :])
+            )
 
     med = {k: statistics.median(v) for k, v in times.items()}
     ratio = statistics.median(round_ratio)
     result = {
         "benchmark": "prefetch",
-        "model": {"n_layer": base.model.n_layer, "n_embd": base.model.n_embd,
-                  "engram_layers": list(base.model.engram_layers), "seq_len": base.seq_len,
-                  "batch_size": base.batch_size, "table_rows_per_layer": "~8 x 50k"},
-        "shards": args.shards, "steps_per_run": steps, "rounds": rounds,
+        "model": {
+            "n_layer": base.model.n_layer,
+            "n_embd": base.model.n_embd,
+            "engram_layers": list(base.model.engram_layers),
+            "seq_len": base.seq_len,
+            "batch_size": base.batch_size,
+            "table_rows_per_layer": "~8 x 50k",
+        },
+        "shards": args.shards,
+        "steps_per_run": steps,
+        "rounds": rounds,
         "torch_threads": args.torch_threads or "default",
         "step_ms": {k: round(1000 * v, 1) for k, v in med.items()},
         "ratio_store_prefetch_vs_local": round(ratio, 4),
@@ -105,14 +132,18 @@ def main() -> None:
         "ratio_store_depth0_vs_local": round(med["store_depth0"] / med["local"], 4),
         "target_ratio": TARGET,
         "meets_target": ratio <= TARGET,
-        "depths": [{"prefetch_depth": d, "stall_pct": round(statistics.mean(
-                        stalls[f"store_depth{d}"]), 3),
-                    "push_wait_pct": round(statistics.mean(push_waits[f"store_depth{d}"]), 3),
-                    "step_ms": round(1000 * med[f"store_depth{d}"], 1),
-                    "rows_per_token": round(rows_per_token[f"store_depth{d}"], 3)}
-                   for d in (0, 1, 2)],
+        "depths": [
+            {
+                "prefetch_depth": d,
+                "stall_pct": round(statistics.mean(stalls[f"store_depth{d}"]), 3),
+                "push_wait_pct": round(statistics.mean(push_waits[f"store_depth{d}"]), 3),
+                "step_ms": round(1000 * med[f"store_depth{d}"], 1),
+                "rows_per_token": round(rows_per_token[f"store_depth{d}"], 3),
+            }
+            for d in (0, 1, 2)
+        ],
         "note": "in-process baseline = LocalMemory (nn.Embedding sparse) + torch SparseAdam on "
-                "this CPU; shards and trainer share the machine's cores",
+        "this CPU; shards and trainer share the machine's cores",
     }
     print(json.dumps(result))
 

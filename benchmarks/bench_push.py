@@ -40,11 +40,14 @@ def main() -> int:
     if args.quick:
         args.iters, args.table_rows = 3, max(args.rows, 1 << 17)
     rng = np.random.default_rng(0)
-    batches = [rng.choice(args.table_rows, args.rows, replace=False)
-               for _ in range(args.iters + 1)]
+    batches = [rng.choice(args.table_rows, args.rows, replace=False) for _ in range(args.iters + 1)]
     grads = rng.standard_normal((args.rows, args.dim)).astype(np.float32) * 1e-2
-    spec = TableConfig(name="bench", num_rows=args.table_rows, dim=args.dim,
-                       optimizer=OptimizerConfig(kind="adam", lr=1e-3))
+    spec = TableConfig(
+        name="bench",
+        num_rows=args.table_rows,
+        dim=args.dim,
+        optimizer=OptimizerConfig(kind="adam", lr=1e-3),
+    )
 
     with shard_server() as address, StoreClient(address, ClientConfig()) as client:
         client.create_table(spec)
@@ -75,8 +78,10 @@ def main() -> int:
         server = {m["method"]: m for m in client.stats()[0]["methods"]}["PushGradients"]
 
     # the same pushes on a Shard in this process: what the gRPC layer adds is the difference
-    with tempfile.TemporaryDirectory(prefix="engram-bench-") as data, \
-            Shard(ShardConfig(data_dir=data)) as shard:
+    with (
+        tempfile.TemporaryDirectory(prefix="engram-bench-") as data,
+        Shard(ShardConfig(data_dir=data)) as shard,
+    ):
         shard.create_table(spec)
         for lo in range(0, args.table_rows, args.rows):
             ids = np.arange(lo, min(lo + args.rows, args.table_rows))
@@ -90,15 +95,27 @@ def main() -> int:
 
     mb = args.rows * args.dim * 4 / 1e6
     result = {
-        "benchmark": "push", "optimizer": "adam", "rows": args.rows, "dim": args.dim,
-        "iters": args.iters, "table_rows": args.table_rows,
-        "push_ms": push_s * 1e3, "rows_per_s": args.rows / push_s, "grad_mb_per_s": mb / push_s,
-        "pipelined_push_ms": pipelined_s * 1e3, "rows_per_s_pipelined": args.rows / pipelined_s,
-        "server_push_p50_ms": server["p50_ms"], "inprocess_shard_push_ms": local_s * 1e3,
+        "benchmark": "push",
+        "optimizer": "adam",
+        "rows": args.rows,
+        "dim": args.dim,
+        "iters": args.iters,
+        "table_rows": args.table_rows,
+        "push_ms": push_s * 1e3,
+        "rows_per_s": args.rows / push_s,
+        "grad_mb_per_s": mb / push_s,
+        "pipelined_push_ms": pipelined_s * 1e3,
+        "rows_per_s_pipelined": args.rows / pipelined_s,
+        "server_push_p50_ms": server["p50_ms"],
+        "inprocess_shard_push_ms": local_s * 1e3,
         "inprocess_rows_per_s": args.rows / local_s,
-        "target_rows_per_s": TARGET, "meets_target": args.rows / push_s >= TARGET,
-        "stored_rows": info.stored_rows, "stored_bytes": info.stored_bytes,
-        "cpus": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
+        "target_rows_per_s": TARGET,
+        "meets_target": args.rows / push_s >= TARGET,
+        "stored_rows": info.stored_rows,
+        "stored_bytes": info.stored_bytes,
+        "cpus": os.cpu_count(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
     }
     print(json.dumps(result))
     return 0

@@ -50,23 +50,35 @@ TARGET = 10.0
 def find_redis_server(install: bool = True) -> tuple[str | None, str]:
     """(path to redis-server or None, a note on how it was found or why it is missing)."""
     path = shutil.which("redis-server") or (
-        "/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server") else None)
+        "/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server") else None
+    )
     if path:
         return path, "found"
     if not install:
         return None, "redis-server not found (install the redis-server package)"
     if not hasattr(os, "geteuid") or os.geteuid() != 0:
-        return None, ("redis-server not found and not running as root, so not installing it; "
-                      "install it (apt-get install redis-server) to run this benchmark")
+        return None, (
+            "redis-server not found and not running as root, so not installing it; "
+            "install it (apt-get install redis-server) to run this benchmark"
+        )
     try:
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "install", "-y", "redis-server"], check=True, timeout=300,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+        subprocess.run(
+            ["apt-get", "install", "-y", "redis-server"],
+            check=True,
+            timeout=300,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
     except (OSError, subprocess.SubprocessError) as e:
         return None, f"redis-server not found; apt-get install -y redis-server failed: {e}"
     path = shutil.which("redis-server")
-    return (path, "installed with apt-get install -y redis-server (running as root)") if path \
+    return (
+        (path, "installed with apt-get install -y redis-server (running as root)")
+        if path
         else (None, "apt-get install -y redis-server ran but no redis-server is on PATH")
+    )
 
 
 def _free_port() -> int:
@@ -86,10 +98,28 @@ def redis_server(binary: str, timeout_s: float = 15.0) -> Iterator[int]:
         for attempt in range(3):
             port = _free_port()
             proc = subprocess.Popen(
-                [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                 "--appendonly", "no", "--dir", tmp, "--daemonize", "no", "--loglevel", "warning",
-                 "--protected-mode", "yes"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                [
+                    binary,
+                    "--port",
+                    str(port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    tmp,
+                    "--daemonize",
+                    "no",
+                    "--loglevel",
+                    "warning",
+                    "--protected-mode",
+                    "yes",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
             deadline = time.monotonic() + timeout_s
             up = False
             while time.monotonic() < deadline and proc.poll() is None:
@@ -131,14 +161,14 @@ class RedisTable:
     def load(self, ids: np.ndarray, batch: int = 16384) -> None:
         """Write the table's initial rows (engram_store.engine.init, as the store computes them)."""
         for lo in range(0, len(ids), batch):
-            part = ids[lo:lo + batch]
+            part = ids[lo : lo + batch]
             rows = initial_rows(self.spec, part)
             self._mset(part, rows, None)
 
     def _mget(self, prefix: bytes, ids: np.ndarray) -> list:
         pipe = self.r.pipeline(transaction=False)
         for lo in range(0, len(ids), self.chunk):
-            pipe.mget([prefix + b"%d" % i for i in ids[lo:lo + self.chunk].tolist()])
+            pipe.mget([prefix + b"%d" % i for i in ids[lo : lo + self.chunk].tolist()])
         out: list = []
         for part in pipe.execute():
             out.extend(part)
@@ -156,16 +186,18 @@ class RedisTable:
                 pipe.mset({b"s%d" % keys[j]: st[j].tobytes() for j in range(lo, hi)})
         pipe.execute()
 
-    def _decode(self, vals: list, width: int, missing: Callable[[np.ndarray], np.ndarray],
-                ids: np.ndarray) -> np.ndarray:
+    def _decode(
+        self, vals: list, width: int, missing: Callable[[np.ndarray], np.ndarray], ids: np.ndarray
+    ) -> np.ndarray:
         out = np.empty((len(vals), width), np.float32)
         absent = [j for j, v in enumerate(vals) if v is None]
         if absent:
             out[absent] = missing(ids[absent])
             present = [j for j, v in enumerate(vals) if v is not None]
             if present:
-                out[present] = np.frombuffer(b"".join(vals[j] for j in present),
-                                             "<f4").reshape(-1, width)
+                out[present] = np.frombuffer(b"".join(vals[j] for j in present), "<f4").reshape(
+                    -1, width
+                )
         elif len(vals):
             out[:] = np.frombuffer(b"".join(vals), "<f4").reshape(-1, width)
         return out
@@ -173,8 +205,9 @@ class RedisTable:
     def lookup(self, ids: np.ndarray) -> np.ndarray:
         """float32 (n, dim) rows of `ids` (rows never written: the table's initial rows)."""
         ids = np.asarray(ids, np.int64)
-        return self._decode(self._mget(b"w", ids), self.dim,
-                            lambda m: initial_rows(self.spec, m), ids)
+        return self._decode(
+            self._mget(b"w", ids), self.dim, lambda m: initial_rows(self.spec, m), ids
+        )
 
     def push(self, ids: np.ndarray, grads: np.ndarray) -> int:
         """One Adam step on the rows of `ids` (duplicates summed); returns the step used.
@@ -184,7 +217,7 @@ class RedisTable:
         pipe = self.r.pipeline(transaction=False)
         pipe.incr("step")
         for lo in range(0, len(uids), self.chunk):
-            part = uids[lo:lo + self.chunk].tolist()
+            part = uids[lo : lo + self.chunk].tolist()
             pipe.mget([b"w%d" % i for i in part])
             pipe.mget([b"s%d" % i for i in part])
         res = pipe.execute()
@@ -192,8 +225,9 @@ class RedisTable:
         w_vals = [v for part in res[1::2] for v in part]
         s_vals = [v for part in res[2::2] for v in part]
         rows = self._decode(w_vals, self.dim, lambda m: initial_rows(self.spec, m), uids)
-        state = self._decode(s_vals, self.state_dim,
-                             lambda m: np.zeros((len(m), self.state_dim), np.float32), uids)
+        state = self._decode(
+            s_vals, self.state_dim, lambda m: np.zeros((len(m), self.state_dim), np.float32), uids
+        )
         new_rows, new_state = apply(self.spec.optimizer, rows, state, g, step)
         self._mset(uids, new_rows, new_state)
         return step
@@ -201,8 +235,12 @@ class RedisTable:
     def state(self, ids: np.ndarray) -> np.ndarray:
         """float32 (n, state_width*dim) Adam state (zeros for rows never pushed)."""
         ids = np.asarray(ids, np.int64)
-        return self._decode(self._mget(b"s", ids), self.state_dim,
-                            lambda m: np.zeros((len(m), self.state_dim), np.float32), ids)
+        return self._decode(
+            self._mget(b"s", ids),
+            self.state_dim,
+            lambda m: np.zeros((len(m), self.state_dim), np.float32),
+            ids,
+        )
 
 
 # ------------------------------------------------------------------------------------- main
@@ -218,8 +256,11 @@ def _median_s(fn: Callable[[int], object], iters: int) -> float:
 
 
 def _machine() -> dict:
-    return {"cpus": os.cpu_count(), "machine": platform.machine(),
-            "python": platform.python_version()}
+    return {
+        "cpus": os.cpu_count(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+    }
 
 
 def main() -> int:
@@ -230,8 +271,11 @@ def main() -> int:
     ap.add_argument("--dim", type=int, default=64, help="row width (float32)")
     ap.add_argument("--iters", type=int, default=5, help="timed operations per method")
     ap.add_argument("--table-rows", type=int, default=1 << 20, help="rows in the table")
-    ap.add_argument("--batches", default="1024,4096,16384,65536",
-                    help="batch sizes of the lookup-throughput sweep")
+    ap.add_argument(
+        "--batches",
+        default="1024,4096,16384,65536",
+        help="batch sizes of the lookup-throughput sweep",
+    )
     ap.add_argument("--chunk", type=int, default=4096, help="keys per MGET/MSET")
     ap.add_argument("--no-install", action="store_true", help="never apt-get redis-server")
     ap.add_argument("--quick", action="store_true", help="small table, 3 iterations")
@@ -240,13 +284,28 @@ def main() -> int:
         args.iters, args.table_rows = 3, max(args.rows, 1 << 17)
     sizes = [int(x) for x in args.batches.split(",") if x.strip()]
 
-    base = {"benchmark": "redis", "rows": args.rows, "dim": args.dim, "iters": args.iters,
-            "table_rows": args.table_rows, "target_ratio": TARGET, **_machine()}
+    base = {
+        "benchmark": "redis",
+        "rows": args.rows,
+        "dim": args.dim,
+        "iters": args.iters,
+        "table_rows": args.table_rows,
+        "target_ratio": TARGET,
+        **_machine(),
+    }
     try:
         import redis
     except ImportError:
-        print(json.dumps({**base, "skipped": True, "meets_target": None,
-                          "reason": "the redis Python client is not installed (pip install redis)"}))
+        print(
+            json.dumps(
+                {
+                    **base,
+                    "skipped": True,
+                    "meets_target": None,
+                    "reason": "the redis Python client is not installed (pip install redis)",
+                }
+            )
+        )
         return 0
     binary, how = find_redis_server(install=not args.no_install)
     if binary is None:
@@ -264,16 +323,26 @@ def main() -> int:
     n_timed = args.iters
     batches = [rng.choice(args.table_rows, args.rows, replace=False) for _ in range(n_timed)]
     grads = rng.standard_normal((args.rows, args.dim)).astype(np.float32) * 1e-2
-    spec = TableConfig(name="bench", num_rows=args.table_rows, dim=args.dim,
-                       optimizer=OptimizerConfig(kind="adam", lr=1e-3))
+    spec = TableConfig(
+        name="bench",
+        num_rows=args.table_rows,
+        dim=args.dim,
+        optimizer=OptimizerConfig(kind="adam", lr=1e-3),
+    )
     all_ids = np.arange(args.table_rows, dtype=np.int64)
     # small batches are cheap: time more of them, so each point is a median of >= 5
     sweep_iters = {bs: max(args.iters, min(20, (1 << 16) // bs)) for bs in sizes}
-    sweep_sets = {bs: [rng.choice(args.table_rows, bs, replace=False)
-                       for _ in range(sweep_iters[bs])] for bs in sizes}
+    sweep_sets = {
+        bs: [rng.choice(args.table_rows, bs, replace=False) for _ in range(sweep_iters[bs])]
+        for bs in sizes
+    }
 
-    with redis_server(binary) as port, shard_server() as address, raw_server() as raw_address, \
-            StoreClient(address, ClientConfig()) as client:
+    with (
+        redis_server(binary) as port,
+        shard_server() as address,
+        raw_server() as raw_address,
+        StoreClient(address, ClientConfig()) as client,
+    ):
         r = redis.Redis(host="127.0.0.1", port=port, socket_timeout=120)
         table = RedisTable(r, spec, args.chunk)
         t0 = time.perf_counter()
@@ -282,7 +351,7 @@ def main() -> int:
         client.create_table(spec)
         # warm both: every row stored with its optimizer state (one zero-gradient push each)
         for lo in range(0, args.table_rows, args.rows):
-            ids = all_ids[lo:lo + args.rows]
+            ids = all_ids[lo : lo + args.rows]
             zeros = np.zeros((len(ids), args.dim), np.float32)
             client.push("bench", ids, zeros)
             table.push(ids, zeros)
@@ -303,8 +372,10 @@ def main() -> int:
         max_diff = float(np.max(np.abs(a - b)))
         same_step = client.table_info("bench").step == int(r.get("step"))
 
-        opts = [("grpc.max_send_message_length", 1 << 30),
-                ("grpc.max_receive_message_length", 1 << 30)]
+        opts = [
+            ("grpc.max_send_message_length", 1 << 30),
+            ("grpc.max_receive_message_length", 1 << 30),
+        ]
         sweep = []
         with grpc.insecure_channel(raw_address, options=opts) as ch:
             fetch = ch.unary_unary("/bench.Raw/Fetch")
@@ -318,28 +389,45 @@ def main() -> int:
                 s_s = _median_s(lambda i, sets=sets: client.lookup("bench", sets[i]), n)
                 g_s = _median_s(lambda i, reqs=reqs: fetch(reqs[i], timeout=60), n)
                 r_s = _median_s(lambda i, sets=sets: table.lookup(sets[i]), n)
-                sweep.append({"batch": bs, "iters": n, "store_rows_per_s": bs / s_s,
-                              "raw_grpc_rows_per_s": bs / g_s, "redis_rows_per_s": bs / r_s})
+                sweep.append(
+                    {
+                        "batch": bs,
+                        "iters": n,
+                        "store_rows_per_s": bs / s_s,
+                        "raw_grpc_rows_per_s": bs / g_s,
+                        "redis_rows_per_s": bs / r_s,
+                    }
+                )
         redis_mem = int(r.info("memory").get("used_memory", 0))
 
     lookup_ratio = redis_lookup / store_lookup
     push_ratio = redis_push / store_push
     parser = "hiredis" if getattr(redis.utils, "HIREDIS_AVAILABLE", False) else "python"
     result = {
-        **base, "skipped": False, "redis_server": binary, "redis_version": version,
-        "redis_how": how, "redis_py": redis.__version__, "redis_parser": parser,
-        "mget_chunk": args.chunk, "redis_load_rows_per_s": args.table_rows / load_s,
+        **base,
+        "skipped": False,
+        "redis_server": binary,
+        "redis_version": version,
+        "redis_how": how,
+        "redis_py": redis.__version__,
+        "redis_parser": parser,
+        "mget_chunk": args.chunk,
+        "redis_load_rows_per_s": args.table_rows / load_s,
         "redis_used_memory_bytes": redis_mem,
-        "store_lookup_ms": store_lookup * 1e3, "redis_lookup_ms": redis_lookup * 1e3,
+        "store_lookup_ms": store_lookup * 1e3,
+        "redis_lookup_ms": redis_lookup * 1e3,
         "store_lookup_rows_per_s": args.rows / store_lookup,
         "redis_lookup_rows_per_s": args.rows / redis_lookup,
-        "store_push_ms": store_push * 1e3, "redis_push_ms": redis_push * 1e3,
+        "store_push_ms": store_push * 1e3,
+        "redis_push_ms": redis_push * 1e3,
         "store_push_rows_per_s": args.rows / store_push,
         "redis_push_rows_per_s": args.rows / redis_push,
         "redis_get_loop_rows_per_s": 1 / get_loop,
-        "lookup_ratio": lookup_ratio, "push_ratio": push_ratio,
+        "lookup_ratio": lookup_ratio,
+        "push_ratio": push_ratio,
         "meets_target": bool(lookup_ratio >= TARGET and push_ratio >= TARGET),
-        "rows_match_after_pushes_max_abs_diff": max_diff, "same_step": bool(same_step),
+        "rows_match_after_pushes_max_abs_diff": max_diff,
+        "same_step": bool(same_step),
         "batch_sweep": sweep,
     }
     print(json.dumps(result))

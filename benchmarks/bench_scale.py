@@ -25,8 +25,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TABLE = "bench"
 
 
-def _client(address: str, num_rows: int, batch: int, start: float, stop, max_s: float,
-            seed: int, out) -> None:
+def _client(
+    address: str, num_rows: int, batch: int, start: float, stop, max_s: float, seed: int, out
+) -> None:
     """Look up random batches from wall-clock `start` until `stop` is set (or max_s passed);
     report [(t, rows, latency), ...] on `out`."""
     from engram_store.rpc.client import StoreClient
@@ -44,8 +45,9 @@ def _client(address: str, num_rows: int, batch: int, start: float, stop, max_s: 
     out.put(marks)
 
 
-def drive(address: str, args: argparse.Namespace, seconds: float,
-          during=None) -> tuple[list[tuple[float, int]], float, float, object]:
+def drive(
+    address: str, args: argparse.Namespace, seconds: float, during=None
+) -> tuple[list[tuple[float, int]], float, float, object]:
     """Run args.clients lookup processes; without `during`, for `seconds`; with it, call during()
     2 s in and stop `seconds` after it returns. Returns all marks, start and end time, and
     during()'s result."""
@@ -53,9 +55,12 @@ def drive(address: str, args: argparse.Namespace, seconds: float,
     q = ctx.Queue()
     stop = ctx.Event()
     start = time.time() + 3.0  # spawn + import + connect before the clock starts
-    procs = [ctx.Process(target=_client, args=(address, args.rows, args.batch, start, stop,
-                                               seconds + 300, i, q))
-             for i in range(args.clients)]
+    procs = [
+        ctx.Process(
+            target=_client, args=(address, args.rows, args.batch, start, stop, seconds + 300, i, q)
+        )
+        for i in range(args.clients)
+    ]
     for p in procs:
         p.start()
     result = None
@@ -103,17 +108,25 @@ def main() -> int:
 
     counts = [int(x) for x in args.shards.split(",")]
     root = args.data or tempfile.mkdtemp(prefix="bench-scale-")
-    spec = TableConfig(name=TABLE, num_rows=args.rows, dim=args.dim,
-                       optimizer=OptimizerConfig(kind="adam", lr=1e-3))
-    config = ClusterConfig(num_shards=counts[0], data_root=root, cpus_per_shard=0.5,
-                           shard=ShardConfig(data_dir="-", workers=8))
+    spec = TableConfig(
+        name=TABLE,
+        num_rows=args.rows,
+        dim=args.dim,
+        optimizer=OptimizerConfig(kind="adam", lr=1e-3),
+    )
+    config = ClusterConfig(
+        num_shards=counts[0],
+        data_root=root,
+        cpus_per_shard=0.5,
+        shard=ShardConfig(data_dir="-", workers=8),
+    )
     cluster = EngramCluster.up(config, tables=[spec])
     try:
         with cluster.client() as c:  # stored rows, so a reshard has rows to move
             rng = np.random.default_rng(0)
             ids = rng.choice(args.rows, size=min(args.stored, args.rows), replace=False)
             for lo in range(0, len(ids), 65536):
-                part = ids[lo:lo + 65536]
+                part = ids[lo : lo + 65536]
                 c.push(TABLE, part, rng.standard_normal((len(part), args.dim)).astype(np.float32))
         by_shards = {}
         for n in counts:
@@ -121,8 +134,11 @@ def main() -> int:
             address = cluster.shard_map().addresses[0]
             marks, start, end, _ = drive(address, args, args.seconds)
             by_shards[n] = rate(marks, start, end)
-            print(f"{n} shard(s): {by_shards[n]:,.0f} lookup rows/s "
-                  f"({args.clients} clients, batch {args.batch})", flush=True)
+            print(
+                f"{n} shard(s): {by_shards[n]:,.0f} lookup rows/s "
+                f"({args.clients} clients, batch {args.batch})",
+                flush=True,
+            )
 
         # live reshard 2 -> 4 under the same load, throughput in 0.25 s bins
         cluster.scale(2)
@@ -137,33 +153,46 @@ def main() -> int:
 
         marks, start, end, moved = drive(address, args, 2.0, during=reshard)
         baseline = rate(marks, start, times["t0"])
-        bins = [rate(marks, t, t + 0.25) for t in np.arange(times["t0"], times["t1"], 0.25)] \
-            or [rate(marks, times["t0"], times["t1"])]
+        bins = [rate(marks, t, t + 0.25) for t in np.arange(times["t0"], times["t1"], 0.25)] or [
+            rate(marks, times["t0"], times["t1"])
+        ]
         after = rate(marks, times["t1"], end)
         lowest = min(bins)
         stalled = 0.25 * sum(b < 0.1 * baseline for b in bins)  # seconds below 10% of before
-        print(f"reshard 2->4: {moved['moved_rows']:,} rows in {moved['duration_s']:.2f} s "
-              f"({moved['start_s']:.2f} s starting 2 actors, longest freeze "
-              f"{moved['longest_freeze_s']:.2f} s); "
-              f"{baseline:,.0f} rows/s before, lowest 0.25 s bin {lowest:,.0f}, "
-              f"{after:,.0f} after", flush=True)
+        print(
+            f"reshard 2->4: {moved['moved_rows']:,} rows in {moved['duration_s']:.2f} s "
+            f"({moved['start_s']:.2f} s starting 2 actors, longest freeze "
+            f"{moved['longest_freeze_s']:.2f} s); "
+            f"{baseline:,.0f} rows/s before, lowest 0.25 s bin {lowest:,.0f}, "
+            f"{after:,.0f} after",
+            flush=True,
+        )
         result = {
-            "bench": "scale", "cpu_count": os.cpu_count(), "clients": args.clients,
-            "batch": args.batch, "dim": args.dim, "rows": args.rows, "stored_rows": args.stored,
+            "bench": "scale",
+            "cpu_count": os.cpu_count(),
+            "clients": args.clients,
+            "batch": args.batch,
+            "dim": args.dim,
+            "rows": args.rows,
+            "stored_rows": args.stored,
             "lookup_rows_per_s": {str(k): round(v) for k, v in by_shards.items()},
-            "reshard": {"from": 2, "to": 4, "moved_rows": moved["moved_rows"],
-                        "moved_slots": moved["moved_slots"],
-                        "duration_s": round(times["t1"] - times["t0"], 3),
-                        "actor_start_s": moved["start_s"],
-                        "longest_freeze_s": moved["longest_freeze_s"],
-                        "rows_per_s_during": round(rate(marks, times["t0"], times["t1"])),
-                        "rows_per_s_before": round(baseline), "rows_per_s_lowest_bin": round(lowest),
-                        "rows_per_s_after": round(after),
-                        "seconds_below_10pct": stalled,
-                        "slowest_lookup_s_before": round(slowest(marks, start, times["t0"]), 3),
-                        "slowest_lookup_s_during": round(slowest(marks, times["t0"],
-                                                                 times["t1"]), 3),
-                        "dip_pct": round(100 * (1 - lowest / baseline), 1) if baseline else None},
+            "reshard": {
+                "from": 2,
+                "to": 4,
+                "moved_rows": moved["moved_rows"],
+                "moved_slots": moved["moved_slots"],
+                "duration_s": round(times["t1"] - times["t0"], 3),
+                "actor_start_s": moved["start_s"],
+                "longest_freeze_s": moved["longest_freeze_s"],
+                "rows_per_s_during": round(rate(marks, times["t0"], times["t1"])),
+                "rows_per_s_before": round(baseline),
+                "rows_per_s_lowest_bin": round(lowest),
+                "rows_per_s_after": round(after),
+                "seconds_below_10pct": stalled,
+                "slowest_lookup_s_before": round(slowest(marks, start, times["t0"]), 3),
+                "slowest_lookup_s_during": round(slowest(marks, times["t0"], times["t1"]), 3),
+                "dip_pct": round(100 * (1 - lowest / baseline), 1) if baseline else None,
+            },
         }
     finally:
         cluster.down()

@@ -60,8 +60,14 @@ class CountingStore:
         f.set_result(np.zeros((len(ids), self.dim), np.float32))
         return f
 
-    def push_async(self, table: str, ids: np.ndarray, grads: np.ndarray, step: int = 0,
-                   request_id: str | None = None) -> Future:
+    def push_async(
+        self,
+        table: str,
+        ids: np.ndarray,
+        grads: np.ndarray,
+        step: int = 0,
+        request_id: str | None = None,
+    ) -> Future:
         self.rows_pushed += len(ids)
         f: Future = Future()
         f.set_result(None)
@@ -89,18 +95,24 @@ def measure(cfg: TrainConfig, corpus, steps: int, pcfg: PrefetchConfig) -> dict:
             # for their lookups, so the cache sees them in the order a real step would give.
             store.wait_lookups((step + pcfg.depth) * n_layers, timeout_s=0.5)
             time.sleep(0.002)
-            updates = {layer: (ids, np.zeros((len(ids), hcfg.d_head), np.float32))
-                       for layer, ids in f.ids.items()}
+            updates = {
+                layer: (ids, np.zeros((len(ids), hcfg.d_head), np.float32))
+                for layer, ids in f.ids.items()
+            }
             p.push(step, updates)  # every used row is pushed, as trainer.loop does
     finally:
         p.close()
     s = p.stats
     naive = hcfg.heads_per_layer * n_layers
     return {
-        "depth": pcfg.depth, "cache_rows": pcfg.cache_rows,
+        "depth": pcfg.depth,
+        "cache_rows": pcfg.cache_rows,
         "cache_staleness": pcfg.cache_staleness,
-        "cache_drop_pushed": pcfg.cache_drop_pushed, "steps": s.steps, "tokens": s.tokens,
-        "naive_rows_per_token": naive, "lookup_rows_per_token": s.rows_per_token,
+        "cache_drop_pushed": pcfg.cache_drop_pushed,
+        "steps": s.steps,
+        "tokens": s.tokens,
+        "naive_rows_per_token": naive,
+        "lookup_rows_per_token": s.rows_per_token,
         "lookup_ratio_vs_naive": s.rows_per_token / naive,
         "push_rows_per_token": store.rows_pushed / max(s.tokens, 1),
         "push_ratio_vs_naive": store.rows_pushed / max(s.tokens, 1) / naive,
@@ -135,14 +147,25 @@ def main() -> int:
     shapes = [(base.batch_size, base.seq_len), (64, 256)]
     policies = [
         ("dedup", PrefetchConfig(depth=1, update="async")),
-        ("dedup+cache d1", PrefetchConfig(depth=1, update="async", cache_rows=args.cache_rows,
-                                          cache_staleness=1)),
-        ("dedup+cache d2", PrefetchConfig(depth=2, update="async", cache_rows=args.cache_rows,
-                                          cache_staleness=3)),
+        (
+            "dedup+cache d1",
+            PrefetchConfig(depth=1, update="async", cache_rows=args.cache_rows, cache_staleness=1),
+        ),
+        (
+            "dedup+cache d2",
+            PrefetchConfig(depth=2, update="async", cache_rows=args.cache_rows, cache_staleness=3),
+        ),
         # pushed rows stay cached until 4 steps old: hot n-grams are fetched once per 4 steps
-        ("dedup+cache d1 keep s4", PrefetchConfig(depth=1, update="async",
-                                                  cache_rows=args.cache_rows, cache_staleness=4,
-                                                  cache_drop_pushed=False)),
+        (
+            "dedup+cache d1 keep s4",
+            PrefetchConfig(
+                depth=1,
+                update="async",
+                cache_rows=args.cache_rows,
+                cache_staleness=4,
+                cache_drop_pushed=False,
+            ),
+        ),
     ]
     runs = []
     for B, T in shapes:
@@ -150,25 +173,44 @@ def main() -> int:
         check = independent_dedup(cfg, corpus, steps)
         for name, pcfg in policies:
             m = measure(cfg, corpus, steps, pcfg)
-            runs.append({"policy": name, "batch_size": B, "seq_len": T, **m,
-                         "independent_dedup_ratio": check})
-            print(f"B={B} T={T} {name}: {m['lookup_rows_per_token']:.2f} rows/token "
-                  f"(naive {m['naive_rows_per_token']}), ratio {m['lookup_ratio_vs_naive']:.3f}, "
-                  f"cache hits {100 * m['cache_hit_rate']:.1f}%", file=sys.stderr, flush=True)
+            runs.append(
+                {
+                    "policy": name,
+                    "batch_size": B,
+                    "seq_len": T,
+                    **m,
+                    "independent_dedup_ratio": check,
+                }
+            )
+            print(
+                f"B={B} T={T} {name}: {m['lookup_rows_per_token']:.2f} rows/token "
+                f"(naive {m['naive_rows_per_token']}), ratio {m['lookup_ratio_vs_naive']:.3f}, "
+                f"cache hits {100 * m['cache_hit_rate']:.1f}%",
+                file=sys.stderr,
+                flush=True,
+            )
     default = [r for r in runs if (r["batch_size"], r["seq_len"]) == shapes[0]]
     best = min(default, key=lambda r: r["lookup_ratio_vs_naive"])
     dedup = next(r for r in default if r["policy"] == "dedup")
     hcfg = base.model.hash_config(corpus.pad_id)
     result = {
-        "benchmark": "wire", "corpus": args.corpus, "steps": steps,
-        "engram_layers": list(base.model.engram_layers), "max_ngram": hcfg.max_ngram,
-        "heads": hcfg.heads, "naive_rows_per_token": hcfg.heads_per_layer * len(hcfg.layers),
+        "benchmark": "wire",
+        "corpus": args.corpus,
+        "steps": steps,
+        "engram_layers": list(base.model.engram_layers),
+        "max_ngram": hcfg.max_ngram,
+        "heads": hcfg.heads,
+        "naive_rows_per_token": hcfg.heads_per_layer * len(hcfg.layers),
         "default_batch": {"batch_size": shapes[0][0], "seq_len": shapes[0][1]},
         "dedup_ratio": dedup["lookup_ratio_vs_naive"],
-        "best_policy": best["policy"], "ratio": best["lookup_ratio_vs_naive"],
-        "target_ratio": TARGET, "meets_target": best["lookup_ratio_vs_naive"] <= TARGET,
-        "runs": runs, "wall_s": time.perf_counter() - t0,
-        "cpus": os.cpu_count(), "python": platform.python_version(),
+        "best_policy": best["policy"],
+        "ratio": best["lookup_ratio_vs_naive"],
+        "target_ratio": TARGET,
+        "meets_target": best["lookup_ratio_vs_naive"] <= TARGET,
+        "runs": runs,
+        "wall_s": time.perf_counter() - t0,
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
     }
     print(json.dumps(result))
     return 0

@@ -72,16 +72,21 @@ class Data:
     name: str
 
 
-def load_data(corpus: str | None, vocab_size: int, docs: list | None = None,
-              cache_dir: str | None = None) -> Data:
+def load_data(
+    corpus: str | None, vocab_size: int, docs: list | None = None, cache_dir: str | None = None
+) -> Data:
     """Tokenize (cached) and wrap as trainer.corpus.Corpus: the batches trainer.corpus.load_corpus
     yields (train: ds.batches; val: consecutive eval windows), from one prepare_data call.
     `docs` (trainer.data.Document list) replaces the corpus, e.g. for tests."""
     prep = data.prepare_data(corpus, vocab_size, cache_dir=cache_dir, docs=docs)
     ds = prep.dataset
     c = corpus_from_prepared(prep)
-    return Data(c, np.asarray(ds.tokens("train"), np.int64), np.asarray(ds.tokens("val"), np.int64),
-                corpus or "builtin (stdlib docstrings + pydoc topics)")
+    return Data(
+        c,
+        np.asarray(ds.tokens("train"), np.int64),
+        np.asarray(ds.tokens("val"), np.int64),
+        corpus or "builtin (stdlib docstrings + pydoc topics)",
+    )
 
 
 # ------------------------------------------------------------------- frequent multi-token words
@@ -105,13 +110,15 @@ def word_runs(tokens: np.ndarray, texts: list[str]) -> tuple[np.ndarray, np.ndar
     return starts, lengths
 
 
-def frequent_words(train: np.ndarray, texts: list[str], top: int) -> list[tuple[tuple[int, ...], int]]:
+def frequent_words(
+    train: np.ndarray, texts: list[str], top: int
+) -> list[tuple[tuple[int, ...], int]]:
     """The `top` most frequent words of >= 2 tokens whose text is a name (letters/digits/_)."""
     starts, lengths = word_runs(train, texts)
     multi = lengths >= 2
     counts: Counter = Counter()
     for s, n in zip(starts[multi].tolist(), lengths[multi].tolist(), strict=True):
-        counts[tuple(train[s:s + n].tolist())] += 1
+        counts[tuple(train[s : s + n].tolist())] += 1
     out = []
     for key, c in counts.most_common():
         word = "".join(texts[t] for t in key).strip()
@@ -126,10 +133,9 @@ def phrase_mask(tokens: np.ndarray, texts: list[str], words: set[tuple[int, ...]
     """True at every non-first token of an occurrence of one of `words` in `tokens`."""
     starts, lengths = word_runs(tokens, texts)
     mask = np.zeros(len(tokens), bool)
-    for s, n in zip(starts[lengths >= 2].tolist(), lengths[lengths >= 2].tolist(),
-                    strict=True):
-        if tuple(tokens[s:s + n].tolist()) in words:
-            mask[s + 1:s + n] = True
+    for s, n in zip(starts[lengths >= 2].tolist(), lengths[lengths >= 2].tolist(), strict=True):
+        if tuple(tokens[s : s + n].tolist()) in words:
+            mask[s + 1 : s + n] = True
     return mask
 
 
@@ -164,8 +170,10 @@ def split_losses(mask: np.ndarray, *runs: RunResult) -> dict:
     (`loss_ratio` for "engram", `loss_ratio_<name>` for the others)."""
     out: dict = {"val_tokens": int(mask.sum()), "val_other_tokens": int((~mask).sum())}
     for r in runs:
-        out[r.name] = {"loss": float(r.token_losses[mask].mean()) if mask.any() else None,
-                       "other_loss": float(r.token_losses[~mask].mean())}
+        out[r.name] = {
+            "loss": float(r.token_losses[mask].mean()) if mask.any() else None,
+            "other_loss": float(r.token_losses[~mask].mean()),
+        }
     base = out.get("baseline")
     if mask.any() and base:
         for r in runs:
@@ -207,9 +215,13 @@ class Trained:
         h = self.mcfg.hash
         self.hasher = NgramHasher(h, c.lookup, c.compressed_vocab) if h else None
         self.specs = table_specs(cfg, self.hasher) if self.hasher else {}
-        self.fetcher = LocalFetcher(self.hasher, self.specs, h,
-                                    c.batches("train", cfg.batch_size, cfg.seq_len, cfg.seed),
-                                    torch.device("cpu"))
+        self.fetcher = LocalFetcher(
+            self.hasher,
+            self.specs,
+            h,
+            c.batches("train", cfg.batch_size, cfg.seq_len, cfg.seed),
+            torch.device("cpu"),
+        )
 
     @torch.no_grad()
     def token_losses(self, windows: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
@@ -219,8 +231,9 @@ class Trained:
         for x, y in windows:
             mem = self.fetcher.memory(self.hasher.global_ids(x)) if self.hasher else None
             logits, _ = self.model(torch.from_numpy(x), mem)
-            loss = F.cross_entropy(logits.flatten(0, 1), torch.from_numpy(y).reshape(-1),
-                                   reduction="none")
+            loss = F.cross_entropy(
+                logits.flatten(0, 1), torch.from_numpy(y).reshape(-1), reduction="none"
+            )
             out.append(loss.numpy())
         self.model.train()
         return np.concatenate(out)
@@ -234,13 +247,15 @@ def val_windows(d: Data, cfg: TrainConfig, max_batches: int) -> list[tuple[np.nd
     return [next(it) for _ in range(n)]
 
 
-def train_run(name: str, cfg: TrainConfig, d: Data, windows: list, eval_every: int,
-              curve_batches: int) -> RunResult:
+def train_run(
+    name: str, cfg: TrainConfig, d: Data, windows: list, eval_every: int, curve_batches: int
+) -> RunResult:
     """Train `cfg` with the trainer's local backend; evaluate on `windows`."""
     t = Trained(cfg, d)
     model, fetcher = t.model, t.fetcher
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                            betas=(0.9, 0.95))  # as trainer.loop.train_worker
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95)
+    )  # as trainer.loop.train_worker
     steps, losses, vsteps, vcurve = [], [], [], []
     t0 = time.perf_counter()
     for step in range(1, cfg.steps + 1):
@@ -259,11 +274,23 @@ def train_run(name: str, cfg: TrainConfig, d: Data, windows: list, eval_every: i
     tl = t.token_losses(windows)
     split = param_split(model, t.mcfg.hash)
     split.pop("table_rows", None)
-    log(f"  {name}: width {cfg.model.n_embd}, tables {split['engram_tables']:,} "
-        f"({100 * split['table_fraction']:.0f}%), val loss {tl.mean():.4f}, {train_s:.0f} s")
-    return RunResult(name, float(tl.mean()), split, train_s, steps, losses, vsteps, vcurve, tl,
-                     cfg.model.n_embd,
-                     cfg.model.table_base_size if cfg.model.engram_layers else 0)
+    log(
+        f"  {name}: width {cfg.model.n_embd}, tables {split['engram_tables']:,} "
+        f"({100 * split['table_fraction']:.0f}%), val loss {tl.mean():.4f}, {train_s:.0f} s"
+    )
+    return RunResult(
+        name,
+        float(tl.mean()),
+        split,
+        train_s,
+        steps,
+        losses,
+        vsteps,
+        vcurve,
+        tl,
+        cfg.model.n_embd,
+        cfg.model.table_base_size if cfg.model.engram_layers else 0,
+    )
 
 
 # ---------------------------------------------------------------------------- allocation sweep
@@ -277,8 +304,9 @@ def count_params(cfg: TrainConfig, d: Data) -> dict:
     return param_split(model, mcfg.hash)
 
 
-def sweep_configs(base: TrainConfig, d: Data, budget: int, ratios: list[float]
-                  ) -> list[tuple[float, TrainConfig]]:
+def sweep_configs(
+    base: TrainConfig, d: Data, budget: int, ratios: list[float]
+) -> list[tuple[float, TrainConfig]]:
     """For each ratio r: tables hold ~r*budget parameters (rows per head = table_base_size) and
     the backbone width is the multiple of n_head that brings the total closest to the budget."""
     out = []
@@ -293,8 +321,12 @@ def sweep_configs(base: TrainConfig, d: Data, budget: int, ratios: list[float]
             rows_per_head = max(16, round(r * budget / (heads * d_head)))
         best = None
         for w in range(m.n_head * 2, 4096, m.n_head):
-            cfg = dataclasses.replace(base, model=dataclasses.replace(
-                m, n_embd=w, engram_layers=layers, table_base_size=rows_per_head))
+            cfg = dataclasses.replace(
+                base,
+                model=dataclasses.replace(
+                    m, n_embd=w, engram_layers=layers, table_base_size=rows_per_head
+                ),
+            )
             p = count_params(cfg, d)
             dense = p["backbone"] + p["engram_dense"]
             if best is None or abs(p["total"] - budget) < best[0]:
@@ -314,58 +346,92 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="small model, few steps (~5 min, 2 CPUs)")
     ap.add_argument("--steps", type=int, default=None, help="training steps per run")
     ap.add_argument("--sweep-steps", type=int, default=None, help="steps per sweep point")
-    ap.add_argument("--ratios", default="0,0.1,0.25,0.5,0.75",
-                    help="fractions of the parameter budget in tables, '' = no sweep")
+    ap.add_argument(
+        "--ratios",
+        default="0,0.1,0.25,0.5,0.75",
+        help="fractions of the parameter budget in tables, '' = no sweep",
+    )
     ap.add_argument("--width", type=int, default=None, help="backbone width of the main pair")
-    ap.add_argument("--sweep-width", type=int, default=None,
-                    help="the budget: the baseline's parameters at this width")
+    ap.add_argument(
+        "--sweep-width",
+        type=int,
+        default=None,
+        help="the budget: the baseline's parameters at this width",
+    )
     ap.add_argument("--lr", type=float, default=None, help="backbone learning rate")
-    ap.add_argument("--table-lr-mult", type=float, default=5.0,
-                    help="table lr = this x backbone lr (the paper: 5)")
-    ap.add_argument("--tuned-table-lr-mult", type=float, default=25.0,
-                    help="a third run (and the sweep) with this table lr multiplier; 0 = none. "
-                         "At a few hundred steps a table row sees few updates, so 5x barely "
-                         "moves the tables")
+    ap.add_argument(
+        "--table-lr-mult",
+        type=float,
+        default=5.0,
+        help="table lr = this x backbone lr (the paper: 5)",
+    )
+    ap.add_argument(
+        "--tuned-table-lr-mult",
+        type=float,
+        default=25.0,
+        help="a third run (and the sweep) with this table lr multiplier; 0 = none. "
+        "At a few hundred steps a table row sees few updates, so 5x barely "
+        "moves the tables",
+    )
     ap.add_argument("--top-words", type=int, default=2000, help="frequent multi-token words")
     ap.add_argument("--top-trigrams", type=int, default=1000, help="frequent token trigrams")
     ap.add_argument("--val-batches", type=int, default=64, help="validation batches (cap)")
     ap.add_argument("--curves", default="results/quality_curves.json", help="loss curves out")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (0 = torch default); 1 by default: on a shared machine "
-                         "torch's spinning OpenMP threads run 10x slower than one thread")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (0 = torch default); 1 by default: on a shared machine "
+        "torch's spinning OpenMP threads run 10x slower than one thread",
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     q = args.quick
     base = TrainConfig(
-        backend="local", corpus=args.corpus or "builtin", vocab_size=4096,
-        model=ArchConfig(n_layer=4, n_head=4, n_embd=args.width or (96 if q else 256),
-                         engram_layers=(1,), max_ngram=3, hash_heads=4,
-                         n_embed_per_ngram=64 if q else 128,
-                         table_base_size=20_000 if q else 50_000),
-        seq_len=64 if q else 128, batch_size=16, seed=1337,
-        steps=args.steps or (500 if q else 2000), lr=args.lr or (2e-3 if q else 1e-3), table_lr_mult=args.table_lr_mult,
-        progress=False)
+        backend="local",
+        corpus=args.corpus or "builtin",
+        vocab_size=4096,
+        model=ArchConfig(
+            n_layer=4,
+            n_head=4,
+            n_embd=args.width or (96 if q else 256),
+            engram_layers=(1,),
+            max_ngram=3,
+            hash_heads=4,
+            n_embed_per_ngram=64 if q else 128,
+            table_base_size=20_000 if q else 50_000,
+        ),
+        seq_len=64 if q else 128,
+        batch_size=16,
+        seed=1337,
+        steps=args.steps or (500 if q else 2000),
+        lr=args.lr or (2e-3 if q else 1e-3),
+        table_lr_mult=args.table_lr_mult,
+        progress=False,
+    )
     sweep_steps = args.sweep_steps or (200 if q else 1000)
     sweep_width = args.sweep_width or (96 if q else 192)
     t_all = time.perf_counter()
     d = load_data(args.corpus, base.vocab_size)
-    log(f"corpus {d.name}: {len(d.train_tokens):,} train / {len(d.val_tokens):,} val tokens, "
-        f"vocab {d.corpus.vocab_size}")
+    log(
+        f"corpus {d.name}: {len(d.train_tokens):,} train / {len(d.val_tokens):,} val tokens, "
+        f"vocab {d.corpus.vocab_size}"
+    )
     windows = val_windows(d, base, args.val_batches)
     eval_every = max(1, base.steps // 20)
     curve_batches = 4
 
     # 1. baseline vs Engram, same backbone, tokens, steps, seed
     log("baseline vs Engram:")
-    pairs = [("baseline", dataclasses.replace(base, model=base.model.baseline())),
-             ("engram", base)]
+    pairs = [("baseline", dataclasses.replace(base, model=base.model.baseline())), ("engram", base)]
     tuned = dataclasses.replace(base, table_lr_mult=args.tuned_table_lr_mult)
     if args.tuned_table_lr_mult:
         pairs.append(("engram_tuned", tuned))
-    runs = {name: train_run(name, cfg, d, windows, eval_every, curve_batches)
-            for name, cfg in pairs}
+    runs = {
+        name: train_run(name, cfg, d, windows, eval_every, curve_batches) for name, cfg in pairs
+    }
     b, e = runs["baseline"], runs["engram"]
     ratio = e.val_loss / b.val_loss
     et = runs.get("engram_tuned")
@@ -377,15 +443,20 @@ def main() -> int:
     # the windows are consecutive from the split's start: target j is val stream position j + 1
     n = len(b.token_losses)
     phrases = {
-        "words": {"top": len(words), "min_count": words[-1][1] if words else None,
-                  "examples": ["|".join(texts[t] for t in w) for w, _ in words[:12]],
-                  **split_losses(phrase_mask(d.val_tokens, texts, {w for w, _ in words}
-                                             )[1:1 + n], *runs.values())},
-        "trigrams": {"top": len(grams[0]),
-                     "min_count": int(grams[1][-1]) if len(grams[0]) else None,
-                     "examples": ["|".join(texts[t] for t in g) for g in grams[0][:12].tolist()],
-                     **split_losses(trigram_mask(d.val_tokens, grams[0])[1:1 + n],
-                                   *runs.values())},
+        "words": {
+            "top": len(words),
+            "min_count": words[-1][1] if words else None,
+            "examples": ["|".join(texts[t] for t in w) for w, _ in words[:12]],
+            **split_losses(
+                phrase_mask(d.val_tokens, texts, {w for w, _ in words})[1 : 1 + n], *runs.values()
+            ),
+        },
+        "trigrams": {
+            "top": len(grams[0]),
+            "min_count": int(grams[1][-1]) if len(grams[0]) else None,
+            "examples": ["|".join(texts[t] for t in g) for g in grams[0][:12].tolist()],
+            **split_losses(trigram_mask(d.val_tokens, grams[0])[1 : 1 + n], *runs.values()),
+        },
     }
 
     # 3. allocation sweep at a fixed parameter budget
@@ -393,56 +464,110 @@ def main() -> int:
     ratios = [float(x) for x in args.ratios.split(",") if x.strip()]
     if ratios:
         src = tuned if args.tuned_table_lr_mult else base
-        sbase = dataclasses.replace(src, model=dataclasses.replace(src.model, n_embd=sweep_width),
-                                    steps=sweep_steps)
-        budget = count_params(dataclasses.replace(sbase, model=sbase.model.baseline()),
-                              d)["total"]
+        sbase = dataclasses.replace(
+            src, model=dataclasses.replace(src.model, n_embd=sweep_width), steps=sweep_steps
+        )
+        budget = count_params(dataclasses.replace(sbase, model=sbase.model.baseline()), d)["total"]
         log(f"allocation sweep, budget {budget:,} parameters, {sweep_steps} steps each:")
         for r, cfg in sweep_configs(sbase, d, budget, ratios):
-            res = train_run(f"sweep{r:g}", cfg, d, windows, max(1, sweep_steps // 10),
-                            curve_batches)
-            sweep.append({"target_fraction": r, "table_fraction": res.params["table_fraction"],
-                          "n_embd": cfg.model.n_embd, "table_base_size": res.table_base_size,
-                          "params": res.params, "val_loss": res.val_loss, "train_s": res.train_s,
-                          "val_steps": res.val_steps, "val_curve": res.val_curve})
+            res = train_run(
+                f"sweep{r:g}", cfg, d, windows, max(1, sweep_steps // 10), curve_batches
+            )
+            sweep.append(
+                {
+                    "target_fraction": r,
+                    "table_fraction": res.params["table_fraction"],
+                    "n_embd": cfg.model.n_embd,
+                    "table_base_size": res.table_base_size,
+                    "params": res.params,
+                    "val_loss": res.val_loss,
+                    "train_s": res.train_s,
+                    "val_steps": res.val_steps,
+                    "val_curve": res.val_curve,
+                }
+            )
     best = min(sweep, key=lambda s: s["val_loss"]) if sweep else None
 
-    curves = {name: {"step": r.steps, "train_loss": r.train_loss, "val_step": r.val_steps,
-                     "val_loss": r.val_curve} for name, r in runs.items()}
-    curves["sweep"] = [{k: s[k] for k in ("target_fraction", "table_fraction", "n_embd",
-                                          "val_loss", "val_steps", "val_curve")} for s in sweep]
+    curves = {
+        name: {
+            "step": r.steps,
+            "train_loss": r.train_loss,
+            "val_step": r.val_steps,
+            "val_loss": r.val_curve,
+        }
+        for name, r in runs.items()
+    }
+    curves["sweep"] = [
+        {
+            k: s[k]
+            for k in (
+                "target_fraction",
+                "table_fraction",
+                "n_embd",
+                "val_loss",
+                "val_steps",
+                "val_curve",
+            )
+        }
+        for s in sweep
+    ]
     if args.curves:
         Path(args.curves).parent.mkdir(parents=True, exist_ok=True)
         Path(args.curves).write_text(json.dumps(curves))
 
-    run_keys = ("vocab_size", "seq_len", "batch_size", "steps", "lr", "table_lr_mult",
-                "weight_decay", "seed")
+    run_keys = (
+        "vocab_size",
+        "seq_len",
+        "batch_size",
+        "steps",
+        "lr",
+        "table_lr_mult",
+        "weight_decay",
+        "seed",
+    )
     result = {
-        "benchmark": "quality", "quick": q, "corpus": d.name,
-        "train_tokens": int(len(d.train_tokens)), "val_tokens_evaluated": int(len(b.token_losses)),
+        "benchmark": "quality",
+        "quick": q,
+        "corpus": d.name,
+        "train_tokens": int(len(d.train_tokens)),
+        "val_tokens_evaluated": int(len(b.token_losses)),
         "tokens_trained": base.steps * base.batch_size * base.seq_len,
         "config": {**dataclasses.asdict(base.model), **{k: getattr(base, k) for k in run_keys}},
         "baseline": {"val_loss": b.val_loss, "params": b.params, "train_s": b.train_s},
         "engram": {"val_loss": e.val_loss, "params": e.params, "train_s": e.train_s},
-        "val_loss_ratio": ratio, "target_ratio": TARGET_RATIO, "meets_target": ratio <= TARGET_RATIO,
-        "engram_tuned": {"table_lr_mult": tuned.table_lr_mult, "val_loss": et.val_loss,
-                         "train_s": et.train_s} if et else None,
+        "val_loss_ratio": ratio,
+        "target_ratio": TARGET_RATIO,
+        "meets_target": ratio <= TARGET_RATIO,
+        "engram_tuned": {
+            "table_lr_mult": tuned.table_lr_mult,
+            "val_loss": et.val_loss,
+            "train_s": et.train_s,
+        }
+        if et
+        else None,
         "val_loss_ratio_tuned": et.val_loss / b.val_loss if et else None,
         "meets_target_tuned": et.val_loss / b.val_loss <= TARGET_RATIO if et else None,
         "sweep_table_lr_mult": sbase.table_lr_mult if ratios else None,
         "phrases": phrases,
-        "sweep": [{k: v for k, v in s.items() if k not in ("val_steps", "val_curve")}
-                  for s in sweep],
-        "sweep_budget_params": budget if ratios else None, "sweep_steps": sweep_steps,
+        "sweep": [
+            {k: v for k, v in s.items() if k not in ("val_steps", "val_curve")} for s in sweep
+        ],
+        "sweep_budget_params": budget if ratios else None,
+        "sweep_steps": sweep_steps,
         "sweep_best_fraction": best["table_fraction"] if best else None,
         "sweep_best_target_fraction": best["target_fraction"] if best else None,
         "paper_optimum_fraction": list(PAPER_OPTIMUM),
-        "curves": args.curves, "wall_s": time.perf_counter() - t_all,
-        "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "curves": args.curves,
+        "wall_s": time.perf_counter() - t_all,
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
     }
-    print(json.dumps(result, default=lambda o: None if isinstance(o, float) and math.isnan(o)
-                     else str(o)))
+    print(
+        json.dumps(
+            result, default=lambda o: None if isinstance(o, float) and math.isnan(o) else str(o)
+        )
+    )
     return 0
 
 

@@ -31,7 +31,8 @@ def _handler() -> grpc.GenericRpcHandler:
         return cache[size]
 
     return grpc.method_handlers_generic_handler(
-        "bench.Raw", {"Fetch": grpc.unary_unary_rpc_method_handler(fetch)})
+        "bench.Raw", {"Fetch": grpc.unary_unary_rpc_method_handler(fetch)}
+    )
 
 
 def main() -> int:
@@ -39,8 +40,11 @@ def main() -> int:
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--workers", type=int, default=8)
     args = ap.parse_args()
-    opts = [("grpc.max_send_message_length", _MAX), ("grpc.max_receive_message_length", _MAX),
-            ("grpc.so_reuseport", 0)]
+    opts = [
+        ("grpc.max_send_message_length", _MAX),
+        ("grpc.max_receive_message_length", _MAX),
+        ("grpc.so_reuseport", 0),
+    ]
     server = grpc.server(futures.ThreadPoolExecutor(args.workers), options=opts)
     server.add_generic_rpc_handlers((_handler(),))
     port = server.add_insecure_port(f"127.0.0.1:{args.port}")

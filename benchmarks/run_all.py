@@ -47,9 +47,12 @@ class Bench:
 BENCHES = (
     Bench("lookup", "bench_lookup.py", ("--iters", "3", "--table-rows", "131072"), timeout_s=240),
     Bench("push", "bench_push.py", ("--iters", "3", "--table-rows", "131072"), timeout_s=240),
-    Bench("scale", "bench_scale.py",
-          ("--clients", "2", "--seconds", "3", "--shards", "1,2,4", "--stored", "50000"),
-          timeout_s=420),
+    Bench(
+        "scale",
+        "bench_scale.py",
+        ("--clients", "2", "--seconds", "3", "--shards", "1,2,4", "--stored", "50000"),
+        timeout_s=420,
+    ),
     Bench("prefetch", "bench_prefetch.py", timeout_s=360),
     Bench("redis", "bench_redis.py", timeout_s=360),
     Bench("wire", "bench_wire.py", timeout_s=300),
@@ -88,35 +91,47 @@ def run_bench(b: Bench, out: Path, quick: bool) -> dict:
         return rec
     args = list(b.extra_args)
     if b.name == "quality":
-        args += ["--curves", str((out / "quality_curves.json").relative_to(ROOT))
-                 if out.is_relative_to(ROOT) else str(out / "quality_curves.json")]
+        args += [
+            "--curves",
+            str((out / "quality_curves.json").relative_to(ROOT))
+            if out.is_relative_to(ROOT)
+            else str(out / "quality_curves.json"),
+        ]
     if quick:
         args = (["--quick"] if _supports_quick(path) else list(b.fallback_args)) + args
     cmd = [sys.executable, rel, *args]
     rec["command"] = "python " + " ".join(shlex.quote(a) for a in cmd[1:])
     log_dir = out / "tmp"
     log_dir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+    }
     timeout = b.timeout_s if quick else 8 * b.timeout_s  # full mode trains far longer
     rec["load_before"] = round(os.getloadavg()[0], 2)
     rec["date"] = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     t0 = time.perf_counter()
     print(f"[run_all] {b.name}: {rec['command']}", file=sys.stderr, flush=True)
     try:
-        p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
-                           timeout=timeout)
+        p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
         stdout, stderr, rc = p.stdout, p.stderr, p.returncode
         status = "ok" if rc == 0 else "failed"
     except subprocess.TimeoutExpired as e:
-        stdout = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else e.stdout or ""
-        stderr = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr or ""
+        stdout = (
+            e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else e.stdout or ""
+        )
+        stderr = (
+            e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr or ""
+        )
         rc, status = None, "timeout"
     rec["wall_s"] = round(time.perf_counter() - t0, 1)
     rec["load_after"] = round(os.getloadavg()[0], 2)
     rec["rc"] = rc
-    (log_dir / f"{b.name}.log").write_text(f"$ {rec['command']}\n--- stdout\n{stdout}\n"
-                                           f"--- stderr\n{stderr}")
+    (log_dir / f"{b.name}.log").write_text(
+        f"$ {rec['command']}\n--- stdout\n{stdout}\n--- stderr\n{stderr}"
+    )
     result = _last_json(stdout)
     if status == "ok" and result is None:
         status = "no-json"
@@ -126,8 +141,17 @@ def run_bench(b: Bench, out: Path, quick: bool) -> dict:
         if status == "timeout":
             rec["error"] = f"no result within {timeout} s"
     rec["status"] = status
-    payload = result if status == "ok" else {"status": status, "script": rel, "rc": rc,
-                                             "error": rec.get("error"), "partial": result}
+    payload = (
+        result
+        if status == "ok"
+        else {
+            "status": status,
+            "script": rel,
+            "rc": rc,
+            "error": rec.get("error"),
+            "partial": result,
+        }
+    )
     (out / f"{b.name}.json").write_text(json.dumps(payload, indent=1) + "\n")
     print(f"[run_all] {b.name}: {status} in {rec['wall_s']} s", file=sys.stderr, flush=True)
     return rec
@@ -162,16 +186,32 @@ def plot_quality(out: Path) -> str | None:
     sweep = c.get("sweep") or []
     fig, axes = plt.subplots(1, 2 if sweep else 1, figsize=(11 if sweep else 6, 4))
     ax = axes[0] if sweep else axes
-    for name, color in (("baseline", "tab:gray"), ("engram", "tab:blue"),
-                        ("engram_tuned", "tab:purple")):
+    for name, color in (
+        ("baseline", "tab:gray"),
+        ("engram", "tab:blue"),
+        ("engram_tuned", "tab:purple"),
+    ):
         r = c.get(name)
         if not r:
             continue
-        ax.plot(r["step"], _ema(r["train_loss"]), color=color, alpha=0.5, lw=1,
-                label=f"{name} train (EMA)")
+        ax.plot(
+            r["step"],
+            _ema(r["train_loss"]),
+            color=color,
+            alpha=0.5,
+            lw=1,
+            label=f"{name} train (EMA)",
+        )
         if r.get("val_step"):
-            ax.plot(r["val_step"], r["val_loss"], color=color, marker="o", ms=3, lw=1.5,
-                    label=f"{name} validation")
+            ax.plot(
+                r["val_step"],
+                r["val_loss"],
+                color=color,
+                marker="o",
+                ms=3,
+                lw=1.5,
+                label=f"{name} validation",
+            )
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
     ax.set_title("Dense baseline vs Engram, same backbone and tokens")
@@ -183,8 +223,9 @@ def plot_quality(out: Path) -> str | None:
         ys = [s["val_loss"] for s in sweep]
         ax2.plot(xs, ys, marker="o", color="tab:green")
         for s, x, y in zip(sweep, xs, ys, strict=True):
-            ax2.annotate(f"w={s['n_embd']}", (x, y), fontsize=7, textcoords="offset points",
-                         xytext=(3, 4))
+            ax2.annotate(
+                f"w={s['n_embd']}", (x, y), fontsize=7, textcoords="offset points", xytext=(3, 4)
+            )
         ax2.axvspan(20, 25, color="tab:orange", alpha=0.15, label="paper optimum (20-25%)")
         ax2.set_xlabel("% of parameters in Engram tables (fixed total)")
         ax2.set_ylabel("validation loss")
@@ -205,9 +246,11 @@ def plot_lookup(out: Path) -> str | None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
     bs = [s["batch"] for s in sweep]
-    for key, label, color in (("store_rows_per_s", "engram store (StoreClient)", "tab:blue"),
-                              ("raw_grpc_rows_per_s", "raw gRPC (same bytes, no work)", "tab:gray"),
-                              ("redis_rows_per_s", "Redis (pipelined MGET)", "tab:red")):
+    for key, label, color in (
+        ("store_rows_per_s", "engram store (StoreClient)", "tab:blue"),
+        ("raw_grpc_rows_per_s", "raw gRPC (same bytes, no work)", "tab:gray"),
+        ("redis_rows_per_s", "Redis (pipelined MGET)", "tab:red"),
+    ):
         ax.plot(bs, [s[key] for s in sweep], marker="o", label=label, color=color)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
@@ -225,8 +268,12 @@ def plot_lookup(out: Path) -> str | None:
 def _depth_series(obj) -> list[dict]:
     """The first list of dicts in `obj` whose items carry a depth and a stall figure."""
     if isinstance(obj, list):
-        if obj and all(isinstance(x, dict) for x in obj) and \
-                any("depth" in k for k in obj[0]) and any("stall" in k for k in obj[0]):
+        if (
+            obj
+            and all(isinstance(x, dict) for x in obj)
+            and any("depth" in k for k in obj[0])
+            and any("stall" in k for k in obj[0])
+        ):
             return obj
         for x in obj:
             found = _depth_series(x)
@@ -317,17 +364,28 @@ def _check(value, op: str, target: float) -> str:
 def rows_lookup(r: dict) -> list[Row]:
     v = r.get("ratio_lookup_vs_raw_grpc")
     t = r.get("target_ratio", 0.6)
-    return [("store lookup vs raw gRPC (time ratio, "
-             f"{_fmt(r.get('rows'))} rows x {r.get('dim')})", _fmt(v), f">= {t}",
-             _check(v, ">=", t)),
-            ("store lookup rows/s", _fmt(r.get("store_rows_per_s")), "—", "info")]
+    return [
+        (
+            f"store lookup vs raw gRPC (time ratio, {_fmt(r.get('rows'))} rows x {r.get('dim')})",
+            _fmt(v),
+            f">= {t}",
+            _check(v, ">=", t),
+        ),
+        ("store lookup rows/s", _fmt(r.get("store_rows_per_s")), "—", "info"),
+    ]
 
 
 def rows_push(r: dict) -> list[Row]:
     v = r.get("rows_per_s")
     t = r.get("target_rows_per_s", 1e6)
-    out = [(f"Adam push rows/s ({_fmt(r.get('rows'))} rows x {r.get('dim')}, committed)",
-            _fmt(v), f">= {_fmt(float(t))}", _check(v, ">=", t))]
+    out = [
+        (
+            f"Adam push rows/s ({_fmt(r.get('rows'))} rows x {r.get('dim')}, committed)",
+            _fmt(v),
+            f">= {_fmt(float(t))}",
+            _check(v, ">=", t),
+        )
+    ]
     if "rows_per_s_pipelined" in r:
         out.append(("Adam push rows/s, 2 in flight", _fmt(r["rows_per_s_pipelined"]), "—", "info"))
     return out
@@ -337,13 +395,25 @@ def rows_scale(r: dict) -> list[Row]:
     out = []
     by = r.get("lookup_rows_per_s") or {}
     if by:
-        out.append(("lookup rows/s at " + "/".join(f"{k}" for k in by) + " shards",
-                    " / ".join(_fmt(v) for v in by.values()), "—", "info"))
+        out.append(
+            (
+                "lookup rows/s at " + "/".join(f"{k}" for k in by) + " shards",
+                " / ".join(_fmt(v) for v in by.values()),
+                "—",
+                "info",
+            )
+        )
     rs = r.get("reshard") or {}
     if rs:
-        out.append((f"live reshard {rs.get('from')}->{rs.get('to')}: lowest 0.25 s bin dip",
-                    f"{_fmt(rs.get('dip_pct'))}% ({_fmt(rs.get('moved_rows'))} rows in "
-                    f"{_fmt(rs.get('duration_s'))} s)", "—", "info"))
+        out.append(
+            (
+                f"live reshard {rs.get('from')}->{rs.get('to')}: lowest 0.25 s bin dip",
+                f"{_fmt(rs.get('dip_pct'))}% ({_fmt(rs.get('moved_rows'))} rows in "
+                f"{_fmt(rs.get('duration_s'))} s)",
+                "—",
+                "info",
+            )
+        )
     return out + _generic_target_rows(r)
 
 
@@ -352,13 +422,25 @@ def rows_prefetch(r: dict) -> list[Row]:
         return rows_generic(r)
     t = r.get("target_ratio", 1.02)
     ms = r.get("step_ms") or {}
-    out = [(f"step time, store + prefetch depth 1 / in-process tables ({_fmt(ms.get('store_depth1'))}"
-            f" vs {_fmt(ms.get('local'))} ms)", _fmt(r["ratio_store_prefetch_vs_local"]),
-            f"<= {t}", _check(r["ratio_store_prefetch_vs_local"], "<=", t))]
+    out = [
+        (
+            f"step time, store + prefetch depth 1 / in-process tables ({_fmt(ms.get('store_depth1'))}"
+            f" vs {_fmt(ms.get('local'))} ms)",
+            _fmt(r["ratio_store_prefetch_vs_local"]),
+            f"<= {t}",
+            _check(r["ratio_store_prefetch_vs_local"], "<=", t),
+        )
+    ]
     if r.get("depths"):
-        out.append(("stall % of step time at prefetch depth " +
-                    "/".join(str(d["prefetch_depth"]) for d in r["depths"]),
-                    " / ".join(_fmt(float(d["stall_pct"])) for d in r["depths"]), "—", "info"))
+        out.append(
+            (
+                "stall % of step time at prefetch depth "
+                + "/".join(str(d["prefetch_depth"]) for d in r["depths"]),
+                " / ".join(_fmt(float(d["stall_pct"])) for d in r["depths"]),
+                "—",
+                "info",
+            )
+        )
     return out
 
 
@@ -367,15 +449,26 @@ def rows_redis(r: dict) -> list[Row]:
         return [("Redis baseline", "skipped", ">= 10x", f"SKIPPED: {r.get('reason')}")]
     t = r.get("target_ratio", 10)
     return [
-        (f"lookup: store / Redis rows/s ({_fmt(r.get('store_lookup_rows_per_s'))} vs "
-         f"{_fmt(r.get('redis_lookup_rows_per_s'))})", f"{_fmt(r.get('lookup_ratio'))}x",
-         f">= {t}x", _check(r.get("lookup_ratio"), ">=", t)),
-        (f"Adam push: store / Redis RMW rows/s ({_fmt(r.get('store_push_rows_per_s'))} vs "
-         f"{_fmt(r.get('redis_push_rows_per_s'))})", f"{_fmt(r.get('push_ratio'))}x",
-         f">= {t}x", _check(r.get("push_ratio"), ">=", t)),
-        ("same rows in both after the same pushes (max abs diff)",
-         _fmt(r.get("rows_match_after_pushes_max_abs_diff")), "0",
-         "PASS" if r.get("rows_match_after_pushes_max_abs_diff") == 0 else "MISS"),
+        (
+            f"lookup: store / Redis rows/s ({_fmt(r.get('store_lookup_rows_per_s'))} vs "
+            f"{_fmt(r.get('redis_lookup_rows_per_s'))})",
+            f"{_fmt(r.get('lookup_ratio'))}x",
+            f">= {t}x",
+            _check(r.get("lookup_ratio"), ">=", t),
+        ),
+        (
+            f"Adam push: store / Redis RMW rows/s ({_fmt(r.get('store_push_rows_per_s'))} vs "
+            f"{_fmt(r.get('redis_push_rows_per_s'))})",
+            f"{_fmt(r.get('push_ratio'))}x",
+            f">= {t}x",
+            _check(r.get("push_ratio"), ">=", t),
+        ),
+        (
+            "same rows in both after the same pushes (max abs diff)",
+            _fmt(r.get("rows_match_after_pushes_max_abs_diff")),
+            "0",
+            "PASS" if r.get("rows_match_after_pushes_max_abs_diff") == 0 else "MISS",
+        ),
     ]
 
 
@@ -393,26 +486,44 @@ def rows_wire(r: dict) -> list[Row]:
             status = _check(run["lookup_ratio_vs_naive"], "<=", t)
             if not is_default:
                 status = f"info (would {status})"
-        shape = f"{run['batch_size']}x{run['seq_len']}" + (" (trainer default)" if is_default
-                                                            else "")
-        out.append((f"lookup rows/token vs naive, {run['policy']}, batch {shape}: "
-                    f"{run['lookup_rows_per_token']:.2f} of {run['naive_rows_per_token']}",
-                    _fmt(run["lookup_ratio_vs_naive"]), f"<= {t}", status))
+        shape = f"{run['batch_size']}x{run['seq_len']}" + (
+            " (trainer default)" if is_default else ""
+        )
+        out.append(
+            (
+                f"lookup rows/token vs naive, {run['policy']}, batch {shape}: "
+                f"{run['lookup_rows_per_token']:.2f} of {run['naive_rows_per_token']}",
+                _fmt(run["lookup_ratio_vs_naive"]),
+                f"<= {t}",
+                status,
+            )
+        )
     return out
 
 
 def rows_quality(r: dict) -> list[Row]:
     t = r.get("target_ratio", 0.97)
     b, e = r.get("baseline", {}), r.get("engram", {})
-    out = [(f"validation loss Engram / baseline ({_fmt(e.get('val_loss'))} vs "
-            f"{_fmt(b.get('val_loss'))})", _fmt(r.get("val_loss_ratio")), f"<= {t}",
-            _check(r.get("val_loss_ratio"), "<=", t))]
+    out = [
+        (
+            f"validation loss Engram / baseline ({_fmt(e.get('val_loss'))} vs "
+            f"{_fmt(b.get('val_loss'))})",
+            _fmt(r.get("val_loss_ratio")),
+            f"<= {t}",
+            _check(r.get("val_loss_ratio"), "<=", t),
+        )
+    ]
     if r.get("val_loss_ratio_tuned") is not None:
         tl = r["engram_tuned"]
-        out.append((f"same, Engram with table lr {tl['table_lr_mult']:g}x instead of 5x "
-                    f"({_fmt(tl['val_loss'])} vs {_fmt(b.get('val_loss'))})",
-                    _fmt(r["val_loss_ratio_tuned"]), f"<= {t}",
-                    _check(r["val_loss_ratio_tuned"], "<=", t)))
+        out.append(
+            (
+                f"same, Engram with table lr {tl['table_lr_mult']:g}x instead of 5x "
+                f"({_fmt(tl['val_loss'])} vs {_fmt(b.get('val_loss'))})",
+                _fmt(r["val_loss_ratio_tuned"]),
+                f"<= {t}",
+                _check(r["val_loss_ratio_tuned"], "<=", t),
+            )
+        )
     ph = r.get("phrases") or {}
     for key, what in (("words", "frequent multi-token words"), ("trigrams", "frequent trigrams")):
         p = ph.get(key) or {}
@@ -420,14 +531,32 @@ def rows_quality(r: dict) -> list[Row]:
             for sfx, label in (("", "Engram"), ("_tuned", "Engram tuned lr")):
                 if p.get("loss_ratio" + sfx) is None:
                     continue
-                out.append((f"loss on non-first tokens of {p['top']} {what} "
-                            f"({p['val_tokens']:,} val tokens), {label} / baseline",
-                            _fmt(p["loss_ratio" + sfx]), "—", "info"))
-                out.append((f"loss on all other tokens ({what} split), {label} / baseline",
-                            _fmt(p["other_loss_ratio" + sfx]), "—", "info"))
+                out.append(
+                    (
+                        f"loss on non-first tokens of {p['top']} {what} "
+                        f"({p['val_tokens']:,} val tokens), {label} / baseline",
+                        _fmt(p["loss_ratio" + sfx]),
+                        "—",
+                        "info",
+                    )
+                )
+                out.append(
+                    (
+                        f"loss on all other tokens ({what} split), {label} / baseline",
+                        _fmt(p["other_loss_ratio" + sfx]),
+                        "—",
+                        "info",
+                    )
+                )
     if r.get("sweep"):
-        out.append(("allocation sweep: best % of parameters in tables",
-                    f"{100 * r['sweep_best_fraction']:.0f}%", "paper: 20-25%", "info"))
+        out.append(
+            (
+                "allocation sweep: best % of parameters in tables",
+                f"{100 * r['sweep_best_fraction']:.0f}%",
+                "paper: 20-25%",
+                "info",
+            )
+        )
     return out
 
 
@@ -436,23 +565,34 @@ def _generic_target_rows(r: dict) -> list[Row]:
         return []
     tkeys = [k for k in r if k.startswith("target")]
     target = ", ".join(f"{k}={r[k]}" for k in tkeys) or "—"
-    return [("meets_target (as the script reports it)", str(r["meets_target"]), target,
-             "PASS" if r["meets_target"] else "MISS")]
+    return [
+        (
+            "meets_target (as the script reports it)",
+            str(r["meets_target"]),
+            target,
+            "PASS" if r["meets_target"] else "MISS",
+        )
+    ]
 
 
 def rows_generic(r: dict) -> list[Row]:
     rows = _generic_target_rows(r)
     if not rows:
-        nums = {k: v for k, v in r.items() if isinstance(v, (int, float)) and not
-                isinstance(v, bool)}
+        nums = {
+            k: v for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
         rows = [(k, _fmt(v), "—", "info") for k, v in list(nums.items())[:6]]
     return rows
 
 
 ROWS: dict[str, Callable[[dict], list[Row]]] = {
-    "lookup": rows_lookup, "push": rows_push, "scale": rows_scale, "prefetch": rows_prefetch,
+    "lookup": rows_lookup,
+    "push": rows_push,
+    "scale": rows_scale,
+    "prefetch": rows_prefetch,
     "redis": rows_redis,
-    "wire": rows_wire, "quality": rows_quality,
+    "wire": rows_wire,
+    "quality": rows_quality,
 }
 
 
@@ -471,8 +611,13 @@ def machine_info() -> dict:
         ram = round(int(m.group(1)) / 1024**2, 1) if m else None
     except OSError:
         pass
-    info = {"cpus": os.cpu_count(), "cpu_model": model, "ram_gib": ram,
-            "os": platform.platform(), "python": platform.python_version()}
+    info = {
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "ram_gib": ram,
+        "os": platform.platform(),
+        "python": platform.python_version(),
+    }
     try:
         import torch
 
@@ -494,8 +639,11 @@ def write_report(out: Path, meta: dict) -> str:
         f"Python {m['python']}" + (f", torch {m['torch']}" if m.get("torch") else ""),
         f"- Command: `{meta['command']}` (every script in quick mode, one after another; each "
         "script's JSON is in `results/<name>.json`, its command below)"
-        + ("; benchmarks outside --only keep their earlier results (see Started below)"
-           if "--only" in meta["command"] else ""),
+        + (
+            "; benchmarks outside --only keep their earlier results (see Started below)"
+            if "--only" in meta["command"]
+            else ""
+        ),
         "- Timings come from a shared machine: the 1-minute load average before and after each "
         "script is listed; a load above the CPU count means other work competed for the CPUs. "
         f"Scripts run with OMP_NUM_THREADS={meta.get('omp_threads', '1')} (torch on one thread: "
@@ -508,24 +656,32 @@ def write_report(out: Path, meta: dict) -> str:
     for rec in meta["runs"]:
         name = rec["name"]
         if rec["status"] != "ok":
-            what = {"missing": f"script {rec['script']} not found",
-                    "timeout": rec.get("error", "timeout"),
-                    "failed": f"exit {rec.get('rc')}: {rec.get('error', '')}",
-                    "no-json": "no JSON line printed"}.get(rec["status"], rec["status"])
+            what = {
+                "missing": f"script {rec['script']} not found",
+                "timeout": rec.get("error", "timeout"),
+                "failed": f"exit {rec.get('rc')}: {rec.get('error', '')}",
+                "no-json": "no JSON line printed",
+            }.get(rec["status"], rec["status"])
             what = what.replace("|", "/")
             lines.append(f"| {name} | — | — | — | {rec['status'].upper()}: {what} |")
             continue
         r = _load(out, name) or {}
         for fig, val, tgt, status in ROWS.get(name, rows_generic)(r) or rows_generic(r):
             lines.append(f"| {name} | {fig} | {val} | {tgt} | {status} |")
-    lines += ["", "## Runs", "",
-              "| Benchmark | Command | Started | Status | Wall (s) | Load before/after |",
-              "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Runs",
+        "",
+        "| Benchmark | Command | Started | Status | Wall (s) | Load before/after |",
+        "|---|---|---|---|---|---|",
+    ]
     for rec in meta["runs"]:
         cmd = f"`{rec['command']}`" if rec.get("command") else "—"
-        lines.append(f"| {rec['name']} | {cmd} | {rec.get('date', '—')} | "
-                     f"{rec['status']} | {rec.get('wall_s', 0)} | "
-                     f"{rec.get('load_before', '—')} / {rec.get('load_after', '—')} |")
+        lines.append(
+            f"| {rec['name']} | {cmd} | {rec.get('date', '—')} | "
+            f"{rec['status']} | {rec.get('wall_s', 0)} | "
+            f"{rec.get('load_before', '—')} / {rec.get('load_after', '—')} |"
+        )
     lines += _notes(out)
     lines += _why(out)
     if figures:
@@ -547,14 +703,19 @@ def _notes(out: Path) -> list[str]:
             f"{c['steps']} steps x {c['batch_size']}x{c['seq_len']} tokens "
             f"({q['tokens_trained']:,} tokens), corpus {q['corpus']}; Engram at block(s) "
             f"{c['engram_layers']} with {q['engram']['params']['engram_tables']:,} table "
-            f"parameters; validation on {q['val_tokens_evaluated']:,} tokens.")
+            f"parameters; validation on {q['val_tokens_evaluated']:,} tokens."
+        )
         if q.get("sweep"):
-            pts = ", ".join(f"{100 * s['table_fraction']:.0f}% (w={s['n_embd']}): "
-                            f"{s['val_loss']:.3f}" for s in q["sweep"])
-            notes.append(f"- allocation sweep at {q['sweep_budget_params']:,} parameters, "
-                         f"{q['sweep_steps']} steps each, table lr "
-                         f"{q.get('sweep_table_lr_mult') or 5:g}x: {pts}. Fixed parameters, not "
-                         "fixed FLOPs: a narrower backbone also computes less per token.")
+            pts = ", ".join(
+                f"{100 * s['table_fraction']:.0f}% (w={s['n_embd']}): {s['val_loss']:.3f}"
+                for s in q["sweep"]
+            )
+            notes.append(
+                f"- allocation sweep at {q['sweep_budget_params']:,} parameters, "
+                f"{q['sweep_steps']} steps each, table lr "
+                f"{q.get('sweep_table_lr_mult') or 5:g}x: {pts}. Fixed parameters, not "
+                "fixed FLOPs: a narrower backbone also computes less per token."
+            )
     w = _load(out, "wire")
     if w and w.get("benchmark") == "wire":
         keep = [x for x in w.get("runs", []) if x.get("cache_drop_pushed") is False]
@@ -563,16 +724,21 @@ def _notes(out: Path) -> list[str]:
             "Engram layer). With the default cache policy a push drops the row from the cache, "
             "and the training loop pushes every used row each step, so the cache only serves "
             "rows shared with the batch `depth` steps earlier"
-            + (f"; \"{keep[0]['policy']}\" keeps pushed rows cached until "
-               f"{keep[0]['cache_staleness']} steps old (rows that much staler, async)"
-               if keep else "")
-            + ". Bigger batches dedup more.")
+            + (
+                f'; "{keep[0]["policy"]}" keeps pushed rows cached until '
+                f"{keep[0]['cache_staleness']} steps old (rows that much staler, async)"
+                if keep
+                else ""
+            )
+            + ". Bigger batches dedup more."
+        )
     r = _load(out, "redis")
     if r and r.get("benchmark") == "redis" and not r.get("skipped"):
         notes.append(
             f"- redis: {r['redis_version'].split(' sha')[0]}, redis-py {r['redis_py']} "
             f"({r['redis_parser']} reply parser), MGET/MSET chunks of {r['mget_chunk']} keys in "
-            "one pipeline; the RMW update uses engram_store.engine.optimizers (the store's own Adam).")
+            "one pipeline; the RMW update uses engram_store.engine.optimizers (the store's own Adam)."
+        )
     return (["", "## Notes", ""] + notes) if notes else []
 
 
@@ -587,13 +753,15 @@ def _why(out: Path) -> list[str]:
             f"({lk['store_lookup_ms']:.0f} ms through StoreClient vs {lk['raw_grpc_ms']:.0f} ms "
             "for the same bytes over raw gRPC"
             + (f"; {srv:.0f} ms of it inside the server" if srv else "")
-            + "), so one slow phase of the shared CPUs moves the ratio; see the load column.")
+            + "), so one slow phase of the shared CPUs moves the ratio; see the load column."
+        )
     p = _load(out, "push")
     if p and p.get("meets_target") is False and p.get("inprocess_rows_per_s"):
         lines.append(
             f"- push: the shard's own push path (Adam + LMDB commit, no network) does "
             f"{p['inprocess_rows_per_s']:,.0f} rows/s in-process on this machine, already "
-            f"below {p.get('target_rows_per_s', 1e6):,.0f}; gRPC and the client add the rest.")
+            f"below {p.get('target_rows_per_s', 1e6):,.0f}; gRPC and the client add the rest."
+        )
     f = _load(out, "prefetch")
     if f and f.get("meets_target") is False and f.get("depths"):
         d1 = next((d for d in f["depths"] if d["prefetch_depth"] == 1), None)
@@ -601,7 +769,8 @@ def _why(out: Path) -> list[str]:
             lines.append(
                 f"- prefetch: at depth 1 the step waits for rows only {d1['stall_pct']}% of the "
                 "time, so the extra step time is not stall: the shard servers run on the same "
-                f"{os.cpu_count()} CPUs as the trainer and take CPU from it (applying pushes).")
+                f"{os.cpu_count()} CPUs as the trainer and take CPU from it (applying pushes)."
+            )
     r = _load(out, "redis")
     if r and r.get("meets_target") is False and not r.get("skipped"):
         t = r.get("target_ratio", 10)
@@ -613,23 +782,36 @@ def _why(out: Path) -> list[str]:
             f"{r['store_lookup_rows_per_s'] / max(s['raw_grpc_rows_per_s'] for s in r['batch_sweep']):.0%}"
             " of what raw gRPC moves at best with no work at all, so a 10x lead would need Redis "
             f"below {r['store_lookup_rows_per_s'] / t:,.0f} rows/s. "
-            + (f"An unpipelined client (one GET per row) reaches "
-               f"{r['redis_get_loop_rows_per_s']:,.0f} rows/s." if r.get(
-                   "redis_get_loop_rows_per_s") else ""))
+            + (
+                f"An unpipelined client (one GET per row) reaches "
+                f"{r['redis_get_loop_rows_per_s']:,.0f} rows/s."
+                if r.get("redis_get_loop_rows_per_s")
+                else ""
+            )
+        )
     w = _load(out, "wire")
     if w and w.get("meets_target") is False:
-        big = [x for x in w.get("runs", []) if x["policy"] == w.get("best_policy") and
-               (x["batch_size"], x["seq_len"]) != (w["default_batch"]["batch_size"],
-                                                   w["default_batch"]["seq_len"])]
+        big = [
+            x
+            for x in w.get("runs", [])
+            if x["policy"] == w.get("best_policy")
+            and (x["batch_size"], x["seq_len"])
+            != (w["default_batch"]["batch_size"], w["default_batch"]["seq_len"])
+        ]
         lines.append(
             f"- wire: at the trainer's default batch ({w['default_batch']['batch_size']}x"
             f"{w['default_batch']['seq_len']} = "
             f"{w['default_batch']['batch_size'] * w['default_batch']['seq_len']:,} tokens) only "
             f"{100 * (1 - w['dedup_ratio']):.0f}% of (position, head) rows repeat within a "
-            f"batch; the best cache policy measured (\"{w.get('best_policy')}\") brings it to "
+            f'batch; the best cache policy measured ("{w.get("best_policy")}") brings it to '
             f"{w.get('ratio', 0):.2f} (see the note above)"
-            + (f"; at {big[0]['batch_size']}x{big[0]['seq_len']} the ratio is "
-               f"{big[0]['lookup_ratio_vs_naive']:.2f}." if big else "."))
+            + (
+                f"; at {big[0]['batch_size']}x{big[0]['seq_len']} the ratio is "
+                f"{big[0]['lookup_ratio_vs_naive']:.2f}."
+                if big
+                else "."
+            )
+        )
     q = _load(out, "quality")
     if q and q.get("benchmark") == "quality":
         if q.get("meets_target") is False:
@@ -638,27 +820,37 @@ def _why(out: Path) -> list[str]:
                 f"- quality: with the paper's {c['table_lr_mult']:g}x table learning rate, "
                 f"{c['steps']} steps are too few for the tables to leave their random init "
                 "(each row is updated only when its n-gram occurs); with "
-                + (f"{q['engram_tuned']['table_lr_mult']:g}x the ratio is "
-                   f"{q['val_loss_ratio_tuned']:.3f}. " if q.get("engram_tuned") else "")
+                + (
+                    f"{q['engram_tuned']['table_lr_mult']:g}x the ratio is "
+                    f"{q['val_loss_ratio_tuned']:.3f}. "
+                    if q.get("engram_tuned")
+                    else ""
+                )
                 + "The gain concentrates on tokens an n-gram predicts (frequent-trigram rows "
-                "above).")
+                "above)."
+            )
         if q.get("sweep") and q.get("sweep_best_fraction", 1) < 0.05:
             lines.append(
                 "- allocation sweep: no U shape at this size: with a budget under a million "
                 "parameters the tables hold a few thousand rows per head (heavy hash collisions) "
                 f"and see {q['sweep_steps']} steps, so every parameter moved from the backbone "
                 "costs more than the rows return; the paper's optimum is a billion-parameter "
-                "result.")
+                "result."
+            )
     return (["", "## Why the misses", ""] + lines) if lines else []
 
 
 def update_readme(text: str, readme: Path = ROOT / "README.md", prefix: str = "results/") -> None:
     """Replace the block between the results markers (appended if absent) with `text`."""
     body = re.sub(r"!\[([^\]]*)\]\(([^)/]+\.png)\)", rf"![\1]({prefix}\2)", text)
-    body = body.replace("# Benchmark results", "## Benchmark results\n\n"
-                        "_Generated from [results/RESULTS.md](results/RESULTS.md) by "
-                        "`python benchmarks/run_all.py --readme`; every number traces to a file in "
-                        "results/ and the command that wrote it._", 1)
+    body = body.replace(
+        "# Benchmark results",
+        "## Benchmark results\n\n"
+        "_Generated from [results/RESULTS.md](results/RESULTS.md) by "
+        "`python benchmarks/run_all.py --readme`; every number traces to a file in "
+        "results/ and the command that wrote it._",
+        1,
+    )
     block = f"{START}\n{body.rstrip()}\n{END}"
     cur = readme.read_text(encoding="utf-8")
     if START in cur and END in cur:
@@ -676,8 +868,11 @@ def main() -> int:
     ap.add_argument("--only", default="", help="comma-separated benchmark names")
     ap.add_argument("--full", action="store_true", help="each script's default (long) mode")
     ap.add_argument("--readme", action="store_true", help="copy RESULTS.md into README.md")
-    ap.add_argument("--report-only", action="store_true",
-                    help="do not run; redraw figures and rewrite RESULTS.md from out/*.json")
+    ap.add_argument(
+        "--report-only",
+        action="store_true",
+        help="do not run; redraw figures and rewrite RESULTS.md from out/*.json",
+    )
     args = ap.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -691,11 +886,14 @@ def main() -> int:
         names = [n for n in args.only.split(",") if n]
         unknown = set(names) - {b.name for b in BENCHES}
         if unknown:
-            print(f"unknown benchmark(s) {sorted(unknown)}; choose from "
-                  f"{[b.name for b in BENCHES]}", file=sys.stderr)
+            print(
+                f"unknown benchmark(s) {sorted(unknown)}; choose from {[b.name for b in BENCHES]}",
+                file=sys.stderr,
+            )
             return 2
         cmd = "python benchmarks/run_all.py" + "".join(
-            f" {a}" for a in sys.argv[1:] if a != "--readme")
+            f" {a}" for a in sys.argv[1:] if a != "--readme"
+        )
         runs = []
         old = json.loads(meta_path.read_text()) if meta_path.exists() and names else None
         for b in BENCHES:
@@ -705,16 +903,23 @@ def main() -> int:
                     runs.append(prev)
                 continue
             runs.append(run_bench(b, out, quick=not args.full))
-        meta = {"date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
-                "command": cmd, "machine": machine_info(), "runs": runs,
-                "omp_threads": os.environ.get("OMP_NUM_THREADS", "1")}
+        meta = {
+            "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+            "command": cmd,
+            "machine": machine_info(),
+            "runs": runs,
+            "omp_threads": os.environ.get("OMP_NUM_THREADS", "1"),
+        }
         meta_path.write_text(json.dumps(meta, indent=1) + "\n")
     text = write_report(out, meta)
     if args.readme:
         update_readme(text)
     print(text)
-    summary = {"benchmark": "run_all", "out": str(out),
-               "status": {r["name"]: r["status"] for r in meta["runs"]}}
+    summary = {
+        "benchmark": "run_all",
+        "out": str(out),
+        "status": {r["name"]: r["status"] for r in meta["runs"]},
+    }
     print(json.dumps(summary))
     return 0
 

@@ -6,4 +6,6 @@ import importlib.util as _util
 if _util.find_spec("ray") is None:
     raise ImportError(
         "the cluster package needs Ray, which this environment lacks; install the cluster "
-        "extra: pip install 'engram[cluster]'", name="ray")
+        "extra: pip install 'engram[cluster]'",
+        name="ray",
+    )

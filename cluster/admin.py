@@ -27,6 +27,7 @@ def _open_channel(address: str, client: ClientConfig, options: list) -> grpc.Cha
         return grpc.insecure_channel(address, options=options)
     return open_channel(address, client, options)
 
+
 # Errors worth waiting out (ShardUnavailable, timeouts included): a shard actor being restarted
 # by Ray, or a server still binding. No retry limit: each call sets deadline_s (its wait_s).
 _RESTART = RetryPolicy(retries=None, backoff_s=0.05, backoff_max_s=1.0, deadline_s=0.0)
@@ -35,15 +36,18 @@ _RESTART = RetryPolicy(retries=None, backoff_s=0.05, backoff_max_s=1.0, deadline
 class ShardAdmin:
     """One shard server, addressed as "host:port", with calls that retry while it restarts."""
 
-    def __init__(self, address: str, client: ClientConfig | None = None,
-                 timeout_s: float | None = None):
+    def __init__(
+        self, address: str, client: ClientConfig | None = None, timeout_s: float | None = None
+    ):
         """`client` gives the token / TLS root to use (the cluster's own ClientConfig: its token
         must be a write token when shards require one) and the default timeout."""
         client = client or ClientConfig()
         self.address = address
         self.timeout_s = client.timeout_s if timeout_s is None else timeout_s
-        opts = [("grpc.max_send_message_length", client.max_message_bytes),
-                ("grpc.max_receive_message_length", client.max_message_bytes)]
+        opts = [
+            ("grpc.max_send_message_length", client.max_message_bytes),
+            ("grpc.max_receive_message_length", client.max_message_bytes),
+        ]
         self._channel = _open_channel(address, client, opts)
         self._stub = pb_grpc.MemoryStoreStub(self._channel)
 
@@ -61,45 +65,54 @@ class ShardAdmin:
         with backoff for up to `wait_s` (default timeout_s), because a shard that Ray is
         restarting answers again within seconds. Raises the class the shard raised."""
         policy = dataclasses.replace(
-            _RESTART, deadline_s=self.timeout_s if wait_s is None else wait_s)
+            _RESTART, deadline_s=self.timeout_s if wait_s is None else wait_s
+        )
         try:
             return policy.call(fn)
         except ShardUnavailable as e:
-            raise type(e)(f"shard {self.address} did not answer {what} within "
-                          f"{self.timeout_s:.0f}s ({e}); check that its actor is alive "
-                          "(`engram cluster status`)") from None
+            raise type(e)(
+                f"shard {self.address} did not answer {what} within "
+                f"{self.timeout_s:.0f}s ({e}); check that its actor is alive "
+                "(`engram cluster status`)"
+            ) from None
         except EngramError as e:
             raise type(e)(f"{what} on shard {self.address}: {e}") from None
 
     def wait_ready(self, wait_s: float | None = None) -> pb.StatsResponse:
         """Block until the server answers Stats; returns that answer."""
-        return self._call(lambda: self._stub.Stats(pb.StatsRequest(), timeout=5.0), "Stats",
-                          wait_s)
+        return self._call(lambda: self._stub.Stats(pb.StatsRequest(), timeout=5.0), "Stats", wait_s)
 
     def stats(self, wait_s: float | None = None) -> pb.StatsResponse:
         """Stats; with `wait_s`, give up (ShardUnavailable) after about that long."""
         rpc_timeout = self.timeout_s if wait_s is None else max(1.0, wait_s)
-        return self._call(lambda: self._stub.Stats(pb.StatsRequest(), timeout=rpc_timeout),
-                          "Stats", wait_s)
+        return self._call(
+            lambda: self._stub.Stats(pb.StatsRequest(), timeout=rpc_timeout), "Stats", wait_s
+        )
 
     def set_state(self, state: pb.ShardState) -> pb.ShardState:
         req = pb.SetShardStateRequest(state=state)
-        return self._call(lambda: self._stub.SetShardState(req, timeout=self.timeout_s),
-                          "SetShardState").state
+        return self._call(
+            lambda: self._stub.SetShardState(req, timeout=self.timeout_s), "SetShardState"
+        ).state
 
     def list_tables(self) -> list[pb.TableInfo]:
-        return list(self._call(
-            lambda: self._stub.ListTables(pb.ListTablesRequest(), timeout=self.timeout_s),
-            "ListTables").tables)
+        return list(
+            self._call(
+                lambda: self._stub.ListTables(pb.ListTablesRequest(), timeout=self.timeout_s),
+                "ListTables",
+            ).tables
+        )
 
     def create_table(self, spec: pb.TableSpec) -> bool:
         """Create a table from its wire spec; False when an identical one exists already."""
         req = pb.CreateTableRequest(spec=spec)
-        return self._call(lambda: self._stub.CreateTable(req, timeout=self.timeout_s),
-                          "CreateTable").created
+        return self._call(
+            lambda: self._stub.CreateTable(req, timeout=self.timeout_s), "CreateTable"
+        ).created
 
-    def copy_rows_to(self, dst: ShardAdmin, table: str, slots: bytes,
-                     batch_rows: int = 8192) -> int:
+    def copy_rows_to(
+        self, dst: ShardAdmin, table: str, slots: bytes, batch_rows: int = 8192
+    ) -> int:
         """Stream the stored rows (with optimizer state) of `slots` from this shard into `dst`.
 
         Importing is idempotent (a row is overwritten with the same record), so a copy that a
@@ -116,8 +129,9 @@ class ShardAdmin:
 
     def delete_rows(self, table: str, slots: bytes) -> int:
         req = pb.DeleteRowsRequest(table=table, slots=slots)
-        return self._call(lambda: self._stub.DeleteRows(req, timeout=self.timeout_s),
-                          "DeleteRows").rows
+        return self._call(
+            lambda: self._stub.DeleteRows(req, timeout=self.timeout_s), "DeleteRows"
+        ).rows
 
 
 def shard_state(index: int, shard_map, frozen: bytes = b"") -> pb.ShardState:
@@ -127,12 +141,20 @@ def shard_state(index: int, shard_map, frozen: bytes = b"") -> pb.ShardState:
     never empty: an empty mask would mean a standalone shard that owns every slot.
     """
     return pb.ShardState(
-        shard_index=index, map_version=shard_map.version, num_slots=shard_map.num_slots,
-        owned=shard_map.owned_mask(index), frozen=frozen or bytes(shard_map.num_slots),
-        layout=shard_map.layout, shard_map_json=shard_map.to_json())
+        shard_index=index,
+        map_version=shard_map.version,
+        num_slots=shard_map.num_slots,
+        owned=shard_map.owned_mask(index),
+        frozen=frozen or bytes(shard_map.num_slots),
+        layout=shard_map.layout,
+        shard_map_json=shard_map.to_json(),
+    )
 
 
 def request_totals(stats: pb.StatsResponse) -> int:
     """Lookup + push requests a shard has served since it started."""
-    return sum(m.requests for m in stats.methods
-               if m.method.rsplit("/", 1)[-1] in ("Lookup", "PushGradients"))
+    return sum(
+        m.requests
+        for m in stats.methods
+        if m.method.rsplit("/", 1)[-1] in ("Lookup", "PushGradients")
+    )

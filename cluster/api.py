@@ -93,19 +93,25 @@ class ClusterStatus:
 
     def format(self) -> str:
         """A human-readable table (what `engram cluster status` prints)."""
-        lines = [f"cluster {self.name}  layout {self.layout}  map v{self.map_version}  "
-                 f"{len(self.shards)} shards on {len(self.nodes)} node(s)  "
-                 f"{self.num_slots} slots  data {self.data_root}  ray {self.ray_address}",
-                 f"{'shard':>5}  {'address':<21} {'node':<15} {'pid':>7} {'rows':>12} "
-                 f"{'bytes':>12} {'req/s':>9}  map"]
+        lines = [
+            f"cluster {self.name}  layout {self.layout}  map v{self.map_version}  "
+            f"{len(self.shards)} shards on {len(self.nodes)} node(s)  "
+            f"{self.num_slots} slots  data {self.data_root}  ray {self.ray_address}",
+            f"{'shard':>5}  {'address':<21} {'node':<15} {'pid':>7} {'rows':>12} "
+            f"{'bytes':>12} {'req/s':>9}  map",
+        ]
         for s in self.shards:
-            lines.append(f"{s.index:>5}  {s.address:<21} {s.node_ip:<15} {s.pid:>7} "
-                         f"{s.stored_rows:>12} {s.stored_bytes:>12} {s.requests_per_s:>9.1f}  "
-                         f"v{s.map_version}" + (f"  ERROR {s.error}" if s.error else ""))
+            lines.append(
+                f"{s.index:>5}  {s.address:<21} {s.node_ip:<15} {s.pid:>7} "
+                f"{s.stored_rows:>12} {s.stored_bytes:>12} {s.requests_per_s:>9.1f}  "
+                f"v{s.map_version}" + (f"  ERROR {s.error}" if s.error else "")
+            )
         if self.last_reshard:
             r = self.last_reshard
-            lines.append(f"last reshard: {r['from']} -> {r['to']} shards, {r['moved_slots']} "
-                         f"slots / {r['moved_rows']} rows moved in {r['duration_s']} s")
+            lines.append(
+                f"last reshard: {r['from']} -> {r['to']} shards, {r['moved_slots']} "
+                f"slots / {r['moved_rows']} rows moved in {r['duration_s']} s"
+            )
         return "\n".join(lines)
 
 
@@ -119,7 +125,8 @@ def _probe_tcp(address: str, timeout_s: float = 3.0) -> None:
         raise RayUnreachable(
             f"cannot reach a Ray cluster at {address!r} ({e}); give the head's GCS address "
             "(`ray start --head` prints it, default port 6379) or leave --address out to start "
-            "a local Ray") from None
+            "a local Ray"
+        ) from None
 
 
 def _connect_ray(address: str | None, config: ClusterConfig) -> tuple[str, bool]:
@@ -133,16 +140,19 @@ def _connect_ray(address: str | None, config: ClusterConfig) -> tuple[str, bool]
             return ray.get_runtime_context().gcs_address, False
         need = math.ceil(config.num_shards * config.cpus_per_shard)
         # Logical CPUs: room to scale to twice the shards even on a small machine.
-        start_local_ray(num_cpus=2 * need, resources={config.store_resource: 1000},
-                        namespace=config.namespace)
+        start_local_ray(
+            num_cpus=2 * need, resources={config.store_resource: 1000}, namespace=config.namespace
+        )
         return ray.get_runtime_context().gcs_address, True
     if address != "auto" and "://" not in address:
         _probe_tcp(address)
     if ray.is_initialized():
         current = ray.get_runtime_context().gcs_address
         if address not in ("auto", current):
-            raise ConfigError(f"this process is connected to Ray at {current}, not {address}; "
-                              "use one Ray cluster per process")
+            raise ConfigError(
+                f"this process is connected to Ray at {current}, not {address}; "
+                "use one Ray cluster per process"
+            )
         return current, False
     try:
         ray.init(address=address, namespace=config.namespace, log_to_driver=False)
@@ -169,8 +179,9 @@ class EngramCluster:
 
     # -- constructors ------------------------------------------------------------------------
     @classmethod
-    def up(cls, config: ClusterConfig, address: str | None = None,
-           tables: Iterable[TableConfig] = ()) -> EngramCluster:
+    def up(
+        cls, config: ClusterConfig, address: str | None = None, tables: Iterable[TableConfig] = ()
+    ) -> EngramCluster:
         """Start (or reopen from config.data_root) a cluster of config.num_shards shards and
         create `tables`. Refuses, changing nothing, a data root of another layout
         (LayoutMismatch), one a live cluster serves (DataDirLocked), a cluster name already up
@@ -187,14 +198,18 @@ class EngramCluster:
                 if os.path.abspath(other.data_root) == os.path.abspath(config.data_root):
                     raise DataDirLocked(
                         f"cluster {config.name!r} already serves {config.data_root}; use "
-                        "EngramCluster.connect() / `engram cluster status`, or `down` it first")
+                        "EngramCluster.connect() / `engram cluster status`, or `down` it first"
+                    )
                 raise ClusterExists(
                     f"a cluster named {config.name!r} is already up in Ray namespace "
-                    f"{config.namespace!r} (data {other.data_root}); pick another name")
+                    f"{config.namespace!r} (data {other.data_root}); pick another name"
+                )
             registry = ray.remote(Registry).options(**registry_actor_options(config)).remote(config)
             try:
-                summary = ray_get(registry.start.remote([t.to_dict() for t in tables]),
-                                  timeout=config.ready_timeout_s + 60)
+                summary = ray_get(
+                    registry.start.remote([t.to_dict() for t in tables]),
+                    timeout=config.ready_timeout_s + 60,
+                )
             except BaseException:
                 ray.kill(registry, no_restart=True)
                 raise
@@ -217,8 +232,9 @@ class EngramCluster:
         return cluster
 
     @classmethod
-    def connect(cls, address: str | None = None, name: str = "engram",
-                namespace: str = "engram") -> EngramCluster:
+    def connect(
+        cls, address: str | None = None, name: str = "engram", namespace: str = "engram"
+    ) -> EngramCluster:
         """The cluster `name` that is up on the Ray cluster at `address` (None: this process's
         Ray, else a local `ray start` one)."""
         probe = ClusterConfig(name=name, namespace=namespace)
@@ -230,8 +246,10 @@ class EngramCluster:
             raise RayUnreachable(f"no Ray cluster to connect to ({e}); give --address") from None
         registry = _existing_registry(probe)
         if registry is None:
-            raise ClusterNotFound(f"no cluster named {name!r} is up in Ray namespace "
-                                  f"{namespace!r} at {ray_address}; run `engram cluster up`")
+            raise ClusterNotFound(
+                f"no cluster named {name!r} is up in Ray namespace "
+                f"{namespace!r} at {ray_address}; run `engram cluster up`"
+            )
         config = ray_get(registry.get_config.remote(), timeout=30)
         return cls(registry, config, ray_address)
 
@@ -242,8 +260,9 @@ class EngramCluster:
 
     def client(self, config: ClientConfig | None = None) -> StoreClient:
         """A StoreClient that refreshes its map from the registry when a shard says it is stale."""
-        return StoreClient(self.shard_map(), config or self.config.client,
-                           map_provider=self.shard_map)
+        return StoreClient(
+            self.shard_map(), config or self.config.client, map_provider=self.shard_map
+        )
 
     def status(self, interval_s: float = 1.0) -> ClusterStatus:
         """Shards with their node, address, stored rows/bytes, and requests/s measured over
@@ -261,23 +280,39 @@ class EngramCluster:
             rate = 0.0
             if "error" not in a and "error" not in b and b["sampled_at"] > a["sampled_at"]:
                 rate = max(0, b["requests"] - a["requests"]) / (b["sampled_at"] - a["sampled_at"])
-            shards.append(ShardStatus(
-                index=b["index"], address=b["address"], node_ip=info.get("node_ip", ""),
-                node_id=info.get("node_id", ""), pid=info.get("pid", 0),
-                stored_rows=b.get("stored_rows", 0), stored_bytes=b.get("stored_bytes", 0),
-                requests_per_s=round(rate, 1), map_version=b.get("map_version", 0),
-                error=b.get("error", "")))
-        return ClusterStatus(name=summary["name"], layout=summary["layout"],
-                             data_root=summary["data_root"], ray_address=self.ray_address,
-                             map_version=summary["map_version"], num_slots=summary["num_slots"],
-                             shards=tuple(shards), last_reshard=summary["last_reshard"])
+            shards.append(
+                ShardStatus(
+                    index=b["index"],
+                    address=b["address"],
+                    node_ip=info.get("node_ip", ""),
+                    node_id=info.get("node_id", ""),
+                    pid=info.get("pid", 0),
+                    stored_rows=b.get("stored_rows", 0),
+                    stored_bytes=b.get("stored_bytes", 0),
+                    requests_per_s=round(rate, 1),
+                    map_version=b.get("map_version", 0),
+                    error=b.get("error", ""),
+                )
+            )
+        return ClusterStatus(
+            name=summary["name"],
+            layout=summary["layout"],
+            data_root=summary["data_root"],
+            ray_address=self.ray_address,
+            map_version=summary["map_version"],
+            num_slots=summary["num_slots"],
+            shards=tuple(shards),
+            last_reshard=summary["last_reshard"],
+        )
 
     def scale(self, num_shards: int) -> dict:
         """Reshard to `num_shards` while serving. Returns {from, to, moved_slots, moved_rows,
         duration_s, version}."""
         if num_shards < 1:
-            raise ConfigError(f"cannot scale to {num_shards} shards; a cluster keeps at least 1 "
-                              "(use `engram cluster down` to stop it)")
+            raise ConfigError(
+                f"cannot scale to {num_shards} shards; a cluster keeps at least 1 "
+                "(use `engram cluster down` to stop it)"
+            )
         return ray_get(self._registry.scale.remote(int(num_shards)))
 
     def shard_pid(self, index: int) -> int:
@@ -309,8 +344,12 @@ class EngramCluster:
         self.down()
 
 
-def discover_store(address: str, config: ClientConfig | None = None,
-                   name: str = "engram", namespace: str = "engram") -> StoreClient:
+def discover_store(
+    address: str,
+    config: ClientConfig | None = None,
+    name: str = "engram",
+    namespace: str = "engram",
+) -> StoreClient:
     """A StoreClient for the store at `address`: a shard's "host:port" (the map comes from the
     shards' published state, no Ray needed) or a Ray address (the map comes from the registry)."""
     config = config or ClientConfig()
@@ -319,8 +358,9 @@ def discover_store(address: str, config: ClientConfig | None = None,
             if probe_shard(address, config):
                 return StoreClient(address, config)
         except ShardUnavailable:
-            raise RayUnreachable(f"nothing answers at {address!r}; give a shard's host:port or "
-                                 "a Ray address") from None
+            raise RayUnreachable(
+                f"nothing answers at {address!r}; give a shard's host:port or a Ray address"
+            ) from None
         # It answers, but not as a shard: a Ray GCS (gRPC UNIMPLEMENTED).
         log.debug("%s is no shard; trying it as a Ray address", address)
     return EngramCluster.connect(address, name=name, namespace=namespace).client(config)

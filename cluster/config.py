@@ -57,7 +57,8 @@ class ClusterConfig:
         if self.num_shards > self.num_slots:
             raise ConfigError(
                 f"num_shards={self.num_shards} exceeds num_slots={self.num_slots}; "
-                "raise --slots or lower --shards")
+                "raise --slots or lower --shards"
+            )
         if not self.data_root:
             raise ConfigError("a cluster needs a data root (--data DIR)")
         if self.cpus_per_shard < 0 or self.memory_per_shard < 0:
@@ -72,8 +73,9 @@ class ClusterConfig:
 
     def shard_config(self, index: int, host: str, port: int = 0) -> ShardConfig:
         """The ShardConfig of shard `index`: the template with its own data dir and address."""
-        return dataclasses.replace(self.shard, data_dir=shard_dir(self.data_root, index),
-                                   host=host, port=port)
+        return dataclasses.replace(
+            self.shard, data_dir=shard_dir(self.data_root, index), host=host, port=port
+        )
 
 
 def shard_dir(data_root: str, index: int) -> str:

@@ -73,8 +73,10 @@ def check_shard_count(num_shards: int, num_slots: int) -> None:
     """Raise ConfigError unless a layout of `num_slots` slots can have `num_shards` shards."""
     num_shards = _integer(num_shards, "the shard count")
     if num_shards < 1:
-        raise ConfigError(f"cannot scale to {num_shards} shards; a cluster keeps at least 1 "
-                          "(use `engram cluster down` to stop it)")
+        raise ConfigError(
+            f"cannot scale to {num_shards} shards; a cluster keeps at least 1 "
+            "(use `engram cluster down` to stop it)"
+        )
     if num_shards > num_slots:
         raise ConfigError(f"{num_shards} shards exceed the {num_slots} slots of this layout")
 
@@ -101,10 +103,15 @@ def plan_reshard(current: ShardMap, num_shards: int, group_slots: int) -> Reshar
         for dst in range(max(n, m)):
             if dst == src:
                 continue
-            slots = [s for s in range(current.num_slots)
-                     if current.assignment[s] == src and target[s] == dst]
-            moves += [SlotMove(src, dst, tuple(slots[i:i + group_slots]))
-                      for i in range(0, len(slots), group_slots)]
+            slots = [
+                s
+                for s in range(current.num_slots)
+                if current.assignment[s] == src and target[s] == dst
+            ]
+            moves += [
+                SlotMove(src, dst, tuple(slots[i : i + group_slots]))
+                for i in range(0, len(slots), group_slots)
+            ]
     return ReshardPlan(from_shards=n, to_shards=m, assignment=target, moves=tuple(moves))
 
 
@@ -123,16 +130,18 @@ def moved(current: ShardMap, move: SlotMove) -> ShardMap:
     """The next version of `current` in which `move.dest` owns `move.slots`."""
     wrong = [s for s in move.slots if current.assignment[s] != move.source]
     if wrong:
-        raise ConfigError(f"slots {wrong[:8]} are not on shard {move.source} in map "
-                          f"v{current.version}; plan the reshard from the current map")
+        raise ConfigError(
+            f"slots {wrong[:8]} are not on shard {move.source} in map "
+            f"v{current.version}; plan the reshard from the current map"
+        )
     if not 0 <= move.dest < current.num_shards:
-        raise ConfigError(f"shard {move.dest} is not in map v{current.version} "
-                          f"({current.num_shards} shards)")
+        raise ConfigError(
+            f"shard {move.dest} is not in map v{current.version} ({current.num_shards} shards)"
+        )
     assignment = list(current.assignment)
     for s in move.slots:
         assignment[s] = move.dest
-    return dataclasses.replace(current, version=current.version + 1,
-                               assignment=tuple(assignment))
+    return dataclasses.replace(current, version=current.version + 1, assignment=tuple(assignment))
 
 
 def shrunk(current: ShardMap, num_shards: int) -> ShardMap:
@@ -140,13 +149,16 @@ def shrunk(current: ShardMap, num_shards: int) -> ShardMap:
     slot any more."""
     left = sorted({s for s in current.assignment if s >= num_shards})
     if left:
-        raise ConfigError(f"shards {left} still own slots in map v{current.version}; move them "
-                          "before dropping the shards")
+        raise ConfigError(
+            f"shards {left} still own slots in map v{current.version}; move them "
+            "before dropping the shards"
+        )
     return with_addresses(current, current.addresses[:num_shards])
 
 
-def planned_maps(current: ShardMap, plan: ReshardPlan,
-                 new_addresses: Sequence[str] = ()) -> list[ShardMap]:
+def planned_maps(
+    current: ShardMap, plan: ReshardPlan, new_addresses: Sequence[str] = ()
+) -> list[ShardMap]:
     """Every map the registry publishes to carry out `plan` from `current`, in order (empty for
     a no-op plan); the last one has the plan's assignment. `new_addresses`: where the started
     shards listen (placeholders by default)."""

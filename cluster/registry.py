@@ -58,7 +58,8 @@ def ray_get(refs, timeout: float | None = None):
     except ray.exceptions.GetTimeoutError:
         raise ShardUnavailable(
             f"a cluster actor did not answer within {timeout:.0f}s; check `ray status` for "
-            "pending actors (is there a node with the store resource and free CPUs?)") from None
+            "pending actors (is there a node with the store resource and free CPUs?)"
+        ) from None
 
 
 def _named_actor(name: str, namespace: str):
@@ -80,12 +81,17 @@ def registry_actor_options(config: ClusterConfig) -> dict:
     store node, because cluster.json lives in the data root there."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    opts: dict = {"name": config.registry_name, "namespace": config.namespace,
-                  "lifetime": "detached", "num_cpus": 0, "max_restarts": config.max_restarts,
-                  # calls made while it restarts wait for it (a scale() it was running is
-                  # re-run from the map it saved, which makes the same target)
-                  "max_task_retries": -1 if config.max_restarts else 0,
-                  "max_concurrency": 16}
+    opts: dict = {
+        "name": config.registry_name,
+        "namespace": config.namespace,
+        "lifetime": "detached",
+        "num_cpus": 0,
+        "max_restarts": config.max_restarts,
+        # calls made while it restarts wait for it (a scale() it was running is
+        # re-run from the map it saved, which makes the same target)
+        "max_task_retries": -1 if config.max_restarts else 0,
+        "max_concurrency": 16,
+    }
     nodes = store_nodes(config.store_resource)
     if nodes:
         opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(nodes[0]["NodeID"], soft=False)
@@ -114,8 +120,11 @@ class Registry:
         if _reconstructed():
             # The registry crashed and Ray restarted it. Its shard actors are detached and kept
             # serving: adopt them (start any that are gone) from cluster.json.
-            log.warning("registry of cluster %r restarted by Ray: adopting its shards from %s",
-                        config.name, layout_path(config.data_root))
+            log.warning(
+                "registry of cluster %r restarted by Ray: adopting its shards from %s",
+                config.name,
+                layout_path(config.data_root),
+            )
             self.start([])
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -128,13 +137,13 @@ class Registry:
         with self._lock:
             if self._map is not None:
                 return self.summary()
-            self._dir_lock = lock_data_root(self.config.data_root,
-                                            {"cluster": self.config.name})
+            self._dir_lock = lock_data_root(self.config.data_root, {"cluster": self.config.name})
             try:
                 stored = read_layout(self.config.data_root)
                 if stored is not None:
-                    stored.check_compatible(self.config.num_slots, tables,
-                                            layout_path(self.config.data_root))
+                    stored.check_compatible(
+                        self.config.num_slots, tables, layout_path(self.config.data_root)
+                    )
                     self._layout = stored.layout
                     self._placement = dict(stored.placement)
                     self._tables = dict(stored.tables)
@@ -144,8 +153,9 @@ class Registry:
                 else:
                     self._layout = uuid.uuid4().hex
                     addresses = self._start_hosts(range(self.config.num_shards))
-                    self._map = ShardMap.balanced(addresses, self.config.num_slots, version=1,
-                                                  layout=self._layout)
+                    self._map = ShardMap.balanced(
+                        addresses, self.config.num_slots, version=1, layout=self._layout
+                    )
                 self._frozen = {}
                 self._publish(range(self._map.num_shards))
                 self._tables = dict(self._layout_record().with_tables(tables).tables)
@@ -155,8 +165,13 @@ class Registry:
                 self._map = None
                 self._release_dir_lock()
                 raise
-            log.info("cluster %r up: layout %s, %d shards, map v%d", self.config.name,
-                     self._layout, self._map.num_shards, self._map.version)
+            log.info(
+                "cluster %r up: layout %s, %d shards, map v%d",
+                self.config.name,
+                self._layout,
+                self._map.num_shards,
+                self._map.version,
+            )
             return self.summary()
 
     def stop(self) -> None:
@@ -175,7 +190,9 @@ class Registry:
     def get_map(self) -> ShardMap:
         """The current shard map (clients' map_provider)."""
         if self._map is None:
-            raise ShardUnavailable(f"cluster {self.config.name!r} is not up; run `engram cluster up`")
+            raise ShardUnavailable(
+                f"cluster {self.config.name!r} is not up; run `engram cluster up`"
+            )
         return self._map
 
     def get_config(self) -> ClusterConfig:
@@ -183,10 +200,16 @@ class Registry:
 
     def summary(self) -> dict:
         m = self._map
-        return {"name": self.config.name, "layout": self._layout, "data_root": self.config.data_root,
-                "num_shards": m.num_shards if m else 0, "map_version": m.version if m else 0,
-                "num_slots": m.num_slots if m else self.config.num_slots,
-                "addresses": list(m.addresses) if m else [], "last_reshard": self._last_reshard}
+        return {
+            "name": self.config.name,
+            "layout": self._layout,
+            "data_root": self.config.data_root,
+            "num_shards": m.num_shards if m else 0,
+            "map_version": m.version if m else 0,
+            "num_slots": m.num_slots if m else self.config.num_slots,
+            "addresses": list(m.addresses) if m else [],
+            "last_reshard": self._last_reshard,
+        }
 
     def shard_info(self) -> list[dict]:
         """Per shard: index, address, pid, node id/IP, data dir (from the actors)."""
@@ -209,11 +232,20 @@ class Registry:
                 log.warning("Stats of shard %d (%s) failed: %s", i, addr, e)
                 out.append({"index": i, "address": addr, "error": str(e)})
                 continue
-            out.append({"index": i, "address": addr, "stored_rows": s.stored_rows,
-                        "stored_bytes": s.stored_bytes, "used_bytes": s.used_bytes,
-                        "requests": request_totals(s), "uptime_s": s.uptime_s,
-                        "map_version": s.shard.map_version, "tables": len(s.tables),
-                        "sampled_at": time.time()})
+            out.append(
+                {
+                    "index": i,
+                    "address": addr,
+                    "stored_rows": s.stored_rows,
+                    "stored_bytes": s.stored_bytes,
+                    "used_bytes": s.used_bytes,
+                    "requests": request_totals(s),
+                    "uptime_s": s.uptime_s,
+                    "map_version": s.shard.map_version,
+                    "tables": len(s.tables),
+                    "sampled_at": time.time(),
+                }
+            )
         return out
 
     # -- events ------------------------------------------------------------------------------
@@ -223,15 +255,22 @@ class Registry:
         with self._lock:
             m = self._map
             if m is None or index >= m.num_shards:
-                log.info("shard %d restarted at %s, but it is not in the current map; ignored",
-                         index, address)
+                log.info(
+                    "shard %d restarted at %s, but it is not in the current map; ignored",
+                    index,
+                    address,
+                )
                 return
             if m.addresses[index] == address:
                 log.info("shard %d restarted at its address %s: sending its state", index, address)
                 self._publish([index])
                 return
-            log.info("shard %d restarted at %s (was %s): publishing a new map", index, address,
-                     m.addresses[index])
+            log.info(
+                "shard %d restarted at %s (was %s): publishing a new map",
+                index,
+                address,
+                m.addresses[index],
+            )
             addresses = list(m.addresses)
             addresses[index] = address
             self._map = planning.with_addresses(m, addresses)
@@ -246,10 +285,24 @@ class Registry:
             n, m = plan.from_shards, plan.to_shards
             t0 = time.monotonic()
             if plan.is_noop:
-                return {"from": n, "to": m, "moved_slots": 0, "moved_rows": 0, "duration_s": 0.0,
-                        "start_s": 0.0, "longest_freeze_s": 0.0, "version": old.version}
-            log.info("cluster %r: resharding %d -> %d shards, %d slots in %d groups",
-                     self.config.name, n, m, plan.moved_slots, len(plan.moves))
+                return {
+                    "from": n,
+                    "to": m,
+                    "moved_slots": 0,
+                    "moved_rows": 0,
+                    "duration_s": 0.0,
+                    "start_s": 0.0,
+                    "longest_freeze_s": 0.0,
+                    "version": old.version,
+                }
+            log.info(
+                "cluster %r: resharding %d -> %d shards, %d slots in %d groups",
+                self.config.name,
+                n,
+                m,
+                plan.moved_slots,
+                len(plan.moves),
+            )
             if plan.started:
                 addresses = self._start_hosts(plan.started)
                 try:
@@ -279,12 +332,16 @@ class Registry:
             self._save_meta()
             # start_s: new shard actors starting; longest_freeze_s: the longest time any slot
             # refused pushes (one group's freeze -> copy -> new map on the source).
-            self._last_reshard = {"from": n, "to": m, "moved_slots": plan.moved_slots,
-                                  "moved_rows": moved_rows,
-                                  "duration_s": round(time.monotonic() - t0, 3),
-                                  "start_s": round(t_started - t0, 3),
-                                  "longest_freeze_s": round(longest_freeze, 3),
-                                  "version": current.version}
+            self._last_reshard = {
+                "from": n,
+                "to": m,
+                "moved_slots": plan.moved_slots,
+                "moved_rows": moved_rows,
+                "duration_s": round(time.monotonic() - t0, 3),
+                "start_s": round(t_started - t0, 3),
+                "longest_freeze_s": round(longest_freeze, 3),
+                "version": current.version,
+            }
             log.info("cluster %r resharded: %s", self.config.name, self._last_reshard)
             return dict(self._last_reshard)
 
@@ -319,8 +376,15 @@ class Registry:
         self._frozen.pop(src, None)
         self._publish([src])  # unfreeze
         self._save_meta()
-        log.debug("moved %d slots (%d rows) %d -> %d, map v%d, pushes paused %.3fs",
-                  len(move.slots), rows, src, dst, nxt.version, blocked)
+        log.debug(
+            "moved %d slots (%d rows) %d -> %d, map v%d, pushes paused %.3fs",
+            len(move.slots),
+            rows,
+            src,
+            dst,
+            nxt.version,
+            blocked,
+        )
         return nxt, rows, blocked
 
     def _copy_tables(self, indices) -> None:
@@ -355,7 +419,8 @@ class Registry:
                     f"shard {index}'s data is on store node {want}, which is not in the Ray "
                     "cluster; start Ray there with the store resource, or copy "
                     f"{shard_dir(self.config.data_root, index)} to another store node and edit "
-                    "its IP in cluster.json (or set shared_storage when data_root is shared)")
+                    "its IP in cluster.json (or set shared_storage when data_root is shared)"
+                )
             cands = nodes
         return min(cands, key=lambda n: load.get(n["NodeID"], 0))["NodeID"]
 
@@ -366,7 +431,8 @@ class Registry:
         if not nodes:
             raise ShardUnavailable(
                 f"no alive Ray node offers the resource {self.config.store_resource!r}; start "
-                f"store nodes with `ray start ... --resources='{{\"{self.config.store_resource}\": 1}}'`")
+                f"store nodes with `ray start ... --resources='{{\"{self.config.store_resource}\": 1}}'`"
+            )
         host = self._host_mode()
         load: dict[str, int] = {}
         for nid in self._host_nodes:
@@ -383,21 +449,24 @@ class Registry:
                     raise DataDirLocked(
                         f"shard actor {self.config.shard_actor_name(i)!r} serves "
                         f"{info['data_dir']} (layout {info['layout']}), not {want}; stop it "
-                        "(`ray kill` / `engram cluster down`) or pick another cluster --name")
+                        "(`ray kill` / `engram cluster down`) or pick another cluster --name"
+                    )
                 log.info("adopting the live shard actor %r", self.config.shard_actor_name(i))
                 node_id = info["node_id"]
             else:
                 node_id = self._pick_node(i, nodes, load)
                 h = actor_cls.options(**shard_actor_options(self.config, i, node_id)).remote(
-                    self.config, i, self._layout, host)
+                    self.config, i, self._layout, host
+                )
             load[node_id] = load.get(node_id, 0) + 1
             new.append(h)
             self._host_nodes.append(node_id)
         assert len(self._hosts) == indices[0], "shards start in index order"
         self._hosts.extend(new)
         addresses = ray_get([h.start.remote() for h in new], timeout=self.config.ready_timeout_s)
-        for i, info in zip(indices, ray_get([h.info.remote() for h in new], timeout=30),
-                           strict=True):
+        for i, info in zip(
+            indices, ray_get([h.info.remote() for h in new], timeout=30), strict=True
+        ):
             self._placement[i] = info["node_ip"]
         return list(addresses)
 
@@ -408,9 +477,14 @@ class Registry:
         try:
             ray.get([self._hosts[i].stop.remote() for i in indices], timeout=30)
         except ray.exceptions.RayError as e:
-            log.warning("cluster %r: shards %s did not stop cleanly (%s: %s); killing them, "
-                        "their committed pushes are on disk", self.config.name, indices,
-                        type(e).__name__, e)
+            log.warning(
+                "cluster %r: shards %s did not stop cleanly (%s: %s); killing them, "
+                "their committed pushes are on disk",
+                self.config.name,
+                indices,
+                type(e).__name__,
+                e,
+            )
 
     def _stop_hosts(self, indices) -> None:
         self._stop_servers(indices)
@@ -426,13 +500,15 @@ class Registry:
             except (ValueError, ray.exceptions.RayError) as e:  # gone already
                 log.info("killing shard actor %r: %s", self.config.shard_actor_name(i), e)
         if indices:
-            del self._hosts[indices[0]:]
-            del self._host_nodes[indices[0]:]
+            del self._hosts[indices[0] :]
+            del self._host_nodes[indices[0] :]
         deadline = time.monotonic() + 15
         for i in indices:
             name = self.config.shard_actor_name(i)
-            while (_named_actor(name, self.config.namespace) is not None
-                   and time.monotonic() < deadline):
+            while (
+                _named_actor(name, self.config.namespace) is not None
+                and time.monotonic() < deadline
+            ):
                 time.sleep(0.05)
             if time.monotonic() >= deadline and _named_actor(name, self.config.namespace):
                 log.warning("shard actor name %r is still taken 15s after its kill", name)
@@ -451,9 +527,14 @@ class Registry:
 
     def _layout_record(self) -> ClusterLayout:
         """What cluster.json is to hold now."""
-        return ClusterLayout(layout=self._layout, name=self.config.name, shard_map=self._map,
-                             placement=dict(self._placement), tables=dict(self._tables),
-                             restored_from=self._restored_from)
+        return ClusterLayout(
+            layout=self._layout,
+            name=self.config.name,
+            shard_map=self._map,
+            placement=dict(self._placement),
+            tables=dict(self._tables),
+            restored_from=self._restored_from,
+        )
 
     def _save_meta(self) -> None:
         write_layout(self.config.data_root, self._layout_record())

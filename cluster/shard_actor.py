@@ -86,12 +86,17 @@ class ShardHost:
             try:
                 self.start()
             except EngramError as e:  # kept and raised by address(), so the registry sees why
-                log.error("restarted shard %d of cluster %r cannot serve: %s", index,
-                          config.name, e)
+                log.error(
+                    "restarted shard %d of cluster %r cannot serve: %s", index, config.name, e
+                )
                 self._error = e
             else:
-                log.warning("shard %d of cluster %r restarted by Ray, serving %s again",
-                            index, config.name, self._address)
+                log.warning(
+                    "shard %d of cluster %r restarted by Ray, serving %s again",
+                    index,
+                    config.name,
+                    self._address,
+                )
                 _notify_registry(config, index, self._address)
 
     # -- the actor's methods ---------------------------------------------------------------
@@ -128,9 +133,15 @@ class ShardHost:
         """Where this shard runs: index, address, pid, node id and IP, data dir."""
         import ray
 
-        return {"index": self.index, "address": self._address, "pid": os.getpid(),
-                "node_id": ray.get_runtime_context().get_node_id(), "node_ip": _node_ip(),
-                "data_dir": shard_dir(self.config.data_root, self.index), "layout": self.layout}
+        return {
+            "index": self.index,
+            "address": self._address,
+            "pid": os.getpid(),
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "node_ip": _node_ip(),
+            "data_dir": shard_dir(self.config.data_root, self.index),
+            "layout": self.layout,
+        }
 
     def pid(self) -> int:
         return os.getpid()
@@ -155,7 +166,8 @@ class ShardHost:
         if state.layout and state.layout != self.layout:
             raise LayoutMismatch(
                 f"{shard_dir(self.config.data_root, self.index)} belongs to cluster layout "
-                f"{state.layout}, not {self.layout}; give this cluster its own --data directory")
+                f"{state.layout}, not {self.layout}; give this cluster its own --data directory"
+            )
 
     def _port_file(self) -> str:
         return shard_dir(self.config.data_root, self.index) + ".addr"
@@ -167,8 +179,9 @@ class ShardHost:
         except FileNotFoundError:  # first start: any free port
             return 0
         except (OSError, ValueError, KeyError, TypeError) as e:
-            log.warning("%s is unreadable (%s); shard %d takes a new port", self._port_file(), e,
-                        self.index)
+            log.warning(
+                "%s is unreadable (%s); shard %d takes a new port", self._port_file(), e, self.index
+            )
             return 0
         return port if _port_is_free(host, port) else 0
 
@@ -209,5 +222,4 @@ def _notify_registry(config: ClusterConfig, index: int, address: str) -> None:
         registry = ray.get_actor(config.registry_name, namespace=config.namespace)
         registry.shard_restarted.remote(index, address)
     except ValueError:  # registry gone (cluster going down): nothing to tell
-        log.info("shard %d of cluster %r restarted, but its registry is gone", index,
-                 config.name)
+        log.info("shard %d of cluster %r restarted, but its registry is gone", index, config.name)

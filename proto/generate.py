@@ -1,7 +1,7 @@
 """Generate the Python gRPC stubs from proto/ into engram_store/rpc/proto/ (committed to git).
 
-    python proto/generate.py           # regenerate
-    python proto/generate.py --check   # exit 1 if the committed stubs differ from a fresh build (CI)
+python proto/generate.py           # regenerate
+python proto/generate.py --check   # exit 1 if the committed stubs differ from a fresh build (CI)
 """
 
 from __future__ import annotations
@@ -25,8 +25,14 @@ def generate(out: pathlib.Path) -> list[pathlib.Path]:
     """Run protoc on every .proto under proto/ and return the generated files, flattened into out."""
     protos = sorted(PROTO_DIR.rglob("*.proto"))
     with tempfile.TemporaryDirectory() as tmp:
-        args = ["protoc", f"-I{PROTO_DIR}", f"--python_out={tmp}", f"--pyi_out={tmp}",
-                f"--grpc_python_out={tmp}", *map(str, protos)]
+        args = [
+            "protoc",
+            f"-I{PROTO_DIR}",
+            f"--python_out={tmp}",
+            f"--pyi_out={tmp}",
+            f"--grpc_python_out={tmp}",
+            *map(str, protos),
+        ]
         if protoc.main(args) != 0:
             raise SystemExit("protoc failed")
         out.mkdir(parents=True, exist_ok=True)
@@ -56,11 +62,17 @@ def main() -> int:
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         fresh = generate(pathlib.Path(tmp))
-        stale = [f.name for f in fresh if not (OUT_DIR / f.name).exists()
-                 or not filecmp.cmp(f, OUT_DIR / f.name, shallow=False)]
+        stale = [
+            f.name
+            for f in fresh
+            if not (OUT_DIR / f.name).exists()
+            or not filecmp.cmp(f, OUT_DIR / f.name, shallow=False)
+        ]
     if stale:
-        print(f"stale generated stubs: {stale}; run `python proto/generate.py` and commit",
-              file=sys.stderr)
+        print(
+            f"stale generated stubs: {stale}; run `python proto/generate.py` and commit",
+            file=sys.stderr,
+        )
         return 1
     print("generated stubs are up to date")
     return 0

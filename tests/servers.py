@@ -29,8 +29,13 @@ class LocalShard:
     """A shard server running in this process; restartable on the same data dir."""
 
     def __init__(self, data_dir: pathlib.Path | str, **config):
-        self.config = ShardConfig(data_dir=str(data_dir), max_batch_rows=SMALL_BATCH,
-                                  cache_rows=1 << 16, workers=4, **config)
+        self.config = ShardConfig(
+            data_dir=str(data_dir),
+            max_batch_rows=SMALL_BATCH,
+            cache_rows=1 << 16,
+            workers=4,
+            **config,
+        )
         self.running = False
         self.start()
 
@@ -87,7 +92,11 @@ class ServerProcess:
     def __init__(self, data_dir: pathlib.Path, *extra: str):
         self.proc = subprocess.Popen(
             [*engram_command(), "serve", "--data", str(data_dir), "--port", "0", *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
         line = self.proc.stdout.readline()
         if not line.startswith("serving on "):
             self.proc.kill()

@@ -7,4 +7,6 @@ _MISSING = [m for m in ("torch", "tokenizers") if _util.find_spec(m) is None]
 if _MISSING:
     raise ImportError(
         f"the trainer package needs {' and '.join(_MISSING)}, which this environment lacks; "
-        "install the train extra: pip install 'engram[train]'", name=_MISSING[0])
+        "install the train extra: pip install 'engram[train]'",
+        name=_MISSING[0],
+    )

@@ -36,8 +36,10 @@ def average_updates(gathered: Sequence[Updates], world: int) -> Updates:
 
 def owned(updates: Updates, rank: int, world: int) -> Updates:
     """The rows worker `rank` of `world` pushes: those whose id % world == rank."""
-    return {layer: (ids[ids % world == rank], g[ids % world == rank])
-            for layer, (ids, g) in updates.items()}
+    return {
+        layer: (ids[ids % world == rank], g[ids % world == rank])
+        for layer, (ids, g) in updates.items()
+    }
 
 
 def allreduce_sparse(updates: Updates, world: int) -> Updates:

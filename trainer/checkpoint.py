@@ -51,13 +51,20 @@ def check_resume(cfg: TrainConfig, corpus: Corpus) -> dict | None:
             f"vocabulary mismatch: checkpoint {path} was trained with tokenizer "
             f"{tok.get('fingerprint')} (vocab {tok.get('vocab_size')}), this run uses "
             f"{corpus.fingerprint} (vocab {corpus.vocab_size}); use the same --corpus and "
-            "vocabulary size, or start without --resume")
+            "vocabulary size, or start without --resume"
+        )
     return ckpt
 
 
-def save_checkpoint(cfg: TrainConfig, model: torch.nn.Module, opt: torch.optim.Optimizer,
-                    corpus: Corpus, summary: dict, store: Any,
-                    specs: dict[int, dict] | None = None) -> str:
+def save_checkpoint(
+    cfg: TrainConfig,
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    corpus: Corpus,
+    summary: dict,
+    store: Any,
+    specs: dict[int, dict] | None = None,
+) -> str:
     """Write <out>/checkpoint.pt and <out>/summary.json; returns the checkpoint's path.
 
     The store keeps the tables: the checkpoint records the table names, their step and the shard
@@ -65,12 +72,22 @@ def save_checkpoint(cfg: TrainConfig, model: torch.nn.Module, opt: torch.optim.O
     """
     out = Path(cfg.out or default_out())
     out.mkdir(parents=True, exist_ok=True)
-    store_info: dict[str, Any] = {"addresses": list(cfg.store), "tables": summary["tables"],
-                                  "specs": specs, "data_root": cfg.store_data_root}
+    store_info: dict[str, Any] = {
+        "addresses": list(cfg.store),
+        "tables": summary["tables"],
+        "specs": specs,
+        "data_root": cfg.store_data_root,
+    }
     if store is not None:
         store_info.update(_store_state(store, out, summary["tables"]))
-    ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict(), "config": cfg.to_dict(),
-            "tokenizer": tokenizer_info(corpus), "step": summary["steps"], "store": store_info}
+    ckpt = {
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "config": cfg.to_dict(),
+        "tokenizer": tokenizer_info(corpus),
+        "step": summary["steps"],
+        "store": store_info,
+    }
     path = out / CHECKPOINT
     torch.save(ckpt, path)
     slim = {k: v for k, v in summary.items() if k not in ("history",)}
@@ -90,11 +107,18 @@ def _store_state(store: Any, out: Path, tables: dict[int, str]) -> dict[str, Any
     except Exception as e:  # optional: a failed snapshot must not cost the run its dense
         # checkpoint; the tables stay in the store (data_root) either way
         info["snapshot_error"] = f"{type(e).__name__}: {e}"
-        log.warning("store snapshot for the checkpoint in %s failed (%s); the checkpoint "
-                    "records the tables' names and addresses only", out, info["snapshot_error"])
+        log.warning(
+            "store snapshot for the checkpoint in %s failed (%s); the checkpoint "
+            "records the tables' names and addresses only",
+            out,
+            info["snapshot_error"],
+        )
     try:
         info["table_steps"] = {name: store.table_info(name).step for name in tables.values()}
     except EngramError as e:
-        log.warning("the checkpoint in %s records no table steps: the store did not answer "
-                    "table_info (%s)", out, e)
+        log.warning(
+            "the checkpoint in %s records no table steps: the store did not answer table_info (%s)",
+            out,
+            e,
+        )
     return info

@@ -44,8 +44,10 @@ class PrefetchConfig:
         if self.max_inflight < 0 or self.cache_rows < 0 or self.cache_staleness < 0:
             raise ConfigError("max_inflight, cache_rows and cache_staleness must be >= 0")
         if self.update == "sync" and self.cache_rows:
-            raise ConfigError("the hot-row cache serves stale rows; use --update async with it "
-                              "or set cache_rows=0")
+            raise ConfigError(
+                "the hot-row cache serves stale rows; use --update async with it "
+                "or set cache_rows=0"
+            )
 
 
 @dataclass(frozen=True)
@@ -88,24 +90,28 @@ class ModelConfig:
         if self.hc_mult != 1:
             raise ConfigError(
                 f"hc_mult={self.hc_mult}: this backbone has one residual stream; use hc_mult=1 "
-                "(EngramModule itself supports M branches for a hyper-connected backbone)")
+                "(EngramModule itself supports M branches for a hyper-connected backbone)"
+            )
         self._check_layers()
         if self.engram_layers:
             assert self.hash is not None
             if tuple(self.hash.layers) != self.engram_layers:
                 raise ConfigError(
                     f"engram_layers {self.engram_layers} differ from hash.layers "
-                    f"{self.hash.layers}; give the same layers in the same order")
+                    f"{self.hash.layers}; give the same layers in the same order"
+                )
             if self.hash.pad_id >= self.vocab_size:
                 raise ConfigError(
-                    f"hash.pad_id={self.hash.pad_id} is not a token id (vocab_size={self.vocab_size})")
+                    f"hash.pad_id={self.hash.pad_id} is not a token id (vocab_size={self.vocab_size})"
+                )
 
     def _check_layers(self) -> None:
         bad = [x for x in self.engram_layers if not 0 <= x < self.n_layer]
         if bad:
             raise ConfigError(
                 f"engram_layers {self.engram_layers}: layer(s) {bad} outside the backbone's "
-                f"blocks 0..{self.n_layer - 1} (n_layer={self.n_layer}; indices are 0-based)")
+                f"blocks 0..{self.n_layer - 1} (n_layer={self.n_layer}; indices are 0-based)"
+            )
         if len(set(self.engram_layers)) != len(self.engram_layers):
             raise ConfigError(f"engram_layers {self.engram_layers} contain a duplicate")
 
@@ -140,17 +146,27 @@ class ArchConfig:
         """The n-gram hashing for a tokenizer with this pad id; None for the baseline."""
         if not self.engram_layers:
             return None
-        return HashConfig(layers=self.engram_layers, max_ngram=self.max_ngram,
-                          heads=self.hash_heads,
-                          base_sizes=(self.table_base_size,) * (self.max_ngram - 1),
-                          pad_id=pad_id, seed=self.hash_seed,
-                          n_embed_per_ngram=self.n_embed_per_ngram)
+        return HashConfig(
+            layers=self.engram_layers,
+            max_ngram=self.max_ngram,
+            heads=self.hash_heads,
+            base_sizes=(self.table_base_size,) * (self.max_ngram - 1),
+            pad_id=pad_id,
+            seed=self.hash_seed,
+            n_embed_per_ngram=self.n_embed_per_ngram,
+        )
 
     def model_config(self, vocab_size: int, block_size: int, pad_id: int) -> ModelConfig:
         """The GPT's config for this corpus (vocabulary, pad id) and context length."""
-        return ModelConfig(vocab_size=vocab_size, n_layer=self.n_layer, n_head=self.n_head,
-                           n_embd=self.n_embd, block_size=block_size,
-                           engram_layers=self.engram_layers, hash=self.hash_config(pad_id))
+        return ModelConfig(
+            vocab_size=vocab_size,
+            n_layer=self.n_layer,
+            n_head=self.n_head,
+            n_embd=self.n_embd,
+            block_size=block_size,
+            engram_layers=self.engram_layers,
+            hash=self.hash_config(pad_id),
+        )
 
     def validate(self) -> None:
         """Raise ConfigError naming the `engram train` flag to change."""
@@ -158,10 +174,12 @@ class ArchConfig:
         if bad:
             raise ConfigError(
                 f"Engram layer(s) {bad} lie beyond the model depth: --layers {self.n_layer} has "
-                f"blocks 0..{self.n_layer - 1}; lower --engram-layers or raise --layers")
+                f"blocks 0..{self.n_layer - 1}; lower --engram-layers or raise --layers"
+            )
         if self.engram_layers and self.max_ngram < 2:
-            raise ConfigError(f"n-gram order {self.max_ngram} < 2: Engram hashes 2..N-grams; "
-                              "use max_ngram >= 2")
+            raise ConfigError(
+                f"n-gram order {self.max_ngram} < 2: Engram hashes 2..N-grams; use max_ngram >= 2"
+            )
         for name in ("n_layer", "n_head", "n_embd"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
@@ -174,9 +192,14 @@ class ArchConfig:
 
 
 # The flat field names of checkpoints written before TrainConfig nested `prefetch`.
-_FLAT_PREFETCH = {"prefetch_depth": "depth", "update": "update", "max_inflight": "max_inflight",
-                  "cache_rows": "cache_rows", "cache_staleness": "cache_staleness",
-                  "cache_drop_pushed": "cache_drop_pushed"}
+_FLAT_PREFETCH = {
+    "prefetch_depth": "depth",
+    "update": "update",
+    "max_inflight": "max_inflight",
+    "cache_rows": "cache_rows",
+    "cache_staleness": "cache_staleness",
+    "cache_drop_pushed": "cache_drop_pushed",
+}
 
 
 @dataclass(frozen=True)
@@ -238,8 +261,11 @@ class TrainConfig:
             elif key in _FLAT_PREFETCH:
                 prefetch.setdefault(_FLAT_PREFETCH[key], rest.pop(key))
         top = {f.name for f in dataclasses.fields(cls)} - {"model", "prefetch"}
-        return cls(model=ArchConfig(**model), prefetch=PrefetchConfig(**prefetch),
-                   **{k: v for k, v in rest.items() if k in top})
+        return cls(
+            model=ArchConfig(**model),
+            prefetch=PrefetchConfig(**prefetch),
+            **{k: v for k, v in rest.items() if k in top},
+        )
 
     @property
     def table_lr(self) -> float:
@@ -258,8 +284,10 @@ class TrainConfig:
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend {self.backend!r} is unknown; use one of {BACKENDS}")
         if self.backend == "store" and self.model.engram_layers and not self.store:
-            raise ConfigError("no store address: start shards (engram serve, or the cluster) and "
-                              "pass their host:port")
+            raise ConfigError(
+                "no store address: start shards (engram serve, or the cluster) and "
+                "pass their host:port"
+            )
         for name in ("seq_len", "batch_size", "trainers", "vocab_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
@@ -269,8 +297,10 @@ class TrainConfig:
             raise ConfigError(f"--lr {self.lr} must be a positive number")
         self.prefetch.validate()
         if self.backend == "local" and self.trainers > 1:
-            raise ConfigError("the local (in-process) table backend supports one trainer; "
-                              "use the store for several")
+            raise ConfigError(
+                "the local (in-process) table backend supports one trainer; "
+                "use the store for several"
+            )
 
 
 def _fields_of(cls: type, value: Any) -> dict[str, Any]:

@@ -46,8 +46,14 @@ def synthetic_corpus(vocab_size: int) -> Corpus:
             yield toks[:, :-1], toks[:, 1:]  # (B, T) inputs, (B, T) targets
             step += 1
 
-    return Corpus(vocab_size, 0, f"synthetic-{vocab_size}", np.arange(vocab_size, dtype=np.int64),
-                  vocab_size, batches)
+    return Corpus(
+        vocab_size,
+        0,
+        f"synthetic-{vocab_size}",
+        np.arange(vocab_size, dtype=np.int64),
+        vocab_size,
+        batches,
+    )
 
 
 def load_corpus(cfg: TrainConfig) -> Corpus:
@@ -63,7 +69,8 @@ def _load_corpus(corpus: str, vocab_size: int) -> Corpus:
     from trainer import data
 
     return corpus_from_prepared(
-        data.prepare_data(None if corpus in ("builtin", "") else corpus, vocab_size))
+        data.prepare_data(None if corpus in ("builtin", "") else corpus, vocab_size)
+    )
 
 
 def corpus_from_prepared(prep: Any) -> Corpus:
@@ -89,8 +96,9 @@ def corpus_from_prepared(prep: Any) -> Corpus:
     return Corpus(vocab, PAD_ID, fingerprint, lookup, compressed, batches, prep.tokenizer)
 
 
-def worker_batches(corpus: Corpus, split: str, cfg: TrainConfig, rank: int, world: int,
-                   start_step: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def worker_batches(
+    corpus: Corpus, split: str, cfg: TrainConfig, rank: int, world: int, start_step: int = 0
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """This worker's share of the global batch: rows [rank*B, (rank+1)*B) of each global batch.
 
     Every worker draws the same global batch, so W workers see exactly the batch that a single
@@ -98,5 +106,4 @@ def worker_batches(corpus: Corpus, split: str, cfg: TrainConfig, rank: int, worl
     """
     B = cfg.batch_size
     for x, y in corpus.batches(split, B * world, cfg.seq_len, cfg.seed, start_step):
-        yield x[rank * B:(rank + 1) * B], y[rank * B:(rank + 1) * B]  # (B, T) each
-
+        yield x[rank * B : (rank + 1) * B], y[rank * B : (rank + 1) * B]  # (B, T) each

@@ -65,7 +65,9 @@ def stdlib_documents() -> list[Document]:
             parts = [
                 ast.get_docstring(node)
                 for node in ast.walk(tree)
-                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                if isinstance(
+                    node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+                )
             ]
             text = "\n\n".join(p for p in parts if p)
             if text.strip():
@@ -102,8 +104,9 @@ def _jsonl_documents(path: Path, name: str) -> Iterator[Document]:
             try:
                 text = json.loads(line)["text"]
             except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ConfigError(f"{path}:{lineno}: each line must be a JSON object with a "
-                                  f"\"text\" field ({e})") from None
+                raise ConfigError(
+                    f'{path}:{lineno}: each line must be a JSON object with a "text" field ({e})'
+                ) from None
             if isinstance(text, str) and text:
                 yield Document(f"{name}:{lineno}", text)
 
@@ -113,7 +116,7 @@ def _parquet_documents(path: Path, name: str) -> Iterator[Document]:
 
     pf = pq.ParquetFile(path)
     if "text" not in pf.schema_arrow.names:
-        raise ConfigError(f"{path}: no \"text\" column (columns: {pf.schema_arrow.names})")
+        raise ConfigError(f'{path}: no "text" column (columns: {pf.schema_arrow.names})')
     row = 0
     for batch in pf.iter_batches(columns=["text"]):
         for text in batch.column(0).to_pylist():
@@ -162,8 +165,9 @@ def corpus_fingerprint(docs: Iterable[Document]) -> str:
     return h.hexdigest()
 
 
-def split_documents(docs: list[Document], val_fraction: float = 0.05
-                    ) -> tuple[list[Document], list[Document]]:
+def split_documents(
+    docs: list[Document], val_fraction: float = 0.05
+) -> tuple[list[Document], list[Document]]:
     """(train, val): every round(1/val_fraction)-th document goes to validation, so both splits
     span the whole corpus rather than its alphabetical tail."""
     if not 0.0 < val_fraction < 1.0:
@@ -194,8 +198,12 @@ class TokenDataset:
 
     def save(self, path: Path) -> None:
         buf = io.BytesIO()
-        np.savez(buf, train=self.split_tokens["train"], val=self.split_tokens["val"],
-                 vocab_size=np.int64(self.vocab_size))
+        np.savez(
+            buf,
+            train=self.split_tokens["train"],
+            val=self.split_tokens["val"],
+            vocab_size=np.int64(self.vocab_size),
+        )
         atomic_write_bytes(path, buf.getvalue())
 
     @classmethod
@@ -211,12 +219,21 @@ class TokenDataset:
     def _check(self, split: str, block_size: int) -> np.ndarray:
         toks = self.tokens(split)
         if len(toks) < block_size + 1:
-            raise ConfigError(f"the {split} split has {len(toks)} tokens, fewer than block_size+1 = "
-                              f"{block_size + 1}; use a larger corpus or a smaller block size")
+            raise ConfigError(
+                f"the {split} split has {len(toks)} tokens, fewer than block_size+1 = "
+                f"{block_size + 1}; use a larger corpus or a smaller block size"
+            )
         return toks
 
-    def batch(self, split: str, batch_size: int, block_size: int, seed: int = 0, step: int = 0,
-              rank: int = 0) -> np.ndarray:
+    def batch(
+        self,
+        split: str,
+        batch_size: int,
+        block_size: int,
+        seed: int = 0,
+        step: int = 0,
+        rank: int = 0,
+    ) -> np.ndarray:
         """int64 (B, T+1) random windows: a pure function of the arguments (inputs [:, :-1],
         targets [:, 1:]). Give each data-parallel worker its own rank."""
         toks = self._check(split, block_size)
@@ -224,23 +241,33 @@ class TokenDataset:
         starts = rng.integers(0, len(toks) - block_size, size=batch_size)  # (B,)
         return toks[starts[:, None] + np.arange(block_size + 1)].astype(np.int64)  # (B, T+1)
 
-    def batches(self, split: str, batch_size: int, block_size: int, seed: int = 0,
-                start_step: int = 0, rank: int = 0) -> Iterator[np.ndarray]:
+    def batches(
+        self,
+        split: str,
+        batch_size: int,
+        block_size: int,
+        seed: int = 0,
+        start_step: int = 0,
+        rank: int = 0,
+    ) -> Iterator[np.ndarray]:
         """Endless batch(step) for step = start_step, start_step+1, ..."""
         step = start_step
         while True:
             yield self.batch(split, batch_size, block_size, seed, step, rank)
             step += 1
 
-    def eval_batches(self, split: str, batch_size: int, block_size: int,
-                     max_batches: int | None = None) -> Iterator[np.ndarray]:
+    def eval_batches(
+        self, split: str, batch_size: int, block_size: int, max_batches: int | None = None
+    ) -> Iterator[np.ndarray]:
         """Consecutive non-overlapping (B, T+1) windows from the start of the split; finite."""
         toks = self._check(split, block_size)
         n_windows = (len(toks) - 1) // block_size
         n_batches = n_windows // batch_size
         if n_batches == 0:
-            raise ConfigError(f"the {split} split holds {n_windows} windows of {block_size} tokens, "
-                              f"fewer than one batch of {batch_size}; lower batch or block size")
+            raise ConfigError(
+                f"the {split} split holds {n_windows} windows of {block_size} tokens, "
+                f"fewer than one batch of {batch_size}; lower batch or block size"
+            )
         if max_batches is not None:
             n_batches = min(n_batches, max_batches)
         offs = np.arange(block_size + 1)
@@ -302,9 +329,13 @@ class PreparedData:
     trained_tokenizer: bool  # False: the tokenizer came from the cache
 
 
-def prepare_data(corpus: str | os.PathLike | None = None, vocab_size: int = 8192,
-                 cache_dir: str | os.PathLike | None = None, val_fraction: float = 0.05,
-                 docs: list[Document] | None = None) -> PreparedData:
+def prepare_data(
+    corpus: str | os.PathLike | None = None,
+    vocab_size: int = 8192,
+    cache_dir: str | os.PathLike | None = None,
+    val_fraction: float = 0.05,
+    docs: list[Document] | None = None,
+) -> PreparedData:
     """Load the corpus, load or train its tokenizer, load or encode its token splits.
 
     Everything derived is cached under cache_dir (default ~/.cache/engram) in a folder keyed by

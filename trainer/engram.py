@@ -23,13 +23,26 @@ from trainer.hashing import HashConfig, head_primes
 class ShortConv(nn.Module):
     """Per-branch RMSNorm, causal depthwise Conv1d over all branches' channels, SiLU."""
 
-    def __init__(self, dim: int, hc_mult: int = 1, kernel_size: int = 4, dilation: int = 1,
-                 norm_eps: float = 1e-5):
+    def __init__(
+        self,
+        dim: int,
+        hc_mult: int = 1,
+        kernel_size: int = 4,
+        dilation: int = 1,
+        norm_eps: float = 1e-5,
+    ):
         super().__init__()
         self.hc_mult = hc_mult
         channels = dim * hc_mult
-        self.conv = nn.Conv1d(channels, channels, kernel_size, groups=channels, bias=False,
-                              padding=(kernel_size - 1) * dilation, dilation=dilation)
+        self.conv = nn.Conv1d(
+            channels,
+            channels,
+            kernel_size,
+            groups=channels,
+            bias=False,
+            padding=(kernel_size - 1) * dilation,
+            dilation=dilation,
+        )
         # The paper zero-initialises the conv: at step 0 the Engram output is exactly v.
         nn.init.zeros_(self.conv.weight)
         self.norms = nn.ModuleList(nn.RMSNorm(dim, eps=norm_eps) for _ in range(hc_mult))
@@ -50,8 +63,9 @@ class EngramModule(nn.Module):
     stream before attention.
     """
 
-    def __init__(self, n_embd: int, memory_dim: int, max_ngram: int, hc_mult: int = 1,
-                 kernel_size: int = 4):
+    def __init__(
+        self, n_embd: int, memory_dim: int, max_ngram: int, hc_mult: int = 1, kernel_size: int = 4
+    ):
         super().__init__()
         self.n_embd = n_embd
         self.memory_dim = memory_dim
@@ -64,8 +78,9 @@ class EngramModule(nn.Module):
         self.short_conv = ShortConv(n_embd, hc_mult, kernel_size, dilation=max_ngram)
 
     @classmethod
-    def from_hash_config(cls, n_embd: int, hash_config: HashConfig, hc_mult: int = 1,
-                         kernel_size: int = 4) -> EngramModule:
+    def from_hash_config(
+        cls, n_embd: int, hash_config: HashConfig, hc_mult: int = 1, kernel_size: int = 4
+    ) -> EngramModule:
         return cls(n_embd, hash_config.memory_dim, hash_config.max_ngram, hc_mult, kernel_size)
 
     def forward(self, h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
@@ -76,8 +91,10 @@ class EngramModule(nn.Module):
         if M != self.hc_mult:
             raise ValueError(f"hidden state has {M} branches, module was built for {self.hc_mult}")
         if e.shape[:2] != (B, T) or e.shape[2] * e.shape[3] != self.memory_dim:
-            raise ValueError(f"memory rows {tuple(e.shape)} do not fit hidden state {tuple(h.shape)} "
-                             f"and memory width {self.memory_dim}")
+            raise ValueError(
+                f"memory rows {tuple(e.shape)} do not fit hidden state {tuple(h.shape)} "
+                f"and memory width {self.memory_dim}"
+            )
         e_flat = e.flatten(-2).to(h.dtype)  # (B, T, H*d_head)
         gates = []
         for m in range(M):
@@ -110,7 +127,9 @@ class LocalMemory(nn.Module):
             nn.init.normal_(emb.weight, std=init_std)
             self.tables[str(layer)] = emb
 
-    def forward(self, global_ids: Mapping[int, np.ndarray | torch.Tensor]) -> dict[int, torch.Tensor]:
+    def forward(
+        self, global_ids: Mapping[int, np.ndarray | torch.Tensor]
+    ) -> dict[int, torch.Tensor]:
         out = {}
         for layer in self.layers:
             ids = global_ids[layer]

@@ -34,8 +34,9 @@ class Fetcher(Protocol):
         """The next batch with its memory rows on the compute device."""
         ...
 
-    def push(self, step: int, updates: Updates,
-             pushed_ids: dict[int, np.ndarray] | None = None) -> None:
+    def push(
+        self, step: int, updates: Updates, pushed_ids: dict[int, np.ndarray] | None = None
+    ) -> None:
         """Apply a step's gradients (`step` is the global, 1-based optimizer step)."""
         ...
 
@@ -60,8 +61,14 @@ class LocalFetcher:
     through autograd (sparse embedding grads), so `push` ignores `updates` and steps SparseAdam.
     """
 
-    def __init__(self, hasher: NgramHasher | None, specs: dict[int, TableConfig],
-                 hash_config: HashConfig | None, batches: Iterator, device: torch.device) -> None:
+    def __init__(
+        self,
+        hasher: NgramHasher | None,
+        specs: dict[int, TableConfig],
+        hash_config: HashConfig | None,
+        batches: Iterator,
+        device: torch.device,
+    ) -> None:
         from engram_store.engine.init import initial_rows
 
         self.hasher, self.batches, self.device = hasher, batches, device
@@ -70,9 +77,13 @@ class LocalFetcher:
             for layer, spec in specs.items():
                 rows = initial_rows(spec, np.arange(spec.num_rows, dtype=np.int64))
                 self.memory.tables[str(layer)].weight.copy_(torch.from_numpy(rows))
-        self.opt = torch.optim.SparseAdam(list(self.memory.parameters()),
-                                          lr=next(iter(specs.values())).optimizer.lr) \
-            if specs else None
+        self.opt = (
+            torch.optim.SparseAdam(
+                list(self.memory.parameters()), lr=next(iter(specs.values())).optimizer.lr
+            )
+            if specs
+            else None
+        )
         self.stats = PrefetchStats()
 
     def over(self, batches: Iterator) -> LocalFetcher:
@@ -90,8 +101,9 @@ class LocalFetcher:
         self.stats.tokens += x.numel()
         return Fetched(0, x, y, memory, {}, {})
 
-    def push(self, step: int, updates: Updates,
-             pushed_ids: dict[int, np.ndarray] | None = None) -> None:
+    def push(
+        self, step: int, updates: Updates, pushed_ids: dict[int, np.ndarray] | None = None
+    ) -> None:
         if self.opt is not None:
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)

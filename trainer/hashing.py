@@ -48,11 +48,13 @@ class HashConfig:
         if self.max_ngram < 2:
             raise ConfigError(
                 f"max_ngram={self.max_ngram}: Engram hashes n-grams of order 2..max_ngram, "
-                "so max_ngram must be >= 2")
+                "so max_ngram must be >= 2"
+            )
         if len(self.base_sizes) != self.max_ngram - 1:
             raise ConfigError(
                 f"base_sizes has {len(self.base_sizes)} entries; give one per n-gram order "
-                f"2..{self.max_ngram} ({self.max_ngram - 1} entries)")
+                f"2..{self.max_ngram} ({self.max_ngram - 1} entries)"
+            )
         if any(b < 2 for b in self.base_sizes):
             raise ConfigError(f"base_sizes {self.base_sizes} must all be >= 2")
         if self.heads < 1:
@@ -60,7 +62,8 @@ class HashConfig:
         if self.n_embed_per_ngram < 1 or self.n_embed_per_ngram % self.heads:
             raise ConfigError(
                 f"n_embed_per_ngram={self.n_embed_per_ngram} must be a positive multiple of "
-                f"heads={self.heads} (each head row is n_embed_per_ngram / heads wide)")
+                f"heads={self.heads} (each head row is n_embed_per_ngram / heads wide)"
+            )
         if len(set(self.layers)) != len(self.layers):
             raise ConfigError(f"layers {self.layers} contain a duplicate")
         if any(layer < 0 for layer in self.layers):
@@ -217,7 +220,9 @@ class NgramHasher:
     offset, giving the row id of the layer's concatenated table `engram_l{layer}` (step 5).
     """
 
-    def __init__(self, config: HashConfig, lookup: np.ndarray, compressed_vocab_size: int | None = None):
+    def __init__(
+        self, config: HashConfig, lookup: np.ndarray, compressed_vocab_size: int | None = None
+    ):
         self.config = config
         self.lookup = np.ascontiguousarray(lookup, dtype=np.int64)  # (V,) base id -> compressed id
         if self.lookup.ndim != 1 or self.lookup.size == 0:
@@ -227,11 +232,14 @@ class NgramHasher:
         self.compressed_vocab_size = int(compressed_vocab_size)
         if not 0 <= config.pad_id < self.lookup.size:
             raise ConfigError(
-                f"pad_id={config.pad_id} is not a token id of this vocabulary (size {self.lookup.size})")
+                f"pad_id={config.pad_id} is not a token id of this vocabulary (size {self.lookup.size})"
+            )
         self.compressed_pad = int(self.lookup[config.pad_id])
         self.primes = head_primes(config)
         self.multipliers = {
-            layer: layer_multipliers(layer, self.compressed_vocab_size, config.max_ngram, config.seed)
+            layer: layer_multipliers(
+                layer, self.compressed_vocab_size, config.max_ngram, config.seed
+            )
             for layer in config.layers
         }
         # Per layer, order-major flattening: (H,) primes and (H,) head offsets, H = (N-1)*K.
@@ -257,7 +265,8 @@ class NgramHasher:
             raise InvalidArgument(f"ids must be integers, got dtype {ids.dtype}")
         if ids.size and (ids.min() < 0 or ids.max() >= self.lookup.size):
             raise InvalidArgument(
-                f"token ids must lie in [0, {self.lookup.size}); got [{ids.min()}, {ids.max()}]")
+                f"token ids must lie in [0, {self.lookup.size}); got [{ids.min()}, {ids.max()}]"
+            )
         return self.lookup[ids]
 
     def _mix(self, x: np.ndarray, layer: int) -> list[np.ndarray]:
@@ -313,7 +322,9 @@ class NgramHasher:
         """TableConfig `engram_l{layer}` with head_rows = the layer's primes; extra fields pass
         through (dtype, init, init_std, seed, optimizer)."""
         if layer not in self._mods:
-            raise ConfigError(f"layer {layer} is not an Engram layer; configured: {self.config.layers}")
+            raise ConfigError(
+                f"layer {layer} is not an Engram layer; configured: {self.config.layers}"
+            )
         fields.setdefault("optimizer", OptimizerConfig())
         return TableConfig(
             name=table_name(layer),

@@ -69,8 +69,9 @@ def run_ray_train(cfg: TrainConfig) -> dict:
     if cfg.trainer_resource:
         resources[cfg.trainer_resource] = 1
     out = Path(cfg.out or default_out()).resolve()
-    cfg = dataclasses.replace(cfg, out=str(out), progress=False,
-                              device="cuda" if use_gpu else "cpu")
+    cfg = dataclasses.replace(
+        cfg, out=str(out), progress=False, device="cuda" if use_gpu else "cpu"
+    )
     name = f"engram-summary-{uuid.uuid4().hex[:8]}"
     namespace = ray.get_runtime_context().namespace
     sink = ray.remote(_SummarySink).options(name=name, namespace=namespace, num_cpus=0).remote()
@@ -79,9 +80,11 @@ def run_ray_train(cfg: TrainConfig) -> dict:
             _ray_worker,
             train_loop_config={"cfg": cfg.to_dict(), "sink": name, "namespace": namespace},
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-            scaling_config=ScalingConfig(num_workers=cfg.trainers, use_gpu=use_gpu,
-                                         resources_per_worker=resources),
-            run_config=RunConfig(name=f"engram-{out.name}", storage_path=str(out / "ray")))
+            scaling_config=ScalingConfig(
+                num_workers=cfg.trainers, use_gpu=use_gpu, resources_per_worker=resources
+            ),
+            run_config=RunConfig(name=f"engram-{out.name}", storage_path=str(out / "ray")),
+        )
         result = trainer.fit()
         if result.error:
             raise result.error

@@ -48,8 +48,10 @@ VAL_PREFETCH = PrefetchConfig(depth=1, update="async")
 def resolve_device(name: str) -> torch.device:
     """auto: cuda if available, else cpu. cuda without a GPU is a configuration error."""
     if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda but torch sees no GPU: install the CUDA build of torch "
-                          "or use --device cpu")
+        raise ConfigError(
+            "--device cuda but torch sees no GPU: install the CUDA build of torch "
+            "or use --device cpu"
+        )
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name)
@@ -83,8 +85,16 @@ class Worker:
             return LocalFetcher(self.hasher, self.specs, hcfg, batches, self.device)
         assert self.store is not None and self.hasher is not None and hcfg is not None
         tables = {layer: s.name for layer, s in self.specs.items()}
-        return Prefetcher(self.store, self.hasher.global_ids, tables, batches, pcfg, self.device,
-                          dim=hcfg.d_head, request_prefix=f"{self.run_id}/r{self.rank}/{split}/")
+        return Prefetcher(
+            self.store,
+            self.hasher.global_ids,
+            tables,
+            batches,
+            pcfg,
+            self.device,
+            dim=hcfg.d_head,
+            request_prefix=f"{self.run_id}/r{self.rank}/{split}/",
+        )
 
     def val_fetcher(self) -> Fetcher:
         """Validation batches; in-process tables are the training fetcher's own."""
@@ -94,8 +104,9 @@ class Worker:
         return self.row_source("val", batches, VAL_PREFETCH)
 
 
-def build_worker(cfg: TrainConfig, corpus: Corpus, rank: int, world: int,
-                 device: torch.device) -> Worker:
+def build_worker(
+    cfg: TrainConfig, corpus: Corpus, rank: int, world: int, device: torch.device
+) -> Worker:
     """The model (resumed if cfg.resume), its tables (created by rank 0) and the row source."""
     ckpt = check_resume(cfg, corpus)
     mcfg = cfg.model_config(corpus.vocab_size, corpus.pad_id)
@@ -103,8 +114,13 @@ def build_worker(cfg: TrainConfig, corpus: Corpus, rank: int, world: int,
     hasher = NgramHasher(mcfg.hash, corpus.lookup, corpus.compressed_vocab) if mcfg.hash else None
     specs = table_specs(cfg, hasher) if hasher else {}
     store = _open_store(cfg, specs, rank, world)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                            betas=(0.9, 0.95), eps=cfg.adam_eps)
+    opt = torch.optim.AdamW(
+        model.parameters(),
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        betas=(0.9, 0.95),
+        eps=cfg.adam_eps,
+    )
     start = 0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -117,12 +133,14 @@ def build_worker(cfg: TrainConfig, corpus: Corpus, rank: int, world: int,
         dmodel = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     w = Worker(cfg, rank, world, device, corpus, model, dmodel, opt, hasher, specs, store, start)
     w.fetcher = w.row_source(
-        "train", worker_batches(corpus, "train", cfg, rank, world, start_step=start), cfg.prefetch)
+        "train", worker_batches(corpus, "train", cfg, rank, world, start_step=start), cfg.prefetch
+    )
     return w
 
 
-def _open_store(cfg: TrainConfig, specs: dict[int, TableConfig], rank: int,
-                world: int) -> StoreClient | None:
+def _open_store(
+    cfg: TrainConfig, specs: dict[int, TableConfig], rank: int, world: int
+) -> StoreClient | None:
     """A client of the store with the run's tables created, or None without store tables."""
     if not specs or cfg.backend != "store":
         return None
@@ -190,8 +208,7 @@ def _out_of_time(t_start: float, minutes: float, world: int, device: torch.devic
 
 
 def _validation_loss(w: Worker) -> float:
-    return evaluate(w.model, w.val_fetcher, w.cfg.eval_batches) if w.cfg.eval_batches \
-        else math.nan
+    return evaluate(w.model, w.val_fetcher, w.cfg.eval_batches) if w.cfg.eval_batches else math.nan
 
 
 def _run_steps(w: Worker, meter: Meter, t_start: float) -> int:
@@ -211,9 +228,14 @@ def _run_steps(w: Worker, meter: Meter, t_start: float) -> int:
     return 0
 
 
-def train_worker(cfg: TrainConfig, rank: int = 0, world: int = 1,
-                 device: torch.device | None = None, corpus: Corpus | None = None,
-                 report: Callable[[dict], None] | None = None) -> dict:
+def train_worker(
+    cfg: TrainConfig,
+    rank: int = 0,
+    world: int = 1,
+    device: torch.device | None = None,
+    corpus: Corpus | None = None,
+    report: Callable[[dict], None] | None = None,
+) -> dict:
     """Train on this process (one worker of `world`); returns the final summary (rank 0 saves
     the checkpoint). With world > 1, torch.distributed must already be initialised (Ray Train
     does it). `report(metrics)` replaces rank 0's progress output, once per logging window."""
@@ -237,14 +259,30 @@ def train_worker(cfg: TrainConfig, rank: int = 0, world: int = 1,
         val_after = _validation_loss(w)
         w.fetcher.close()
         summary = build_summary(
-            cfg, world=world, device=str(device), start=w.start, last=stopped or cfg.steps,
-            stopped_early=bool(stopped), train_s=train_s, stats=w.fetcher.stats,
-            history=meter.history, val_before=val_before, val_after=val_after,
+            cfg,
+            world=world,
+            device=str(device),
+            start=w.start,
+            last=stopped or cfg.steps,
+            stopped_early=bool(stopped),
+            train_s=train_s,
+            stats=w.fetcher.stats,
+            history=meter.history,
+            val_before=val_before,
+            val_after=val_after,
             params=param_split(w.model, w.model.config.hash),
-            tables={layer: s.name for layer, s in w.specs.items()})
+            tables={layer: s.name for layer, s in w.specs.items()},
+        )
         if rank == 0:
-            summary["checkpoint"] = save_checkpoint(cfg, w.model, w.opt, corpus, summary, w.store,
-                                                    {k: v.to_dict() for k, v in w.specs.items()})
+            summary["checkpoint"] = save_checkpoint(
+                cfg,
+                w.model,
+                w.opt,
+                corpus,
+                summary,
+                w.store,
+                {k: v.to_dict() for k, v in w.specs.items()},
+            )
         return summary
     finally:
         if w.store is not None:

@@ -20,21 +20,34 @@ class TrainerMetrics:
     def __init__(self, rank: int = 0, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r, lab = self.registry, [str(rank)]
-        self.stall = Histogram("engram_trainer_stall_seconds", "time a step waited for rows",
-                               ["rank"], buckets=STALL_BUCKETS, registry=r).labels(*lab)
-        self.tokens = Counter("engram_trainer_tokens", "tokens trained", ["rank"],
-                              registry=r).labels(*lab)
-        self.rows = Counter("engram_trainer_rows", "rows fetched", ["rank"],
-                            registry=r).labels(*lab)
-        self.rows_per_token = Gauge("engram_trainer_rows_per_token",
-                                    "rows fetched per token in the last step", ["rank"],
-                                    registry=r).labels(*lab)
-        self.hits = Counter("engram_trainer_cache_hits", "hot-row cache hits", ["rank"],
-                            registry=r).labels(*lab)
-        self.misses = Counter("engram_trainer_cache_misses", "hot-row cache misses", ["rank"],
-                              registry=r).labels(*lab)
-        self.hit_rate = Gauge("engram_trainer_cache_hit_rate", "cache hits / lookups so far",
-                              ["rank"], registry=r).labels(*lab)
+        self.stall = Histogram(
+            "engram_trainer_stall_seconds",
+            "time a step waited for rows",
+            ["rank"],
+            buckets=STALL_BUCKETS,
+            registry=r,
+        ).labels(*lab)
+        self.tokens = Counter(
+            "engram_trainer_tokens", "tokens trained", ["rank"], registry=r
+        ).labels(*lab)
+        self.rows = Counter("engram_trainer_rows", "rows fetched", ["rank"], registry=r).labels(
+            *lab
+        )
+        self.rows_per_token = Gauge(
+            "engram_trainer_rows_per_token",
+            "rows fetched per token in the last step",
+            ["rank"],
+            registry=r,
+        ).labels(*lab)
+        self.hits = Counter(
+            "engram_trainer_cache_hits", "hot-row cache hits", ["rank"], registry=r
+        ).labels(*lab)
+        self.misses = Counter(
+            "engram_trainer_cache_misses", "hot-row cache misses", ["rank"], registry=r
+        ).labels(*lab)
+        self.hit_rate = Gauge(
+            "engram_trainer_cache_hit_rate", "cache hits / lookups so far", ["rank"], registry=r
+        ).labels(*lab)
         self._hits = self._lookups = 0
         self._http = None
 

@@ -36,7 +36,8 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, D)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         y = F.scaled_dot_product_attention(  # (B, nh, T, hs)
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+        )
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, D)
         return self.resid_dropout(self.c_proj(y))
 
@@ -62,7 +63,8 @@ class Block(nn.Module):
         if layer in config.engram_layers:
             assert config.hash is not None
             self.engram = EngramModule.from_hash_config(
-                config.n_embd, config.hash, config.hc_mult, config.kernel_size)
+                config.n_embd, config.hash, config.hc_mult, config.kernel_size
+            )
         self.ln_1 = nn.RMSNorm(config.n_embd)
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.RMSNorm(config.n_embd)
@@ -106,8 +108,12 @@ class GPT(nn.Module):
     def engram_layers(self) -> tuple[int, ...]:
         return self.config.engram_layers
 
-    def forward(self, idx: torch.Tensor, memory: Mapping[int, torch.Tensor] | None = None,
-                targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self,
+        idx: torch.Tensor,
+        memory: Mapping[int, torch.Tensor] | None = None,
+        targets: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """logits (B, T, vocab) and the mean cross-entropy against targets (B, T) (-1 = ignore)."""
         B, T = idx.shape
         if T > self.config.block_size:
@@ -123,8 +129,9 @@ class GPT(nn.Module):
         logits = self.lm_head(self.ln_f(x))  # (B, T, vocab)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
-                                   ignore_index=-1)
+            loss = F.cross_entropy(
+                logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1
+            )
         return logits, loss
 
 

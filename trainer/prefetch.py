@@ -55,8 +55,14 @@ class Store(Protocol):
 
     def lookup_async(self, table: str, ids: np.ndarray) -> Future: ...
 
-    def push_async(self, table: str, ids: np.ndarray, grads: np.ndarray, step: int = 0,
-                   request_id: str | None = None) -> Future: ...
+    def push_async(
+        self,
+        table: str,
+        ids: np.ndarray,
+        grads: np.ndarray,
+        step: int = 0,
+        request_id: str | None = None,
+    ) -> Future: ...
 
 
 @dataclass
@@ -217,10 +223,17 @@ class Prefetcher:
     The training loop's row source for store tables (it meets trainer.fetch.Fetcher).
     """
 
-    def __init__(self, store: Store, hash_fn: Callable[[np.ndarray], dict[int, np.ndarray]],
-                 tables: dict[int, str], batches: Iterator[tuple[Any, Any]],
-                 config: PrefetchConfig = PrefetchConfig(), device: torch.device | str = "cpu",
-                 dim: int | None = None, request_prefix: str = "") -> None:
+    def __init__(
+        self,
+        store: Store,
+        hash_fn: Callable[[np.ndarray], dict[int, np.ndarray]],
+        tables: dict[int, str],
+        batches: Iterator[tuple[Any, Any]],
+        config: PrefetchConfig = PrefetchConfig(),
+        device: torch.device | str = "cpu",
+        dim: int | None = None,
+        request_prefix: str = "",
+    ) -> None:
         config.validate()
         self.store, self.hash_fn, self.tables = store, hash_fn, dict(tables)
         self.config = config
@@ -255,7 +268,8 @@ class Prefetcher:
             if self.config.cache_rows:
                 with self._lock:
                     hit_mask, hit_rows = self._cache[layer].get(
-                        uniq, index, self.config.cache_staleness)
+                        uniq, index, self.config.cache_staleness
+                    )
                 miss = uniq[~hit_mask]
             fut = self.store.lookup_async(table, miss) if len(miss) else None
             layers[layer] = _LayerFetch(uniq, inverse, gids.shape, hit_mask, hit_rows, fut)
@@ -269,7 +283,9 @@ class Prefetcher:
             except StopIteration:
                 self._exhausted = True
                 break
-            self._window.append(self._pool.submit(self._prepare, self._next_index, self._step, x, y))
+            self._window.append(
+                self._pool.submit(self._prepare, self._next_index, self._step, x, y)
+            )
             self._next_index += 1
 
     # -- consuming -------------------------------------------------------------------------------
@@ -300,8 +316,13 @@ class Prefetcher:
         self.stats.tokens += int(x.numel())
         # CUDA, async: if the next batch's rows are already here, start its host-to-device copy
         # now so it overlaps this step's compute. (sync mode may still patch it after the push.)
-        if self._copier.cuda and self.config.update == "async" and self._window \
-                and self._window[0].done() and self._lookups_done(self._window[0].result()):
+        if (
+            self._copier.cuda
+            and self.config.update == "async"
+            and self._window
+            and self._window[0].done()
+            and self._lookups_done(self._window[0].result())
+        ):
             self._staged = self._stage(self._window.popleft().result())
         return Fetched(pending.index, x, y, memory, leaves, ids)
 
@@ -315,8 +336,10 @@ class Prefetcher:
         for layer, lf in pending.layers.items():
             rows[layer] = self._copier.start(self._assemble(layer, lf, pending.issued_at))
             inverse[layer] = self._copier.start(lf.inverse.astype(np.int64, copy=False))
-        x, y = (v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
-                for v in (pending.x, pending.y))
+        x, y = (
+            v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
+            for v in (pending.x, pending.y)
+        )
         return _Staged(pending, rows, inverse, self._copier.start(x), self._copier.start(y))
 
     def __iter__(self) -> Prefetcher:
@@ -352,8 +375,12 @@ class Prefetcher:
 
     # -- pushing ---------------------------------------------------------------------------------
 
-    def push(self, step: int, updates: dict[int, tuple[np.ndarray, np.ndarray]],
-             pushed_ids: dict[int, np.ndarray] | None = None) -> None:
+    def push(
+        self,
+        step: int,
+        updates: dict[int, tuple[np.ndarray, np.ndarray]],
+        pushed_ids: dict[int, np.ndarray] | None = None,
+    ) -> None:
         """Send each layer's (ids, coalesced grads) with the global `step` (1-based Adam step).
 
         sync: waits for the acknowledgements, then makes already-prefetched batches re-fetch the
@@ -364,8 +391,9 @@ class Prefetcher:
         for layer, (ids, grads) in updates.items():
             if len(ids):
                 rid = f"{self.request_prefix}{step}/{layer}" if self.request_prefix else None
-                futs.append(self.store.push_async(self.tables[layer], ids, grads, step=step,
-                                                  request_id=rid))
+                futs.append(
+                    self.store.push_async(self.tables[layer], ids, grads, step=step, request_id=rid)
+                )
         all_ids = pushed_ids if pushed_ids is not None else {k: v[0] for k, v in updates.items()}
         t0 = time.perf_counter()
         if self.config.update == "sync":

@@ -51,12 +51,14 @@ def query_text(args: argparse.Namespace) -> int:
     corpus = load_corpus(cfg)
     if corpus.tokenizer is None:
         raise ConfigError(f"the run ({source}) used synthetic tokens; there is no tokenizer")
-    ids = np.asarray(corpus.tokenizer.encode(args.text, add_special_tokens=False).ids,
-                     dtype=np.int64)[None, :]  # (1, T)
+    ids = np.asarray(
+        corpus.tokenizer.encode(args.text, add_special_tokens=False).ids, dtype=np.int64
+    )[None, :]  # (1, T)
     if ids.shape[1] == 0:
         raise ConfigError("--text is empty after tokenization")
-    hasher = NgramHasher(cfg.model.hash_config(corpus.pad_id), corpus.lookup,
-                         corpus.compressed_vocab)
+    hasher = NgramHasher(
+        cfg.model.hash_config(corpus.pad_id), corpus.lookup, corpus.compressed_vocab
+    )
     specs = table_specs(cfg, hasher)
     local = hasher.hash(ids)  # {layer: (1, T, H)} row within each head
     glob = hasher.global_ids(ids)  # {layer: (1, T, H)} row of the layer's table
@@ -70,23 +72,30 @@ def query_text(args: argparse.Namespace) -> int:
                 raise ConfigError(
                     f"table {spec.name} in the store has head sizes {held.head_rows[:3]}..., "
                     f"this hashing ({source}) gives {spec.head_rows[:3]}...; pass --checkpoint "
-                    "of the run that trained these tables")
+                    "of the run that trained these tables"
+                )
             rows = c.lookup(spec.name, glob[layer][0])  # (T, H, d_head)
             norms = np.linalg.norm(rows, axis=-1)  # (T, H)
             out["layers"][layer] = {
                 "table": spec.name,
                 "heads": [f"{n}-gram/h{k}" for n in range(2, N + 1) for k in range(K)],
-                "head_rows": local[layer][0].tolist(), "row_ids": glob[layer][0].tolist(),
-                "norms": norms.round(4).tolist()}
+                "head_rows": local[layer][0].tolist(),
+                "row_ids": glob[layer][0].tolist(),
+                "norms": norms.round(4).tolist(),
+            }
     if getattr(args, "json", False):
         print(json.dumps(out))
         return 0
     print(f"text {args.text!r}: {len(tokens)} tokens, hashing from {source}")
     for layer, d in out["layers"].items():
-        print(f"layer {layer} (table {d['table']}): row id (norm) per head; "
-              f"{N - 1} orders x {K} heads")
+        print(
+            f"layer {layer} (table {d['table']}): row id (norm) per head; "
+            f"{N - 1} orders x {K} heads"
+        )
         for t, tok in enumerate(tokens):
-            cells = [f"{h}={r}({nm:.3f})" for h, r, nm in
-                     zip(d["heads"], d["row_ids"][t], d["norms"][t], strict=True)]
+            cells = [
+                f"{h}={r}({nm:.3f})"
+                for h, r, nm in zip(d["heads"], d["row_ids"][t], d["norms"][t], strict=True)
+            ]
             print(f"  {t:3d} {tok!r:>16}  " + "  ".join(cells))
     return 0

@@ -14,8 +14,10 @@ from trainer.config import TrainConfig
 
 def log_line(step: int, steps: int, m: dict) -> str:
     """One logging window as a line."""
-    return (f"step {step}/{steps} loss {m['loss']:.4f} tok/s {m['tokens_per_s']:.0f} "
-            f"stall {m['stall_pct']:.1f}% rows/tok {m['rows_per_token']:.2f}")
+    return (
+        f"step {step}/{steps} loss {m['loss']:.4f} tok/s {m['tokens_per_s']:.0f} "
+        f"stall {m['stall_pct']:.1f}% rows/tok {m['rows_per_token']:.2f}"
+    )
 
 
 class Meter:
@@ -26,8 +28,15 @@ class Meter:
     `stats` is the row source's PrefetchStats (its stall_s grows as the steps wait).
     """
 
-    def __init__(self, cfg: TrainConfig, rank: int, world: int, start: int, stats: Any,
-                 report: Callable[[dict], None] | None = None) -> None:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        rank: int,
+        world: int,
+        start: int,
+        stats: Any,
+        report: Callable[[dict], None] | None = None,
+    ) -> None:
         self.steps, self.log_every, self.world = cfg.steps, cfg.log_every, world
         self.rank, self.stats, self.report = rank, stats, report
         self.history: list[dict] = []
@@ -35,8 +44,9 @@ class Meter:
         if rank == 0 and cfg.progress and report is None:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step",
-                            dynamic_ncols=True)
+            self.bar = tqdm(
+                total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True
+            )
         self.loss_ema: float | None = None
         self._t, self._tokens, self._stall = time.perf_counter(), 0, stats.stall_s
 
@@ -50,10 +60,14 @@ class Meter:
             return None
         now = time.perf_counter()
         dt = now - self._t
-        m = {"step": step, "loss": loss, "loss_ema": self.loss_ema,
-             "tokens_per_s": self._tokens * self.world / dt,
-             "stall_pct": 100 * (self.stats.stall_s - self._stall) / dt,
-             "rows_per_token": self.stats.rows_per_token}
+        m = {
+            "step": step,
+            "loss": loss,
+            "loss_ema": self.loss_ema,
+            "tokens_per_s": self._tokens * self.world / dt,
+            "stall_pct": 100 * (self.stats.stall_s - self._stall) / dt,
+            "rows_per_token": self.stats.rows_per_token,
+        }
         self.history.append(m)
         self._t, self._tokens, self._stall = now, 0, self.stats.stall_s
         return m
@@ -62,9 +76,12 @@ class Meter:
         """Show a logging window (rank 0 only; the bar, the report callback or a line)."""
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
-            self.bar.set_postfix(loss=f"{self.loss_ema:.3f}", tok_s=f"{m['tokens_per_s']:.0f}",
-                                 stall=f"{m['stall_pct']:.1f}%",
-                                 rows_tok=f"{m['rows_per_token']:.2f}")
+            self.bar.set_postfix(
+                loss=f"{self.loss_ema:.3f}",
+                tok_s=f"{m['tokens_per_s']:.0f}",
+                stall=f"{m['stall_pct']:.1f}%",
+                rows_tok=f"{m['rows_per_token']:.2f}",
+            )
         elif self.report is not None:
             self.report(m)
         elif self.rank == 0:
@@ -76,29 +93,49 @@ class Meter:
             self.bar.close()
 
 
-def build_summary(cfg: TrainConfig, *, world: int, device: str, start: int, last: int,
-                  stopped_early: bool, train_s: float, stats: Any, history: list[dict],
-                  val_before: float, val_after: float, params: dict,
-                  tables: dict[int, str]) -> dict:
+def build_summary(
+    cfg: TrainConfig,
+    *,
+    world: int,
+    device: str,
+    start: int,
+    last: int,
+    stopped_early: bool,
+    train_s: float,
+    stats: Any,
+    history: list[dict],
+    val_before: float,
+    val_after: float,
+    params: dict,
+    tables: dict[int, str],
+) -> dict:
     """The run's summary: steps, throughput, stall, cache, losses, parameter split, tables.
 
     `stats` is the training row source's PrefetchStats; `last` the last step trained.
     """
     steps_done = last - start
     return {
-        "steps": last, "steps_run": steps_done, "trainers": world,
+        "steps": last,
+        "steps_run": steps_done,
+        "trainers": world,
         "stopped_early": stopped_early,
-        "device": device, "update": cfg.prefetch.update, "prefetch_depth": cfg.prefetch.depth,
+        "device": device,
+        "update": cfg.prefetch.update,
+        "prefetch_depth": cfg.prefetch.depth,
         "train_s": train_s,
         "tokens_per_s": stats.tokens * world / train_s if train_s > 0 else 0.0,
         "step_ms": 1000 * train_s / max(steps_done, 1),
         "stall_pct": 100 * stats.stall_s / train_s if train_s > 0 else 0.0,
         "push_wait_pct": 100 * stats.wait_push_s / train_s if train_s > 0 else 0.0,
-        "rows_per_token": stats.rows_per_token, "cache_hit_rate": stats.cache_hit_rate,
+        "rows_per_token": stats.rows_per_token,
+        "cache_hit_rate": stats.cache_hit_rate,
         "rows_refetched": stats.rows_refetched,
         "final_loss": history[-1]["loss"] if history else math.nan,
-        "val_loss_before": val_before, "val_loss_after": val_after,
-        "params": params, "tables": tables, "history": history,
+        "val_loss_before": val_before,
+        "val_loss_after": val_after,
+        "params": params,
+        "tables": tables,
+        "history": history,
     }
 
 

@@ -18,23 +18,29 @@ if TYPE_CHECKING:
 def table_specs(cfg: TrainConfig, hasher: NgramHasher) -> dict[int, TableConfig]:
     """One table per Engram layer: the layer's primes as heads, Adam at table_lr, no decay."""
     opt = OptimizerConfig(kind="adam", lr=cfg.table_lr)
-    return {layer: dataclasses.replace(hasher.table_spec(layer, optimizer=opt),
-                                       name=cfg.table_prefix + f"engram_l{layer}")
-            for layer in cfg.model.engram_layers}
+    return {
+        layer: dataclasses.replace(
+            hasher.table_spec(layer, optimizer=opt), name=cfg.table_prefix + f"engram_l{layer}"
+        )
+        for layer in cfg.model.engram_layers
+    }
 
 
-def connect_store(addresses: tuple[str, ...] | list[str], token: str = "",
-                  timeout_s: float = 10.0) -> StoreClient:
+def connect_store(
+    addresses: tuple[str, ...] | list[str], token: str = "", timeout_s: float = 10.0
+) -> StoreClient:
     """A StoreClient to the shards; ConfigError at once if none answers."""
     from engram_store.rpc.client import StoreClient
 
     try:
-        probe = StoreClient(list(addresses), ClientConfig(timeout_s=timeout_s, retries=2,
-                                                          token=token))
+        probe = StoreClient(
+            list(addresses), ClientConfig(timeout_s=timeout_s, retries=2, token=token)
+        )
         probe.stats()
         probe.close()
         return StoreClient(list(addresses), ClientConfig(token=token))
     except EngramError as e:
         raise ConfigError(
             f"the memory store at {', '.join(addresses)} is unreachable ({e}); start it with "
-            "`engram serve` / the cluster, or pass the right --store/--address") from None
+            "`engram serve` / the cluster, or pass the right --store/--address"
+        ) from None

@@ -55,8 +55,12 @@ def tokenizer_dir(cache_dir: str | os.PathLike | None, fingerprint: str, vocab_s
     return root / f"{fingerprint[:20]}-v{vocab_size}"
 
 
-def load_or_train_tokenizer(texts: Iterable[str], fingerprint: str, vocab_size: int = 8192,
-                            cache_dir: str | os.PathLike | None = None) -> tuple[Tokenizer, bool]:
+def load_or_train_tokenizer(
+    texts: Iterable[str],
+    fingerprint: str,
+    vocab_size: int = 8192,
+    cache_dir: str | os.PathLike | None = None,
+) -> tuple[Tokenizer, bool]:
     """(tokenizer, trained): load the cached tokenizer of this corpus fingerprint, else train it
     on `texts` and cache it. `trained` is False when it came from the cache."""
     path = tokenizer_dir(cache_dir, fingerprint, vocab_size) / "tokenizer.json"

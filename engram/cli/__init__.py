@@ -21,7 +21,8 @@ GROUPS = (serve, table, query, stats, ops, cluster, train)
 def build_parser() -> argparse.ArgumentParser:
     """The `engram` argument parser with every command group."""
     parser = argparse.ArgumentParser(
-        prog="engram", description="Engram conditional memory: store, cluster and trainer.")
+        prog="engram", description="Engram conditional memory: store, cluster and trainer."
+    )
     parser.add_argument("--version", action="version", version=f"engram {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for group in GROUPS:

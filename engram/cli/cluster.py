@@ -21,9 +21,12 @@ from engram.cli import options
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--address", default=None,
-                   help="Ray address (head's host:port, or 'auto'); `up` without it starts a "
-                        "local Ray and blocks until Ctrl-C")
+    p.add_argument(
+        "--address",
+        default=None,
+        help="Ray address (head's host:port, or 'auto'); `up` without it starts a "
+        "local Ray and blocks until Ctrl-C",
+    )
     p.add_argument("--name", default="engram", help="cluster name (registry actor name)")
     p.add_argument("--namespace", default="engram", help="Ray namespace")
 
@@ -37,25 +40,47 @@ def add_commands(subparsers) -> None:
     up = sub.add_parser("up", help="start (or reopen) a cluster of shards")
     _common(up)
     up.add_argument("--shards", type=int, required=True, help="number of shards")
-    up.add_argument("--data", default="data/cluster",
-                    help="data root: shard-<i>/ LMDB dirs and cluster.json (on every store node)")
+    up.add_argument(
+        "--data",
+        default="data/cluster",
+        help="data root: shard-<i>/ LMDB dirs and cluster.json (on every store node)",
+    )
     up.add_argument("--slots", type=int, default=None, help="hash slots (fixed per layout)")
     up.add_argument("--cpus-per-shard", type=float, default=1.0)
-    up.add_argument("--memory-per-shard", type=options.size, default=0,
-                    help="memory reserved in Ray per shard, e.g. 64G (0: none)")
-    up.add_argument("--shared-storage", action="store_true",
-                    help="--data is one shared filesystem: shards may move between store nodes")
-    up.add_argument("--store-resource", default="engram_store",
-                    help="custom Ray resource that marks store nodes")
-    up.add_argument("--host", default="",
-                    help="address shards listen on: '' auto (127.0.0.1 on one machine), "
-                         "'node' (the node's IP), or an explicit address")
+    up.add_argument(
+        "--memory-per-shard",
+        type=options.size,
+        default=0,
+        help="memory reserved in Ray per shard, e.g. 64G (0: none)",
+    )
+    up.add_argument(
+        "--shared-storage",
+        action="store_true",
+        help="--data is one shared filesystem: shards may move between store nodes",
+    )
+    up.add_argument(
+        "--store-resource",
+        default="engram_store",
+        help="custom Ray resource that marks store nodes",
+    )
+    up.add_argument(
+        "--host",
+        default="",
+        help="address shards listen on: '' auto (127.0.0.1 on one machine), "
+        "'node' (the node's IP), or an explicit address",
+    )
     up.add_argument("--cache-rows", type=int, default=None, help="RAM mirror rows per table")
-    up.add_argument("--tokens-file", default=None,
-                    help="file of `read TOKEN` / `write TOKEN` lines: shards require a token, and "
-                         "the cluster's own client uses the first write token")
-    up.add_argument("--insecure", action="store_true",
-                    help="let shards listen on a node IP without tokens (trusted networks only)")
+    up.add_argument(
+        "--tokens-file",
+        default=None,
+        help="file of `read TOKEN` / `write TOKEN` lines: shards require a token, and "
+        "the cluster's own client uses the first write token",
+    )
+    up.add_argument(
+        "--insecure",
+        action="store_true",
+        help="let shards listen on a node IP without tokens (trusted networks only)",
+    )
     up.set_defaults(func=cmd_up)
 
     st = sub.add_parser("status", help="shards, nodes, addresses, rows, bytes, requests/s")
@@ -100,17 +125,28 @@ def cluster_config(args: argparse.Namespace):
 
             read, write = load_tokens_file(args.tokens_file)
             if not write:
-                raise ConfigError(f"{args.tokens_file} holds no write token; the cluster needs "
-                                  "one to move rows and set shard state")
+                raise ConfigError(
+                    f"{args.tokens_file} holds no write token; the cluster needs "
+                    "one to move rows and set shard state"
+                )
             client = dataclasses.replace(client, token=write[0])
-        shard = dataclasses.replace(shard, auth=AuthConfig(
-            read_tokens=read, write_tokens=write, insecure=args.insecure))
-    return ClusterConfig(num_shards=args.shards, data_root=args.data,
-                         store_resource=args.store_resource, cpus_per_shard=args.cpus_per_shard,
-                         memory_per_shard=args.memory_per_shard,
-                         shared_storage=args.shared_storage,
-                         num_slots=args.slots or d.num_slots, namespace=args.namespace,
-                         name=args.name, host=args.host, shard=shard, client=client)
+        shard = dataclasses.replace(
+            shard, auth=AuthConfig(read_tokens=read, write_tokens=write, insecure=args.insecure)
+        )
+    return ClusterConfig(
+        num_shards=args.shards,
+        data_root=args.data,
+        store_resource=args.store_resource,
+        cpus_per_shard=args.cpus_per_shard,
+        memory_per_shard=args.memory_per_shard,
+        shared_storage=args.shared_storage,
+        num_slots=args.slots or d.num_slots,
+        namespace=args.namespace,
+        name=args.name,
+        host=args.host,
+        shard=shard,
+        client=client,
+    )
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -127,8 +163,11 @@ def cmd_up(args: argparse.Namespace) -> int:
     # A Ray that ray.init() starts may require its token (~/.ray/auth_token); Ray sends it to an
     # explicit --address only when RAY_AUTH_MODE=token says so.
     auth = "RAY_AUTH_MODE=token " if os.environ.get("RAY_AUTH_MODE") == "token" else ""
-    print(f"serving until Ctrl-C; from another shell: {auth}engram cluster status --address "
-          f"{cluster.ray_address}", flush=True)
+    print(
+        f"serving until Ctrl-C; from another shell: {auth}engram cluster status --address "
+        f"{cluster.ray_address}",
+        flush=True,
+    )
     done = threading.Event()
     previous = {s: signal.signal(s, lambda *_: done.set()) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -159,8 +198,10 @@ def cmd_scale(args: argparse.Namespace) -> int:
     from engram_store.engine.errors import ConfigError
 
     if args.shards < 1:  # say so before connecting anywhere
-        raise ConfigError(f"cannot scale to {args.shards} shards; a cluster keeps at least 1 "
-                          "(use `engram cluster down` to stop it)")
+        raise ConfigError(
+            f"cannot scale to {args.shards} shards; a cluster keeps at least 1 "
+            "(use `engram cluster down` to stop it)"
+        )
     print(json.dumps(_connect(args).scale(args.shards)))
     return 0
 

@@ -20,8 +20,9 @@ def ints(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") \
-            from None
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of integers"
+        ) from None
 
 
 def size(text: str) -> int:
@@ -40,27 +41,49 @@ def require(module: str, extra: str) -> None:
     try:
         importlib.import_module(module)
     except ImportError as e:
-        raise ConfigError(f"this command needs the {module!r} layer ({e}); install it with "
-                          f"`pip install 'engram[{extra}]'`") from None
+        raise ConfigError(
+            f"this command needs the {module!r} layer ({e}); install it with "
+            f"`pip install 'engram[{extra}]'`"
+        ) from None
 
 
 # ---- serve ----
 
+
 def add_serve_options(p: argparse.ArgumentParser) -> None:
     """Auth, TLS and metrics flags of `engram serve`."""
     g = p.add_argument_group("security and monitoring")
-    g.add_argument("--read-token", action="append", default=[], metavar="TOKEN",
-                   help="token allowed to look up and read stats (repeatable)")
-    g.add_argument("--write-token", action="append", default=[], metavar="TOKEN",
-                   help="token allowed to do everything (repeatable)")
-    g.add_argument("--tokens-file", metavar="PATH",
-                   help="file of `read TOKEN` / `write TOKEN` lines (keeps tokens out of ps)")
+    g.add_argument(
+        "--read-token",
+        action="append",
+        default=[],
+        metavar="TOKEN",
+        help="token allowed to look up and read stats (repeatable)",
+    )
+    g.add_argument(
+        "--write-token",
+        action="append",
+        default=[],
+        metavar="TOKEN",
+        help="token allowed to do everything (repeatable)",
+    )
+    g.add_argument(
+        "--tokens-file",
+        metavar="PATH",
+        help="file of `read TOKEN` / `write TOKEN` lines (keeps tokens out of ps)",
+    )
     g.add_argument("--tls-cert", default="", metavar="PEM", help="serve TLS with this cert chain")
     g.add_argument("--tls-key", default="", metavar="PEM", help="private key of --tls-cert")
-    g.add_argument("--insecure", action="store_true",
-                   help="allow serving a non-loopback --host without tokens")
-    g.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
-                   help="serve Prometheus /metrics on this port (0: any free port)")
+    g.add_argument(
+        "--insecure", action="store_true", help="allow serving a non-loopback --host without tokens"
+    )
+    g.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="serve Prometheus /metrics on this port (0: any free port)",
+    )
 
 
 def auth_config(args: argparse.Namespace) -> AuthConfig:
@@ -72,18 +95,31 @@ def auth_config(args: argparse.Namespace) -> AuthConfig:
         r, w = load_tokens_file(args.tokens_file)
         read += r
         write += w
-    return AuthConfig(read_tokens=tuple(read), write_tokens=tuple(write),
-                      tls_cert=args.tls_cert, tls_key=args.tls_key, insecure=args.insecure)
+    return AuthConfig(
+        read_tokens=tuple(read),
+        write_tokens=tuple(write),
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        insecure=args.insecure,
+    )
 
 
 # ---- clients ----
 
+
 def add_client_options(p: argparse.ArgumentParser) -> None:
     """--token / --tls-root-cert for a command that talks to a store."""
-    p.add_argument("--token", default=None,
-                   help=f"bearer token for a store that requires one (default ${TOKEN_ENV})")
-    p.add_argument("--tls-root-cert", default="", metavar="PEM",
-                   help="CA or self-signed certificate of a TLS store")
+    p.add_argument(
+        "--token",
+        default=None,
+        help=f"bearer token for a store that requires one (default ${TOKEN_ENV})",
+    )
+    p.add_argument(
+        "--tls-root-cert",
+        default="",
+        metavar="PEM",
+        help="CA or self-signed certificate of a TLS store",
+    )
 
 
 def client_config(args: argparse.Namespace, **fields) -> ClientConfig:
@@ -91,8 +127,9 @@ def client_config(args: argparse.Namespace, **fields) -> ClientConfig:
     token = getattr(args, "token", None)
     if token is None:
         token = os.environ.get(TOKEN_ENV, "")
-    return ClientConfig(token=token, tls_root_cert=getattr(args, "tls_root_cert", "") or "",
-                        **fields)
+    return ClientConfig(
+        token=token, tls_root_cert=getattr(args, "tls_root_cert", "") or "", **fields
+    )
 
 
 def shard_client(args: argparse.Namespace, **fields):
@@ -113,8 +150,9 @@ def store_client(args: argparse.Namespace):
         try:
             is_shard = probe_shard(args.address, config)
         except ShardUnavailable:
-            raise ShardUnavailable(f"nothing answers at {args.address!r}; give a shard's "
-                                   "HOST:PORT or a Ray address") from None
+            raise ShardUnavailable(
+                f"nothing answers at {args.address!r}; give a shard's HOST:PORT or a Ray address"
+            ) from None
         if is_shard:
             return StoreClient(args.address, config)
     require("cluster", "cluster")  # not a shard: a Ray address needs the cluster layer

@@ -42,10 +42,16 @@ def add_commands(sub) -> None:
     q.add_argument("--rows", type=options.ints, metavar="0,5,7", help="row ids")
     q.add_argument("--json", action="store_true", help="print one JSON object")
     q.add_argument("--dtype", choices=DTYPES, default="float32", help="wire dtype of the rows")
-    q.add_argument("--text", help="query the rows a text hashes to (needs engram[train]); the "
-                                  "Engram tables are named by the run")
-    q.add_argument("--checkpoint", default="",
-                   help="with --text: the run whose hashing to use (default: newest under "
-                        "runs/, else the `engram train` defaults)")
+    q.add_argument(
+        "--text",
+        help="query the rows a text hashes to (needs engram[train]); the "
+        "Engram tables are named by the run",
+    )
+    q.add_argument(
+        "--checkpoint",
+        default="",
+        help="with --text: the run whose hashing to use (default: newest under "
+        "runs/, else the `engram train` defaults)",
+    )
     options.add_client_options(q)
     q.set_defaults(func=cmd_query)

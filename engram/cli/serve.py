@@ -12,13 +12,19 @@ def shard_config(args: argparse.Namespace) -> ShardConfig:
     """The ShardConfig that `engram serve` flags describe."""
     d = ShardConfig(data_dir=args.data)
     return ShardConfig(
-        data_dir=args.data, host=args.host, port=args.port,
+        data_dir=args.data,
+        host=args.host,
+        port=args.port,
         map_size=args.map_size or d.map_size,
         max_batch_rows=args.max_batch_rows or d.max_batch_rows,
         max_message_bytes=args.max_message_bytes or d.max_message_bytes,
         cache_rows=d.cache_rows if args.cache_rows is None else args.cache_rows,
-        durable=args.durable, read_only=args.read_only, workers=args.workers or d.workers,
-        auth=options.auth_config(args), metrics_port=args.metrics_port)
+        durable=args.durable,
+        read_only=args.read_only,
+        workers=args.workers or d.workers,
+        auth=options.auth_config(args),
+        metrics_port=args.metrics_port,
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -33,16 +39,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def add_commands(sub) -> None:
     """Add `serve` to the `engram` parser's subparsers."""
-    p = sub.add_parser("serve", help="serve one shard (an LMDB data directory) over gRPC",
-                       description="Serve one shard until SIGTERM/SIGINT. Prints 'serving on "
-                                   "HOST:PORT' once it listens.")
+    p = sub.add_parser(
+        "serve",
+        help="serve one shard (an LMDB data directory) over gRPC",
+        description="Serve one shard until SIGTERM/SIGINT. Prints 'serving on "
+        "HOST:PORT' once it listens.",
+    )
     p.add_argument("--data", required=True, metavar="DIR", help="shard data directory")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=0, help="port (default 0: any free port)")
     p.add_argument("--map-size", type=options.size, help="LMDB map size, e.g. 64G (default 64G)")
     p.add_argument("--max-batch-rows", type=int, help="ids per request (default 1048576)")
-    p.add_argument("--max-message-bytes", type=options.size,
-                   help="gRPC message limit (default 512M)")
+    p.add_argument(
+        "--max-message-bytes", type=options.size, help="gRPC message limit (default 512M)"
+    )
     p.add_argument("--cache-rows", type=int, help="rows mirrored in RAM per table")
     p.add_argument("--workers", type=int, help="gRPC server threads (default 8)")
     p.add_argument("--durable", action="store_true", help="fsync every commit")

@@ -14,20 +14,39 @@ def table_spec(args: argparse.Namespace) -> TableConfig:
     """The TableConfig that `engram table create` flags describe (validated)."""
     if bool(args.rows) == bool(args.head_rows):
         raise InvalidArgument("give exactly one of --rows N or --head-rows a,b,c")
-    opt = OptimizerConfig(kind=args.optimizer, lr=args.lr, beta1=args.beta1, beta2=args.beta2,
-                          eps=args.eps, initial_accumulator_value=args.initial_accumulator,
-                          lr_decay=args.lr_decay)
-    spec = TableConfig(name=args.name, num_rows=args.rows or 0, dim=args.dim,
-                       head_rows=tuple(args.head_rows or ()), dtype=args.dtype, init=args.init,
-                       init_std=args.std, seed=args.seed, optimizer=opt)
+    opt = OptimizerConfig(
+        kind=args.optimizer,
+        lr=args.lr,
+        beta1=args.beta1,
+        beta2=args.beta2,
+        eps=args.eps,
+        initial_accumulator_value=args.initial_accumulator,
+        lr_decay=args.lr_decay,
+    )
+    spec = TableConfig(
+        name=args.name,
+        num_rows=args.rows or 0,
+        dim=args.dim,
+        head_rows=tuple(args.head_rows or ()),
+        dtype=args.dtype,
+        init=args.init,
+        init_std=args.std,
+        seed=args.seed,
+        optimizer=opt,
+    )
     spec.validate()
     return spec
 
 
 def info_dict(info) -> dict:
     """A TableInfo as the JSON `engram table` prints."""
-    return {"spec": info.spec.to_dict(), "stored_rows": info.stored_rows,
-            "stored_bytes": info.stored_bytes, "step": info.step, "pushes": info.pushes}
+    return {
+        "spec": info.spec.to_dict(),
+        "stored_rows": info.stored_rows,
+        "stored_bytes": info.stored_bytes,
+        "step": info.step,
+        "pushes": info.pushes,
+    }
 
 
 def cmd_table(args: argparse.Namespace) -> int:
@@ -60,8 +79,12 @@ def add_commands(sub) -> None:
         q.add_argument("--name", required=True, help="table name")
     d, o = TableConfig(name="x"), OptimizerConfig()
     create.add_argument("--rows", type=int, help="number of rows")
-    create.add_argument("--head-rows", type=options.ints, metavar="A,B,C",
-                        help="rows per hash head (the row space is their concatenation)")
+    create.add_argument(
+        "--head-rows",
+        type=options.ints,
+        metavar="A,B,C",
+        help="rows per hash head (the row space is their concatenation)",
+    )
     create.add_argument("--dim", type=int, default=d.dim, help=f"row width (default {d.dim})")
     create.add_argument("--dtype", choices=DTYPES, default=d.dtype, help="storage dtype")
     create.add_argument("--init", choices=INITS, default=d.init, help="initial rows")

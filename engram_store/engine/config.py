@@ -77,16 +77,20 @@ class TableConfig:
     def validate(self) -> None:
         if not isinstance(self.name, str) or not _NAME.match(self.name):
             raise InvalidArgument(
-                f"table name {self.name!r} is invalid; use 1-128 characters of A-Z a-z 0-9 _ . -")
+                f"table name {self.name!r} is invalid; use 1-128 characters of A-Z a-z 0-9 _ . -"
+            )
         if self.head_rows:
             if any(h <= 0 for h in self.head_rows):
                 raise InvalidArgument(f"head_rows {self.head_rows} must all be > 0")
             if sum(self.head_rows) != self.num_rows:
                 raise InvalidArgument(
                     f"num_rows={self.num_rows} differs from sum(head_rows)={sum(self.head_rows)}; "
-                    "give one or the other")
+                    "give one or the other"
+                )
         if not 0 < self.num_rows < 2**62:
-            raise InvalidArgument(f"table {self.name!r}: num_rows={self.num_rows} must be in [1, 2^62)")
+            raise InvalidArgument(
+                f"table {self.name!r}: num_rows={self.num_rows} must be in [1, 2^62)"
+            )
         if not 0 < self.dim <= 65536:
             raise InvalidArgument(f"table {self.name!r}: dim={self.dim} must be in [1, 65536]")
         if self.dtype not in DTYPES:
@@ -142,14 +146,14 @@ class AuthConfig:
     def validate(self, host: str) -> None:
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("TLS needs both --tls-cert and --tls-key")
-        if any(not t or any(c.isspace() for c in t) for t in
-               self.read_tokens + self.write_tokens):
+        if any(not t or any(c.isspace() for c in t) for t in self.read_tokens + self.write_tokens):
             raise ConfigError("tokens must be non-empty and contain no whitespace")
         if not self.enabled and not self.insecure and host not in LOOPBACK_HOSTS:
             raise ConfigError(
                 f"refusing to serve on {host} without authentication: give --write-token / "
                 "--read-token (or --tokens-file), listen on 127.0.0.1, or pass --insecure to "
-                "accept unauthenticated calls from the network")
+                "accept unauthenticated calls from the network"
+            )
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,11 @@ import numpy as np
 from engram_store.engine.config import DTYPES
 from engram_store.engine.errors import InvalidArgument
 
-_NP: dict[str, np.dtype] = {"float32": np.dtype("<f4"), "bfloat16": np.dtype("<u2"), "float16": np.dtype("<f2")}
+_NP: dict[str, np.dtype] = {
+    "float32": np.dtype("<f4"),
+    "bfloat16": np.dtype("<u2"),
+    "float16": np.dtype("<f2"),
+}
 
 
 def _check(name: str) -> None:
@@ -36,8 +40,9 @@ def f32_to_bf16(x: np.ndarray) -> np.ndarray:
     u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
     # round to nearest, ties to even: add 0x7FFF plus the lowest kept bit, then truncate.
     # No overflow: the largest non-NaN pattern 0xFF7FFFFF + 0x8000 still fits in 32 bits.
-    rounded = ((u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))))
-               >> np.uint32(16)).astype(np.uint16)
+    rounded = (
+        (u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)
+    ).astype(np.uint16)
     nan = np.isnan(x)
     if nan.any():
         # truncation alone could clear every mantissa bit (NaN -> Inf); force the quiet bit.
@@ -74,8 +79,9 @@ def to_bytes(arr: np.ndarray, name: str) -> bytes:
     return np.ascontiguousarray(to_dtype(arr, name), dtype=_NP[name]).tobytes()
 
 
-def from_bytes(buf: bytes | bytearray | memoryview, name: str, dim: int,
-               copy: bool = True) -> np.ndarray:
+def from_bytes(
+    buf: bytes | bytearray | memoryview, name: str, dim: int, copy: bool = True
+) -> np.ndarray:
     """float32 (n, dim) rows decoded from packed little-endian bytes in dtype `name`.
 
     copy=False skips the copy of float32 data: the result may then be a read-only view of `buf`
@@ -88,7 +94,8 @@ def from_bytes(buf: bytes | bytearray | memoryview, name: str, dim: int,
     if len(buf) % row_bytes:
         raise InvalidArgument(
             f"{len(buf)} bytes of {name} are not whole rows of dim {dim} ({row_bytes} bytes each); "
-            f"send n * {row_bytes} bytes, or fix the dtype or dim")
+            f"send n * {row_bytes} bytes, or fix the dtype or dim"
+        )
     arr = np.frombuffer(buf, dtype=_NP[name]).reshape(-1, dim)
     out = to_float32(arr, name)
     # frombuffer of immutable bytes is read-only; callers may update rows in place

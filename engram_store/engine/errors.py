@@ -20,12 +20,27 @@ from typing import Any, ClassVar
 
 #: the grpc.StatusCode member names (this module does not import grpc; tests/rpc/test_error_classes
 #: checks that the two agree)
-GRPC_CODES = frozenset({
-    "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
-    "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
-    "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS",
-    "UNAUTHENTICATED",
-})
+GRPC_CODES = frozenset(
+    {
+        "OK",
+        "CANCELLED",
+        "UNKNOWN",
+        "INVALID_ARGUMENT",
+        "DEADLINE_EXCEEDED",
+        "NOT_FOUND",
+        "ALREADY_EXISTS",
+        "PERMISSION_DENIED",
+        "RESOURCE_EXHAUSTED",
+        "FAILED_PRECONDITION",
+        "ABORTED",
+        "OUT_OF_RANGE",
+        "UNIMPLEMENTED",
+        "INTERNAL",
+        "UNAVAILABLE",
+        "DATA_LOSS",
+        "UNAUTHENTICATED",
+    }
+)
 
 _BY_NAME: dict[str, type[EngramError]] = {}
 _BY_CODE: dict[str, type[EngramError]] = {}
@@ -39,17 +54,23 @@ def _same(a: type, b: type) -> bool:
 def _register(cls: type[EngramError], default_for_code: bool) -> None:
     """Check the class (a clash fails where the class is defined), then add it to the maps."""
     if cls.code not in GRPC_CODES or cls.code == "OK":
-        raise TypeError(f"{cls.__qualname__}.code = {cls.code!r} is not a gRPC status code "
-                        "name; use one of " + ", ".join(sorted(GRPC_CODES - {"OK"})))
+        raise TypeError(
+            f"{cls.__qualname__}.code = {cls.code!r} is not a gRPC status code "
+            "name; use one of " + ", ".join(sorted(GRPC_CODES - {"OK"}))
+        )
     name = cls.__name__
     old = _BY_NAME.get(name)
     if old is not None and not _same(old, cls):
-        raise TypeError(f"two error classes are called {name} ({old.__module__} and "
-                        f"{cls.__module__}); the wire names a class by its name, so rename one")
+        raise TypeError(
+            f"two error classes are called {name} ({old.__module__} and "
+            f"{cls.__module__}); the wire names a class by its name, so rename one"
+        )
     old = _BY_CODE.get(cls.code) if default_for_code else None
     if old is not None and not _same(old, cls):
-        raise TypeError(f"{old.__qualname__} is already the default class of {cls.code}; "
-                        f"define {cls.__qualname__} without default_for_code")
+        raise TypeError(
+            f"{old.__qualname__} is already the default class of {cls.code}; "
+            f"define {cls.__qualname__} without default_for_code"
+        )
     doc = cls.__dict__.get("__doc__")
     if "hint" not in cls.__dict__ and doc:
         cls.hint = doc.strip().splitlines()[0]

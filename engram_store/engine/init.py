@@ -58,7 +58,7 @@ def initial_rows(spec: TableConfig, ids: np.ndarray) -> np.ndarray:
     # chunks of ~64k values keep the float64 temporaries in cache instead of faulting in new pages
     step = max(1, _CHUNK // ((dim + 1) // 2))
     for lo in range(0, n, step):
-        out[lo:lo + step] = _normal_rows(spec, ids[lo:lo + step])
+        out[lo : lo + step] = _normal_rows(spec, ids[lo : lo + step])
     return out
 
 

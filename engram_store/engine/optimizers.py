@@ -27,16 +27,23 @@ def coalesce(ids: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return sids[starts], np.add.reduceat(grads[order], starts, axis=0)
 
 
-def sgd(opt: OptimizerConfig, rows: np.ndarray, grads: np.ndarray,
-        out: np.ndarray | None = None) -> np.ndarray:
+def sgd(
+    opt: OptimizerConfig, rows: np.ndarray, grads: np.ndarray, out: np.ndarray | None = None
+) -> np.ndarray:
     """p -= lr * g."""
     upd = grads * np.float32(-opt.lr)
     return np.add(rows, upd, out=out)
 
 
-def adagrad(opt: OptimizerConfig, rows: np.ndarray, state_sum: np.ndarray, grads: np.ndarray,
-            step: int, out_rows: np.ndarray | None = None, out_sum: np.ndarray | None = None
-            ) -> tuple[np.ndarray, np.ndarray]:
+def adagrad(
+    opt: OptimizerConfig,
+    rows: np.ndarray,
+    state_sum: np.ndarray,
+    grads: np.ndarray,
+    step: int,
+    out_rows: np.ndarray | None = None,
+    out_sum: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """torch.optim.Adagrad's sparse path: sum += g^2; p -= clr * g / (sqrt(sum) + eps)."""
     clr = opt.lr / (1 + (step - 1) * opt.lr_decay)
     state_sum = np.add(state_sum, grads * grads, out=out_sum)
@@ -47,10 +54,17 @@ def adagrad(opt: OptimizerConfig, rows: np.ndarray, state_sum: np.ndarray, grads
     return np.add(rows, std, out=out_rows), state_sum
 
 
-def adam(opt: OptimizerConfig, rows: np.ndarray, exp_avg: np.ndarray, exp_avg_sq: np.ndarray,
-         grads: np.ndarray, step: int, out_rows: np.ndarray | None = None,
-         out_avg: np.ndarray | None = None, out_avg_sq: np.ndarray | None = None
-         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def adam(
+    opt: OptimizerConfig,
+    rows: np.ndarray,
+    exp_avg: np.ndarray,
+    exp_avg_sq: np.ndarray,
+    grads: np.ndarray,
+    step: int,
+    out_rows: np.ndarray | None = None,
+    out_avg: np.ndarray | None = None,
+    out_avg_sq: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """torch.optim.SparseAdam: lazy Adam, moments of the given rows only."""
     b1, b2 = opt.beta1, opt.beta2
     # old <- old + (1 - b) * (new - old), in torch's order
@@ -69,9 +83,15 @@ def adam(opt: OptimizerConfig, rows: np.ndarray, exp_avg: np.ndarray, exp_avg_sq
     return np.add(rows, denom, out=out_rows), exp_avg, exp_avg_sq
 
 
-def apply(opt: OptimizerConfig, rows: np.ndarray, state: np.ndarray, grads: np.ndarray,
-          step: int, out_rows: np.ndarray | None = None, out_state: np.ndarray | None = None
-          ) -> tuple[np.ndarray, np.ndarray]:
+def apply(
+    opt: OptimizerConfig,
+    rows: np.ndarray,
+    state: np.ndarray,
+    grads: np.ndarray,
+    step: int,
+    out_rows: np.ndarray | None = None,
+    out_state: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """New (rows, state) after one optimizer step on coalesced rows; `step` is 1-based.
 
     `out_rows` / `out_state` (float32, maybe strided views) receive the results if given; they
@@ -87,7 +107,16 @@ def apply(opt: OptimizerConfig, rows: np.ndarray, state: np.ndarray, grads: np.n
     if opt.kind == "adagrad":
         return adagrad(opt, rows, state, grads, step, out_rows, out_state)
     if opt.kind == "adam":
-        new_rows, _, _ = adam(opt, rows, state[:, :dim], state[:, dim:], grads, step, out_rows,
-                              out_state[:, :dim], out_state[:, dim:])
+        new_rows, _, _ = adam(
+            opt,
+            rows,
+            state[:, :dim],
+            state[:, dim:],
+            grads,
+            step,
+            out_rows,
+            out_state[:, :dim],
+            out_state[:, dim:],
+        )
         return new_rows, out_state
     raise ValueError(f"optimizer {opt.kind!r} is unknown")

@@ -26,8 +26,9 @@ def put_items(ids: np.ndarray, rec: np.ndarray) -> Iterator[tuple[bytes, bytes]]
     return zip(row_keys(ids), vals, strict=True)
 
 
-def distinct_ids(ids: np.ndarray, grads: np.ndarray
-                 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+def distinct_ids(
+    ids: np.ndarray, grads: np.ndarray
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """Sorted distinct ids, the order that sorts `grads` (None: already sorted), and the summed
     gradients of the distinct ids where there were duplicates (None: none; `grads` are then
     used in `order`, chunk by chunk, without a full copy)."""
@@ -61,20 +62,22 @@ class Layout:
             # is copied
             own = raw.flags.c_contiguous and raw.flags.writeable and raw.base is None
             return raw.view("<f4") if own else np.array(raw).view("<f4")
-        return dtypes.to_float32(np.ascontiguousarray(raw).view(
-            dtypes.numpy_dtype(self.spec.dtype)), self.spec.dtype)
+        return dtypes.to_float32(
+            np.ascontiguousarray(raw).view(dtypes.numpy_dtype(self.spec.dtype)), self.spec.dtype
+        )
 
     def state(self, rec: np.ndarray) -> np.ndarray:
         """float32 optimizer state of records (a view)."""
-        return rec[:, self.row_bytes:].view("<f4")
+        return rec[:, self.row_bytes :].view("<f4")
 
-    def encode(self, rows: np.ndarray, state: np.ndarray,
-               out: np.ndarray | None = None) -> np.ndarray:
+    def encode(
+        self, rows: np.ndarray, state: np.ndarray, out: np.ndarray | None = None
+    ) -> np.ndarray:
         """Records (n, record_bytes) of float32 rows and state (into `out` if given)."""
         if out is None:
             out = np.empty((rows.shape[0], self.record_bytes), np.uint8)
         out[:, : self.row_bytes] = dtypes.to_dtype(rows, self.spec.dtype).view(np.uint8)
-        out[:, self.row_bytes:] = state.astype("<f4", copy=False).view(np.uint8)
+        out[:, self.row_bytes :] = state.astype("<f4", copy=False).view(np.uint8)
         return out
 
     def step(self, old: np.ndarray, new: np.ndarray, grads: np.ndarray, step: int) -> None:
@@ -86,9 +89,14 @@ class Layout:
         if rb % 4:  # a 16-bit row of odd dim leaves the state unaligned: work on a copy
             state, out_state = np.array(state), None
         rows, out = optimizers.apply(
-            self.spec.optimizer, rows, state.view("<f4"), grads, step,
+            self.spec.optimizer,
+            rows,
+            state.view("<f4"),
+            grads,
+            step,
             new[:, :rb].view("<f4") if self._f32 else None,
-            None if out_state is None else out_state.view("<f4"))
+            None if out_state is None else out_state.view("<f4"),
+        )
         if not self._f32:
             new[:, :rb] = dtypes.to_dtype(rows, self.spec.dtype).view(np.uint8)
         if out_state is None:

@@ -74,9 +74,13 @@ class ShardMap:
     @classmethod
     def from_json(cls, s: str) -> ShardMap:
         d = json.loads(s)
-        return cls(version=d["version"], num_slots=d["num_slots"],
-                   assignment=tuple(d["assignment"]), addresses=tuple(d["addresses"]),
-                   layout=d.get("layout", ""))
+        return cls(
+            version=d["version"],
+            num_slots=d["num_slots"],
+            assignment=tuple(d["assignment"]),
+            addresses=tuple(d["addresses"]),
+            layout=d.get("layout", ""),
+        )
 
     @classmethod
     def single(cls, address: str) -> ShardMap:
@@ -84,16 +88,25 @@ class ShardMap:
         return cls(version=0, num_slots=1, assignment=(0,), addresses=(address,))
 
     @classmethod
-    def balanced(cls, addresses: list[str] | tuple[str, ...], num_slots: int = DEFAULT_SLOTS,
-                 version: int = 1, layout: str = "") -> ShardMap:
+    def balanced(
+        cls,
+        addresses: list[str] | tuple[str, ...],
+        num_slots: int = DEFAULT_SLOTS,
+        version: int = 1,
+        layout: str = "",
+    ) -> ShardMap:
         """A fresh map spreading slots round-robin over the shards."""
         if not addresses:
             raise ConfigError("a shard map needs at least one shard")
         if num_slots < len(addresses):
             raise ConfigError(f"{len(addresses)} shards need at least as many slots ({num_slots})")
-        return cls(version=version, num_slots=num_slots,
-                   assignment=tuple(i % len(addresses) for i in range(num_slots)),
-                   addresses=tuple(addresses), layout=layout)
+        return cls(
+            version=version,
+            num_slots=num_slots,
+            assignment=tuple(i % len(addresses) for i in range(num_slots)),
+            addresses=tuple(addresses),
+            layout=layout,
+        )
 
     def rebalanced(self, addresses: list[str] | tuple[str, ...]) -> ShardMap:
         """A map over `addresses` (the first len(self.addresses) are the current shards, in order;
@@ -122,5 +135,10 @@ class ShardMap:
                 i += 1
             assign[slot] = i
             count[i] += 1
-        return ShardMap(version=self.version + 1, num_slots=self.num_slots,
-                        assignment=tuple(assign), addresses=tuple(addresses), layout=self.layout)
+        return ShardMap(
+            version=self.version + 1,
+            num_slots=self.num_slots,
+            assignment=tuple(assign),
+            addresses=tuple(addresses),
+            layout=self.layout,
+        )

@@ -69,9 +69,13 @@ class _Table:
 
     def meta_json(self, step: int | None = None, pushes: int | None = None) -> bytes:
         """The `table:<name>` meta value, optionally with new counters."""
-        return json.dumps({"spec": self.spec.to_dict(),
-                           "step": self.step if step is None else step,
-                           "pushes": self.pushes if pushes is None else pushes}).encode()
+        return json.dumps(
+            {
+                "spec": self.spec.to_dict(),
+                "step": self.step if step is None else step,
+                "pushes": self.pushes if pushes is None else pushes,
+            }
+        ).encode()
 
 
 class Shard:
@@ -88,15 +92,21 @@ class Shard:
             self._lock_file.close()
             raise DataDirLocked(
                 f"data directory {config.data_dir} is in use by another shard process; stop it "
-                "or give this shard another --data directory") from e
+                "or give this shard another --data directory"
+            ) from e
         self._lock_file.truncate(0)
         self._lock_file.write(f"{os.getpid()}\n")
         self._lock_file.flush()
         try:
             self._env = lmdb.open(
-                config.data_dir, map_size=config.map_size, max_dbs=_MAX_DBS + 3,
-                sync=config.durable, metasync=config.durable, readahead=False,
-                max_readers=max(126, 4 * config.workers))
+                config.data_dir,
+                map_size=config.map_size,
+                max_dbs=_MAX_DBS + 3,
+                sync=config.durable,
+                metasync=config.durable,
+                readahead=False,
+                max_readers=max(126, 4 * config.workers),
+            )
         except lmdb.Error:
             self._release_lock()
             raise
@@ -126,8 +136,12 @@ class Shard:
             self._state = ShardStateInfo.from_json(raw_state)
         for v in metas:
             d = json.loads(v)
-            self._add_table(TableConfig.from_dict(d["spec"]), self._env.open_db(
-                b"rows:" + d["spec"]["name"].encode()), d["step"], d["pushes"])
+            self._add_table(
+                TableConfig.from_dict(d["spec"]),
+                self._env.open_db(b"rows:" + d["spec"]["name"].encode()),
+                d["step"],
+                d["pushes"],
+            )
 
     # ---- lifecycle ----
 
@@ -154,8 +168,9 @@ class Shard:
 
     # ---- tables ----
 
-    def _add_table(self, spec: TableConfig, db: lmdb._Database, step: int = 0,
-                   pushes: int = 0) -> _Table:
+    def _add_table(
+        self, spec: TableConfig, db: lmdb._Database, step: int = 0, pushes: int = 0
+    ) -> _Table:
         t = _Table(spec, db, step, pushes)
         t.mirror = Mirror(spec.num_rows, t.record_bytes, self.config.cache_rows)
         self._tables[spec.name] = t
@@ -180,15 +195,15 @@ class Shard:
                 if old.spec != spec:
                     raise TableExists(
                         f"table {spec.name!r} exists with another spec ({old.spec}); drop it "
-                        "first or use another name")
+                        "first or use another name"
+                    )
                 return self._stats(old), False
             self._writable()
             if len(self._tables) >= _MAX_DBS:
                 raise StoreFull(f"this shard holds the maximum of {_MAX_DBS} tables; drop one")
             with self._write() as txn:
                 db = self._env.open_db(b"rows:" + spec.name.encode(), txn=txn)
-                txn.put(b"table:" + spec.name.encode(), _Table(spec, db).meta_json(),
-                        db=self._meta)
+                txn.put(b"table:" + spec.name.encode(), _Table(spec, db).meta_json(), db=self._meta)
             t = self._add_table(spec, db)
             return self._stats(t), True
 
@@ -233,18 +248,21 @@ class Shard:
 
     def _check_ids(self, t: _Table, ids: np.ndarray) -> None:
         if not isinstance(ids, np.ndarray) or ids.ndim != 1 or ids.dtype != np.int64:
-            what = (f"{ids.ndim}-D {ids.dtype}" if isinstance(ids, np.ndarray)
-                    else type(ids).__name__)
+            what = (
+                f"{ids.ndim}-D {ids.dtype}" if isinstance(ids, np.ndarray) else type(ids).__name__
+            )
             raise InvalidArgument(f"ids must be a 1-D np.int64 array, got {what}")
         if ids.shape[0] > self.config.max_batch_rows:
             raise BatchTooLarge(
                 f"{ids.shape[0]} ids exceed this shard's max_batch_rows="
-                f"{self.config.max_batch_rows}; split the request")
+                f"{self.config.max_batch_rows}; split the request"
+            )
         if ids.shape[0] and (ids.min() < 0 or ids.max() >= t.spec.num_rows):
             bad = int(ids[(ids < 0) | (ids >= t.spec.num_rows)][0])
             raise InvalidArgument(
                 f"row id {bad} is out of range for table {t.spec.name!r}; ids must lie in "
-                f"[0, {t.spec.num_rows})")
+                f"[0, {t.spec.num_rows})"
+            )
 
     def _check_owned(self, t: _Table, ids: np.ndarray, push: bool) -> None:
         st = self._state
@@ -252,8 +270,10 @@ class Shard:
             return
         slots = slot_of(t.spec.name, ids, st.num_slots)
         if st.owned and not np.frombuffer(st.owned, np.uint8)[slots].all():
-            raise WrongShard(f"stale shard map (shard has version {st.map_version}); rows of "
-                             f"table {t.spec.name!r} are not owned here: refresh the map")
+            raise WrongShard(
+                f"stale shard map (shard has version {st.map_version}); rows of "
+                f"table {t.spec.name!r} are not owned here: refresh the map"
+            )
         if push and st.frozen and np.frombuffer(st.frozen, np.uint8)[slots].any():
             raise ShardUnavailable("slots moving: some rows are being resharded; retry shortly")
 
@@ -270,15 +290,21 @@ class Shard:
         if len(found) == ids.shape[0]:  # every id stored: no None among vals
             stored = b"".join(cast("list[bytes]", vals))
             return np.frombuffer(stored, np.uint8).reshape(-1, t.record_bytes)
-        rec = t.layout.encode(init.initial_rows(t.spec, ids),
-                           init.initial_state(t.spec, ids.shape[0]))
+        rec = t.layout.encode(
+            init.initial_rows(t.spec, ids), init.initial_state(t.spec, ids.shape[0])
+        )
         if found:
             stored = b"".join(cast(bytes, vals[i]) for i in found)
             rec[found] = np.frombuffer(stored, np.uint8).reshape(-1, t.record_bytes)
         return rec
 
-    def _records(self, t: _Table, ids: np.ndarray, txn: lmdb.Transaction | None,
-                 out: np.ndarray | None = None) -> np.ndarray:
+    def _records(
+        self,
+        t: _Table,
+        ids: np.ndarray,
+        txn: lmdb.Transaction | None,
+        out: np.ndarray | None = None,
+    ) -> np.ndarray:
         """Current records of distinct `ids`: mirror first, then LMDB (or init)."""
         with self._mlock.read():
             pos = t.mirror.find(ids)
@@ -352,8 +378,9 @@ class Shard:
 
     # ---- writes ----
 
-    def push(self, table: str, ids: np.ndarray, grads: np.ndarray, request_id: str = "",
-             step: int = 0) -> PushResult:
+    def push(
+        self, table: str, ids: np.ndarray, grads: np.ndarray, request_id: str = "", step: int = 0
+    ) -> PushResult:
         """Apply one optimizer step to rows `ids` with gradients `grads` (duplicates summed).
 
         step 0 means the table's step + 1. A request id seen before returns duplicate=True and
@@ -363,10 +390,16 @@ class Shard:
         self._writable()
         self._check_ids(t, ids)
         n, dim = ids.shape[0], t.spec.dim
-        if not isinstance(grads, np.ndarray) or grads.dtype != np.float32 \
-                or grads.shape != (n, dim):
-            what = (f"{grads.dtype} {grads.shape}" if isinstance(grads, np.ndarray)
-                    else type(grads).__name__)
+        if (
+            not isinstance(grads, np.ndarray)
+            or grads.dtype != np.float32
+            or grads.shape != (n, dim)
+        ):
+            what = (
+                f"{grads.dtype} {grads.shape}"
+                if isinstance(grads, np.ndarray)
+                else type(grads).__name__
+            )
             raise InvalidArgument(f"grads must be float32 of shape ({n}, {dim}), got {what}")
         if n and not (np.isfinite(grads.min()) and np.isfinite(grads.max())):
             raise InvalidArgument("grads contain NaN or Inf; skip or clip this step")
@@ -376,8 +409,10 @@ class Shard:
             raise InvalidArgument(f"request_id must be a str, got {type(request_id).__name__}")
         req_key = t.spec.name.encode() + b"\0" + request_id.encode()
         if len(req_key) > self._env.max_key_size():
-            raise InvalidArgument(f"request_id of {len(request_id)} characters is too long; "
-                                  f"use at most {self._env.max_key_size() - len(table) - 1} bytes")
+            raise InvalidArgument(
+                f"request_id of {len(request_id)} characters is too long; "
+                f"use at most {self._env.max_key_size() - len(table) - 1} bytes"
+            )
         with self._wlock:
             if self._tables.get(table) is not t:
                 raise TableNotFound(f"table {table!r} was dropped; create it again")
@@ -395,22 +430,32 @@ class Shard:
                 uids, order, summed = distinct_ids(ids, grads)
                 m = uids.shape[0]
                 new = self._scratch("new", m, t.record_bytes)
-                self._apply(t, uids, order, grads if summed is None else summed, step, new,
-                            txn)
+                self._apply(t, uids, order, grads if summed is None else summed, step, new, txn)
                 txn.cursor(db=t.db).putmulti(put_items(uids, new))
                 if request_id:
                     self._log_request(txn, req_key, step, m)
                 new_step, new_pushes = max(t.step, step), t.pushes + 1
-                txn.put(b"table:" + t.spec.name.encode(), t.meta_json(new_step, new_pushes),
-                        db=self._meta)
+                txn.put(
+                    b"table:" + t.spec.name.encode(),
+                    t.meta_json(new_step, new_pushes),
+                    db=self._meta,
+                )
             t.step, t.pushes = new_step, new_pushes
             with self._mlock.write():
                 t.mirror.put(uids, new)
                 t.mirror.gen += 1
             return PushResult(int(m), False, step)
 
-    def _apply(self, t: _Table, uids: np.ndarray, order: np.ndarray | None, grads: np.ndarray,
-               step: int, new: np.ndarray, txn: lmdb.Transaction) -> None:
+    def _apply(
+        self,
+        t: _Table,
+        uids: np.ndarray,
+        order: np.ndarray | None,
+        grads: np.ndarray,
+        step: int,
+        new: np.ndarray,
+        txn: lmdb.Transaction,
+    ) -> None:
         """Records after one optimizer step on distinct sorted `uids` into `new`; the gradient
         of uids[i] is grads[order[i]] (grads[i] when order is None). Works in row chunks, which
         keep the optimizer's temporaries in cache."""
@@ -459,8 +504,10 @@ class Shard:
             with self._env.begin(db=db, write=True) as txn:
                 yield txn
         except lmdb.MapFullError as e:
-            raise StoreFull(f"the LMDB map of {self.config.map_size} bytes is full; restart the "
-                            "shard with a larger --map-size (only touched pages use disk)") from e
+            raise StoreFull(
+                f"the LMDB map of {self.config.map_size} bytes is full; restart the "
+                "shard with a larger --map-size (only touched pages use disk)"
+            ) from e
 
     # ---- shard state and resharding ----
 
@@ -473,15 +520,18 @@ class Shard:
         for name in ("owned", "frozen"):
             v = getattr(state, name)
             if v and len(v) != state.num_slots:
-                raise InvalidArgument(f"shard state {name} has {len(v)} bytes; send num_slots="
-                                      f"{state.num_slots} bytes, or none")
+                raise InvalidArgument(
+                    f"shard state {name} has {len(v)} bytes; send num_slots="
+                    f"{state.num_slots} bytes, or none"
+                )
         if (state.owned or state.frozen) and state.num_slots <= 0:
             raise InvalidArgument("shard state with owned/frozen slots needs num_slots > 0")
         with self._wlock:
             if self._state.layout and state.layout and self._state.layout != state.layout:
                 raise LayoutMismatch(
                     f"data directory belongs to cluster layout {self._state.layout!r}, not "
-                    f"{state.layout!r}; give this shard a fresh --data directory")
+                    f"{state.layout!r}; give this shard a fresh --data directory"
+                )
             with self._write() as txn:
                 txn.put(b"shard", state.to_json().encode(), db=self._meta)
             self._state = state
@@ -493,8 +543,9 @@ class Shard:
             raise InvalidArgument("slot mask must be a non-empty 1-D array of num_slots flags")
         return m.astype(bool)
 
-    def export_rows(self, table: str, slot_mask: np.ndarray, batch_rows: int = 65536
-                    ) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+    def export_rows(
+        self, table: str, slot_mask: np.ndarray, batch_rows: int = 65536
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
         """Stored rows of the slots in `slot_mask`: (ids, records uint8 (n, record_bytes), step)
         batches of at most `batch_rows`, from one consistent snapshot."""
         t = self._get(table)
@@ -504,16 +555,18 @@ class Shard:
         step = t.step
         return self._export(t, mask, batch_rows, step)
 
-    def _export(self, t: _Table, mask: np.ndarray, batch_rows: int, step: int
-                ) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+    def _export(
+        self, t: _Table, mask: np.ndarray, batch_rows: int, step: int
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
         with self._env.begin(db=t.db) as txn:
             for ids, vals in self._scan(txn, t, mask):
                 rec = np.frombuffer(b"".join(vals), np.uint8).reshape(-1, t.record_bytes)
                 for lo in range(0, ids.shape[0], batch_rows):
-                    yield ids[lo:lo + batch_rows], rec[lo:lo + batch_rows], step
+                    yield ids[lo : lo + batch_rows], rec[lo : lo + batch_rows], step
 
-    def _scan(self, txn: lmdb.Transaction[bytes], t: _Table, mask: np.ndarray
-              ) -> Iterator[tuple[np.ndarray, list[bytes]]]:
+    def _scan(
+        self, txn: lmdb.Transaction[bytes], t: _Table, mask: np.ndarray
+    ) -> Iterator[tuple[np.ndarray, list[bytes]]]:
         """Chunks (ids, values) of the stored rows whose slot is set in `mask`."""
         it = txn.cursor(db=t.db).iternext()
         while True:
@@ -532,8 +585,10 @@ class Shard:
         self._check_ids(t, ids)
         rec = np.asarray(records)
         if rec.dtype != np.uint8 or rec.shape != (ids.shape[0], t.record_bytes):
-            raise InvalidArgument(f"records must be uint8 of shape ({ids.shape[0]}, "
-                                  f"{t.record_bytes}), got {rec.dtype} {rec.shape}")
+            raise InvalidArgument(
+                f"records must be uint8 of shape ({ids.shape[0]}, "
+                f"{t.record_bytes}), got {rec.dtype} {rec.shape}"
+            )
         if np.unique(ids).shape[0] != ids.shape[0]:
             raise InvalidArgument("import ids must be distinct")
         if ids.shape[0]:
@@ -544,8 +599,7 @@ class Shard:
             new_step = max(t.step, int(step))
             with self._write() as txn:
                 txn.cursor(db=t.db).putmulti(put_items(ids, rec))
-                txn.put(b"table:" + t.spec.name.encode(), t.meta_json(new_step),
-                        db=self._meta)
+                txn.put(b"table:" + t.spec.name.encode(), t.meta_json(new_step), db=self._meta)
             t.step = new_step
             with self._mlock.write():
                 t.mirror.clear()
@@ -588,7 +642,10 @@ class Shard:
                 n = txn.stat(t.db)["entries"]
                 stored_rows += n
                 stored_bytes += n * t.record_bytes
-        return {"stored_rows": stored_rows, "stored_bytes": stored_bytes,
-                "map_size_bytes": info["map_size"],
-                "used_bytes": (info["last_pgno"] + 1) * st["psize"],
-                "cache_rows": sum(t.mirror.n for t in list(self._tables.values()))}
+        return {
+            "stored_rows": stored_rows,
+            "stored_bytes": stored_bytes,
+            "map_size_bytes": info["map_size"],
+            "used_bytes": (info["last_pgno"] + 1) * st["psize"],
+            "cache_rows": sum(t.mirror.n for t in list(self._tables.values())),
+        }

@@ -73,8 +73,9 @@ def _decode(spec: TableConfig, records: np.ndarray) -> np.ndarray:
     return dtypes.from_bytes(raw.tobytes(), spec.dtype, spec.dim)
 
 
-def _remote_batches(address: str, config: ClientConfig, spec: TableConfig, slots: bytes
-                    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def _remote_batches(
+    address: str, config: ClientConfig, spec: TableConfig, slots: bytes
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     import grpc
 
     from engram_store.rpc.auth import open_channel
@@ -82,12 +83,14 @@ def _remote_batches(address: str, config: ClientConfig, spec: TableConfig, slots
     from engram_store.rpc.proto import store_pb2_grpc as pb_grpc
     from engram_store.rpc.status import error_from_rpc
 
-    channel = open_channel(address, config, [
-        ("grpc.max_receive_message_length", config.max_message_bytes)])
+    channel = open_channel(
+        address, config, [("grpc.max_receive_message_length", config.max_message_bytes)]
+    )
     try:
         stub = pb_grpc.MemoryStoreStub(channel)
-        stream = stub.ExportRows(pb.ExportRowsRequest(table=spec.name, slots=slots,
-                                                      batch_rows=65536), timeout=24 * 3600)
+        stream = stub.ExportRows(
+            pb.ExportRowsRequest(table=spec.name, slots=slots, batch_rows=65536), timeout=24 * 3600
+        )
         try:
             for b in stream:
                 ids = np.frombuffer(b.ids, "<i8").astype(np.int64)
@@ -99,8 +102,9 @@ def _remote_batches(address: str, config: ClientConfig, spec: TableConfig, slots
         channel.close()
 
 
-def _snapshot_batches(directory: str, index: int, spec: TableConfig, num_slots: int
-                      ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def _snapshot_batches(
+    directory: str, index: int, spec: TableConfig, num_slots: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     from engram_store.ops.snapshot import open_snapshot_shard, owned_mask
 
     with open_snapshot_shard(directory, index) as shard:
@@ -114,20 +118,29 @@ def _snapshot_batches(directory: str, index: int, spec: TableConfig, num_slots: 
 def _header(name: str, dtype: str, shape: tuple[int, int], metadata: dict[str, str]) -> bytes:
     """The safetensors header (8-byte length + JSON, padded to 8 bytes) of one tensor."""
     nbytes = shape[0] * shape[1] * np.dtype(_DTYPES[dtype][1]).itemsize
-    head = {"__metadata__": metadata,
-            name: {"dtype": _DTYPES[dtype][0], "shape": list(shape), "data_offsets": [0, nbytes]}}
+    head = {
+        "__metadata__": metadata,
+        name: {"dtype": _DTYPES[dtype][0], "shape": list(shape), "data_offsets": [0, nbytes]},
+    }
     text = json.dumps(head, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
     return struct.pack("<Q", len(text)) + text
 
 
-def write_table(path: str, spec: TableConfig, cursors: list[_Cursor], dtype: str = "float32",
-                metadata: dict[str, str] | None = None, chunk_rows: int = 1 << 16) -> int:
+def write_table(
+    path: str,
+    spec: TableConfig,
+    cursors: list[_Cursor],
+    dtype: str = "float32",
+    metadata: dict[str, str] | None = None,
+    chunk_rows: int = 1 << 16,
+) -> int:
     """Write every row of `spec` (stored rows from `cursors`, the rest initial) to a safetensors
     file at `path` (atomically); returns the number of stored rows written."""
     if dtype not in _DTYPES:
-        raise InvalidArgument(f"export dtype {dtype!r} is not supported; use one of "
-                              f"{sorted(_DTYPES)}")
+        raise InvalidArgument(
+            f"export dtype {dtype!r} is not supported; use one of {sorted(_DTYPES)}"
+        )
     tmp = path + ".tmp"
     stored = 0
     with open(tmp, "wb") as f:
@@ -149,14 +162,22 @@ def write_table(path: str, spec: TableConfig, cursors: list[_Cursor], dtype: str
     return stored
 
 
-def table_metadata(spec: TableConfig, step: int, hash_config: str | None = None,
-                   source: str = "") -> dict[str, str]:
+def table_metadata(
+    spec: TableConfig, step: int, hash_config: str | None = None, source: str = ""
+) -> dict[str, str]:
     """The safetensors metadata (strings only) that tells an inference job how to use a table."""
-    meta = {"format": "engram-table/1", "table": spec.name, "num_rows": str(spec.num_rows),
-            "dim": str(spec.dim), "head_rows": json.dumps(list(spec.head_rows)),
-            "head_offsets": json.dumps(list(spec.head_offsets())),
-            "spec": json.dumps(spec.to_dict()), "step": str(step), "source": source,
-            "exported_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    meta = {
+        "format": "engram-table/1",
+        "table": spec.name,
+        "num_rows": str(spec.num_rows),
+        "dim": str(spec.dim),
+        "head_rows": json.dumps(list(spec.head_rows)),
+        "head_offsets": json.dumps(list(spec.head_offsets())),
+        "spec": json.dumps(spec.to_dict()),
+        "step": str(step),
+        "source": source,
+        "exported_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     layer = _LAYER.match(spec.name)
     if layer:
         meta["layer"] = layer.group(1)
@@ -164,15 +185,23 @@ def table_metadata(spec: TableConfig, step: int, hash_config: str | None = None,
         try:
             meta["hash_config"] = json.dumps(json.loads(hash_config))
         except ValueError as e:
-            raise ConfigError(f"--hash-config is not valid JSON ({e}); give e.g. "
-                              '\'{"layers": [1, 15], "max_ngram": 3, "heads": 8}\'') from None
+            raise ConfigError(
+                f"--hash-config is not valid JSON ({e}); give e.g. "
+                '\'{"layers": [1, 15], "max_ngram": 3, "heads": 8}\''
+            ) from None
     return meta
 
 
-def export_safetensors(target, out_dir: str, tables: list[str] | None = None,
-                       dtype: str = "float32", hash_config: str | None = None,
-                       snapshot_dir: str | None = None, config: ClientConfig | None = None,
-                       chunk_rows: int = 1 << 16) -> list[str]:
+def export_safetensors(
+    target,
+    out_dir: str,
+    tables: list[str] | None = None,
+    dtype: str = "float32",
+    hash_config: str | None = None,
+    snapshot_dir: str | None = None,
+    config: ClientConfig | None = None,
+    chunk_rows: int = 1 << 16,
+) -> list[str]:
     """Write `<out_dir>/<table>.safetensors` for each table (default: all) of a live store
     (`target`: StoreClient or a shard's "host:port") or of a snapshot directory; returns paths.
 
@@ -194,13 +223,18 @@ def export_safetensors(target, out_dir: str, tables: list[str] | None = None,
         source = os.path.abspath(snapshot_dir)
 
         def cursors(spec: TableConfig) -> list[_Cursor]:
-            return [_Cursor(_snapshot_batches(snapshot_dir, i, spec, num_slots))
-                    for i in range(n_shards)]
+            return [
+                _Cursor(_snapshot_batches(snapshot_dir, i, spec, num_slots))
+                for i in range(n_shards)
+            ]
     else:
         from engram_store.rpc.client import StoreClient
 
-        client = target if isinstance(target, StoreClient) else StoreClient(
-            target, config or ClientConfig())
+        client = (
+            target
+            if isinstance(target, StoreClient)
+            else StoreClient(target, config or ClientConfig())
+        )
         try:
             infos = {t.spec.name: t for t in client.list_tables()}
             smap: ShardMap = client.refresh_map()
@@ -229,8 +263,13 @@ def export_safetensors(target, out_dir: str, tables: list[str] | None = None,
     for name in names:  # one table at a time: memory holds a few chunks of one table
         spec = specs[name]
         path = os.path.join(out_dir, f"{name}.safetensors")
-        write_table(path, spec, cursors(spec), dtype,
-                    table_metadata(spec, int(steps.get(name, 0)), hash_config, source),
-                    chunk_rows)
+        write_table(
+            path,
+            spec,
+            cursors(spec),
+            dtype,
+            table_metadata(spec, int(steps.get(name, 0)), hash_config, source),
+            chunk_rows,
+        )
         paths.append(path)
     return paths

@@ -82,11 +82,18 @@ class ClusterLayout:
 
     def to_dict(self) -> dict:
         """The JSON object cluster.json holds."""
-        d = {"layout": self.layout, "name": self.name, "num_slots": self.num_slots,
-             "num_shards": self.num_shards, "shard_map": self.shard_map.to_json(),
-             "placement": {str(k): v for k, v in sorted(self.placement.items())
-                           if k < self.num_shards},
-             "tables": dict(self.tables), "updated": self.updated}
+        d = {
+            "layout": self.layout,
+            "name": self.name,
+            "num_slots": self.num_slots,
+            "num_shards": self.num_shards,
+            "shard_map": self.shard_map.to_json(),
+            "placement": {
+                str(k): v for k, v in sorted(self.placement.items()) if k < self.num_shards
+            },
+            "tables": dict(self.tables),
+            "updated": self.updated,
+        }
         if self.restored_from:
             d["restored_from"] = self.restored_from
         return d
@@ -95,16 +102,26 @@ class ClusterLayout:
     def from_dict(cls, d: object, path: str = LAYOUT_FILE) -> ClusterLayout:
         """The layout a cluster.json object describes; LayoutMismatch naming `path` (and what is
         wrong) when a field is missing or inconsistent."""
+
         def damaged(what: str) -> LayoutMismatch:
-            return LayoutMismatch(f"{path} is damaged ({what}); restore it (or the whole data root "
-                                  "from a snapshot with `engram ops restore`) or use another "
-                                  "--data directory")
+            return LayoutMismatch(
+                f"{path} is damaged ({what}); restore it (or the whole data root "
+                "from a snapshot with `engram ops restore`) or use another "
+                "--data directory"
+            )
 
         if not isinstance(d, dict):
             raise damaged(f"a JSON object expected, found {type(d).__name__}")
-        for key, kind in (("layout", str), ("name", str), ("num_slots", int),
-                          ("num_shards", int), ("shard_map", str), ("placement", dict),
-                          ("tables", dict), ("updated", (int, float))):
+        for key, kind in (
+            ("layout", str),
+            ("name", str),
+            ("num_slots", int),
+            ("num_shards", int),
+            ("shard_map", str),
+            ("placement", dict),
+            ("tables", dict),
+            ("updated", (int, float)),
+        ):
             if key not in d:
                 raise damaged(f"no {key!r} field")
             if not isinstance(d[key], kind) or isinstance(d[key], bool):
@@ -116,19 +133,21 @@ class ClusterLayout:
         except (ValueError, KeyError, TypeError) as e:
             raise damaged(f"'shard_map' does not parse: {e!r}") from None
         if d["num_slots"] < 1 or shard_map.num_slots != d["num_slots"]:
-            raise damaged(f"num_slots {d['num_slots']} but the shard map has "
-                          f"{shard_map.num_slots}")
+            raise damaged(f"num_slots {d['num_slots']} but the shard map has {shard_map.num_slots}")
         if shard_map.num_shards < 1 or shard_map.num_shards != d["num_shards"]:
-            raise damaged(f"num_shards {d['num_shards']} but the shard map has "
-                          f"{shard_map.num_shards} addresses")
+            raise damaged(
+                f"num_shards {d['num_shards']} but the shard map has "
+                f"{shard_map.num_shards} addresses"
+            )
         if len(shard_map.assignment) != shard_map.num_slots or not all(
-                isinstance(s, int) and 0 <= s < shard_map.num_shards
-                for s in shard_map.assignment):
-            raise damaged(f"the shard map does not assign each of its {shard_map.num_slots} "
-                          f"slots to one of its {shard_map.num_shards} shards")
+            isinstance(s, int) and 0 <= s < shard_map.num_shards for s in shard_map.assignment
+        ):
+            raise damaged(
+                f"the shard map does not assign each of its {shard_map.num_slots} "
+                f"slots to one of its {shard_map.num_shards} shards"
+            )
         if shard_map.layout and shard_map.layout != d["layout"]:
-            raise damaged(f"the shard map belongs to layout {shard_map.layout}, "
-                          f"not {d['layout']}")
+            raise damaged(f"the shard map belongs to layout {shard_map.layout}, not {d['layout']}")
         placement = {}
         for k, v in d["placement"].items():
             if not (isinstance(k, str) and k.isdigit() and isinstance(v, str)):
@@ -140,19 +159,27 @@ class ClusterLayout:
         restored_from = d.get("restored_from", "")
         if not isinstance(restored_from, str):
             raise damaged(f"'restored_from' is a {type(restored_from).__name__}")
-        return cls(layout=d["layout"], name=d["name"], shard_map=shard_map, placement=placement,
-                   tables=dict(d["tables"]), updated=float(d["updated"]),
-                   restored_from=restored_from)
+        return cls(
+            layout=d["layout"],
+            name=d["name"],
+            shard_map=shard_map,
+            placement=placement,
+            tables=dict(d["tables"]),
+            updated=float(d["updated"]),
+            restored_from=restored_from,
+        )
 
-    def check_compatible(self, num_slots: int, tables: Iterable[dict],
-                         path: str = LAYOUT_FILE) -> None:
+    def check_compatible(
+        self, num_slots: int, tables: Iterable[dict], path: str = LAYOUT_FILE
+    ) -> None:
         """Raise LayoutMismatch (naming `path`) unless a cluster of `num_slots` slots that is
         about to create `tables` (TableConfig dicts) may reopen this layout: same slot count,
         and each table either new or of the recorded spec."""
         if self.num_slots != num_slots:
             raise LayoutMismatch(
                 f"{path}: layout {self.layout} has {self.num_slots} slots, this cluster asks "
-                f"for {num_slots}; use --slots {self.num_slots} or another --data directory")
+                f"for {num_slots}; use --slots {self.num_slots} or another --data directory"
+            )
         for t in tables:
             t = _as_json(t)
             old = self.tables.get(t["name"])
@@ -161,7 +188,8 @@ class ClusterLayout:
                 raise LayoutMismatch(
                     f"{path}: table {t['name']!r} was created with another spec (differs in "
                     f"{', '.join(diff)}); keep its spec, pick a new table name, or use another "
-                    "--data directory")
+                    "--data directory"
+                )
 
 
 def read_layout(data_root: str) -> ClusterLayout | None:
@@ -174,8 +202,9 @@ def read_layout(data_root: str) -> ClusterLayout | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as e:
-        raise LayoutMismatch(f"{path} is unreadable ({e}); restore it or use another --data "
-                             "directory") from None
+        raise LayoutMismatch(
+            f"{path} is unreadable ({e}); restore it or use another --data directory"
+        ) from None
     return ClusterLayout.from_dict(d, path)
 
 
@@ -248,11 +277,12 @@ def lock_data_root(data_root: str, holder: Mapping[str, object]) -> DataRootLock
         if isinstance(other, dict) and "cluster" not in other:
             raise DataDirLocked(
                 f"{data_root} is being written by a live process ({text}); wait for it to "
-                "finish, or use another directory") from None
+                "finish, or use another directory"
+            ) from None
         raise DataDirLocked(
             f"{data_root} is served by a live cluster ({text}); stop it with "
-            "`engram cluster down`, or give this cluster another --data directory") from None
+            "`engram cluster down`, or give this cluster another --data directory"
+        ) from None
     os.ftruncate(fd, 0)
-    os.write(fd, json.dumps({**holder, "pid": os.getpid(),
-                             "host": socket.gethostname()}).encode())
+    os.write(fd, json.dumps({**holder, "pid": os.getpid(), "host": socket.gethostname()}).encode())
     return DataRootLock(data_root, fd)

@@ -19,9 +19,15 @@ from engram_store.ops.layout import ClusterLayout, lock_data_root, write_layout
 from engram_store.ops.snapshot import load_manifest, open_snapshot_shard, owned_mask
 
 
-def restore(source: str, data_root: str, shards: int | None = None,
-            addresses: list[str] | None = None, num_slots: int | None = None,
-            batch_rows: int = 65536, map_size: int | None = None) -> dict:
+def restore(
+    source: str,
+    data_root: str,
+    shards: int | None = None,
+    addresses: list[str] | None = None,
+    num_slots: int | None = None,
+    batch_rows: int = 65536,
+    map_size: int | None = None,
+) -> dict:
     """Restore a snapshot offline into `<data_root>/shard-<j>` for `shards` shards (default: as
     many as the snapshot had), re-routing every row with a new balanced ShardMap.
 
@@ -40,8 +46,9 @@ def restore(source: str, data_root: str, shards: int | None = None,
         raise ConfigError(f"{len(addresses)} addresses for {m_new} shards; give one per shard")
     slots = num_slots or (old_map.num_slots if old_map.num_slots > 1 else DEFAULT_SLOTS)
     layout = uuid.uuid4().hex
-    new_map = ShardMap.balanced(addresses or [f"restored-shard-{j}" for j in range(m_new)],
-                                slots, version=1, layout=layout)
+    new_map = ShardMap.balanced(
+        addresses or [f"restored-shard-{j}" for j in range(m_new)], slots, version=1, layout=layout
+    )
     if os.path.exists(data_root) and os.listdir(data_root):
         raise ConfigError(f"{data_root} is not empty; restore into a new or empty directory")
     # The registry takes the same lock, so no cluster opens the directory half restored.
@@ -49,9 +56,17 @@ def restore(source: str, data_root: str, shards: int | None = None,
         specs = [TableConfig.from_dict(d) for d in manifest["tables"].values()]
         steps = manifest.get("steps", {})
         template = ShardConfig(data_dir="-")
-        dests = [Shard(dataclasses.replace(template, data_dir=os.path.join(data_root, f"shard-{j}"),
-                                           cache_rows=0, map_size=map_size or template.map_size))
-                 for j in range(m_new)]
+        dests = [
+            Shard(
+                dataclasses.replace(
+                    template,
+                    data_dir=os.path.join(data_root, f"shard-{j}"),
+                    cache_rows=0,
+                    map_size=map_size or template.map_size,
+                )
+            )
+            for j in range(m_new)
+        ]
         rows_per_shard = [0] * m_new
         try:
             for spec in specs:
@@ -67,25 +82,53 @@ def restore(source: str, data_root: str, shards: int | None = None,
                             for j in np.unique(owner):
                                 sel = owner == j
                                 rows_per_shard[j] += dests[j].import_rows(
-                                    spec.name, ids[sel], np.ascontiguousarray(rec[sel]), 0)
+                                    spec.name, ids[sel], np.ascontiguousarray(rec[sel]), 0
+                                )
                 step = int(steps.get(spec.name, 0))
-                for d in dests:  # every shard continues from the table's step (Adam bias correction)
-                    d.import_rows(spec.name, np.empty(0, np.int64),
-                                  np.empty((0, d.record_bytes(spec.name)), np.uint8), step)
+                for (
+                    d
+                ) in dests:  # every shard continues from the table's step (Adam bias correction)
+                    d.import_rows(
+                        spec.name,
+                        np.empty(0, np.int64),
+                        np.empty((0, d.record_bytes(spec.name)), np.uint8),
+                        step,
+                    )
             if m_new > 1 or addresses:
                 for j, d in enumerate(dests):
-                    d.set_shard_state(ShardStateInfo(
-                        shard_index=j, map_version=new_map.version, num_slots=slots,
-                        owned=new_map.owned_mask(j), layout=layout,
-                        shard_map_json=new_map.to_json() if addresses else ""))
+                    d.set_shard_state(
+                        ShardStateInfo(
+                            shard_index=j,
+                            map_version=new_map.version,
+                            num_slots=slots,
+                            owned=new_map.owned_mask(j),
+                            layout=layout,
+                            shard_map_json=new_map.to_json() if addresses else "",
+                        )
+                    )
         finally:
             for d in dests:
                 d.close()
         # The cluster registry's own layout file (ops/layout.py): `engram cluster up --data
         # <data_root>` reopens the restored shards as a cluster.
-        write_layout(data_root, ClusterLayout(
-            layout=layout, name="engram", shard_map=new_map, placement={},
-            tables={s.name: s.to_dict() for s in specs}, restored_from=os.path.abspath(source)))
-        return {"data_root": os.path.abspath(data_root), "shards": m_new, "num_slots": slots,
-                "layout": layout, "rows_per_shard": rows_per_shard, "steps": steps,
-                "tables": [s.name for s in specs], "from_snapshot": manifest["snapshot_id"]}
+        write_layout(
+            data_root,
+            ClusterLayout(
+                layout=layout,
+                name="engram",
+                shard_map=new_map,
+                placement={},
+                tables={s.name: s.to_dict() for s in specs},
+                restored_from=os.path.abspath(source),
+            ),
+        )
+        return {
+            "data_root": os.path.abspath(data_root),
+            "shards": m_new,
+            "num_slots": slots,
+            "layout": layout,
+            "rows_per_shard": rows_per_shard,
+            "steps": steps,
+            "tables": [s.name for s in specs],
+            "from_snapshot": manifest["snapshot_id"],
+        }

@@ -54,8 +54,8 @@ _WINDOW_S = 10.0  # default STATUS window: parts of one push arrive well within 
 _RECENT_MAX = 1 << 18
 
 
-
 # ---- coordinator ----
+
 
 def _addresses(target) -> tuple[ShardMap, ClientConfig]:
     """The shard map and client config of a StoreClient, a ShardMap, or an address (list)."""
@@ -69,8 +69,14 @@ def _addresses(target) -> tuple[ShardMap, ClientConfig]:
         return c.shard_map, c.config
 
 
-def snapshot(target, directory: str, config: ClientConfig | None = None, lease_s: float = 60.0,
-             settle_s: float = 0.2, timeout_s: float = 30.0) -> str:
+def snapshot(
+    target,
+    directory: str,
+    config: ClientConfig | None = None,
+    lease_s: float = 60.0,
+    settle_s: float = 0.2,
+    timeout_s: float = 30.0,
+) -> str:
     """Take a consistent snapshot of every shard of the store into `directory` (created; must
     not exist) and return the path of its manifest.json.
 
@@ -95,8 +101,7 @@ def snapshot(target, directory: str, config: ClientConfig | None = None, lease_s
 
     def call(i: int, timeout: float = cfg.timeout_s, **fields) -> pb.SnapshotResponse:
         try:
-            return stubs[i].Snapshot(pb.SnapshotRequest(snapshot_id=sid, **fields),
-                                     timeout=timeout)
+            return stubs[i].Snapshot(pb.SnapshotRequest(snapshot_id=sid, **fields), timeout=timeout)
         except grpc.RpcError as e:
             raise error_from_rpc(e, f"shard {m.addresses[i]}") from None
 
@@ -112,8 +117,9 @@ def snapshot(target, directory: str, config: ClientConfig | None = None, lease_s
         while True:
             # half-applied pushes (some part applied, some not): let them in and wait for them
             status = each(phase=pb.SNAPSHOT_STATUS, window_s=_WINDOW_S)
-            pending = half_applied({x for r in status for x in r.applied},
-                                   {x for r in status for x in r.rejected})
+            pending = half_applied(
+                {x for r in status for x in r.applied}, {x for r in status for x in r.rejected}
+            )
             if not pending:
                 break
             if not pending <= allowed:
@@ -122,11 +128,20 @@ def snapshot(target, directory: str, config: ClientConfig | None = None, lease_s
             if time.monotonic() > deadline:
                 raise ShardUnavailable(
                     f"{len(pending)} half-applied push(es) did not complete within {timeout_s}s "
-                    f"(e.g. {sorted(pending)[0]}); is a client stuck? Retry the snapshot")
+                    f"(e.g. {sorted(pending)[0]}); is a client stuck? Retry the snapshot"
+                )
             time.sleep(0.02)
-        copies = list(pool.map(
-            lambda i: call(i, timeout=max(cfg.timeout_s, lease_s), phase=pb.SNAPSHOT_COPY,
-                           path=os.path.join(directory, f"shard-{i}")), range(len(stubs))))
+        copies = list(
+            pool.map(
+                lambda i: call(
+                    i,
+                    timeout=max(cfg.timeout_s, lease_s),
+                    phase=pb.SNAPSHOT_COPY,
+                    path=os.path.join(directory, f"shard-{i}"),
+                ),
+                range(len(stubs)),
+            )
+        )
         copied_at = time.time()
     except BaseException:
         _thaw(stubs, sid)
@@ -142,19 +157,35 @@ def snapshot(target, directory: str, config: ClientConfig | None = None, lease_s
     for i, r in enumerate(copies):
         for t in r.tables:
             tables.setdefault(t.spec.name, wire.spec_from_pb(t.spec).to_dict())
-        shards.append({
-            "index": i, "address": m.addresses[i], "dir": f"shard-{i}", "bytes": r.bytes,
-            "standalone": not r.shard.owned, "map_version": r.shard.map_version,
-            "tables": {t.spec.name: {"step": t.step, "pushes": t.pushes,
-                                     "stored_rows": t.stored_rows} for t in r.tables}})
+        shards.append(
+            {
+                "index": i,
+                "address": m.addresses[i],
+                "dir": f"shard-{i}",
+                "bytes": r.bytes,
+                "standalone": not r.shard.owned,
+                "map_version": r.shard.map_version,
+                "tables": {
+                    t.spec.name: {"step": t.step, "pushes": t.pushes, "stored_rows": t.stored_rows}
+                    for t in r.tables
+                },
+            }
+        )
     manifest = {
-        "format": FORMAT, "snapshot_id": sid, "created": t0,
+        "format": FORMAT,
+        "snapshot_id": sid,
+        "created": t0,
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0)),
-        "writes_paused_s": round(copied_at - frozen_at, 3), "half_applied_completed": len(allowed),
-        "shard_map": json.loads(m.to_json()), "num_shards": m.num_shards, "tables": tables,
-        "steps": {name: max(s["tables"].get(name, {}).get("step", 0) for s in shards)
-                  for name in tables},
-        "shards": shards}
+        "writes_paused_s": round(copied_at - frozen_at, 3),
+        "half_applied_completed": len(allowed),
+        "shard_map": json.loads(m.to_json()),
+        "num_shards": m.num_shards,
+        "tables": tables,
+        "steps": {
+            name: max(s["tables"].get(name, {}).get("step", 0) for s in shards) for name in tables
+        },
+        "shards": shards,
+    }
     path = os.path.join(directory, MANIFEST)
     with open(path + ".tmp", "w") as f:
         json.dump(manifest, f, indent=1)
@@ -177,8 +208,9 @@ def load_manifest(directory: str) -> dict:
         with open(path) as f:
             m = json.load(f)
     except (OSError, ValueError) as e:
-        raise LayoutMismatch(f"{path} is missing or unreadable ({e}); give a directory written "
-                             "by `engram snapshot`") from None
+        raise LayoutMismatch(
+            f"{path} is missing or unreadable ({e}); give a directory written by `engram snapshot`"
+        ) from None
     if m.get("format") != FORMAT:
         raise LayoutMismatch(f"{path} has format {m.get('format')!r}, expected {FORMAT!r}")
     return m
@@ -186,8 +218,14 @@ def load_manifest(directory: str) -> dict:
 
 def open_snapshot_shard(directory: str, index: int) -> Shard:
     """Shard `index` of a snapshot directory, opened read-only (close it when done)."""
-    return Shard(ShardConfig(data_dir=os.path.join(directory, f"shard-{index}"), read_only=True,
-                             cache_rows=0, workers=1))
+    return Shard(
+        ShardConfig(
+            data_dir=os.path.join(directory, f"shard-{index}"),
+            read_only=True,
+            cache_rows=0,
+            workers=1,
+        )
+    )
 
 
 def owned_mask(state: ShardStateInfo, num_slots: int) -> np.ndarray:

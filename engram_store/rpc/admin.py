@@ -37,7 +37,6 @@ _WINDOW_S = 10.0  # default STATUS window: parts of one push arrive well within 
 _RECENT_MAX = 1 << 18
 
 
-
 def logical_id(request_id: str) -> str:
     """The logical push id of a sub-request id (`<id>/<shard>[.<chunk>]~<parts>`, or
     `<id>/<shard>[.<chunk>]@<map version>` when re-sent after a stale map)."""
@@ -58,8 +57,9 @@ def half_applied(applied: list[str] | set[str], refused: set[str]) -> set[str]:
             continue
         if any("@" in r for r in subs):
             continue
-        counts = {int(r.rsplit("~", 1)[1]) for r in subs
-                  if "~" in r and r.rsplit("~", 1)[1].isdigit()}
+        counts = {
+            int(r.rsplit("~", 1)[1]) for r in subs if "~" in r and r.rsplit("~", 1)[1].isdigit()
+        }
         if counts and len(subs) < max(counts):
             out.add(lid)
     return out
@@ -93,11 +93,15 @@ class SnapshotGate(grpc.ServerInterceptor):
     def _check(self, snapshot_id: str) -> None:
         self._lapse_locked()
         if not self._frozen_id:
-            raise SnapshotConflict("no snapshot is in progress on this shard (it thawed, or its "
-                                   "lease ran out); start again with FREEZE")
+            raise SnapshotConflict(
+                "no snapshot is in progress on this shard (it thawed, or its "
+                "lease ran out); start again with FREEZE"
+            )
         if snapshot_id != self._frozen_id:
-            raise SnapshotConflict(f"snapshot {self._frozen_id!r} is in progress, not "
-                                   f"{snapshot_id!r}; wait for it to finish")
+            raise SnapshotConflict(
+                f"snapshot {self._frozen_id!r} is in progress, not "
+                f"{snapshot_id!r}; wait for it to finish"
+            )
 
     def freeze(self, snapshot_id: str, lease_s: float) -> None:
         """Refuse writes from now on; return once no write is in flight."""
@@ -108,8 +112,9 @@ class SnapshotGate(grpc.ServerInterceptor):
         with self._cond:
             self._lapse_locked()
             if self._frozen_id and self._frozen_id != snapshot_id:
-                raise SnapshotConflict(f"snapshot {self._frozen_id!r} is already in progress; "
-                                       "wait for it to finish")
+                raise SnapshotConflict(
+                    f"snapshot {self._frozen_id!r} is already in progress; wait for it to finish"
+                )
             self._frozen_id, self._deadline = snapshot_id, time.monotonic() + lease_s
             self._allow, self._rejected = set(), set()
             if not self._cond.wait_for(lambda: self._inflight == 0, timeout=lease_s):
@@ -136,8 +141,10 @@ class SnapshotGate(grpc.ServerInterceptor):
             self._check(snapshot_id)
             self._allow = set()
             if not self._cond.wait_for(lambda: self._inflight == 0, timeout=60):
-                raise ShardUnavailable("pushes admitted during the snapshot did not finish "
-                                       "within 60 s; retry the snapshot")
+                raise ShardUnavailable(
+                    "pushes admitted during the snapshot did not finish "
+                    "within 60 s; retry the snapshot"
+                )
 
     def thaw(self, snapshot_id: str) -> None:
         with self._cond:
@@ -157,7 +164,8 @@ class SnapshotGate(grpc.ServerInterceptor):
                         self._rejected.add(lid)
                     raise SnapshotInProgress(
                         "snapshot in progress: writes are paused for a moment; retry (the "
-                        "client does so with backoff)")
+                        "client does so with backoff)"
+                    )
             self._inflight += 1
 
     def _exit(self, request: object, applied: bool) -> None:
@@ -181,8 +189,11 @@ class SnapshotGate(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         method = handler_call_details.method
         name = method.rsplit("/", 1)[-1]
-        if handler is None or not method.startswith("/engram.v1.MemoryStore/") \
-                or name not in _GATED:
+        if (
+            handler is None
+            or not method.startswith("/engram.v1.MemoryStore/")
+            or name not in _GATED
+        ):
             return handler
 
         def wrap(behaviour):
@@ -198,6 +209,7 @@ class SnapshotGate(grpc.ServerInterceptor):
                     return resp
                 finally:
                     self._exit(request, applied)
+
             return gated
 
         return wrap_handler(handler, wrap)
@@ -221,10 +233,13 @@ class SnapshotServicer:
 
     def add_to_server(self, server: grpc.Server) -> None:
         handler = grpc.unary_unary_rpc_method_handler(
-            self.Snapshot, request_deserializer=_parse_request,
-            response_serializer=pb.SnapshotResponse.SerializeToString)
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-            "engram.v1.StoreAdmin", {"Snapshot": handler}),))
+            self.Snapshot,
+            request_deserializer=_parse_request,
+            response_serializer=pb.SnapshotResponse.SerializeToString,
+        )
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler("engram.v1.StoreAdmin", {"Snapshot": handler}),)
+        )
 
     def Snapshot(self, request: pb.SnapshotRequest, context) -> pb.SnapshotResponse:
         try:
@@ -248,8 +263,9 @@ class SnapshotServicer:
         elif r.phase == pb.SNAPSHOT_THAW:
             g.thaw(sid)
         else:
-            raise InvalidArgument(f"snapshot phase {r.phase} is unknown; use FREEZE, ALLOW, "
-                                  "STATUS, COPY or THAW")
+            raise InvalidArgument(
+                f"snapshot phase {r.phase} is unknown; use FREEZE, ALLOW, STATUS, COPY or THAW"
+            )
         return pb.SnapshotResponse(frozen=g.frozen)
 
     def _copy(self, sid: str, path: str) -> pb.SnapshotResponse:
@@ -258,9 +274,11 @@ class SnapshotServicer:
         self.gate.copy_check(sid)
         parent = os.path.dirname(os.path.normpath(path))
         if not os.path.isdir(parent):
-            raise InvalidArgument(f"COPY path {path}: directory {parent} does not exist on the "
-                                  "shard's machine; create it (a shared filesystem for shards on "
-                                  "several machines)")
+            raise InvalidArgument(
+                f"COPY path {path}: directory {parent} does not exist on the "
+                "shard's machine; create it (a shared filesystem for shards on "
+                "several machines)"
+            )
         try:
             os.mkdir(path)
         except FileExistsError:
@@ -273,6 +291,9 @@ class SnapshotServicer:
             shutil.rmtree(path, ignore_errors=True)
             raise
         nbytes = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
-        return pb.SnapshotResponse(tables=[wire.info_to_pb(t) for t in tables],
-                                   shard=wire.state_to_pb(self.shard.shard_state()),
-                                   bytes=nbytes, frozen=True)
+        return pb.SnapshotResponse(
+            tables=[wire.info_to_pb(t) for t in tables],
+            shard=wire.state_to_pb(self.shard.shard_state()),
+            bytes=nbytes,
+            frozen=True,
+        )

@@ -25,12 +25,17 @@ from engram_store.rpc.status import abort
 #: methods anyone may call, token or not
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
 #: methods that change rows, tables, shard state or files on the server: write tokens only
-WRITE_METHODS = frozenset({
-    "/engram.v1.MemoryStore/CreateTable", "/engram.v1.MemoryStore/DropTable",
-    "/engram.v1.MemoryStore/PushGradients", "/engram.v1.MemoryStore/SetShardState",
-    "/engram.v1.MemoryStore/ImportRows", "/engram.v1.MemoryStore/DeleteRows",
-    "/engram.v1.StoreAdmin/Snapshot",
-})
+WRITE_METHODS = frozenset(
+    {
+        "/engram.v1.MemoryStore/CreateTable",
+        "/engram.v1.MemoryStore/DropTable",
+        "/engram.v1.MemoryStore/PushGradients",
+        "/engram.v1.MemoryStore/SetShardState",
+        "/engram.v1.MemoryStore/ImportRows",
+        "/engram.v1.MemoryStore/DeleteRows",
+        "/engram.v1.StoreAdmin/Snapshot",
+    }
+)
 
 
 def load_tokens_file(path: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -71,21 +76,28 @@ def server_credentials(auth: AuthConfig) -> grpc.ServerCredentials | None:
     if not auth.tls_cert:
         return None
     return grpc.ssl_server_credentials(
-        [(_read_file(auth.tls_key, "TLS key"), _read_file(auth.tls_cert, "TLS certificate"))])
+        [(_read_file(auth.tls_key, "TLS key"), _read_file(auth.tls_cert, "TLS certificate"))]
+    )
 
 
-def wrap_handler(handler: grpc.RpcMethodHandler,
-                 wrap: Callable[[Callable], Callable]) -> grpc.RpcMethodHandler:
+def wrap_handler(
+    handler: grpc.RpcMethodHandler, wrap: Callable[[Callable], Callable]
+) -> grpc.RpcMethodHandler:
     """A handler like `handler` whose behaviour is `wrap(behaviour)` (any of the four kinds)."""
-    kinds = (("unary_unary", grpc.unary_unary_rpc_method_handler),
-             ("unary_stream", grpc.unary_stream_rpc_method_handler),
-             ("stream_unary", grpc.stream_unary_rpc_method_handler),
-             ("stream_stream", grpc.stream_stream_rpc_method_handler))
+    kinds = (
+        ("unary_unary", grpc.unary_unary_rpc_method_handler),
+        ("unary_stream", grpc.unary_stream_rpc_method_handler),
+        ("stream_unary", grpc.stream_unary_rpc_method_handler),
+        ("stream_stream", grpc.stream_stream_rpc_method_handler),
+    )
     for attr, make in kinds:
         behaviour = getattr(handler, attr)
         if behaviour is not None:
-            return make(wrap(behaviour), request_deserializer=handler.request_deserializer,
-                        response_serializer=handler.response_serializer)
+            return make(
+                wrap(behaviour),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
     return handler
 
 
@@ -101,7 +113,7 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
         header = next((v for k, v in metadata or () if k == "authorization"), None)
         if not isinstance(header, str) or not header.startswith("Bearer "):
             return None
-        token = header[len("Bearer "):].strip().encode()
+        token = header[len("Bearer ") :].strip().encode()
         # compare against every token so timing does not reveal which list matched
         is_write = any([hmac.compare_digest(token, t) for t in self._write])
         is_read = any([hmac.compare_digest(token, t) for t in self._read])
@@ -117,16 +129,19 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
         if role is None:
             err = Unauthenticated(
                 "this shard requires a token: send metadata `authorization: Bearer <token>` "
-                "(ClientConfig.token / --token)")
+                "(ClientConfig.token / --token)"
+            )
         elif role == "read" and method in WRITE_METHODS:
             err = ReadOnly(
-                f"{method.rsplit('/', 1)[-1]} writes; this token may only read. Use a write token")
+                f"{method.rsplit('/', 1)[-1]} writes; this token may only read. Use a write token"
+            )
         else:
             return handler
 
         def deny(_behaviour):
             def refuse(request, context):
                 abort(context, err)
+
             return refuse
 
         return wrap_handler(handler, deny)
@@ -137,14 +152,22 @@ def server_interceptors(auth: AuthConfig) -> list[grpc.ServerInterceptor]:
     return [TokenAuthInterceptor(auth.read_tokens, auth.write_tokens)] if auth.enabled else []
 
 
-class _ClientCall(collections.namedtuple(
-        "_ClientCall", ("method", "timeout", "metadata", "credentials", "wait_for_ready",
-                        "compression")), grpc.ClientCallDetails):
+class _ClientCall(
+    collections.namedtuple(
+        "_ClientCall",
+        ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression"),
+    ),
+    grpc.ClientCallDetails,
+):
     pass
 
 
-class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
-                   grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+class _BearerToken(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
     """Adds `authorization: Bearer <token>` to every call of a channel."""
 
     def __init__(self, token: str):
@@ -152,8 +175,14 @@ class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInter
 
     def _details(self, d: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
         metadata = [*(d.metadata or ()), self._header]
-        return _ClientCall(d.method, d.timeout, metadata, d.credentials,
-                           getattr(d, "wait_for_ready", None), getattr(d, "compression", None))
+        return _ClientCall(
+            d.method,
+            d.timeout,
+            metadata,
+            d.credentials,
+            getattr(d, "wait_for_ready", None),
+            getattr(d, "compression", None),
+        )
 
     def intercept_unary_unary(self, continuation, details, request):
         return continuation(self._details(details), request)
@@ -168,8 +197,9 @@ class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInter
         return continuation(self._details(details), request_iterator)
 
 
-def open_channel(address: str, config: ClientConfig,
-                 options: Sequence[tuple[str, object]] | None = None) -> grpc.Channel:
+def open_channel(
+    address: str, config: ClientConfig, options: Sequence[tuple[str, object]] | None = None
+) -> grpc.Channel:
     """A channel to `address` that speaks TLS when config.tls_root_cert is set and sends
     config.token (if any) on every call."""
     options = list(options or [])

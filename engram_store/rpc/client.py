@@ -55,19 +55,23 @@ class _Stub(store_pb2_grpc.MemoryStoreStub):
     def __init__(self, channel: grpc.Channel) -> None:
         super().__init__(channel)
         self.LookupRaw = channel.unary_unary(
-            "/engram.v1.MemoryStore/Lookup",
-            request_serializer=pb.LookupRequest.SerializeToString)
+            "/engram.v1.MemoryStore/Lookup", request_serializer=pb.LookupRequest.SerializeToString
+        )
         self.PushRaw = channel.unary_unary(  # requests from wire.encode_push_request
             "/engram.v1.MemoryStore/PushGradients",
-            response_deserializer=pb.PushGradientsResponse.FromString)
+            response_deserializer=pb.PushGradientsResponse.FromString,
+        )
 
 
 class StoreClient:
     """Client of a sharded memory store (docs/design.md "Client")."""
 
-    def __init__(self, target: ShardMap | str | list[str] | tuple[str, ...],
-                 config: ClientConfig = ClientConfig(),
-                 map_provider: Callable[[], ShardMap] | None = None):
+    def __init__(
+        self,
+        target: ShardMap | str | list[str] | tuple[str, ...],
+        config: ClientConfig = ClientConfig(),
+        map_provider: Callable[[], ShardMap] | None = None,
+    ):
         """`target`: a ShardMap, one shard's "host:port" (the map is discovered from it), or a
         list of addresses (their map if they publish one, else ShardMap.balanced over them).
         `map_provider` returns the current map when a shard says ours is stale."""
@@ -77,8 +81,9 @@ class StoreClient:
         self._map_provider = map_provider
         self._lock = threading.Lock()
         self._stubs: dict[str, tuple[grpc.Channel, _Stub]] = {}
-        self._pool = ThreadPoolExecutor(max_workers=config.threads,
-                                        thread_name_prefix="engram-client")
+        self._pool = ThreadPoolExecutor(
+            max_workers=config.threads, thread_name_prefix="engram-client"
+        )
         self._dims: dict[str, int] = {}
         self._steps: dict[str, int] = {}  # highest step this client saw applied, per table
         self._wire = wire.DTYPE_TO_PB[config.wire_dtype]
@@ -107,14 +112,17 @@ class StoreClient:
         with self._lock:
             entry = self._stubs.get(address)
             if entry is None:
-                opts = [("grpc.max_send_message_length", self.config.max_message_bytes),
-                        ("grpc.max_receive_message_length", self.config.max_message_bytes)]
+                opts = [
+                    ("grpc.max_send_message_length", self.config.max_message_bytes),
+                    ("grpc.max_receive_message_length", self.config.max_message_bytes),
+                ]
                 channel = open_channel(address, self.config, opts)  # TLS, token (auth.py)
                 entry = self._stubs[address] = (channel, _Stub(channel))
             return entry[1]
 
-    def _call(self, address: str, method: str, request: object,
-              first: grpc.Future | None = None) -> Any:
+    def _call(
+        self, address: str, method: str, request: object, first: grpc.Future | None = None
+    ) -> Any:
         """One RPC, retried by the retry policy; `first` is an attempt already in flight.
 
         Raises the class the shard raised: WrongShard when our map is outdated (also when the
@@ -135,8 +143,9 @@ class StoreClient:
             if self._provider_has_newer_map():
                 # the shard may have been removed or moved while we were idle
                 raise WrongShard(f"shard {address} unreachable; the shard map changed") from None
-            raise type(e)(f"shard {address} failed after {self.config.retries} retries: "
-                          f"{e.code}: {e}") from None
+            raise type(e)(
+                f"shard {address} failed after {self.config.retries} retries: {e.code}: {e}"
+            ) from None
 
     def _provider_has_newer_map(self) -> bool:
         """Whether map_provider knows a newer map than ours (False without a provider)."""
@@ -155,8 +164,12 @@ class StoreClient:
         every call has ended.
         """
         # one call blocks in this thread: grpc's future path adds a thread hand-off
-        inflight = [getattr(self._stub(a), m).future(r, timeout=self.config.timeout_s)
-                    if len(calls) > 1 else None for a, m, r in calls]
+        inflight = [
+            getattr(self._stub(a), m).future(r, timeout=self.config.timeout_s)
+            if len(calls) > 1
+            else None
+            for a, m, r in calls
+        ]
         out: list[Any] = []
         error: EngramError | None = None
         for (address, method, request), fut in zip(calls, inflight, strict=True):
@@ -188,8 +201,9 @@ class StoreClient:
 
     def refresh_map(self) -> ShardMap:
         """Fetch the current shard map (map_provider, else any shard's Stats) and use it."""
-        new = self._map_provider() if self._map_provider else self._published_map(
-            self._map.addresses)
+        new = (
+            self._map_provider() if self._map_provider else self._published_map(self._map.addresses)
+        )
         if new is not None and new.version >= self._map.version:
             self._map = new
         return self._map
@@ -202,10 +216,15 @@ class StoreClient:
             shard = m.shard_of(table, ids)
             order = np.argsort(shard, kind="stable")
             bounds = np.searchsorted(shard[order], np.arange(m.num_shards + 1))
-            groups = [(s, order[bounds[s]:bounds[s + 1]]) for s in range(m.num_shards)
-                      if bounds[s + 1] > bounds[s]]
+            groups = [
+                (s, order[bounds[s] : bounds[s + 1]])
+                for s in range(m.num_shards)
+                if bounds[s + 1] > bounds[s]
+            ]
         step = self.config.max_batch_rows
-        return [(s, pos[i:i + step]) for s, pos in groups for i in range(0, max(len(pos), 1), step)]
+        return [
+            (s, pos[i : i + step]) for s, pos in groups for i in range(0, max(len(pos), 1), step)
+        ]
 
     # ---- rows ----
 
@@ -213,8 +232,9 @@ class StoreClient:
     def _check_ids(ids) -> np.ndarray:
         ids = np.asarray(ids)
         if not (np.issubdtype(ids.dtype, np.integer) or (ids.size == 0 and ids.dtype == float)):
-            raise InvalidArgument(f"ids must be an integer array, got dtype {ids.dtype}; pass row "
-                                  "ids as int64")
+            raise InvalidArgument(
+                f"ids must be an integer array, got dtype {ids.dtype}; pass row ids as int64"
+            )
         return ids.astype(np.int64, copy=False)
 
     def lookup(self, table: str, ids) -> np.ndarray:
@@ -231,9 +251,19 @@ class StoreClient:
         while True:
             m = self._map
             parts = self._route(m, table, uniq)
-            calls = [(m.addresses[s], "LookupRaw", pb.LookupRequest(
-                table=table, ids=wire.pack_ids(uniq[pos]), dtype=self._wire,
-                map_version=m.version)) for s, pos in parts]
+            calls = [
+                (
+                    m.addresses[s],
+                    "LookupRaw",
+                    pb.LookupRequest(
+                        table=table,
+                        ids=wire.pack_ids(uniq[pos]),
+                        dtype=self._wire,
+                        map_version=m.version,
+                    ),
+                )
+                for s, pos in parts
+            ]
             responses = self._fanout(calls)
             stale = [r for r in responses if stale_map(r)]
             if not stale:
@@ -266,8 +296,9 @@ class StoreClient:
             self._dims[table] = self.table_info(table).spec.dim
         return self._dims[table]
 
-    def push(self, table: str, ids, grads, step: int = 0,
-             request_id: str | None = None) -> PushResult:
+    def push(
+        self, table: str, ids, grads, step: int = 0, request_id: str | None = None
+    ) -> PushResult:
         """Apply gradients (summed over duplicate ids) with the table's optimizer, exactly once.
 
         `grads`: float (len(ids), dim) or (*ids.shape, dim). `step` (1-based, Adam bias
@@ -282,8 +313,10 @@ class StoreClient:
             raise InvalidArgument(f"grads must be a float array, got dtype {grads.dtype}")
         dim = self._dim(table)
         if grads.size != len(ids) * dim or grads.shape[-1:] != (dim,):
-            raise InvalidArgument(f"grads have shape {grads.shape}; table {table!r} needs "
-                                  f"({len(ids)}, {dim}): one row of dim {dim} per id")
+            raise InvalidArgument(
+                f"grads have shape {grads.shape}; table {table!r} needs "
+                f"({len(ids)}, {dim}): one row of dim {dim} per id"
+            )
         grads = grads.reshape(len(ids), dim).astype(np.float32, copy=False)
         ids, grads = _coalesce(ids, grads)
         rid = request_id or uuid.uuid4().hex
@@ -302,12 +335,27 @@ class StoreClient:
                 # stale-map refresh sends rows the old owner rejected, under a fresh id. `~n`
                 # (parts of this push) lets a snapshot tell a half-applied push (snapshot.py)
                 k = per_shard[s] = per_shard.get(s, -1) + 1
-                sub = f"{rid}/{s}" + (f".{k}" if k else "") + (
-                    f"@{m.version}" if attempt else f"~{len(parts)}")
+                sub = (
+                    f"{rid}/{s}"
+                    + (f".{k}" if k else "")
+                    + (f"@{m.version}" if attempt else f"~{len(parts)}")
+                )
                 part = slice(None) if len(parts) == 1 else pos  # one part: no gather copy
-                calls.append((m.addresses[s], "PushRaw", wire.encode_push_request(
-                    table, ids[part], grads[part], self.config.wire_dtype, sub, step,
-                    m.version)))
+                calls.append(
+                    (
+                        m.addresses[s],
+                        "PushRaw",
+                        wire.encode_push_request(
+                            table,
+                            ids[part],
+                            grads[part],
+                            self.config.wire_dtype,
+                            sub,
+                            step,
+                            m.version,
+                        ),
+                    )
+                )
             responses = self._fanout(calls)
             stale: list[np.ndarray] = []
             refused: list[WrongShard] = []
@@ -333,8 +381,9 @@ class StoreClient:
         """lookup() on a client thread; the Future's result is the rows."""
         return self._pool.submit(self.lookup, table, ids)
 
-    def push_async(self, table: str, ids, grads, step: int = 0,
-                   request_id: str | None = None) -> Future:
+    def push_async(
+        self, table: str, ids, grads, step: int = 0, request_id: str | None = None
+    ) -> Future:
         """push() on a client thread; the Future's result is the PushResult."""
         return self._pool.submit(self.push, table, ids, grads, step, request_id)
 
@@ -349,10 +398,13 @@ class StoreClient:
 
     @staticmethod
     def _merge(infos: list[pb.TableInfo]) -> TableInfo:
-        return TableInfo(spec=wire.spec_from_pb(infos[0].spec),
-                         stored_rows=sum(i.stored_rows for i in infos),
-                         stored_bytes=sum(i.stored_bytes for i in infos),
-                         step=max(i.step for i in infos), pushes=sum(i.pushes for i in infos))
+        return TableInfo(
+            spec=wire.spec_from_pb(infos[0].spec),
+            stored_rows=sum(i.stored_rows for i in infos),
+            stored_bytes=sum(i.stored_bytes for i in infos),
+            step=max(i.step for i in infos),
+            pushes=sum(i.pushes for i in infos),
+        )
 
     def create_table(self, spec: TableConfig) -> TableInfo:
         """Create `spec` on every shard (idempotent for an identical spec; ALREADY_EXISTS if not)."""
@@ -382,8 +434,10 @@ class StoreClient:
     def stats(self) -> list[dict]:
         """Each shard's Stats as a plain dict (JSON-friendly), in shard order."""
         responses = self._all("Stats", pb.StatsRequest())
-        return [dict(stats_dict(r), address=a)
-                for a, r in zip(self._map.addresses, responses, strict=True)]
+        return [
+            dict(stats_dict(r), address=a)
+            for a, r in zip(self._map.addresses, responses, strict=True)
+        ]
 
     def close(self) -> None:
         """Close channels and the futures pool."""
@@ -405,24 +459,51 @@ def stats_dict(r: pb.StatsResponse) -> dict:
     st = r.shard
     owned = sum(st.owned) if st.owned else st.num_slots
     return {
-        "stored_rows": r.stored_rows, "stored_bytes": r.stored_bytes,
-        "map_size_bytes": r.map_size_bytes, "used_bytes": r.used_bytes,
-        "cache_rows": r.cache_rows, "uptime_s": round(r.uptime_s, 3),
-        "shard": {"shard_index": st.shard_index, "map_version": st.map_version,
-                  "num_slots": st.num_slots, "owned_slots": owned,
-                  "frozen_slots": sum(st.frozen), "layout": st.layout,
-                  "standalone": not st.owned},
-        "methods": [{"method": m.method, "requests": m.requests, "errors": m.errors,
-                     "rows": m.rows, "bytes": m.bytes, "p50_ms": round(m.p50_ms, 3),
-                     "p99_ms": round(m.p99_ms, 3)} for m in r.methods],
-        "tables": [{"name": t.spec.name, "num_rows": t.spec.num_rows, "dim": t.spec.dim,
-                    "stored_rows": t.stored_rows, "stored_bytes": t.stored_bytes,
-                    "step": t.step, "pushes": t.pushes} for t in r.tables],
+        "stored_rows": r.stored_rows,
+        "stored_bytes": r.stored_bytes,
+        "map_size_bytes": r.map_size_bytes,
+        "used_bytes": r.used_bytes,
+        "cache_rows": r.cache_rows,
+        "uptime_s": round(r.uptime_s, 3),
+        "shard": {
+            "shard_index": st.shard_index,
+            "map_version": st.map_version,
+            "num_slots": st.num_slots,
+            "owned_slots": owned,
+            "frozen_slots": sum(st.frozen),
+            "layout": st.layout,
+            "standalone": not st.owned,
+        },
+        "methods": [
+            {
+                "method": m.method,
+                "requests": m.requests,
+                "errors": m.errors,
+                "rows": m.rows,
+                "bytes": m.bytes,
+                "p50_ms": round(m.p50_ms, 3),
+                "p99_ms": round(m.p99_ms, 3),
+            }
+            for m in r.methods
+        ],
+        "tables": [
+            {
+                "name": t.spec.name,
+                "num_rows": t.spec.num_rows,
+                "dim": t.spec.dim,
+                "stored_rows": t.stored_rows,
+                "stored_bytes": t.stored_bytes,
+                "step": t.step,
+                "pushes": t.pushes,
+            }
+            for t in r.tables
+        ],
     }
 
 
-def probe_shard(address: str, config: ClientConfig = ClientConfig(),
-                timeout_s: float = 3.0) -> bool:
+def probe_shard(
+    address: str, config: ClientConfig = ClientConfig(), timeout_s: float = 3.0
+) -> bool:
     """Whether a shard of this store answers at "host:port": one Stats call, no retries.
 
     True: a shard answered. False: something answered that is no shard (e.g. a Ray GCS, which
@@ -435,7 +516,9 @@ def probe_shard(address: str, config: ClientConfig = ClientConfig(),
     except grpc.RpcError as e:
         err = error_from_rpc(e, f"shard {address}")
         if isinstance(err, ShardUnavailable) or e.code() in (
-                grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            grpc.StatusCode.UNAUTHENTICATED,
+            grpc.StatusCode.PERMISSION_DENIED,
+        ):
             raise err from None
         return False
     finally:

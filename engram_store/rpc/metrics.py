@@ -31,8 +31,24 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from engram_store.rpc.auth import wrap_handler
 
-LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0,
-                   2.0, 5.0, 10.0, 30.0)
+LATENCY_BUCKETS = (
+    0.0002,
+    0.0005,
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.02,
+    0.05,
+    0.1,
+    0.2,
+    0.5,
+    1.0,
+    2.0,
+    5.0,
+    10.0,
+    30.0,
+)
 STALENESS_BUCKETS = (-1, 0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 1024)
 STALL_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
 
@@ -64,8 +80,9 @@ class _ShardGauges:
             return
         for key in ("stored_rows", "stored_bytes", "used_bytes", "map_size_bytes", "cache_rows"):
             yield GaugeMetricFamily(f"engram_{key}", f"shard {key.replace('_', ' ')}", s[key])
-        g = GaugeMetricFamily("engram_table_step", "highest optimizer step applied",
-                              labels=["table"])
+        g = GaugeMetricFamily(
+            "engram_table_step", "highest optimizer step applied", labels=["table"]
+        )
         for name, step in steps:
             g.add_metric([name], step)
         yield g
@@ -78,15 +95,28 @@ class ServerMetrics(grpc.ServerInterceptor):
     def __init__(self, step_of: Callable[[str], int] | None = None, shard=None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("engram_requests", "calls by method and final status code",
-                                ["method", "code"], registry=r)
-        self.latency = Histogram("engram_request_seconds", "call latency", ["method"],
-                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.requests = Counter(
+            "engram_requests",
+            "calls by method and final status code",
+            ["method", "code"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "engram_request_seconds",
+            "call latency",
+            ["method"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.rows = Counter("engram_rows", "row ids in requests", ["method"], registry=r)
         self.bytes = Counter("engram_bytes", "message bytes", ["method", "direction"], registry=r)
-        self.staleness = Histogram("engram_push_staleness",
-                                   "server table step minus the push's step", ["table"],
-                                   buckets=STALENESS_BUCKETS, registry=r)
+        self.staleness = Histogram(
+            "engram_push_staleness",
+            "server table step minus the push's step",
+            ["table"],
+            buckets=STALENESS_BUCKETS,
+            registry=r,
+        )
         self._step_of = step_of
         if shard is not None:
             r.register(_ShardGauges(shard))
@@ -142,6 +172,7 @@ class ServerMetrics(grpc.ServerInterceptor):
 
         def wrap(behaviour):
             if handler.response_streaming:
+
                 def stream_out(request, context):
                     t0, rows, nout, failed = time.perf_counter(), 0, 0, True
                     try:
@@ -151,8 +182,10 @@ class ServerMetrics(grpc.ServerInterceptor):
                             yield resp
                         failed = False
                     finally:
-                        self._observe(method, code_of(context, failed), t0, rows,
-                                      _size(request), nout)
+                        self._observe(
+                            method, code_of(context, failed), t0, rows, _size(request), nout
+                        )
+
                 return stream_out
 
             def unary_out(request, context):
@@ -168,8 +201,10 @@ class ServerMetrics(grpc.ServerInterceptor):
                     failed = False
                     return resp
                 finally:
-                    self._observe(method, code_of(context, failed), t0, counted[0], counted[1],
-                                  _size(resp))
+                    self._observe(
+                        method, code_of(context, failed), t0, counted[0], counted[1], _size(resp)
+                    )
+
             return unary_out
 
         return wrap_handler(handler, wrap)
@@ -183,6 +218,7 @@ def _counting(requests: Iterator, counted: list[int]) -> Iterator:
 
 
 # ---- reading ----
+
 
 def scrape(url: str, timeout_s: float = 3.0) -> dict[str, list]:
     """Metric families of a /metrics endpoint ("host:port" or a URL): {name: [(labels, value)]}.
@@ -223,8 +259,10 @@ def _quantiles(families: dict, name: str, key: str) -> dict[str, dict[str, float
     by: dict[str, list] = {}
     for labels, value in families.get(f"{name}_bucket", []):
         by.setdefault(labels[key], []).append((float(labels["le"]), value))
-    return {k: {"p50": histogram_quantile(0.5, b), "p99": histogram_quantile(0.99, b)}
-            for k, b in by.items()}
+    return {
+        k: {"p50": histogram_quantile(0.5, b), "p99": histogram_quantile(0.99, b)}
+        for k, b in by.items()
+    }
 
 
 def summarize(families: dict) -> dict:
@@ -242,8 +280,13 @@ def summarize(families: dict) -> dict:
         if method in methods:
             methods[method]["p50_ms"] = q["p50"] * 1e3
             methods[method]["p99_ms"] = q["p99"] * 1e3
-    gauges = {k: v[0][1] for k, v in families.items()
-              if k.startswith("engram_") and len(v) == 1 and not v[0][0]}
-    return {"methods": methods,
-            "staleness": _quantiles(families, "engram_push_staleness", "table"),
-            "gauges": gauges}
+    gauges = {
+        k: v[0][1]
+        for k, v in families.items()
+        if k.startswith("engram_") and len(v) == 1 and not v[0][0]
+    }
+    return {
+        "methods": methods,
+        "staleness": _quantiles(families, "engram_push_staleness", "table"),
+        "gauges": gauges,
+    }

@@ -50,8 +50,11 @@ class RetryPolicy:
     deadline_s: float | None = None
 
     def __post_init__(self) -> None:
-        if (self.retries is not None and self.retries < 0) or self.backoff_s < 0 \
-                or self.backoff_max_s < 0:
+        if (
+            (self.retries is not None and self.retries < 0)
+            or self.backoff_s < 0
+            or self.backoff_max_s < 0
+        ):
             raise ConfigError("retries, backoff_s and backoff_max_s must be >= 0")
         if self.retries is None and self.deadline_s is None:
             raise ConfigError("a retry policy without a retry limit needs a deadline_s")
@@ -63,7 +66,7 @@ class RetryPolicy:
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait after failed attempt number `attempt` (0-based)."""
-        return min(self.backoff_s * 2 ** attempt, self.backoff_max_s)
+        return min(self.backoff_s * 2**attempt, self.backoff_max_s)
 
     def start(self) -> Attempts:
         """The attempts of one operation, counted from now."""
@@ -102,7 +105,8 @@ class Attempts:
         if p.retries is not None and self.number >= p.retries:
             return False
         return p.deadline_s is None or (
-            time.monotonic() + p.delay(self.number) < self._started + p.deadline_s)
+            time.monotonic() + p.delay(self.number) < self._started + p.deadline_s
+        )
 
     def backoff(self) -> None:
         """Wait before the next attempt and count it."""

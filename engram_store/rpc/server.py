@@ -75,12 +75,17 @@ def create_server(config: ShardConfig) -> tuple[grpc.Server, int, Shard]:
     shard = Shard(config)
     extras = None
     try:
-        opts = [("grpc.max_send_message_length", config.max_message_bytes),
-                ("grpc.max_receive_message_length", config.max_message_bytes),
-                ("grpc.so_reuseport", 0)]
+        opts = [
+            ("grpc.max_send_message_length", config.max_message_bytes),
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
         extras = server_extras(config, shard)  # auth, metrics, snapshot gate
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers), options=opts,
-                             interceptors=extras.interceptors)
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=config.workers),
+            options=opts,
+            interceptors=extras.interceptors,
+        )
         servicer = MemoryStoreServicer(shard, config)
         add_servicer(servicer, server)
         server.servicer = servicer  # for tests and serve(); grpc.Server allows attributes
@@ -92,7 +97,8 @@ def create_server(config: ShardConfig) -> tuple[grpc.Server, int, Shard]:
         extras.register(server)
         server.extras = extras
         reflection.enable_server_reflection(
-            (SERVICE, ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+            (SERVICE, ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
         port = extras.add_port(server, f"{config.host}:{config.port}")
         if port == 0:
             raise OSError(f"cannot listen on {config.host}:{config.port}; pick another --port")
@@ -133,4 +139,3 @@ def serve(config: ShardConfig, ready: Callable[[str, int], None] | None = None) 
         for s, h in previous.items():
             signal.signal(s, h)
         stop_server(server, shard)
-

@@ -33,8 +33,10 @@ class _Malformed:
     """Stands in for a request whose bytes did not parse, so the servicer can say so."""
 
     def __init__(self, cls: type[Message], err: Exception):
-        self.message = (f"request is not a valid {cls.DESCRIPTOR.full_name} ({err}); send a "
-                        "serialized message of that type")
+        self.message = (
+            f"request is not a valid {cls.DESCRIPTOR.full_name} ({err}); send a "
+            "serialized message of that type"
+        )
 
 
 class _MethodStats:
@@ -94,15 +96,18 @@ class MemoryStoreServicer:
 
     def _writable(self) -> None:
         if self.config.read_only:
-            raise ReadOnly("this shard was started with --read-only; send writes to a writable "
-                           "shard or restart it without --read-only")
+            raise ReadOnly(
+                "this shard was started with --read-only; send writes to a writable "
+                "shard or restart it without --read-only"
+            )
 
     def _ids(self, buf: bytes) -> np.ndarray:
         if len(buf) // 8 > self.config.max_batch_rows:
             raise BatchTooLarge(
                 f"{len(buf) // 8} ids exceed this shard's limit of {self.config.max_batch_rows} "
                 "per request; split the batch (ClientConfig.max_batch_rows) or raise "
-                "--max-batch-rows")
+                "--max-batch-rows"
+            )
         return wire.unpack_ids(buf)
 
     def method_stats(self) -> list[pb.MethodStats]:
@@ -111,9 +116,18 @@ class MemoryStoreServicer:
         with self._lock:
             for name, s in sorted(self._stats.items()):
                 lat = np.asarray(s.latencies) * 1e3
-                p50, p99 = (np.percentile(lat, [50, 99]) if len(lat) else (0.0, 0.0))
-                out.append(pb.MethodStats(method=name, requests=s.requests, errors=s.errors,
-                                          rows=s.rows, bytes=s.bytes, p50_ms=p50, p99_ms=p99))
+                p50, p99 = np.percentile(lat, [50, 99]) if len(lat) else (0.0, 0.0)
+                out.append(
+                    pb.MethodStats(
+                        method=name,
+                        requests=s.requests,
+                        errors=s.errors,
+                        rows=s.rows,
+                        bytes=s.bytes,
+                        p50_ms=p50,
+                        p99_ms=p99,
+                    )
+                )
         return out
 
     # ---- tables ----
@@ -154,15 +168,18 @@ class MemoryStoreServicer:
         dtype = wire.dtype_name(request.grad_dtype, "grad_dtype")
         ids = self._ids(request.ids)
         buf = request.grads  # each read of a bytes field copies it: read once
-        grads = wire.unpack_rows(buf, dtype, self.shard.table(request.table).dim,
-                                 "grads")  # (n, dim) float32
+        grads = wire.unpack_rows(
+            buf, dtype, self.shard.table(request.table).dim, "grads"
+        )  # (n, dim) float32
         if len(grads) != len(ids):
             raise InvalidArgument(
                 f"grads hold {len(grads)} rows of {dtype} for {len(ids)} ids; send one gradient "
-                "row per id, packed in grad_dtype")
+                "row per id, packed in grad_dtype"
+            )
         res = self.shard.push(request.table, ids, grads, request.request_id, request.step)
-        resp = pb.PushGradientsResponse(rows_updated=res.rows_updated, duplicate=res.duplicate,
-                                        step=res.step)
+        resp = pb.PushGradientsResponse(
+            rows_updated=res.rows_updated, duplicate=res.duplicate, step=res.step
+        )
         return resp, len(ids), len(buf)
 
     @_rpc
@@ -170,11 +187,16 @@ class MemoryStoreServicer:
         s = self.shard.stats()
         tables = [wire.info_to_pb(self.shard.table_stats(t.name)) for t in self.shard.tables()]
         resp = pb.StatsResponse(
-            stored_rows=s["stored_rows"], stored_bytes=s["stored_bytes"],
-            map_size_bytes=s["map_size_bytes"], used_bytes=s["used_bytes"],
-            cache_rows=s["cache_rows"], methods=self.method_stats(),
-            uptime_s=time.time() - self.started, shard=wire.state_to_pb(self.shard.shard_state()),
-            tables=tables)
+            stored_rows=s["stored_rows"],
+            stored_bytes=s["stored_bytes"],
+            map_size_bytes=s["map_size_bytes"],
+            used_bytes=s["used_bytes"],
+            cache_rows=s["cache_rows"],
+            methods=self.method_stats(),
+            uptime_s=time.time() - self.started,
+            shard=wire.state_to_pb(self.shard.shard_state()),
+            tables=tables,
+        )
         return resp, 0, 0
 
     # ---- shard ownership and resharding ----
@@ -193,10 +215,16 @@ class MemoryStoreServicer:
             mask = np.frombuffer(request.slots, dtype=np.uint8).astype(bool)
             rb = self.shard.record_bytes(request.table)
             for ids, records, step in self.shard.export_rows(
-                    request.table, mask, request.batch_rows or 65536):
+                request.table, mask, request.batch_rows or 65536
+            ):
                 rows, nbytes = rows + len(ids), nbytes + records.nbytes
-                yield pb.RowBatch(table=request.table, ids=wire.pack_ids(ids),
-                                  records=records.tobytes(), record_bytes=rb, step=step)
+                yield pb.RowBatch(
+                    table=request.table,
+                    ids=wire.pack_ids(ids),
+                    records=records.tobytes(),
+                    record_bytes=rb,
+                    step=step,
+                )
         except Exception as e:
             self._record("ExportRows", t0, rows, nbytes, True)
             abort(context, e)
@@ -213,7 +241,8 @@ class MemoryStoreServicer:
             if batch.record_bytes <= 0 or len(batch.records) != len(ids) * batch.record_bytes:
                 raise InvalidArgument(
                     f"records are {len(batch.records)} bytes for {len(ids)} ids of "
-                    f"{batch.record_bytes} bytes each; send len(ids) * record_bytes bytes")
+                    f"{batch.record_bytes} bytes each; send len(ids) * record_bytes bytes"
+                )
             records = np.frombuffer(batch.records, np.uint8).reshape(len(ids), batch.record_bytes)
             total += self.shard.import_rows(batch.table, ids, records, batch.step)
             nbytes += len(batch.records)
@@ -255,16 +284,21 @@ def _serializer(cls: type[Message]) -> Callable[[object], bytes]:
 def add_servicer(servicer: MemoryStoreServicer, server: grpc.Server) -> None:
     """Register the servicer for every method of engram.v1.MemoryStore, with tolerant parsing."""
     desc = pb.DESCRIPTOR.services_by_name["MemoryStore"]
-    kinds = {(False, False): grpc.unary_unary_rpc_method_handler,
-             (False, True): grpc.unary_stream_rpc_method_handler,
-             (True, False): grpc.stream_unary_rpc_method_handler,
-             (True, True): grpc.stream_stream_rpc_method_handler}
+    kinds = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
     handlers = {}
     for m in desc.methods:
         req_cls = getattr(pb, m.input_type.name)
         resp_cls = getattr(pb, m.output_type.name)
         make = kinds[(m.client_streaming, m.server_streaming)]
-        handlers[m.name] = make(getattr(servicer, m.name), request_deserializer=_parser(req_cls),
-                                response_serializer=_serializer(resp_cls))
+        handlers[m.name] = make(
+            getattr(servicer, m.name),
+            request_deserializer=_parser(req_cls),
+            response_serializer=_serializer(resp_cls),
+        )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     server.add_registered_method_handlers(SERVICE, handlers)

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 #: trailing metadata key that carries the error's class name (gRPC keys are lowercase ascii)
 ERROR_KEY = "engram-error"
 
+
 def status_code(err: EngramError) -> grpc.StatusCode:
     """The gRPC status code `err` travels as."""
     return grpc.StatusCode[err.code]

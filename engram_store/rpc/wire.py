@@ -16,7 +16,10 @@ from engram_store.engine.types import ShardStateInfo
 from engram_store.rpc.proto import store_pb2 as pb
 
 DTYPE_TO_PB = {"float32": pb.FLOAT32, "bfloat16": pb.BFLOAT16, "float16": pb.FLOAT16}
-PB_TO_DTYPE: dict[int, str] = {pb.DTYPE_UNSPECIFIED: "float32", **{v: k for k, v in DTYPE_TO_PB.items()}}
+PB_TO_DTYPE: dict[int, str] = {
+    pb.DTYPE_UNSPECIFIED: "float32",
+    **{v: k for k, v in DTYPE_TO_PB.items()},
+}
 OPT_TO_PB = {"sgd": pb.SGD, "adagrad": pb.ADAGRAD, "adam": pb.ADAM}
 PB_TO_OPT = {v: k for k, v in OPT_TO_PB.items()}
 INIT_TO_PB = {"normal": pb.NORMAL, "zeros": pb.ZEROS}
@@ -30,7 +33,8 @@ def dtype_name(value: int, what: str = "dtype") -> str:
     except KeyError:
         raise InvalidArgument(
             f"{what}={value} is not a known engram.v1.DType; use FLOAT32 (1), BFLOAT16 (2) "
-            "or FLOAT16 (3)") from None
+            "or FLOAT16 (3)"
+        ) from None
 
 
 def pack_ids(ids: np.ndarray) -> bytes:
@@ -42,7 +46,8 @@ def unpack_ids(buf: bytes, what: str = "ids") -> np.ndarray:
     """int64 ids from packed little-endian bytes (a read-only view, no copy)."""
     if len(buf) % 8:
         raise InvalidArgument(
-            f"{what} is {len(buf)} bytes, not a multiple of 8; send packed little-endian int64")
+            f"{what} is {len(buf)} bytes, not a multiple of 8; send packed little-endian int64"
+        )
     return np.frombuffer(buf, dtype="<i8")
 
 
@@ -59,7 +64,8 @@ def unpack_rows(buf: bytes, dtype: str, dim: int, what: str = "rows") -> np.ndar
     if len(buf) % (dim * size):
         raise InvalidArgument(
             f"{what} is {len(buf)} bytes, not a multiple of the row size {dim * size} "
-            f"(dim {dim} x {size}-byte {dtype}); send (n, {dim}) packed {dtype}")
+            f"(dim {dim} x {size}-byte {dtype}); send (n, {dim}) packed {dtype}"
+        )
     if dtype == "float32":  # a view: the float32 path copies nothing
         return np.frombuffer(buf, dtype="<f4").reshape(-1, dim)
     return dtypes.from_bytes(buf, dtype, dim)
@@ -69,12 +75,22 @@ def spec_to_pb(spec: TableConfig) -> pb.TableSpec:
     """The wire TableSpec of a table config."""
     o = spec.optimizer
     return pb.TableSpec(
-        name=spec.name, head_rows=list(spec.head_rows), num_rows=spec.num_rows, dim=spec.dim,
+        name=spec.name,
+        head_rows=list(spec.head_rows),
+        num_rows=spec.num_rows,
+        dim=spec.dim,
         storage_dtype=DTYPE_TO_PB[spec.dtype],
         init=pb.InitSpec(kind=INIT_TO_PB[spec.init], std=spec.init_std, seed=spec.seed),
         optimizer=pb.OptimizerSpec(
-            kind=OPT_TO_PB[o.kind], lr=o.lr, beta1=o.beta1, beta2=o.beta2, eps=o.eps or 0.0,
-            initial_accumulator_value=o.initial_accumulator_value, lr_decay=o.lr_decay))
+            kind=OPT_TO_PB[o.kind],
+            lr=o.lr,
+            beta1=o.beta1,
+            beta2=o.beta2,
+            eps=o.eps or 0.0,
+            initial_accumulator_value=o.initial_accumulator_value,
+            lr_decay=o.lr_decay,
+        ),
+    )
 
 
 def spec_from_pb(m: pb.TableSpec) -> TableConfig:
@@ -82,34 +98,60 @@ def spec_from_pb(m: pb.TableSpec) -> TableConfig:
     o = m.optimizer
     if o.kind == pb.OPTIMIZER_UNSPECIFIED:
         raise InvalidArgument(
-            f"table {m.name!r}: optimizer kind is unspecified; set it to SGD, ADAGRAD or ADAM")
+            f"table {m.name!r}: optimizer kind is unspecified; set it to SGD, ADAGRAD or ADAM"
+        )
     if o.kind not in PB_TO_OPT:
-        raise InvalidArgument(f"table {m.name!r}: optimizer kind {o.kind} is unknown; use SGD, "
-                              "ADAGRAD or ADAM")
+        raise InvalidArgument(
+            f"table {m.name!r}: optimizer kind {o.kind} is unknown; use SGD, ADAGRAD or ADAM"
+        )
     if m.init.kind not in PB_TO_INIT:
-        raise InvalidArgument(f"table {m.name!r}: init kind {m.init.kind} is unknown; use NORMAL "
-                              "or ZEROS")
+        raise InvalidArgument(
+            f"table {m.name!r}: init kind {m.init.kind} is unknown; use NORMAL or ZEROS"
+        )
     init = PB_TO_INIT[m.init.kind]
     spec = TableConfig(
-        name=m.name, num_rows=int(m.num_rows), dim=int(m.dim), head_rows=tuple(m.head_rows),
-        dtype=dtype_name(m.storage_dtype, "storage_dtype"), init=init,
-        init_std=(m.init.std or 1.0) if init == "normal" else m.init.std, seed=int(m.init.seed),
+        name=m.name,
+        num_rows=int(m.num_rows),
+        dim=int(m.dim),
+        head_rows=tuple(m.head_rows),
+        dtype=dtype_name(m.storage_dtype, "storage_dtype"),
+        init=init,
+        init_std=(m.init.std or 1.0) if init == "normal" else m.init.std,
+        seed=int(m.init.seed),
         optimizer=OptimizerConfig(
-            kind=PB_TO_OPT[o.kind], lr=o.lr, beta1=o.beta1 or 0.9, beta2=o.beta2 or 0.999,
-            eps=o.eps or None, initial_accumulator_value=o.initial_accumulator_value,
-            lr_decay=o.lr_decay))
+            kind=PB_TO_OPT[o.kind],
+            lr=o.lr,
+            beta1=o.beta1 or 0.9,
+            beta2=o.beta2 or 0.999,
+            eps=o.eps or None,
+            initial_accumulator_value=o.initial_accumulator_value,
+            lr_decay=o.lr_decay,
+        ),
+    )
     spec.validate()
     return spec
 
 
 def info_to_pb(stats) -> pb.TableInfo:
     """The wire TableInfo of a storage.TableStats."""
-    return pb.TableInfo(spec=spec_to_pb(stats.spec), stored_rows=stats.stored_rows,
-                        stored_bytes=stats.stored_bytes, step=stats.step, pushes=stats.pushes)
+    return pb.TableInfo(
+        spec=spec_to_pb(stats.spec),
+        stored_rows=stats.stored_rows,
+        stored_bytes=stats.stored_bytes,
+        step=stats.step,
+        pushes=stats.pushes,
+    )
 
 
-_STATE_FIELDS = ("shard_index", "map_version", "num_slots", "owned", "frozen", "layout",
-                 "shard_map_json")
+_STATE_FIELDS = (
+    "shard_index",
+    "map_version",
+    "num_slots",
+    "owned",
+    "frozen",
+    "layout",
+    "shard_map_json",
+)
 
 
 def state_to_pb(state: ShardStateInfo) -> pb.ShardState:
@@ -127,6 +169,7 @@ def state_from_pb(m: pb.ShardState) -> ShardStateInfo:
 # serializer copies a large field several times (about 10 ms for 16 MiB), and its parser once
 # more; these encode the same wire bytes with one copy, and decode a lookup answer with none.
 # Tests check them against protobuf.
+
 
 def _varint(value: int) -> bytes:
     value &= (1 << 64) - 1  # negative int32/int64 travel as 10-byte two's complement
@@ -169,16 +212,32 @@ def _int_field(number: int, value: int) -> list:
     return [_varint(number << 3), _varint(value)] if value else []
 
 
-def encode_push_request(table: str, ids: np.ndarray, grads: np.ndarray, dtype: str,
-                        request_id: str, step: int, map_version: int) -> bytes:
+def encode_push_request(
+    table: str,
+    ids: np.ndarray,
+    grads: np.ndarray,
+    dtype: str,
+    request_id: str,
+    step: int,
+    map_version: int,
+) -> bytes:
     """The serialized PushGradientsRequest of int64 ids (n,) and float32 grads (n, dim) sent in
     `dtype`; byte-identical to PushGradientsRequest(...).SerializeToString()."""
     ids = np.ascontiguousarray(ids, dtype="<i8")
-    data = (np.ascontiguousarray(grads, dtype="<f4") if dtype == "float32"
-            else np.ascontiguousarray(dtypes.to_dtype(grads, dtype), dtypes.numpy_dtype(dtype)))
-    parts = [*_len_field(1, table), *_len_field(2, _raw(ids)), *_len_field(3, _raw(data)),
-             *_int_field(4, DTYPE_TO_PB[dtype]),
-             *_len_field(5, request_id), *_int_field(6, step), *_int_field(7, map_version)]
+    data = (
+        np.ascontiguousarray(grads, dtype="<f4")
+        if dtype == "float32"
+        else np.ascontiguousarray(dtypes.to_dtype(grads, dtype), dtypes.numpy_dtype(dtype))
+    )
+    parts = [
+        *_len_field(1, table),
+        *_len_field(2, _raw(ids)),
+        *_len_field(3, _raw(data)),
+        *_int_field(4, DTYPE_TO_PB[dtype]),
+        *_len_field(5, request_id),
+        *_int_field(6, step),
+        *_int_field(7, map_version),
+    ]
     return b"".join(parts)
 
 
@@ -186,8 +245,11 @@ def encode_lookup_response(rows: np.ndarray, dtype: str) -> bytes:
     """The serialized LookupResponse of float32 rows (n, dim) sent in `dtype`; byte-identical to
     LookupResponse(...).SerializeToString()."""
     n, dim = rows.shape
-    data = (np.ascontiguousarray(rows, dtype="<f4") if dtype == "float32"
-            else np.ascontiguousarray(dtypes.to_dtype(rows, dtype), dtypes.numpy_dtype(dtype)))
+    data = (
+        np.ascontiguousarray(rows, dtype="<f4")
+        if dtype == "float32"
+        else np.ascontiguousarray(dtypes.to_dtype(rows, dtype), dtypes.numpy_dtype(dtype))
+    )
     parts: list = []
     if data.nbytes:
         parts += [b"\x0a", _varint(data.nbytes), _raw(data)]
@@ -233,4 +295,4 @@ def decode_lookup_response(buf: bytes) -> tuple[np.ndarray, int]:
     if name == "float32":
         rows = np.frombuffer(buf, dtype="<f4", count=size // 4, offset=start)
         return rows.reshape(num_rows, dim), dim
-    return dtypes.from_bytes(memoryview(buf)[start:start + size], name, dim), dim
+    return dtypes.from_bytes(memoryview(buf)[start : start + size], name, dim), dim

@@ -39,25 +39,37 @@ def _real_docs() -> list:
 
 @pytest.fixture(scope="module")
 def tiny_corpus(tmp_path_factory):
-    d = quality.load_data(None, 512, docs=_real_docs(),
-                          cache_dir=str(tmp_path_factory.mktemp("tok")))
+    d = quality.load_data(
+        None, 512, docs=_real_docs(), cache_dir=str(tmp_path_factory.mktemp("tok"))
+    )
     return d.corpus
 
 
 def test_wire_dedup_and_cache_send_fewer_rows_than_naive(tiny_corpus):
-    cfg = TrainConfig(model=ArchConfig(table_base_size=1000), backend="local", batch_size=4,
-                      seq_len=64, vocab_size=512, progress=False)
+    cfg = TrainConfig(
+        model=ArchConfig(table_base_size=1000),
+        backend="local",
+        batch_size=4,
+        seq_len=64,
+        vocab_size=512,
+        progress=False,
+    )
     dedup = bench_wire.measure(cfg, tiny_corpus, 4, PrefetchConfig(depth=1, update="async"))
     assert dedup["naive_rows_per_token"] == 8  # (N-1) * K = 2 * 4 rows per token, one layer
     assert dedup["tokens"] == 4 * 4 * 64
     assert 0 < dedup["lookup_ratio_vs_naive"] < 1
     # the Prefetcher's counter agrees with counting unique hashed ids directly
     assert dedup["lookup_ratio_vs_naive"] == pytest.approx(
-        bench_wire.independent_dedup(cfg, tiny_corpus, 4))
+        bench_wire.independent_dedup(cfg, tiny_corpus, 4)
+    )
     assert dedup["push_rows_per_token"] == pytest.approx(dedup["lookup_rows_per_token"])
 
-    cached = bench_wire.measure(cfg, tiny_corpus, 4, PrefetchConfig(
-        depth=1, update="async", cache_rows=1 << 16, cache_staleness=1))
+    cached = bench_wire.measure(
+        cfg,
+        tiny_corpus,
+        4,
+        PrefetchConfig(depth=1, update="async", cache_rows=1 << 16, cache_staleness=1),
+    )
     assert cached["lookup_ratio_vs_naive"] <= dedup["lookup_ratio_vs_naive"]
     assert cached["lookup_ratio_vs_naive"] < 1
 
@@ -71,8 +83,8 @@ def test_frequent_words_mark_non_first_tokens(tiny_corpus):
     mask = quality.phrase_mask(ids, texts, {w for w, _ in words})
     assert mask.any()  # ' subprocess' is cut into >= 2 tokens by a 512-token vocabulary
     for s, n in zip(starts.tolist(), lengths.tolist(), strict=True):
-        if n >= 2 and tuple(ids[s:s + n].tolist()) in {w for w, _ in words}:
-            assert not mask[s] and mask[s + 1:s + n].all()
+        if n >= 2 and tuple(ids[s : s + n].tolist()) in {w for w, _ in words}:
+            assert not mask[s] and mask[s + 1 : s + n].all()
 
 
 # ------------------------------------------------------------------------------ Redis baseline
@@ -103,8 +115,9 @@ def test_redis_rmw_adam_matches_the_store(redis_port, engine_shard):
 
     shard = engine_shard
 
-    spec = TableConfig("t", num_rows=1000, dim=8, seed=3,
-                       optimizer=OptimizerConfig(kind="adam", lr=0.05))
+    spec = TableConfig(
+        "t", num_rows=1000, dim=8, seed=3, optimizer=OptimizerConfig(kind="adam", lr=0.05)
+    )
     table = bench_redis.RedisTable(redis.Redis(port=redis_port), spec, chunk=7)
     table.r.flushall()
     shard.create_table(spec)

@@ -13,13 +13,20 @@ from engram_store.engine.config import ClientConfig, OptimizerConfig, TableConfi
 from engram_store.rpc.client import StoreClient
 from tests.servers import ROOT, engram_command
 
-SPEC = TableConfig(name="engram_l2", head_rows=(101, 103), dim=4,
-                   optimizer=OptimizerConfig(kind="adagrad", lr=0.1))
+SPEC = TableConfig(
+    name="engram_l2", head_rows=(101, 103), dim=4, optimizer=OptimizerConfig(kind="adagrad", lr=0.1)
+)
 
 
 def engram(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([*engram_command(), *args], capture_output=True, text=True, cwd=ROOT,
-                          timeout=120, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [*engram_command(), *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def test_serve_refuses_the_network_without_tokens(tmp_path):
@@ -37,19 +44,48 @@ def test_snapshot_restore_export_commands(server_process, tmp_path):
         expected = c.lookup("engram_l2", np.arange(204))
     r = engram("stats", "--address", server.address)
     assert r.returncode == 2 and "token" in r.stderr
-    r = engram("snapshot", "--address", server.address, "--to", str(tmp_path / "snap"),
-               env={"ENGRAM_TOKEN": "w-secret"})
+    r = engram(
+        "snapshot",
+        "--address",
+        server.address,
+        "--to",
+        str(tmp_path / "snap"),
+        env={"ENGRAM_TOKEN": "w-secret"},
+    )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["steps"] == {"engram_l2": 4}
-    r = engram("restore", "--from", str(tmp_path / "snap"), "--data-root",
-               str(tmp_path / "restored"), "--shards", "2")
+    r = engram(
+        "restore",
+        "--from",
+        str(tmp_path / "snap"),
+        "--data-root",
+        str(tmp_path / "restored"),
+        "--shards",
+        "2",
+    )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["shards"] == 2
-    r = engram("export", "--from", str(tmp_path / "snap"), "--out", str(tmp_path / "o1"),
-               "--hash-config", '{"layers": [2]}')
+    r = engram(
+        "export",
+        "--from",
+        str(tmp_path / "snap"),
+        "--out",
+        str(tmp_path / "o1"),
+        "--hash-config",
+        '{"layers": [2]}',
+    )
     assert r.returncode == 0, r.stderr
-    r = engram("export", "--address", server.address, "--token", "r-secret", "--out",
-               str(tmp_path / "o2"), "--tables", "engram_l2")
+    r = engram(
+        "export",
+        "--address",
+        server.address,
+        "--token",
+        "r-secret",
+        "--out",
+        str(tmp_path / "o2"),
+        "--tables",
+        "engram_l2",
+    )
     assert r.returncode == 0, r.stderr
     for out in ("o1", "o2"):
         w = load_file(str(tmp_path / out / "engram_l2.safetensors"))["weight"]

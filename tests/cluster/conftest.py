@@ -25,11 +25,16 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="package")
 def ray_cluster():
     """(cluster_utils.Cluster, store node id, trainer node id); this process is connected."""
-    c = Cluster(initialize_head=True,
-                head_node_args={"num_cpus": 1, "include_dashboard": False})  # trainer node
+    c = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False}
+    )  # trainer node
     store = c.add_node(num_cpus=4, resources={STORE: 100})
-    ray.init(address=c.address, namespace="engram-test", log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})  # actors import this checkout
+    ray.init(
+        address=c.address,
+        namespace="engram-test",
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
+    )  # actors import this checkout
     yield c, store.node_id, c.head_node.node_id
     ray.shutdown()
     c.shutdown()
@@ -40,17 +45,23 @@ def cluster_config(root, num_shards: int = 2, **kw) -> ClusterConfig:
     kw.setdefault("name", "t-" + uuid.uuid4().hex[:8])
     kw.setdefault("num_slots", 64)
     return ClusterConfig(
-        num_shards=num_shards, data_root=str(root), store_resource=STORE, cpus_per_shard=0.25,
+        num_shards=num_shards,
+        data_root=str(root),
+        store_resource=STORE,
+        cpus_per_shard=0.25,
         namespace="engram-test",
         shard=ShardConfig(data_dir="-", workers=4, cache_rows=1 << 14, map_size=1 << 28),
-        client=ClientConfig(timeout_s=20, retries=14, backoff_s=0.02, backoff_max_s=1.0,
-                            threads=4),
-        ready_timeout_s=60, reshard_group_slots=8, **kw)
+        client=ClientConfig(timeout_s=20, retries=14, backoff_s=0.02, backoff_max_s=1.0, threads=4),
+        ready_timeout_s=60,
+        reshard_group_slots=8,
+        **kw,
+    )
 
 
 def table_spec(name: str = "emb", num_rows: int = 20_000, dim: int = 8) -> TableConfig:
-    return TableConfig(name=name, num_rows=num_rows, dim=dim,
-                       optimizer=OptimizerConfig(kind="adam", lr=0.01))
+    return TableConfig(
+        name=name, num_rows=num_rows, dim=dim, optimizer=OptimizerConfig(kind="adam", lr=0.01)
+    )
 
 
 def push_batch(k: int, num_rows: int, dim: int, n: int = 64) -> tuple[np.ndarray, np.ndarray]:
@@ -65,8 +76,9 @@ class Pusher(threading.Thread):
     a push that fails is retried as the same request until it is acknowledged, so the
     acknowledged pushes are exactly 1..acked in order."""
 
-    def __init__(self, client, spec: TableConfig, max_pushes: int = 5000,
-                 max_seconds: float = 120.0):
+    def __init__(
+        self, client, spec: TableConfig, max_pushes: int = 5000, max_seconds: float = 120.0
+    ):
         super().__init__(daemon=True)
         self.client, self.spec = client, spec
         self.max_pushes, self.max_seconds = max_pushes, max_seconds
@@ -77,8 +89,7 @@ class Pusher(threading.Thread):
     def run(self) -> None:
         deadline = time.monotonic() + self.max_seconds
         k = 1
-        while k <= self.max_pushes and not self.stop_event.is_set() \
-                and time.monotonic() < deadline:
+        while k <= self.max_pushes and not self.stop_event.is_set() and time.monotonic() < deadline:
             ids, grads = push_batch(k, self.spec.num_rows, self.spec.dim)
             try:
                 self.client.push(self.spec.name, ids, grads, step=k, request_id=f"push-{k}")
@@ -109,8 +120,9 @@ def reference_table(tmp_path, spec: TableConfig, pushes: int):
     """A plain one-shard Shard fed pushes 1..pushes; returns (touched ids, their rows)."""
     from engram_store.engine.shard import Shard
 
-    with Shard(ShardConfig(data_dir=str(tmp_path / f"ref-{uuid.uuid4().hex[:6]}"),
-                           map_size=1 << 28)) as ref:
+    with Shard(
+        ShardConfig(data_dir=str(tmp_path / f"ref-{uuid.uuid4().hex[:6]}"), map_size=1 << 28)
+    ) as ref:
         ref.create_table(spec)
         touched = set()
         for k in range(1, pushes + 1):

@@ -44,8 +44,9 @@ def test_scaling_under_pushes_matches_one_shard(ray_cluster, tmp_path):
                     if stop_lookups.is_set():
                         return
                     try:
-                        rows = c.lookup(spec.name, push_batch(i % 50 + 1, spec.num_rows,
-                                                              spec.dim)[0])
+                        rows = c.lookup(
+                            spec.name, push_batch(i % 50 + 1, spec.num_rows, spec.dim)[0]
+                        )
                         assert rows.shape == (64, spec.dim) and np.isfinite(rows).all()
                     except Exception as e:
                         lookup_errors.append(repr(e))
@@ -238,8 +239,9 @@ def test_discover_store_by_shard_or_ray_address(ray_cluster, tmp_path):
         with discover_store(cluster.shard_map().addresses[1]) as c:
             assert c.shard_map.num_shards == 2
             np.testing.assert_array_equal(c.lookup(spec.name, ids), expected)
-        with discover_store(ray_cluster[0].address, name=config.name,
-                            namespace=config.namespace) as c:
+        with discover_store(
+            ray_cluster[0].address, name=config.name, namespace=config.namespace
+        ) as c:
             np.testing.assert_array_equal(c.lookup(spec.name, ids), expected)
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
@@ -260,12 +262,27 @@ def test_cli_up_returns_and_the_cluster_lives_on(ray_cluster, tmp_path):
     common = ["--address", address, "--name", name, "--namespace", "engram-test"]
 
     def engram(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "engram", "cluster", *args, *common],
-                              capture_output=True, text=True, timeout=120,
-                              cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+        return subprocess.run(
+            [sys.executable, "-m", "engram", "cluster", *args, *common],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
+        )
 
-    up = engram("up", "--shards", "1", "--data", str(tmp_path / "c"), "--slots", "64",
-                "--store-resource", "engram_store_test", "--cpus-per-shard", "0.25")
+    up = engram(
+        "up",
+        "--shards",
+        "1",
+        "--data",
+        str(tmp_path / "c"),
+        "--slots",
+        "64",
+        "--store-resource",
+        "engram_store_test",
+        "--cpus-per-shard",
+        "0.25",
+    )
     assert up.returncode == 0, up.stderr[-2000:]
     assert "reach it with --address" in up.stdout
     try:
@@ -292,8 +309,10 @@ def test_tokens_protect_the_shards(ray_cluster, tmp_path):
     spec = table_spec(num_rows=1000)
     base = cluster_config(tmp_path / "c", 1)
     config = dataclasses.replace(
-        base, shard=dataclasses.replace(base.shard, auth=AuthConfig(write_tokens=("w-secret",))),
-        client=dataclasses.replace(base.client, token="w-secret"))
+        base,
+        shard=dataclasses.replace(base.shard, auth=AuthConfig(write_tokens=("w-secret",))),
+        client=dataclasses.replace(base.client, token="w-secret"),
+    )
     cluster = EngramCluster.up(config, tables=[spec])
     try:
         cluster.scale(2)  # SetShardState, ExportRows/ImportRows, DeleteRows with the token
@@ -339,8 +358,12 @@ def test_errors_keep_their_class_through_ray(ray_cluster):
 
     actor = ray.remote(num_cpus=0)(_Raiser).remote()
     try:
-        for error in (ClusterNotFound("no cluster named 'x'"), ClusterExists("up already"),
-                      RayUnreachable("nothing at 1.2.3.4:6379"), LayoutMismatch("64 slots")):
+        for error in (
+            ClusterNotFound("no cluster named 'x'"),
+            ClusterExists("up already"),
+            RayUnreachable("nothing at 1.2.3.4:6379"),
+            LayoutMismatch("64 slots"),
+        ):
             with pytest.raises(type(error)) as e:
                 ray_get(actor.fail.remote(error), timeout=60)
             assert type(e.value) is type(error) and str(e.value) == str(error)

@@ -84,17 +84,24 @@ def test_cli_without_the_cluster_extra_names_it(monkeypatch, capsys):
     from engram.cli import main
 
     monkeypatch.setitem(sys.modules, "cluster", None)  # import cluster -> ImportError
-    for argv in (["cluster", "status"], ["cluster", "down"], ["cluster", "scale", "--shards", "2"],
-                 ["cluster", "up", "--shards", "1"]):
+    for argv in (
+        ["cluster", "status"],
+        ["cluster", "down"],
+        ["cluster", "scale", "--shards", "2"],
+        ["cluster", "up", "--shards", "1"],
+    ):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert "pip install 'engram[cluster]'" in err, (argv, err)
 
 
 def test_building_the_parser_imports_no_ray():
-    code = ("import sys; from engram.cli import build_parser; build_parser().format_help(); "
-            "bad = [m for m in ('ray', 'cluster', 'torch') if m in sys.modules]; "
-            "assert not bad, bad")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120, cwd=ROOT)
+    code = (
+        "import sys; from engram.cli import build_parser; build_parser().format_help(); "
+        "bad = [m for m in ('ray', 'cluster', 'torch') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
     assert done.returncode == 0, done.stderr[-2000:]

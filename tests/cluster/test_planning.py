@@ -25,12 +25,12 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def fresh(num_shards: int, num_slots: int = SLOTS) -> ShardMap:
-    return ShardMap.balanced([f"a{i}" for i in range(num_shards)], num_slots, version=3,
-                             layout="L")
+    return ShardMap.balanced([f"a{i}" for i in range(num_shards)], num_slots, version=3, layout="L")
 
 
-def run(current: ShardMap, num_shards: int, group_slots: int = 8
-        ) -> tuple[ReshardPlan, list[ShardMap]]:
+def run(
+    current: ShardMap, num_shards: int, group_slots: int = 8
+) -> tuple[ReshardPlan, list[ShardMap]]:
     """Plan `current` -> `num_shards` and check what every plan must hold; returns the plan and
     the maps it publishes."""
     plan = plan_reshard(current, num_shards, group_slots)
@@ -45,16 +45,18 @@ def run(current: ShardMap, num_shards: int, group_slots: int = 8
         assert len(mp.assignment) == mp.num_slots
         assert all(0 <= s < mp.num_shards for s in mp.assignment)
     # versions go up by one per published map
-    assert [mp.version for mp in maps] == list(range(current.version + 1,
-                                                     current.version + 1 + len(maps)))
+    assert [mp.version for mp in maps] == list(
+        range(current.version + 1, current.version + 1 + len(maps))
+    )
     # the moves carry exactly the slots whose owner changes, each once, from its old owner
     changed = {s for s in range(current.num_slots) if current.assignment[s] != plan.assignment[s]}
     slots = [s for mv in plan.moves for s in mv.slots]
     assert sorted(slots) == sorted(changed) and len(slots) == len(set(slots))
     for mv in plan.moves:
         assert 1 <= len(mv.slots) <= group_slots and mv.source != mv.dest
-        assert all(current.assignment[s] == mv.source and plan.assignment[s] == mv.dest
-                   for s in mv.slots)
+        assert all(
+            current.assignment[s] == mv.source and plan.assignment[s] == mv.dest for s in mv.slots
+        )
         assert list(mv.slots) == sorted(mv.slots)
     # moves run source by source, destination by destination
     order = [(mv.source, mv.dest) for mv in plan.moves]
@@ -147,6 +149,7 @@ def test_bad_arguments_are_refused():
 def test_planning_needs_no_ray():
     """Importing the planner imports no Ray (the cluster package only checks it is installed)."""
     code = "import sys, cluster.planning; assert 'ray' not in sys.modules, 'ray imported'"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120, cwd=ROOT)
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
     assert done.returncode == 0, done.stderr[-2000:]

@@ -15,7 +15,8 @@ def test_bf16_round_to_nearest_even_and_specials():
     # ties go to the even mantissa: 1 + 2^-8 sits halfway between 1 and 1 + 2^-7
     tie = np.array([1 + 2**-8, 1 + 3 * 2**-8], np.float32)
     np.testing.assert_array_equal(
-        dtypes.bf16_to_f32(dtypes.f32_to_bf16(tie)), np.array([1.0, 1 + 2**-6], np.float32))
+        dtypes.bf16_to_f32(dtypes.f32_to_bf16(tie)), np.array([1.0, 1 + 2**-6], np.float32)
+    )
 
 
 def test_bf16_matches_torch_rounding():
@@ -42,8 +43,12 @@ def test_bytes_round_trip(name, tol):
     assert y.dtype == np.float32 and y.shape == (7, 5) and y.flags.writeable
     np.testing.assert_allclose(y, x, rtol=tol, atol=0)
     # packed bytes are little-endian
-    assert buf[: dtypes.itemsize(name)] == np.asarray(
-        dtypes.to_dtype(x[:1, :1], name)).astype(dtypes.numpy_dtype(name).newbyteorder("<")).tobytes()
+    assert (
+        buf[: dtypes.itemsize(name)]
+        == np.asarray(dtypes.to_dtype(x[:1, :1], name))
+        .astype(dtypes.numpy_dtype(name).newbyteorder("<"))
+        .tobytes()
+    )
 
 
 def test_from_bytes_rejects_partial_rows():

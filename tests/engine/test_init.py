@@ -22,6 +22,7 @@ def test_rows_depend_only_on_seed_id_and_column():
 
 def test_same_rows_under_any_shard_split():
     from engram_store.engine.routing import slot_of
+
     spec = TableConfig("t", num_rows=5_000, dim=4, seed=1)
     ids = np.arange(5_000, dtype=np.int64)
     whole = initial_rows(spec, ids)
@@ -49,8 +50,12 @@ def test_zeros_and_state():
     spec = TableConfig("t", num_rows=10, dim=3, init="zeros")
     assert not initial_rows(spec, np.arange(10)).any()
     assert initial_rows(spec, np.empty(0, np.int64)).shape == (0, 3)
-    ada = TableConfig("t", num_rows=10, dim=3, optimizer=OptimizerConfig(
-        kind="adagrad", initial_accumulator_value=0.5))
+    ada = TableConfig(
+        "t",
+        num_rows=10,
+        dim=3,
+        optimizer=OptimizerConfig(kind="adagrad", initial_accumulator_value=0.5),
+    )
     np.testing.assert_array_equal(initial_state(ada, 2), np.full((2, 3), 0.5, np.float32))
     adam = TableConfig("t", num_rows=10, dim=3)
     assert initial_state(adam, 2).shape == (2, 6) and not initial_state(adam, 2).any()

@@ -17,11 +17,16 @@ def _torch_opt(opt: OptimizerConfig, params):
     if opt.kind == "sgd":
         return torch.optim.SGD(params, lr=opt.lr)
     if opt.kind == "adagrad":
-        return torch.optim.Adagrad(params, lr=opt.lr, lr_decay=opt.lr_decay,
-                                   initial_accumulator_value=opt.initial_accumulator_value,
-                                   eps=opt.resolved_eps)
-    return torch.optim.SparseAdam(params, lr=opt.lr, betas=(opt.beta1, opt.beta2),
-                                  eps=opt.resolved_eps)
+        return torch.optim.Adagrad(
+            params,
+            lr=opt.lr,
+            lr_decay=opt.lr_decay,
+            initial_accumulator_value=opt.initial_accumulator_value,
+            eps=opt.resolved_eps,
+        )
+    return torch.optim.SparseAdam(
+        params, lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.resolved_eps
+    )
 
 
 def _torch_state(opt: OptimizerConfig, topt, weight) -> np.ndarray:
@@ -34,13 +39,17 @@ def _torch_state(opt: OptimizerConfig, topt, weight) -> np.ndarray:
 
 
 @pytest.mark.parametrize("dtype", ["float32"])
-@pytest.mark.parametrize("opt", [
-    OptimizerConfig(kind="sgd", lr=0.1),
-    OptimizerConfig(kind="adagrad", lr=0.05, lr_decay=0.01, initial_accumulator_value=0.1),
-    OptimizerConfig(kind="adagrad", lr=0.5),
-    OptimizerConfig(kind="adam", lr=0.01),
-    OptimizerConfig(kind="adam", lr=0.003, beta1=0.8, beta2=0.99, eps=1e-6),
-], ids=["sgd", "adagrad-decay", "adagrad", "adam", "adam-betas"])
+@pytest.mark.parametrize(
+    "opt",
+    [
+        OptimizerConfig(kind="sgd", lr=0.1),
+        OptimizerConfig(kind="adagrad", lr=0.05, lr_decay=0.01, initial_accumulator_value=0.1),
+        OptimizerConfig(kind="adagrad", lr=0.5),
+        OptimizerConfig(kind="adam", lr=0.01),
+        OptimizerConfig(kind="adam", lr=0.003, beta1=0.8, beta2=0.99, eps=1e-6),
+    ],
+    ids=["sgd", "adagrad-decay", "adagrad", "adam", "adam-betas"],
+)
 @pytest.mark.parametrize("cache_rows", [0, 64, 1 << 20], ids=["nocache", "smallcache", "cache"])
 def test_push_matches_torch(tmp_path, opt, dtype, cache_rows):
     spec = TableConfig("t", num_rows=ROWS, dim=DIM, seed=5, dtype=dtype, optimizer=opt)
@@ -66,10 +75,15 @@ def test_push_matches_torch(tmp_path, opt, dtype, cache_rows):
             topt.step()
             res = shard.push("t", ids, grads)
             assert res.step == step and res.rows_updated == np.unique(ids).shape[0]
-            np.testing.assert_allclose(shard.lookup("t", all_ids), emb.weight.detach().numpy(),
-                                       rtol=0, atol=1e-6)
-            np.testing.assert_allclose(shard.optimizer_state("t", all_ids),
-                                       _torch_state(opt, topt, emb.weight), rtol=0, atol=1e-6)
+            np.testing.assert_allclose(
+                shard.lookup("t", all_ids), emb.weight.detach().numpy(), rtol=0, atol=1e-6
+            )
+            np.testing.assert_allclose(
+                shard.optimizer_state("t", all_ids),
+                _torch_state(opt, topt, emb.weight),
+                rtol=0,
+                atol=1e-6,
+            )
         assert shard.table_stats("t").step == STEPS
 
 
@@ -85,8 +99,9 @@ def test_coalesce_sums_duplicates():
 
 
 def test_bfloat16_storage_rounds_rows(tmp_path):
-    spec = TableConfig("t", num_rows=50, dim=4, dtype="bfloat16",
-                       optimizer=OptimizerConfig(kind="sgd", lr=0.1))
+    spec = TableConfig(
+        "t", num_rows=50, dim=4, dtype="bfloat16", optimizer=OptimizerConfig(kind="sgd", lr=0.1)
+    )
     with Shard(ShardConfig(data_dir=str(tmp_path / "s"), map_size=64 << 20)) as shard:
         shard.create_table(spec)
         ids = np.arange(50, dtype=np.int64)
@@ -107,6 +122,7 @@ def test_storage_dtypes_and_odd_dims(tmp_path, dtype, kind):
     contiguous float32 arrays, rounded to the storage dtype after each step."""
     from engram_store.engine import dtypes, optimizers
     from engram_store.engine.init import initial_state
+
     opt = OptimizerConfig(kind=kind, lr=0.05, initial_accumulator_value=0.2)
     spec = TableConfig("t", num_rows=40, dim=7, dtype=dtype, optimizer=opt)
     ids = np.arange(0, 40, 3, dtype=np.int64)[::-1].copy()  # unsorted on purpose
@@ -130,6 +146,7 @@ def test_large_push_in_parallel_parts(tmp_path):
     init) and warm (mirror) pushes give the arithmetic of one contiguous apply()."""
     from engram_store.engine import optimizers
     from engram_store.engine.init import initial_state
+
     spec = TableConfig("t", num_rows=50_000, dim=4, optimizer=OptimizerConfig(kind="adam"))
     rng = np.random.default_rng(4)
     ids = rng.permutation(50_000)[:20_000].astype(np.int64)

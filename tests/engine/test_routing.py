@@ -42,8 +42,10 @@ def test_rebalance_moves_few_slots_and_balances(n_from, n_to):
     moved = sum(a != b for a, b in zip(old.assignment, new.assignment, strict=True))
     # the least any layout change can move: slots above each kept shard's new quota
     old_counts = np.bincount(old.assignment, minlength=max(n_from, n_to))
-    must_move = sum(max(0, int(old_counts[s]) - int(counts[s]) if s < n_to else int(old_counts[s]))
-                    for s in range(n_from))
+    must_move = sum(
+        max(0, int(old_counts[s]) - int(counts[s]) if s < n_to else int(old_counts[s]))
+        for s in range(n_from)
+    )
     assert moved == must_move
 
 

@@ -33,9 +33,13 @@ def _grads(n, seed=0):
 def _snapshot(shard, table="t"):
     st = shard.table_stats(table)
     parts = np.array_split(ALL, 10)  # within any max_batch_rows a test sets
-    return (np.concatenate([shard.lookup(table, p) for p in parts]),
-            np.concatenate([shard.optimizer_state(table, p) for p in parts]),
-            st.step, st.pushes, st.stored_rows)
+    return (
+        np.concatenate([shard.lookup(table, p) for p in parts]),
+        np.concatenate([shard.optimizer_state(table, p) for p in parts]),
+        st.step,
+        st.pushes,
+        st.stored_rows,
+    )
 
 
 def _assert_same(a, b):
@@ -75,8 +79,15 @@ def test_unpushed_rows_are_initial(shard):
 
 def test_reopen_restores_everything(shard_config, trained):
     before = _snapshot(trained)
-    state = ShardStateInfo(shard_index=1, map_version=3, num_slots=4, owned=b"\1\1\1\1",
-                           frozen=b"\0\0\0\0", layout="L", shard_map_json="{}")
+    state = ShardStateInfo(
+        shard_index=1,
+        map_version=3,
+        num_slots=4,
+        owned=b"\1\1\1\1",
+        frozen=b"\0\0\0\0",
+        layout="L",
+        shard_map_json="{}",
+    )
     trained.set_shard_state(state)
     trained.close()
     with Shard(shard_config) as again:
@@ -125,33 +136,58 @@ def test_explicit_step(trained):
     assert trained.push("t", ALL[:2], _grads(2)).step == 11
 
 
-@pytest.mark.parametrize("call,err,match", [
-    (lambda s: s.lookup("nope", ALL[:2]), TableNotFound, "nope"),
-    (lambda s: s.push("nope", ALL[:2], _grads(2)), TableNotFound, "nope"),
-    (lambda s: s.push("t", ALL[:2].astype(np.int32), _grads(2)), InvalidArgument, "int64"),
-    (lambda s: s.lookup("t", ALL[:4].reshape(2, 2)), InvalidArgument, "1-D"),
-    (lambda s: s.lookup("t", [1, 2]), InvalidArgument, "1-D"),
-    (lambda s: s.push("t", np.array([1, -3], np.int64), _grads(2)), InvalidArgument,
-     r"-3 .*\[0, 500\)"),
-    (lambda s: s.push("t", np.array([1, ROWS], np.int64), _grads(2)), InvalidArgument,
-     r"500 .*\[0, 500\)"),
-    (lambda s: s.lookup("t", np.array([ROWS + 7], np.int64)), InvalidArgument, "507"),
-    (lambda s: s.push("t", ALL[:2], _grads(3)), InvalidArgument, "shape"),
-    (lambda s: s.push("t", ALL[:2], np.zeros((2, DIM + 1), np.float32)), InvalidArgument, "shape"),
-    (lambda s: s.push("t", ALL[:2], _grads(2).astype(np.float64)), InvalidArgument, "float32"),
-    (lambda s: s.push("t", ALL[:2], np.full((2, DIM), np.nan, np.float32)), InvalidArgument,
-     "NaN"),
-    (lambda s: s.push("t", ALL[:2], np.array([[0, 0, np.inf, 0]] * 2, np.float32)),
-     InvalidArgument, "Inf"),
-    (lambda s: s.push("t", ALL[:2], _grads(2), step=-1), InvalidArgument, "step"),
-    (lambda s: s.push("t", ALL[:65], _grads(65)), BatchTooLarge, "max_batch_rows"),
-    (lambda s: s.lookup("t", ALL[:65]), BatchTooLarge, "max_batch_rows"),
-    (lambda s: s.create_table(TableConfig("t", num_rows=ROWS, dim=DIM, seed=12)), TableExists,
-     "drop"),
-    (lambda s: s.import_rows("t", ALL[:2], np.zeros((2, 3), np.uint8), 1), InvalidArgument,
-     "records"),
-    (lambda s: s.export_rows("t", np.zeros((2, 2), bool)), InvalidArgument, "slot mask"),
-])
+@pytest.mark.parametrize(
+    "call,err,match",
+    [
+        (lambda s: s.lookup("nope", ALL[:2]), TableNotFound, "nope"),
+        (lambda s: s.push("nope", ALL[:2], _grads(2)), TableNotFound, "nope"),
+        (lambda s: s.push("t", ALL[:2].astype(np.int32), _grads(2)), InvalidArgument, "int64"),
+        (lambda s: s.lookup("t", ALL[:4].reshape(2, 2)), InvalidArgument, "1-D"),
+        (lambda s: s.lookup("t", [1, 2]), InvalidArgument, "1-D"),
+        (
+            lambda s: s.push("t", np.array([1, -3], np.int64), _grads(2)),
+            InvalidArgument,
+            r"-3 .*\[0, 500\)",
+        ),
+        (
+            lambda s: s.push("t", np.array([1, ROWS], np.int64), _grads(2)),
+            InvalidArgument,
+            r"500 .*\[0, 500\)",
+        ),
+        (lambda s: s.lookup("t", np.array([ROWS + 7], np.int64)), InvalidArgument, "507"),
+        (lambda s: s.push("t", ALL[:2], _grads(3)), InvalidArgument, "shape"),
+        (
+            lambda s: s.push("t", ALL[:2], np.zeros((2, DIM + 1), np.float32)),
+            InvalidArgument,
+            "shape",
+        ),
+        (lambda s: s.push("t", ALL[:2], _grads(2).astype(np.float64)), InvalidArgument, "float32"),
+        (
+            lambda s: s.push("t", ALL[:2], np.full((2, DIM), np.nan, np.float32)),
+            InvalidArgument,
+            "NaN",
+        ),
+        (
+            lambda s: s.push("t", ALL[:2], np.array([[0, 0, np.inf, 0]] * 2, np.float32)),
+            InvalidArgument,
+            "Inf",
+        ),
+        (lambda s: s.push("t", ALL[:2], _grads(2), step=-1), InvalidArgument, "step"),
+        (lambda s: s.push("t", ALL[:65], _grads(65)), BatchTooLarge, "max_batch_rows"),
+        (lambda s: s.lookup("t", ALL[:65]), BatchTooLarge, "max_batch_rows"),
+        (
+            lambda s: s.create_table(TableConfig("t", num_rows=ROWS, dim=DIM, seed=12)),
+            TableExists,
+            "drop",
+        ),
+        (
+            lambda s: s.import_rows("t", ALL[:2], np.zeros((2, 3), np.uint8), 1),
+            InvalidArgument,
+            "records",
+        ),
+        (lambda s: s.export_rows("t", np.zeros((2, 2), bool)), InvalidArgument, "slot mask"),
+    ],
+)
 def test_bad_input_changes_nothing(tmp_path, call, err, match):
     cfg = ShardConfig(data_dir=str(tmp_path / "s"), map_size=64 << 20, max_batch_rows=64)
     with Shard(cfg) as shard:
@@ -177,8 +213,9 @@ def test_ownership_and_frozen_slots(trained):
     trained.lookup("t", mine)
     frozen = np.zeros(8, np.uint8)
     frozen[slots[mine[0]]] = 1
-    trained.set_shard_state(ShardStateInfo(map_version=5, num_slots=8, owned=owned.tobytes(),
-                                           frozen=frozen.tobytes()))
+    trained.set_shard_state(
+        ShardStateInfo(map_version=5, num_slots=8, owned=owned.tobytes(), frozen=frozen.tobytes())
+    )
     with pytest.raises(ShardUnavailable, match="moving"):
         trained.push("t", mine[:3], _grads(3))
     trained.lookup("t", mine)  # lookups of frozen slots still work
@@ -218,10 +255,12 @@ def test_export_import_delete_moves_rows(tmp_path, trained):
         np.testing.assert_array_equal(dest.optimizer_state("t", ALL[moving]), want_state[moving])
         # the source keeps the other rows; the moved ones are back to their initial values there
         np.testing.assert_array_equal(trained.lookup("t", ALL[~moving]), want_rows[~moving])
-        np.testing.assert_array_equal(trained.lookup("t", ALL[moving]),
-                                      initial_rows(SPEC, ALL[moving]))
-        np.testing.assert_array_equal(trained.optimizer_state("t", ALL[moving]),
-                                      initial_state(SPEC, int(moving.sum())))
+        np.testing.assert_array_equal(
+            trained.lookup("t", ALL[moving]), initial_rows(SPEC, ALL[moving])
+        )
+        np.testing.assert_array_equal(
+            trained.optimizer_state("t", ALL[moving]), initial_state(SPEC, int(moving.sum()))
+        )
         assert list(trained.export_rows("t", mask)) == []
 
 
@@ -249,8 +288,9 @@ def test_small_cache_gives_the_same_answers(tmp_path):
     rng = np.random.default_rng(3)
     out = []
     for cache_rows in (0, 16, 1 << 20):
-        cfg = ShardConfig(data_dir=str(tmp_path / f"c{cache_rows}"), map_size=64 << 20,
-                          cache_rows=cache_rows)
+        cfg = ShardConfig(
+            data_dir=str(tmp_path / f"c{cache_rows}"), map_size=64 << 20, cache_rows=cache_rows
+        )
         rng = np.random.default_rng(3)
         with Shard(cfg) as shard:
             shard.create_table(SPEC)
@@ -270,8 +310,9 @@ def test_small_cache_gives_the_same_answers(tmp_path):
 def test_concurrent_lookups_never_see_torn_rows(tmp_path):
     # sgd lr 1, gradient -1 everywhere: each push adds 1 to every element of the pushed rows,
     # so an untorn row has all elements equal
-    spec = TableConfig("z", num_rows=2000, dim=32, init="zeros",
-                       optimizer=OptimizerConfig(kind="sgd", lr=1.0))
+    spec = TableConfig(
+        "z", num_rows=2000, dim=32, init="zeros", optimizer=OptimizerConfig(kind="sgd", lr=1.0)
+    )
     cfg = ShardConfig(data_dir=str(tmp_path / "s"), map_size=256 << 20, cache_rows=1500)
     ids = np.arange(2000, dtype=np.int64)
     with Shard(cfg) as shard:
@@ -323,6 +364,7 @@ def test_retry_of_applied_push_is_acknowledged_while_frozen(trained):
 
 def test_full_map_raises_store_full_and_changes_nothing(tmp_path):
     from engram_store.engine.errors import StoreFull
+
     cfg = ShardConfig(data_dir=str(tmp_path / "s"), map_size=1 << 20)
     spec = TableConfig("big", num_rows=100_000, dim=64)
     with Shard(cfg) as shard:

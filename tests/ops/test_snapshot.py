@@ -25,10 +25,12 @@ from engram_store.rpc.proto import store_pb2_grpc as pb_grpc
 from tests.servers import LocalShard
 
 ROWS, DIM = 96, 4
-SGD = TableConfig(name="sgd", num_rows=ROWS, dim=DIM, init="zeros",
-                  optimizer=OptimizerConfig(kind="sgd", lr=1.0))
-ADAM = TableConfig(name="adam", num_rows=4000, dim=DIM, seed=7,
-                   optimizer=OptimizerConfig(kind="adam", lr=0.01))
+SGD = TableConfig(
+    name="sgd", num_rows=ROWS, dim=DIM, init="zeros", optimizer=OptimizerConfig(kind="sgd", lr=1.0)
+)
+ADAM = TableConfig(
+    name="adam", num_rows=4000, dim=DIM, seed=7, optimizer=OptimizerConfig(kind="adam", lr=0.01)
+)
 RETRYING = ClientConfig(retries=40, backoff_s=0.005, backoff_max_s=0.1)
 
 
@@ -37,8 +39,9 @@ def make_cluster(make_shard, n: int) -> list[LocalShard]:
     shards = [make_shard() for _ in range(n)]
     m = ShardMap.balanced([s.address for s in shards], num_slots=64, layout="test")
     for i, s in enumerate(shards):
-        s.shard.set_shard_state(ShardStateInfo(i, m.version, m.num_slots, m.owned_mask(i), b"",
-                                               m.layout, m.to_json()))
+        s.shard.set_shard_state(
+            ShardStateInfo(i, m.version, m.num_slots, m.owned_mask(i), b"", m.layout, m.to_json())
+        )
     return shards
 
 
@@ -101,8 +104,12 @@ def test_snapshot_is_a_consistent_cut_under_concurrent_pushes(make_shard, tmp_pa
             assert (rows == rows[0, 0]).all(), f"snapshot {k} split a push: {np.unique(rows)}"
             total = -int(rows[0, 0])
             n0, n1 = total % 1024, total // 1024
-            assert before[0] <= n0 <= after[0] and before[1] <= n1 <= after[1], \
-                (k, before, (n0, n1), after)
+            assert before[0] <= n0 <= after[0] and before[1] <= n1 <= after[1], (
+                k,
+                before,
+                (n0, n1),
+                after,
+            )
             m = json.load(open(path))
             assert m["num_shards"] == 2 and set(m["tables"]) == {"sgd", "adam"}
             assert m["steps"]["adam"] == 3
@@ -130,9 +137,13 @@ def test_snapshot_waits_for_a_part_still_on_its_way(make_shard, tmp_path):
     stubs = [pb_grpc.MemoryStoreStub(grpc.insecure_channel(s.address)) for s in shards]
 
     def part(i: int, row: int) -> pb.PushGradientsRequest:
-        return pb.PushGradientsRequest(table="sgd", ids=np.array([row], "<i8").tobytes(),
-                                       grads=np.ones((1, DIM), "<f4").tobytes(), step=1,
-                                       request_id=f"late/{i}~2")
+        return pb.PushGradientsRequest(
+            table="sgd",
+            ids=np.array([row], "<i8").tobytes(),
+            grads=np.ones((1, DIM), "<f4").tobytes(),
+            step=1,
+            request_id=f"late/{i}~2",
+        )
 
     stubs[0].PushGradients(part(0, a), timeout=10)
 
@@ -168,18 +179,25 @@ def test_restore_onto_another_shard_count_gives_identical_lookups(make_shard, tm
         c.push("sgd", np.arange(10), np.ones((10, DIM)), step=9)
         all_ids = np.arange(4000)
         expected = c.lookup("adam", all_ids)
-        state = np.concatenate([s.shard.optimizer_state("adam", all_ids[
-            c.shard_map.shard_of("adam", all_ids) == i]) for i, s in enumerate(shards)])
-        order = np.concatenate([all_ids[c.shard_map.shard_of("adam", all_ids) == i]
-                                for i in range(2)])
+        state = np.concatenate(
+            [
+                s.shard.optimizer_state("adam", all_ids[c.shard_map.shard_of("adam", all_ids) == i])
+                for i, s in enumerate(shards)
+            ]
+        )
+        order = np.concatenate(
+            [all_ids[c.shard_map.shard_of("adam", all_ids) == i] for i in range(2)]
+        )
     snapshot(shards[0].address, str(tmp_path / "snap"))
     summary = restore(str(tmp_path / "snap"), str(tmp_path / "restored"), shards=m_new)
     assert summary["shards"] == m_new and summary["steps"] == {"adam": 3, "sgd": 9}
-    restored = [make_shard(data_dir=str(tmp_path / "restored" / f"shard-{j}"))
-                for j in range(m_new)]
+    restored = [
+        make_shard(data_dir=str(tmp_path / "restored" / f"shard-{j}")) for j in range(m_new)
+    ]
     meta = json.load(open(tmp_path / "restored" / "cluster.json"))
-    m = dataclasses.replace(ShardMap.from_json(meta["shard_map"]),
-                            addresses=tuple(s.address for s in restored))
+    m = dataclasses.replace(
+        ShardMap.from_json(meta["shard_map"]), addresses=tuple(s.address for s in restored)
+    )
     target = m if m_new > 1 else restored[0].address
     with StoreClient(target) as c:
         np.testing.assert_array_equal(c.lookup("adam", all_ids), expected)
@@ -203,13 +221,17 @@ def test_snapshot_protocol_errors(shard, tmp_path):
             stub.Snapshot(pb.SnapshotRequest(**fields), timeout=10)
         return e.value.code()
 
-    assert code(phase=pb.SNAPSHOT_COPY, snapshot_id="a", path=str(tmp_path / "x")) == \
-        grpc.StatusCode.FAILED_PRECONDITION  # not frozen
+    assert (
+        code(phase=pb.SNAPSHOT_COPY, snapshot_id="a", path=str(tmp_path / "x"))
+        == grpc.StatusCode.FAILED_PRECONDITION
+    )  # not frozen
     assert code() == grpc.StatusCode.INVALID_ARGUMENT
     stub.Snapshot(pb.SnapshotRequest(phase=pb.SNAPSHOT_FREEZE, snapshot_id="a", lease_s=0.5))
     assert code(phase=pb.SNAPSHOT_FREEZE, snapshot_id="b") == grpc.StatusCode.FAILED_PRECONDITION
-    assert code(phase=pb.SNAPSHOT_COPY, snapshot_id="a", path="relative") == \
-        grpc.StatusCode.INVALID_ARGUMENT
+    assert (
+        code(phase=pb.SNAPSHOT_COPY, snapshot_id="a", path="relative")
+        == grpc.StatusCode.INVALID_ARGUMENT
+    )
     with StoreClient(shard.address, ClientConfig(retries=0)) as c:
         with pytest.raises(Exception, match="snapshot in progress"):
             c.create_table(SGD)

@@ -26,11 +26,21 @@ def test_stale_map_is_refreshed(make_shard):
     a, b, ref = make_shard(), make_shard(), make_shard("ref")
     current = ShardMap.balanced([a.address, b.address], num_slots=8, version=2)
     for i, s in enumerate((a, b)):
-        _set_state(s.address, shard_index=i, map_version=2, num_slots=8,
-                   owned=current.owned_mask(i), shard_map_json=current.to_json())
+        _set_state(
+            s.address,
+            shard_index=i,
+            map_version=2,
+            num_slots=8,
+            owned=current.owned_mask(i),
+            shard_map_json=current.to_json(),
+        )
     # an old map that sends every row to the other shard
-    stale = ShardMap(version=1, num_slots=8, assignment=tuple(1 - x for x in current.assignment),
-                     addresses=current.addresses)
+    stale = ShardMap(
+        version=1,
+        num_slots=8,
+        assignment=tuple(1 - x for x in current.assignment),
+        addresses=current.addresses,
+    )
     ids = np.arange(1000)
     grads = np.random.default_rng(0).standard_normal((1000, 8)).astype(np.float32)
     with StoreClient(stale, FAST) as c, StoreClient(ref.address) as r:

@@ -129,18 +129,15 @@ def test_snapshot_and_auth_errors_keep_their_class(make_shard):
             c.create_table(table_spec())
     stub = pb_grpc.StoreAdminStub(open_channel(s.address, ClientConfig(token="w")))
     with pytest.raises(grpc.RpcError) as raw:
-        stub.Snapshot(pb.SnapshotRequest(phase=pb.SNAPSHOT_THAW + 10, snapshot_id="x"),
-                      timeout=10)
+        stub.Snapshot(pb.SnapshotRequest(phase=pb.SNAPSHOT_THAW + 10, snapshot_id="x"), timeout=10)
     assert raw.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert (ERROR_KEY, "InvalidArgument") in [tuple(m) for m in raw.value.trailing_metadata()]
     stub.Snapshot(pb.SnapshotRequest(phase=pb.SNAPSHOT_FREEZE, snapshot_id="a", lease_s=5))
     try:
         with pytest.raises(grpc.RpcError) as raw:
-            stub.Snapshot(pb.SnapshotRequest(phase=pb.SNAPSHOT_FREEZE, snapshot_id="b"),
-                          timeout=10)
+            stub.Snapshot(pb.SnapshotRequest(phase=pb.SNAPSHOT_FREEZE, snapshot_id="b"), timeout=10)
         assert raw.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-        assert (ERROR_KEY, "SnapshotConflict") in [tuple(m) for m in
-                                                   raw.value.trailing_metadata()]
+        assert (ERROR_KEY, "SnapshotConflict") in [tuple(m) for m in raw.value.trailing_metadata()]
         with StoreClient(s.address, ClientConfig(token="w", retries=0)) as c:
             with pytest.raises(errors.SnapshotInProgress):
                 c.create_table(table_spec())
@@ -157,10 +154,13 @@ class _Peer:
         self.metadata: tuple[tuple[str, str], ...] = ()
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
         handler = grpc.unary_unary_rpc_method_handler(
-            self._stats, request_deserializer=pb.StatsRequest.FromString,
-            response_serializer=pb.StatsResponse.SerializeToString)
-        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-            "engram.v1.MemoryStore", {"Stats": handler}),))
+            self._stats,
+            request_deserializer=pb.StatsRequest.FromString,
+            response_serializer=pb.StatsResponse.SerializeToString,
+        )
+        self.server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler("engram.v1.MemoryStore", {"Stats": handler}),)
+        )
         self.address = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
         self.server.start()
 
@@ -177,8 +177,9 @@ def peer():
     p.server.stop(grace=None)
 
 
-@pytest.mark.parametrize("code", [c for c in grpc.StatusCode if c != grpc.StatusCode.OK],
-                         ids=lambda c: c.name)
+@pytest.mark.parametrize(
+    "code", [c for c in grpc.StatusCode if c != grpc.StatusCode.OK], ids=lambda c: c.name
+)
 def test_a_peer_sending_only_a_code_maps_by_code(peer, code):
     peer.code = code
     with StoreClient(ShardMap.single(peer.address), NO_RETRY) as c:
@@ -215,7 +216,9 @@ def test_stale_map_is_told_by_class_not_by_text(make_shard, monkeypatch):
     with StoreClient(s.address, ClientConfig(retries=2, backoff_s=0.0)) as c:
         c.create_table(table_spec())
     real = s.servicer.shard.lookup
-    fails: list[EngramError] = [errors.WrongShard("the map moved on")]  # no "stale shard map" in the text
+    fails: list[EngramError] = [
+        errors.WrongShard("the map moved on")
+    ]  # no "stale shard map" in the text
 
     def lookup(*a, **k):
         if fails:
@@ -223,13 +226,11 @@ def test_stale_map_is_told_by_class_not_by_text(make_shard, monkeypatch):
         return real(*a, **k)
 
     monkeypatch.setattr(s.servicer.shard, "lookup", lookup)
-    with StoreClient(s.address, ClientConfig(retries=2, backoff_s=0.0),
-                     map_provider=provider) as c:
+    with StoreClient(s.address, ClientConfig(retries=2, backoff_s=0.0), map_provider=provider) as c:
         assert c.lookup("t", np.arange(3)).shape == (3, 8)
         assert asked == [1]  # refreshed once, then re-routed
         # the same code and the old marker text, but another class: final, no refresh
-        fails.append(errors.LayoutMismatch("stale shard map? no: this directory is another "
-                                           "layout"))
+        fails.append(errors.LayoutMismatch("stale shard map? no: this directory is another layout"))
         with pytest.raises(errors.LayoutMismatch, match="another layout"):
             c.lookup("t", np.arange(3))
         assert asked == [1]

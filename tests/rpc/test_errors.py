@@ -20,8 +20,9 @@ ONES = np.ones((2, 8), np.float32)
 
 def _push(ids=(1, 2), grads=ONES, table="t", dtype=pb.FLOAT32, raw_grads=None, **kw):
     buf = raw_grads if raw_grads is not None else wire.pack_rows(np.asarray(grads), "float32")
-    return pb.PushGradientsRequest(table=table, ids=wire.pack_ids(np.asarray(ids)), grads=buf,
-                                   grad_dtype=dtype, **kw)
+    return pb.PushGradientsRequest(
+        table=table, ids=wire.pack_ids(np.asarray(ids)), grads=buf, grad_dtype=dtype, **kw
+    )
 
 
 def _lookup(ids=(1, 2), table="t", **kw):
@@ -45,31 +46,69 @@ CASES = {
     "lookup negative id": ("Lookup", _lookup(ids=(-1, 2)), C.INVALID_ARGUMENT, ["-1"]),
     "push id out of range": ("PushGradients", _push(ids=(5, 1000)), C.INVALID_ARGUMENT, ["1000"]),
     "push negative id": ("PushGradients", _push(ids=(-3, 2)), C.INVALID_ARGUMENT, ["-3"]),
-    "ids not int64 bytes": ("Lookup", pb.LookupRequest(table="t", ids=b"\0" * 12),
-                            C.INVALID_ARGUMENT, ["multiple of 8", "int64"]),
-    "grads not whole rows": ("PushGradients", _push(raw_grads=b"\0" * (2 * 32 + 4)),
-                             C.INVALID_ARGUMENT, ["multiple of the row size", "(n, 8)"]),
-    "grads rows != ids": ("PushGradients", _push(ids=(1, 2, 3)), C.INVALID_ARGUMENT,
-                          ["one gradient row per id"]),
+    "ids not int64 bytes": (
+        "Lookup",
+        pb.LookupRequest(table="t", ids=b"\0" * 12),
+        C.INVALID_ARGUMENT,
+        ["multiple of 8", "int64"],
+    ),
+    "grads not whole rows": (
+        "PushGradients",
+        _push(raw_grads=b"\0" * (2 * 32 + 4)),
+        C.INVALID_ARGUMENT,
+        ["multiple of the row size", "(n, 8)"],
+    ),
+    "grads rows != ids": (
+        "PushGradients",
+        _push(ids=(1, 2, 3)),
+        C.INVALID_ARGUMENT,
+        ["one gradient row per id"],
+    ),
     "grads NaN": ("PushGradients", _push(grads=_nan(np.nan)), C.INVALID_ARGUMENT, ["nan"]),
     "grads Inf": ("PushGradients", _push(grads=_nan(np.inf)), C.INVALID_ARGUMENT, ["inf"]),
-    "grad dtype unknown": ("PushGradients", _push(dtype=7), C.INVALID_ARGUMENT,
-                           ["grad_dtype=7", "FLOAT32"]),
-    "grads in another dtype": ("PushGradients", _push(dtype=pb.FLOAT16, ids=(1,)),
-                               C.INVALID_ARGUMENT, ["float16"]),
+    "grad dtype unknown": (
+        "PushGradients",
+        _push(dtype=7),
+        C.INVALID_ARGUMENT,
+        ["grad_dtype=7", "FLOAT32"],
+    ),
+    "grads in another dtype": (
+        "PushGradients",
+        _push(dtype=pb.FLOAT16, ids=(1,)),
+        C.INVALID_ARGUMENT,
+        ["float16"],
+    ),
     "lookup dtype unknown": ("Lookup", _lookup(dtype=9), C.INVALID_ARGUMENT, ["dtype=9"]),
-    "lookup over batch limit": ("Lookup", _lookup(ids=np.arange(SMALL_BATCH + 1) % 100),
-                                C.RESOURCE_EXHAUSTED, ["split the batch", "--max-batch-rows"]),
-    "push over batch limit": ("PushGradients", _push(ids=np.arange(SMALL_BATCH + 1) % 100,
-                                                     grads=np.ones((SMALL_BATCH + 1, 8))),
-                              C.RESOURCE_EXHAUSTED, ["split the batch"]),
-    "table exists with another spec": ("CreateTable", pb.CreateTableRequest(spec=OTHER_SPEC),
-                                       C.ALREADY_EXISTS, ["'t'"]),
-    "optimizer unspecified": ("CreateTable", pb.CreateTableRequest(spec=NO_OPTIMIZER),
-                              C.INVALID_ARGUMENT, ["optimizer", "ADAM"]),
-    "bad table name": ("CreateTable", pb.CreateTableRequest(
-        spec=wire.spec_to_pb(TableConfig(name="a b", num_rows=5, dim=2))),
-        C.INVALID_ARGUMENT, ["a b"]),
+    "lookup over batch limit": (
+        "Lookup",
+        _lookup(ids=np.arange(SMALL_BATCH + 1) % 100),
+        C.RESOURCE_EXHAUSTED,
+        ["split the batch", "--max-batch-rows"],
+    ),
+    "push over batch limit": (
+        "PushGradients",
+        _push(ids=np.arange(SMALL_BATCH + 1) % 100, grads=np.ones((SMALL_BATCH + 1, 8))),
+        C.RESOURCE_EXHAUSTED,
+        ["split the batch"],
+    ),
+    "table exists with another spec": (
+        "CreateTable",
+        pb.CreateTableRequest(spec=OTHER_SPEC),
+        C.ALREADY_EXISTS,
+        ["'t'"],
+    ),
+    "optimizer unspecified": (
+        "CreateTable",
+        pb.CreateTableRequest(spec=NO_OPTIMIZER),
+        C.INVALID_ARGUMENT,
+        ["optimizer", "ADAM"],
+    ),
+    "bad table name": (
+        "CreateTable",
+        pb.CreateTableRequest(spec=wire.spec_to_pb(TableConfig(name="a b", num_rows=5, dim=2))),
+        C.INVALID_ARGUMENT,
+        ["a b"],
+    ),
 }
 
 # raw bytes that do not parse as the request message (a truncated varint field)
@@ -162,9 +201,11 @@ def test_read_only(make_shard):
     ro = make_shard(data_dir=rw.config.data_dir, read_only=True)
     with StoreClient(ro.address) as c:
         np.testing.assert_array_equal(_rows(c), before)
-        for call in (lambda: c.push("t", [1], np.ones((1, 8))),
-                     lambda: c.create_table(table_spec(name="u")),
-                     lambda: c.drop_table("t")):
+        for call in (
+            lambda: c.push("t", [1], np.ones((1, 8))),
+            lambda: c.create_table(table_spec(name="u")),
+            lambda: c.drop_table("t"),
+        ):
             with pytest.raises(errors.ReadOnly, match="read-only"):
                 call()
         np.testing.assert_array_equal(_rows(c), before)

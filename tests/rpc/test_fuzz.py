@@ -22,13 +22,27 @@ from tests.servers import LocalShard, table_spec
 
 TABLE = "fz"
 ROWS, DIM = 64, 4
-BAD = (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.UNIMPLEMENTED,
-       grpc.StatusCode.DEADLINE_EXCEEDED)
-METHODS = [(f"/{s.full_name}/{m.name}", m)
-           for s in pb.DESCRIPTOR.services_by_name.values() for m in s.methods]
-FUZZ = settings(max_examples=200, deadline=None, derandomize=True,
-                suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                       HealthCheck.too_slow, HealthCheck.data_too_large])
+BAD = (
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.UNIMPLEMENTED,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+)
+METHODS = [
+    (f"/{s.full_name}/{m.name}", m)
+    for s in pb.DESCRIPTOR.services_by_name.values()
+    for m in s.methods
+]
+FUZZ = settings(
+    max_examples=200,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+    ],
+)
 
 
 class Target:
@@ -38,8 +52,9 @@ class Target:
         self.shard = LocalShard(tmp_path_factory.mktemp("fuzz"), metrics_port=0)
         self.channel = grpc.insecure_channel(self.shard.address)
         with StoreClient(self.shard.address) as c:
-            c.create_table(table_spec(TABLE, ROWS, DIM,
-                                      optimizer=OptimizerConfig(kind="adam", lr=0.1)))
+            c.create_table(
+                table_spec(TABLE, ROWS, DIM, optimizer=OptimizerConfig(kind="adam", lr=0.1))
+            )
             c.push(TABLE, np.arange(0, ROWS, 3), np.ones((22, DIM)), step=1)
         self.requests = 0
         self.refused = 0
@@ -63,15 +78,22 @@ class Target:
         """Rows, stored records (rows + optimizer state) and counters of `fz`."""
         h = hashlib.sha256()
         ids = np.arange(ROWS, dtype="<i8").tobytes()
-        h.update(pb.LookupResponse.FromString(self.channel.unary_unary(
-            "/engram.v1.MemoryStore/Lookup")(pb.LookupRequest(
-                table=TABLE, ids=ids).SerializeToString(), timeout=20)).rows)
+        h.update(
+            pb.LookupResponse.FromString(
+                self.channel.unary_unary("/engram.v1.MemoryStore/Lookup")(
+                    pb.LookupRequest(table=TABLE, ids=ids).SerializeToString(), timeout=20
+                )
+            ).rows
+        )
         for b in self.channel.unary_stream("/engram.v1.MemoryStore/ExportRows")(
-                pb.ExportRowsRequest(table=TABLE, slots=b"\1").SerializeToString(), timeout=20):
+            pb.ExportRowsRequest(table=TABLE, slots=b"\1").SerializeToString(), timeout=20
+        ):
             h.update(pb.RowBatch.FromString(b).SerializeToString(deterministic=True))
-        info = pb.TableInfo.FromString(self.channel.unary_unary(
-            "/engram.v1.MemoryStore/GetTable")(pb.GetTableRequest(name=TABLE).SerializeToString(),
-                                               timeout=20))
+        info = pb.TableInfo.FromString(
+            self.channel.unary_unary("/engram.v1.MemoryStore/GetTable")(
+                pb.GetTableRequest(name=TABLE).SerializeToString(), timeout=20
+            )
+        )
         h.update(info.SerializeToString(deterministic=True))
         return h.hexdigest()
 
@@ -84,8 +106,11 @@ class Target:
         if method.endswith("/SetShardState"):  # back to a standalone shard owning every slot
             self.channel.unary_unary(method)(pb.SetShardStateRequest().SerializeToString())
         if method.endswith("/Snapshot") and request is not None:
-            self.channel.unary_unary(method)(pb.SnapshotRequest(
-                phase=pb.SNAPSHOT_THAW, snapshot_id=request.snapshot_id).SerializeToString())
+            self.channel.unary_unary(method)(
+                pb.SnapshotRequest(
+                    phase=pb.SNAPSHOT_THAW, snapshot_id=request.snapshot_id
+                ).SerializeToString()
+            )
         self.baseline = self.checksum()  # an accepted write may change the table
 
     def close(self) -> None:
@@ -102,10 +127,13 @@ def target(tmp_path_factory):
 
 # ---- random bytes as request bodies ----
 
+
 @pytest.mark.parametrize("method,m", METHODS, ids=[x[0].rsplit("/", 1)[-1] for x in METHODS])
 @FUZZ
-@given(body=st.one_of(st.binary(max_size=64), st.binary(min_size=200, max_size=2000)),
-       chunks=st.integers(1, 3))
+@given(
+    body=st.one_of(st.binary(max_size=64), st.binary(min_size=200, max_size=2000)),
+    chunks=st.integers(1, 3),
+)
 def test_random_bytes(target, method, m, body, chunks):
     code, _ = target.call(method, m, [body] * chunks if m.client_streaming else body)
     target.after(method, code)
@@ -113,17 +141,24 @@ def test_random_bytes(target, method, m, body, chunks):
 
 # ---- well-formed messages with random fields ----
 
-_INTS = {FD.TYPE_INT32: (-2**31, 2**31 - 1), FD.TYPE_INT64: (-2**63, 2**63 - 1),
-         FD.TYPE_UINT32: (0, 2**32 - 1), FD.TYPE_UINT64: (0, 2**64 - 1)}
+_INTS = {
+    FD.TYPE_INT32: (-(2**31), 2**31 - 1),
+    FD.TYPE_INT64: (-(2**63), 2**63 - 1),
+    FD.TYPE_UINT32: (0, 2**32 - 1),
+    FD.TYPE_UINT64: (0, 2**64 - 1),
+}
 
 
 def _bytes_field() -> st.SearchStrategy[bytes]:
     small_ids = st.lists(st.integers(-5, ROWS + 5), max_size=40).map(
-        lambda v: np.asarray(v, "<i8").tobytes())
-    floats = st.lists(st.floats(width=32, allow_nan=True, allow_infinity=True),
-                      max_size=160).map(lambda v: np.asarray(v, "<f4").tobytes())
-    return st.one_of(st.binary(max_size=64), small_ids, floats, st.just(b"\1"),
-                     st.just(b"\1" * 1024))
+        lambda v: np.asarray(v, "<i8").tobytes()
+    )
+    floats = st.lists(st.floats(width=32, allow_nan=True, allow_infinity=True), max_size=160).map(
+        lambda v: np.asarray(v, "<f4").tobytes()
+    )
+    return st.one_of(
+        st.binary(max_size=64), small_ids, floats, st.just(b"\1"), st.just(b"\1" * 1024)
+    )
 
 
 def _value(f) -> st.SearchStrategy:
@@ -131,10 +166,14 @@ def _value(f) -> st.SearchStrategy:
         return _message(f.message_type, depth=1)
     if f.type in _INTS:
         lo, hi = _INTS[f.type]
-        return st.one_of(st.integers(max(lo, -3), 70), st.integers(lo, hi), st.sampled_from([lo, hi]))
+        return st.one_of(
+            st.integers(max(lo, -3), 70), st.integers(lo, hi), st.sampled_from([lo, hi])
+        )
     if f.type == FD.TYPE_ENUM:
-        return st.one_of(st.sampled_from([v.number for v in f.enum_type.values]),
-                         st.integers(-2**31, 2**31 - 1))
+        return st.one_of(
+            st.sampled_from([v.number for v in f.enum_type.values]),
+            st.integers(-(2**31), 2**31 - 1),
+        )
     if f.type == FD.TYPE_DOUBLE:
         return st.one_of(st.floats(allow_nan=True), st.sampled_from([0.0, 1e-3, 1.0, -1.0]))
     if f.type == FD.TYPE_BOOL:

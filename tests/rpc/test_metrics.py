@@ -16,8 +16,9 @@ from trainer.metrics import TrainerMetrics
 
 
 def _value(families: dict, name: str, **labels) -> float:
-    return sum(v for lab, v in families.get(name, []) if all(lab.get(k) == x
-                                                              for k, x in labels.items()))
+    return sum(
+        v for lab, v in families.get(name, []) if all(lab.get(k) == x for k, x in labels.items())
+    )
 
 
 def test_shard_metrics_endpoint(make_shard):

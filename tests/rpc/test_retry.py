@@ -23,8 +23,12 @@ def test_which_classes_are_retried():
     for cls in (errors.ShardUnavailable, errors.DeadlineExceeded, SnapshotInProgress):
         assert retryable(cls("x")) and not stale_map(cls("x"))
     assert stale_map(errors.WrongShard("x")) and not retryable(errors.WrongShard("x"))
-    for cls in (errors.LayoutMismatch, errors.DataDirLocked, errors.InvalidArgument,
-                errors.EngramError):
+    for cls in (
+        errors.LayoutMismatch,
+        errors.DataDirLocked,
+        errors.InvalidArgument,
+        errors.EngramError,
+    ):
         assert not retryable(cls("x")) and not stale_map(cls("x"))
 
 
@@ -34,18 +38,20 @@ def _failing(n: int, err: Exception, calls: list[float]):
         if len(calls) <= n:
             raise err
         return "ok"
+
     return fn
 
 
 def test_call_retries_up_to_the_limit():
     calls: list[float] = []
-    assert RetryPolicy(retries=3, backoff_s=0.0).call(
-        _failing(3, SnapshotInProgress("paused"), calls)) == "ok"
+    assert (
+        RetryPolicy(retries=3, backoff_s=0.0).call(_failing(3, SnapshotInProgress("paused"), calls))
+        == "ok"
+    )
     assert len(calls) == 4
     calls.clear()
     with pytest.raises(SnapshotInProgress, match="paused"):
-        RetryPolicy(retries=2, backoff_s=0.0).call(_failing(9, SnapshotInProgress("paused"),
-                                                            calls))
+        RetryPolicy(retries=2, backoff_s=0.0).call(_failing(9, SnapshotInProgress("paused"), calls))
     assert len(calls) == 3  # the first attempt and 2 retries
     calls.clear()
     with pytest.raises(errors.TableNotFound):  # final: not retried
@@ -78,6 +84,7 @@ def test_client_waits_out_a_snapshot(make_shard, monkeypatch):
         monkeypatch.setattr(s.servicer.shard, "stats", stats)
         assert c.stats()[0]["address"] == s.address
         fails.extend([SnapshotInProgress("paused")] * 3)
-        with pytest.raises(SnapshotInProgress, match=f"{s.address} failed after 2 retries: "
-                                                      "UNAVAILABLE: paused"):
+        with pytest.raises(
+            SnapshotInProgress, match=f"{s.address} failed after 2 retries: UNAVAILABLE: paused"
+        ):
             c.stats()

@@ -47,8 +47,11 @@ def test_lookup_push_round_trip(shard, wire_dtype):
 
 def test_push_matches_torch_sparse_adam(client, shard):
     num_rows, dim = 64, 8
-    spec = table_spec(num_rows=num_rows, dim=dim,
-                      optimizer=OptimizerConfig(kind="adam", lr=0.05, beta1=0.8, beta2=0.95))
+    spec = table_spec(
+        num_rows=num_rows,
+        dim=dim,
+        optimizer=OptimizerConfig(kind="adam", lr=0.05, beta1=0.8, beta2=0.95),
+    )
     client.create_table(spec)
     all_ids = np.arange(num_rows)
     emb = torch.nn.Embedding(num_rows, dim, sparse=True)
@@ -62,8 +65,9 @@ def test_push_matches_torch_sparse_adam(client, shard):
         (emb(torch.from_numpy(ids)) * torch.from_numpy(grads)).sum().backward()
         opt.step()
         client.push("t", ids, grads, step=step)
-    np.testing.assert_allclose(client.lookup("t", all_ids), emb.weight.detach().numpy(),
-                               atol=1e-6, rtol=0)
+    np.testing.assert_allclose(
+        client.lookup("t", all_ids), emb.weight.detach().numpy(), atol=1e-6, rtol=0
+    )
     state = shard.shard.optimizer_state("t", all_ids)  # (n, 2*dim): exp_avg then exp_avg_sq
     st = opt.state[emb.weight]
     np.testing.assert_allclose(state[:, :dim], st["exp_avg"].numpy(), atol=1e-6, rtol=0)
@@ -75,8 +79,10 @@ def test_one_shard_equals_three_shards(make_shard):
     three = [make_shard("three") for _ in range(3)]
     spec = table_spec(num_rows=5000, dim=16)
     cfg = ClientConfig(max_batch_rows=300)  # several chunks per shard as well
-    with StoreClient(one.address, cfg) as c1, \
-            StoreClient(ShardMap.balanced([s.address for s in three]), cfg) as c3:
+    with (
+        StoreClient(one.address, cfg) as c1,
+        StoreClient(ShardMap.balanced([s.address for s in three]), cfg) as c3,
+    ):
         c1.create_table(spec)
         c3.create_table(spec)
         all_ids = np.arange(spec.num_rows)
@@ -97,9 +103,13 @@ def test_one_shard_equals_three_shards(make_shard):
 def test_retried_push_applies_once(client, shard):
     client.create_table(table_spec())
     ids = np.array([1, 2, 2, 9])
-    req = pb.PushGradientsRequest(table="t", ids=wire.pack_ids(ids),
-                                  grads=wire.pack_rows(np.ones((4, 8), np.float32), "float32"),
-                                  grad_dtype=pb.FLOAT32, request_id="push-1")
+    req = pb.PushGradientsRequest(
+        table="t",
+        ids=wire.pack_ids(ids),
+        grads=wire.pack_rows(np.ones((4, 8), np.float32), "float32"),
+        grad_dtype=pb.FLOAT32,
+        request_id="push-1",
+    )
     stub = client._stub(shard.address)
     first = stub.PushGradients(req)
     after_first = client.lookup("t", ids)

@@ -55,15 +55,21 @@ def test_export_import_delete(make_shard):
         want = a.lookup("t", np.arange(1000))
         mask = np.zeros(16, np.uint8)
         mask[::2] = 1  # move half of 16 slots
-        batches = list(a._stub(src.address).ExportRows(
-            pb.ExportRowsRequest(table="t", slots=mask.tobytes(), batch_rows=50)))
+        batches = list(
+            a._stub(src.address).ExportRows(
+                pb.ExportRowsRequest(table="t", slots=mask.tobytes(), batch_rows=50)
+            )
+        )
         moved = np.concatenate([wire.unpack_ids(x.ids) for x in batches])
         assert 0 < len(moved) < len(ids) and all(len(x.ids) <= 50 * 8 for x in batches)
         n = b._stub(dst.address).ImportRows(iter(batches)).rows
         assert n == len(moved)
         np.testing.assert_array_equal(b.lookup("t", moved), a.lookup("t", moved))
-        deleted = a._stub(src.address).DeleteRows(
-            pb.DeleteRowsRequest(table="t", slots=mask.tobytes())).rows
+        deleted = (
+            a._stub(src.address)
+            .DeleteRows(pb.DeleteRowsRequest(table="t", slots=mask.tobytes()))
+            .rows
+        )
         assert deleted == len(moved)
         # deleted rows read as initial rows again on the source; the rest is untouched
         rest = np.setdiff1d(np.arange(1000), moved)
@@ -75,8 +81,13 @@ def test_shard_state_publishes_the_map(make_shard):
     m = ShardMap.balanced([s.address for s in shards], num_slots=8, version=3)
     for i, s in enumerate(shards):
         with StoreClient(s.address) as c:
-            state = pb.ShardState(shard_index=i, map_version=3, num_slots=8,
-                                  owned=m.owned_mask(i), shard_map_json=m.to_json())
+            state = pb.ShardState(
+                shard_index=i,
+                map_version=3,
+                num_slots=8,
+                owned=m.owned_mask(i),
+                shard_map_json=m.to_json(),
+            )
             got = c._stub(s.address).SetShardState(pb.SetShardStateRequest(state=state)).state
             assert got.map_version == 3 and got.owned == m.owned_mask(i)
     with StoreClient(shards[1].address) as c:  # one address finds the whole map
@@ -89,21 +100,45 @@ def test_shard_state_publishes_the_map(make_shard):
 
 
 def _engram(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run([*engram_command(), *args], capture_output=True, text=True, cwd=ROOT,
-                          timeout=60, check=check)
+    return subprocess.run(
+        [*engram_command(), *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+        check=check,
+    )
 
 
 def test_cli(tmp_path, server_process):
     p = server_process(tmp_path / "cli")
-    out = _engram("table", "create", "--address", p.address, "--name", "demo",
-                  "--head-rows", "7,11,13", "--dim", "4", "--optimizer", "adam", "--lr", "0.01")
+    out = _engram(
+        "table",
+        "create",
+        "--address",
+        p.address,
+        "--name",
+        "demo",
+        "--head-rows",
+        "7,11,13",
+        "--dim",
+        "4",
+        "--optimizer",
+        "adam",
+        "--lr",
+        "0.01",
+    )
     created = json.loads(out.stdout)
     assert created["spec"]["num_rows"] == 31 and created["spec"]["head_rows"] == [7, 11, 13]
-    q = json.loads(_engram("query", "--address", p.address, "--table", "demo", "--rows",
-                           "0,5,30", "--json").stdout)
+    q = json.loads(
+        _engram(
+            "query", "--address", p.address, "--table", "demo", "--rows", "0,5,30", "--json"
+        ).stdout
+    )
     with StoreClient(p.address) as c:
-        np.testing.assert_array_equal(np.asarray(q["rows"], np.float32),
-                                      c.lookup("demo", [0, 5, 30]))
+        np.testing.assert_array_equal(
+            np.asarray(q["rows"], np.float32), c.lookup("demo", [0, 5, 30])
+        )
     listed = json.loads(_engram("table", "list", "--address", p.address).stdout)
     assert [t["spec"]["name"] for t in listed] == ["demo"]
     stats = json.loads(_engram("stats", "--address", p.address).stdout)

@@ -33,8 +33,9 @@ ROWS, DIM = 200_000, 16
 LOOKUP_IDS, PUSH_IDS = 4096, 2048
 RSS_GROWTH_BOUND = 64 << 20  # bytes the server may grow after warm-up (request log, allocator)
 TOKEN = "soak-write-token"  # auth and metrics on: the interceptors are part of what is soaked
-TABLE = TableConfig(name="soak", num_rows=ROWS, dim=DIM, init="zeros",
-                    optimizer=OptimizerConfig(kind="sgd", lr=1.0))
+TABLE = TableConfig(
+    name="soak", num_rows=ROWS, dim=DIM, init="zeros", optimizer=OptimizerConfig(kind="sgd", lr=1.0)
+)
 
 
 class Worker(threading.Thread):
@@ -71,8 +72,9 @@ def _free_port() -> int:
 
 def test_soak(server_process, tmp_path):
     metrics_port = _free_port()
-    server = server_process(tmp_path / "shard", "--write-token", TOKEN,
-                            "--metrics-port", str(metrics_port))
+    server = server_process(
+        tmp_path / "shard", "--write-token", TOKEN, "--metrics-port", str(metrics_port)
+    )
     proc = psutil.Process(server.proc.pid)
     with StoreClient(server.address, ClientConfig(token=TOKEN)) as c:
         c.create_table(TABLE)
@@ -94,8 +96,9 @@ def test_soak(server_process, tmp_path):
     assert not errors, errors
 
     with StoreClient(server.address, ClientConfig(token=TOKEN)) as c:
-        rows = np.concatenate([c.lookup("soak", np.arange(lo, min(lo + 65536, ROWS)))
-                               for lo in range(0, ROWS, 65536)])
+        rows = np.concatenate(
+            [c.lookup("soak", np.arange(lo, min(lo + 65536, ROWS))) for lo in range(0, ROWS, 65536)]
+        )
         stats = c.stats()[0]
     expected = -sum(w.expected for w in workers)
     assert np.abs(expected).max() < 2**24  # float32 holds these integer sums exactly
@@ -106,22 +109,29 @@ def test_soak(server_process, tmp_path):
     growth = max(warm) - base
     methods = {m["method"]: m for m in stats["methods"]}
     report = {
-        "duration_s": round(elapsed, 1), "clients": CLIENTS,
-        "lookups": sum(w.lookups for w in workers), "pushes": sum(w.pushes for w in workers),
+        "duration_s": round(elapsed, 1),
+        "clients": CLIENTS,
+        "lookups": sum(w.lookups for w in workers),
+        "pushes": sum(w.pushes for w in workers),
         "lookups_per_s": round(sum(w.lookups for w in workers) / elapsed, 1),
         "pushes_per_s": round(sum(w.pushes for w in workers) / elapsed, 1),
         "rows_touched": int((expected != 0).any(axis=1).sum()),
-        "rss_mib": {"first": round(samples[0][1] / 2**20, 1), "after_warmup": round(base / 2**20, 1),
-                    "max_after_warmup": round(max(warm) / 2**20, 1),
-                    "end": round(samples[-1][1] / 2**20, 1)},
+        "rss_mib": {
+            "first": round(samples[0][1] / 2**20, 1),
+            "after_warmup": round(base / 2**20, 1),
+            "max_after_warmup": round(max(warm) / 2**20, 1),
+            "end": round(samples[-1][1] / 2**20, 1),
+        },
         "rss_growth_after_warmup_mib": round(growth / 2**20, 1),
         "lookup_ms": {k: methods["Lookup"][k] for k in ("p50_ms", "p99_ms")},
         "push_ms": {k: methods["PushGradients"][k] for k in ("p50_ms", "p99_ms")},
         "errors": {k: m["errors"] for k, m in methods.items() if m["errors"]},
         "lmdb_used_mib": round(stats["used_bytes"] / 2**20, 1),
-        "prometheus": {m: {k: round(v, 3) if isinstance(v, float) else v for k, v in d.items()}
-                       for m, d in summarize(scrape(f"127.0.0.1:{metrics_port}"))[
-                           "methods"].items() if m in ("Lookup", "PushGradients")},
+        "prometheus": {
+            m: {k: round(v, 3) if isinstance(v, float) else v for k, v in d.items()}
+            for m, d in summarize(scrape(f"127.0.0.1:{metrics_port}"))["methods"].items()
+            if m in ("Lookup", "PushGradients")
+        },
     }
     print("\nSOAK " + json.dumps(report))
     assert not report["errors"]

@@ -26,8 +26,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 @contextlib.contextmanager
 def shard_servers(tmp_path: pathlib.Path, n: int = 2):
     """n in-process shard servers on port 0, each with its own LMDB dir; yields their addresses."""
-    servers = [create_server(ShardConfig(data_dir=str(tmp_path / f"shard{i}"), workers=4))
-               for i in range(n)]
+    servers = [
+        create_server(ShardConfig(data_dir=str(tmp_path / f"shard{i}"), workers=4))
+        for i in range(n)
+    ]
     try:
         yield tuple(f"127.0.0.1:{port}" for _, port, _ in servers)
     finally:
@@ -43,10 +45,27 @@ def tiny_config(**kw) -> TrainConfig:
     perturbation of the dense grads, the float noise of DDP's different summation order, grows to
     1e-2 in 20 steps), which would hide real differences behind rounding.
     """
-    base = dict(n_layer=2, n_head=2, n_embd=32, engram_layers=(1,), max_ngram=3, hash_heads=2,
-                n_embed_per_ngram=16, table_base_size=500, corpus="synthetic", vocab_size=64,
-                seq_len=16, batch_size=4, steps=20, lr=3e-4, adam_eps=1e-6, update="sync", eval_batches=0,
-                log_every=5, progress=False)
+    base = dict(
+        n_layer=2,
+        n_head=2,
+        n_embd=32,
+        engram_layers=(1,),
+        max_ngram=3,
+        hash_heads=2,
+        n_embed_per_ngram=16,
+        table_base_size=500,
+        corpus="synthetic",
+        vocab_size=64,
+        seq_len=16,
+        batch_size=4,
+        steps=20,
+        lr=3e-4,
+        adam_eps=1e-6,
+        update="sync",
+        eval_batches=0,
+        log_every=5,
+        progress=False,
+    )
     base.update(kw)
     return TrainConfig.from_dict(base)
 
@@ -68,8 +87,13 @@ def reference_run(cfg: TrainConfig, world: int = 1) -> tuple[dict, dict[int, np.
         for layer, spec in specs.items():
             rows = initial_rows(spec, np.arange(spec.num_rows))
             memory.tables[str(layer)].weight.copy_(torch.from_numpy(rows))
-    opt = torch.optim.AdamW(model.parameters(), lr=ref_cfg.lr, weight_decay=ref_cfg.weight_decay,
-                            betas=(0.9, 0.95), eps=ref_cfg.adam_eps)
+    opt = torch.optim.AdamW(
+        model.parameters(),
+        lr=ref_cfg.lr,
+        weight_decay=ref_cfg.weight_decay,
+        betas=(0.9, 0.95),
+        eps=ref_cfg.adam_eps,
+    )
     sparse = torch.optim.SparseAdam(list(memory.parameters()), lr=ref_cfg.table_lr)
     batches = worker_batches(corpus, "train", ref_cfg, 0, 1)
     for _ in range(ref_cfg.steps):
@@ -81,8 +105,7 @@ def reference_run(cfg: TrainConfig, world: int = 1) -> tuple[dict, dict[int, np.
         loss.backward()
         opt.step()
         sparse.step()
-    tables = {layer: memory.tables[str(layer)].weight.detach().numpy().copy()
-              for layer in specs}
+    tables = {layer: memory.tables[str(layer)].weight.detach().numpy().copy() for layer in specs}
     return model.state_dict(), tables
 
 
@@ -91,8 +114,10 @@ def store_tables(addresses, cfg: TrainConfig, num_rows: dict[int, int]) -> dict[
     from engram_store.rpc.client import StoreClient
 
     with StoreClient(list(addresses)) as c:
-        return {layer: c.lookup(cfg.table_prefix + f"engram_l{layer}", np.arange(n))
-                for layer, n in num_rows.items()}
+        return {
+            layer: c.lookup(cfg.table_prefix + f"engram_l{layer}", np.arange(n))
+            for layer, n in num_rows.items()
+        }
 
 
 def _spec(ckpt: dict, layer: int):
@@ -107,8 +132,9 @@ def assert_matches(ckpt_path: str, addresses, cfg: TrainConfig, ref: tuple, atol
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     for name, want in state.items():
         got = ckpt["model"][name]
-        assert torch.allclose(got, want, atol=atol, rtol=0), \
+        assert torch.allclose(got, want, atol=atol, rtol=0), (
             f"{name}: max diff {(got - want).abs().max().item():.3g}"
+        )
     rows = store_tables(addresses, cfg, {k: v.shape[0] for k, v in tables.items()})
     initial = {k: initial_rows(_spec(ckpt, k), np.arange(v.shape[0])) for k, v in tables.items()}
     for layer, want in tables.items():

@@ -23,8 +23,12 @@ def test_average_equals_the_mean_of_dense_gradients():
     gathered = []
     for _ in range(world):
         ids = np.unique(rng.integers(0, ROWS, size=20))  # a worker's coalesced ids, overlapping
-        gathered.append({1: (ids, rng.standard_normal((len(ids), DIM)).astype(np.float32)),
-                         3: (ids[:2], np.ones((2, DIM), np.float32))})
+        gathered.append(
+            {
+                1: (ids, rng.standard_normal((len(ids), DIM)).astype(np.float32)),
+                3: (ids[:2], np.ones((2, DIM), np.float32)),
+            }
+        )
     avg = average_updates(gathered, world)
     assert set(avg) == {1, 3}
     for layer in (1, 3):

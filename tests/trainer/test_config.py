@@ -16,25 +16,74 @@ from tests.trainer.store_helpers import ROOT
 from trainer.config import ArchConfig, PrefetchConfig, TrainConfig
 
 #: a TrainConfig.to_dict() as checkpoints wrote it before model and prefetch were nested
-FLAT = {"n_layer": 2, "n_head": 2, "n_embd": 32, "engram_layers": [1], "max_ngram": 3,
-        "hash_heads": 2, "n_embed_per_ngram": 16, "table_base_size": 500, "hash_seed": 7,
-        "corpus": "synthetic", "vocab_size": 64, "seq_len": 16, "batch_size": 4, "seed": 1337,
-        "steps": 200, "max_minutes": 0.0, "lr": 3e-4, "weight_decay": 0.1, "adam_eps": 1e-6,
-        "table_lr_mult": 5.0, "backend": "store", "store": ["127.0.0.1:1"], "table_prefix": "",
-        "store_token": "", "store_data_root": "", "update": "sync", "prefetch_depth": 2,
-        "max_inflight": 3, "cache_rows": 0, "cache_staleness": 0, "cache_drop_pushed": False,
-        "trainers": 1, "ray_train": False, "device": "auto", "trainer_resource": "",
-        "eval_batches": 0, "eval_every": 0, "log_every": 5, "out": "", "resume": "",
-        "progress": False}
+FLAT = {
+    "n_layer": 2,
+    "n_head": 2,
+    "n_embd": 32,
+    "engram_layers": [1],
+    "max_ngram": 3,
+    "hash_heads": 2,
+    "n_embed_per_ngram": 16,
+    "table_base_size": 500,
+    "hash_seed": 7,
+    "corpus": "synthetic",
+    "vocab_size": 64,
+    "seq_len": 16,
+    "batch_size": 4,
+    "seed": 1337,
+    "steps": 200,
+    "max_minutes": 0.0,
+    "lr": 3e-4,
+    "weight_decay": 0.1,
+    "adam_eps": 1e-6,
+    "table_lr_mult": 5.0,
+    "backend": "store",
+    "store": ["127.0.0.1:1"],
+    "table_prefix": "",
+    "store_token": "",
+    "store_data_root": "",
+    "update": "sync",
+    "prefetch_depth": 2,
+    "max_inflight": 3,
+    "cache_rows": 0,
+    "cache_staleness": 0,
+    "cache_drop_pushed": False,
+    "trainers": 1,
+    "ray_train": False,
+    "device": "auto",
+    "trainer_resource": "",
+    "eval_batches": 0,
+    "eval_every": 0,
+    "log_every": 5,
+    "out": "",
+    "resume": "",
+    "progress": False,
+}
 
 
 def nested() -> TrainConfig:
     return TrainConfig(
-        model=ArchConfig(n_layer=2, n_head=2, n_embd=32, engram_layers=(1,), hash_heads=2,
-                         n_embed_per_ngram=16, table_base_size=500, hash_seed=7),
+        model=ArchConfig(
+            n_layer=2,
+            n_head=2,
+            n_embd=32,
+            engram_layers=(1,),
+            hash_heads=2,
+            n_embed_per_ngram=16,
+            table_base_size=500,
+            hash_seed=7,
+        ),
         prefetch=PrefetchConfig(depth=2, update="sync", max_inflight=3, cache_drop_pushed=False),
-        corpus="synthetic", vocab_size=64, seq_len=16, batch_size=4, lr=3e-4, adam_eps=1e-6,
-        store=("127.0.0.1:1",), eval_batches=0, progress=False)
+        corpus="synthetic",
+        vocab_size=64,
+        seq_len=16,
+        batch_size=4,
+        lr=3e-4,
+        adam_eps=1e-6,
+        store=("127.0.0.1:1",),
+        eval_batches=0,
+        progress=False,
+    )
 
 
 def test_to_dict_is_nested_and_round_trips():
@@ -51,8 +100,9 @@ def test_from_dict_reads_the_old_flat_form():
 
 
 def test_from_dict_ignores_unknown_keys_and_defaults_missing_ones():
-    cfg = TrainConfig.from_dict({"steps": 3, "no_such_field": 1, "model": {"n_embd": 64,
-                                                                           "gone": 2}})
+    cfg = TrainConfig.from_dict(
+        {"steps": 3, "no_such_field": 1, "model": {"n_embd": 64, "gone": 2}}
+    )
     assert cfg.steps == 3 and cfg.model == ArchConfig(n_embd=64)
     assert cfg.prefetch == PrefetchConfig()
 
@@ -65,16 +115,19 @@ def test_model_config_completes_the_arch_from_the_corpus():
     assert cfg.model.baseline().hash_config(0) is None
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"model": ArchConfig(n_layer=2, engram_layers=(2,))}, "beyond the model depth"),
-    ({"model": ArchConfig(max_ngram=1)}, "n-gram order 1 < 2"),
-    ({"model": ArchConfig(n_head=0)}, "n_head=0 must be >= 1"),
-    ({"prefetch": PrefetchConfig(depth=-1)}, "prefetch depth -1"),
-    ({"prefetch": PrefetchConfig(update="sync", cache_rows=8)}, "hot-row cache"),
-    ({"seq_len": 0}, "seq_len=0 must be >= 1"),
-    ({"store": ()}, "no store address"),
-    ({"backend": "local", "trainers": 2}, "supports one trainer"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"model": ArchConfig(n_layer=2, engram_layers=(2,))}, "beyond the model depth"),
+        ({"model": ArchConfig(max_ngram=1)}, "n-gram order 1 < 2"),
+        ({"model": ArchConfig(n_head=0)}, "n_head=0 must be >= 1"),
+        ({"prefetch": PrefetchConfig(depth=-1)}, "prefetch depth -1"),
+        ({"prefetch": PrefetchConfig(update="sync", cache_rows=8)}, "hot-row cache"),
+        ({"seq_len": 0}, "seq_len=0 must be >= 1"),
+        ({"store": ()}, "no store address"),
+        ({"backend": "local", "trainers": 2}, "supports one trainer"),
+    ],
+)
 def test_validate_names_what_to_change(change, message):
     nested().validate()
     with pytest.raises(ConfigError, match=message):
@@ -82,22 +135,27 @@ def test_validate_names_what_to_change(change, message):
 
 
 def _python(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_config_and_the_engram_parser_import_neither_torch_nor_ray():
-    r = _python("import sys, engram.cli, trainer.config, trainer.corpus, trainer.tables, "
-                "trainer.summary; engram.cli.build_parser(); "
-                "print(sorted(m for m in ('torch', 'ray', 'tokenizers') if m in sys.modules))")
+    r = _python(
+        "import sys, engram.cli, trainer.config, trainer.corpus, trainer.tables, "
+        "trainer.summary; engram.cli.build_parser(); "
+        "print(sorted(m for m in ('torch', 'ray', 'tokenizers') if m in sys.modules))"
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
 
 
 def test_train_without_the_trainer_layer_names_the_extra():
     # sys.modules["torch"] = None: find_spec("torch") is None, as on a store node without torch
-    r = _python("import sys; sys.modules['torch'] = None\n"
-                "import engram.cli\n"
-                "sys.exit(engram.cli.main(['train', '--steps', '3']))")
+    r = _python(
+        "import sys; sys.modules['torch'] = None\n"
+        "import engram.cli\n"
+        "sys.exit(engram.cli.main(['train', '--steps', '3']))"
+    )
     assert r.returncode == 2
     assert "pip install 'engram[train]'" in r.stderr and "unrecognized" not in r.stderr

@@ -95,7 +95,9 @@ def test_split_and_batches(small):
     resumed = ds.batches("train", 4, 32, seed=7, start_step=5)
     assert np.array_equal(next(resumed), seq[5]) and np.array_equal(next(resumed), seq[6])
     ev = list(ds.eval_batches("val", 2, 16, max_batches=3))
-    assert len(ev) == 3 and np.array_equal(ev[0][0], val[:17]) and np.array_equal(ev[0][1], val[16:33])
+    assert (
+        len(ev) == 3 and np.array_equal(ev[0][0], val[:17]) and np.array_equal(ev[0][1], val[16:33])
+    )
     with pytest.raises(ConfigError, match="block size"):
         ds.batch("val", 1, len(val) + 5)
     with pytest.raises(ConfigError, match="split"):
@@ -105,8 +107,11 @@ def test_split_and_batches(small):
 def test_batches_hash_with_real_tokenizer(small):
     lookup, size = compress_tokenizer(small.tokenizer)
     assert lookup.shape == (512,) and size < 512
-    hasher = NgramHasher(HashConfig(layers=(1,), heads=2, base_sizes=(101, 103), pad_id=PAD_ID,
-                                    n_embed_per_ngram=8), lookup, size)
+    hasher = NgramHasher(
+        HashConfig(layers=(1,), heads=2, base_sizes=(101, 103), pad_id=PAD_ID, n_embed_per_ngram=8),
+        lookup,
+        size,
+    )
     rows = hasher.hash(small.dataset.batch("train", 2, 16)[:, :-1])[1]
     assert rows.shape == (2, 16, 4)
 
@@ -139,16 +144,28 @@ def test_user_corpus_files(tmp_path):
     pq = pytest.importorskip("pyarrow.parquet")
     sub = tmp_path / "sub"
     sub.mkdir()
-    pq.write_table(pa.table({"text": ["parquet row 0", None, "parquet row 2"], "n": [0, 1, 2]}),
-                   sub / "c.parquet")
+    pq.write_table(
+        pa.table({"text": ["parquet row 0", None, "parquet row 2"], "n": [0, 1, 2]}),
+        sub / "c.parquet",
+    )
     (tmp_path / "ignored.csv").write_text("x,y\n")
 
-    assert [d.text for d in load_documents(tmp_path / "a.txt")] == ["First paragraph.\n\nSecond paragraph.\n"]
-    assert [d.text for d in load_documents(tmp_path / "b.jsonl")] == [f"json line {i}" for i in range(3)]
+    assert [d.text for d in load_documents(tmp_path / "a.txt")] == [
+        "First paragraph.\n\nSecond paragraph.\n"
+    ]
+    assert [d.text for d in load_documents(tmp_path / "b.jsonl")] == [
+        f"json line {i}" for i in range(3)
+    ]
     assert [d.text for d in load_documents(sub / "c.parquet")] == ["parquet row 0", "parquet row 2"]
     docs = load_corpus(tmp_path)
-    assert [d.name for d in docs] == ["a.txt#0", "b.jsonl:1", "b.jsonl:2", "b.jsonl:3",
-                                      "sub/c.parquet:0", "sub/c.parquet:2"]
+    assert [d.name for d in docs] == [
+        "a.txt#0",
+        "b.jsonl:1",
+        "b.jsonl:2",
+        "b.jsonl:3",
+        "sub/c.parquet:0",
+        "sub/c.parquet:2",
+    ]
     prepared = prepare_data(str(tmp_path), vocab_size=300, cache_dir=tmp_path / "cache")
     # a tiny corpus runs out of merges before 300: the real size is what the model must use
     assert prepared.dataset.vocab_size <= 300 and len(prepared.dataset.tokens("train")) > 0

@@ -27,13 +27,19 @@ def reference(mod: EngramModule, h, e, kernel, dilation):
             ef = e[b, t].reshape(-1)
             val = mod.value_proj.weight @ ef + mod.value_proj.bias
             for m in range(M):
-                k = rms(mod.key_projs[m].weight @ ef + mod.key_projs[m].bias, mod.norm_k[m].weight, eps)
+                k = rms(
+                    mod.key_projs[m].weight @ ef + mod.key_projs[m].bias, mod.norm_k[m].weight, eps
+                )
                 q = rms(h[b, t, m], mod.norm_q[m].weight, eps)
                 s = (k * q).sum() / math.sqrt(D)
                 s2 = torch.sign(s) * torch.sqrt(torch.clamp(s.abs(), min=1e-6))
                 v_rows[b, t, m] = torch.sigmoid(s2) * val
-    v = torch.stack([torch.stack([torch.stack([v_rows[b, t, m] for m in range(M)])
-                                  for t in range(T)]) for b in range(B)])  # (B, T, M, D)
+    v = torch.stack(
+        [
+            torch.stack([torch.stack([v_rows[b, t, m] for m in range(M)]) for t in range(T)])
+            for b in range(B)
+        ]
+    )  # (B, T, M, D)
     sc = mod.short_conv
     normed = torch.stack([rms(v[:, :, m], sc.norms[m].weight, 1e-5) for m in range(M)], dim=2)
     flat = normed.reshape(B, T, M * D)

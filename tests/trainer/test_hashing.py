@@ -106,7 +106,9 @@ def test_primes_of_engram_md():
 
 
 def test_primes_match_reference_small():
-    cfg = HashConfig(layers=(3, 0, 2), max_ngram=3, heads=4, base_sizes=(50, 40), n_embed_per_ngram=8)
+    cfg = HashConfig(
+        layers=(3, 0, 2), max_ngram=3, heads=4, base_sizes=(50, 40), n_embed_per_ngram=8
+    )
     assert head_primes(cfg) == ref_primes((3, 0, 2), 3, 4, (50, 40))
 
 
@@ -141,8 +143,15 @@ def test_hash_matches_loop_reference(layers, max_ngram, heads):
     lookup = rng.integers(0, 200, size=V).astype(np.int64)
     vocab_c = int(lookup.max()) + 1
     base = tuple(int(b) for b in rng.integers(30, 5000, size=max_ngram - 1))
-    cfg = HashConfig(layers=layers, max_ngram=max_ngram, heads=heads, base_sizes=base,
-                     pad_id=7, seed=5, n_embed_per_ngram=heads * 4)
+    cfg = HashConfig(
+        layers=layers,
+        max_ngram=max_ngram,
+        heads=heads,
+        base_sizes=base,
+        pad_id=7,
+        seed=5,
+        n_embed_per_ngram=heads * 4,
+    )
     hasher = NgramHasher(cfg, lookup, vocab_c)
     for B, T in [(3, 11), (1, 1), (2, 2)]:
         ids = rng.integers(0, V, size=(B, T))
@@ -238,21 +247,77 @@ def test_normalize_matches_hf_normalizer():
     from tokenizers import Regex
 
     sentinel = "\ue000"
-    hf = normalizers.Sequence([
-        normalizers.NFKC(), normalizers.NFD(), normalizers.StripAccents(), normalizers.Lowercase(),
-        normalizers.Replace(Regex(r"[ \t\r\n]+"), " "), normalizers.Replace(Regex(r"^ $"), sentinel),
-        normalizers.Strip(), normalizers.Replace(sentinel, " "),
-    ])
-    samples = ["Hello", " World", "ÉCOLE", "naïve ", "\n\n", " ", "  ", "\u0301", "ﬁ", "Ⅻ", "ß",
-               "İ", " \u00a0x", "a\u3000", "\x1c", "\t", "Ωmega", "ǅ", "x\r\ny", "", "😀", "\u200b"]
+    hf = normalizers.Sequence(
+        [
+            normalizers.NFKC(),
+            normalizers.NFD(),
+            normalizers.StripAccents(),
+            normalizers.Lowercase(),
+            normalizers.Replace(Regex(r"[ \t\r\n]+"), " "),
+            normalizers.Replace(Regex(r"^ $"), sentinel),
+            normalizers.Strip(),
+            normalizers.Replace(sentinel, " "),
+        ]
+    )
+    samples = [
+        "Hello",
+        " World",
+        "ÉCOLE",
+        "naïve ",
+        "\n\n",
+        " ",
+        "  ",
+        "\u0301",
+        "ﬁ",
+        "Ⅻ",
+        "ß",
+        "İ",
+        " \u00a0x",
+        "a\u3000",
+        "\x1c",
+        "\t",
+        "Ωmega",
+        "ǅ",
+        "x\r\ny",
+        "",
+        "😀",
+        "\u200b",
+    ]
     for s in samples:
         assert normalize_token_text(s) == hf.normalize_str(s), repr(s)
 
 
 def test_compress_vocab_crafted_tokens():
-    decoded = ["<pad>", "Hello", "hello", " hello", "HÉLLO", "\ufffd", "\ufffd", "\u0301", "\n",
-               " ", "\t\t", "world", "\u0301"]
-    raw = ["<pad>", "Hello", "hello", "Ġhello", "HÉLLO", "Ã", "Ä", "X", "Ċ", "Ġ", "ĉĉ", "world", "Y"]
+    decoded = [
+        "<pad>",
+        "Hello",
+        "hello",
+        " hello",
+        "HÉLLO",
+        "\ufffd",
+        "\ufffd",
+        "\u0301",
+        "\n",
+        " ",
+        "\t\t",
+        "world",
+        "\u0301",
+    ]
+    raw = [
+        "<pad>",
+        "Hello",
+        "hello",
+        "Ġhello",
+        "HÉLLO",
+        "Ã",
+        "Ä",
+        "X",
+        "Ċ",
+        "Ġ",
+        "ĉĉ",
+        "world",
+        "Y",
+    ]
     lookup, size = compress_vocab(decoded, raw)
     assert lookup.dtype == np.int64
     # 0 <pad>; 1 hello (x4, case, accent, leading space); 2 "Ã" and 3 "Ä" (U+FFFD: raw keys);

@@ -13,10 +13,12 @@ from trainer.engram import LocalMemory
 from trainer.hashing import HashConfig, NgramHasher, head_primes
 from trainer.model import GPT, ModelConfig, param_split, summary
 
-HASH = HashConfig(layers=(1, 2), max_ngram=3, heads=2, base_sizes=(97, 89), pad_id=2,
-                  n_embed_per_ngram=16)
-CFG = ModelConfig(vocab_size=64, n_layer=3, n_head=2, n_embd=32, block_size=16,
-                  engram_layers=(1, 2), hash=HASH)
+HASH = HashConfig(
+    layers=(1, 2), max_ngram=3, heads=2, base_sizes=(97, 89), pad_id=2, n_embed_per_ngram=16
+)
+CFG = ModelConfig(
+    vocab_size=64, n_layer=3, n_head=2, n_embd=32, block_size=16, engram_layers=(1, 2), hash=HASH
+)
 
 
 def test_forward_backward_with_engram():
@@ -27,7 +29,10 @@ def test_forward_backward_with_engram():
     tokens = np.random.default_rng(0).integers(0, CFG.vocab_size, size=(2, 13))
     idx, targets = torch.from_numpy(tokens[:, :-1]), torch.from_numpy(tokens[:, 1:])
     # the trainer's path: rows fetched elsewhere become leaves; their .grad goes back to the store
-    rows = {k: v.detach().requires_grad_(True) for k, v in mem(hasher.global_ids(tokens[:, :-1])).items()}
+    rows = {
+        k: v.detach().requires_grad_(True)
+        for k, v in mem(hasher.global_ids(tokens[:, :-1])).items()
+    }
     assert rows[1].shape == (2, 12, HASH.heads_per_layer, HASH.d_head)
     logits, loss = model(idx, rows, targets)
     assert logits.shape == (2, 12, CFG.vocab_size) and loss.ndim == 0
@@ -43,8 +48,11 @@ def test_forward_backward_through_local_memory():
     model, mem = GPT(CFG), LocalMemory(HASH)
     hasher = NgramHasher(HASH, np.arange(CFG.vocab_size))
     tokens = np.random.default_rng(1).integers(0, CFG.vocab_size, size=(2, 9))
-    _, loss = model(torch.from_numpy(tokens[:, :-1]), mem(hasher.global_ids(tokens[:, :-1])),
-                    torch.from_numpy(tokens[:, 1:]))
+    _, loss = model(
+        torch.from_numpy(tokens[:, :-1]),
+        mem(hasher.global_ids(tokens[:, :-1])),
+        torch.from_numpy(tokens[:, 1:]),
+    )
     loss.backward()
     assert mem.tables["1"].weight.grad.is_sparse
 
@@ -100,8 +108,9 @@ def test_bad_model_config_names_the_field(change, field):
 
 def test_ngram_order_below_two_names_the_field():
     with pytest.raises(ConfigError, match="max_ngram"):
-        ModelConfig(n_layer=2, engram_layers=(1,),
-                    hash=HashConfig(layers=(1,), max_ngram=1, base_sizes=()))
+        ModelConfig(
+            n_layer=2, engram_layers=(1,), hash=HashConfig(layers=(1,), max_ngram=1, base_sizes=())
+        )
 
 
 def test_default_hash_config_follows_engram_layers():

@@ -33,6 +33,7 @@ class FakeStore:
             with self.lock:
                 self.lookups += 1
                 return self.rows[ids].copy()
+
         return self.pool.submit(run)
 
     def push_async(self, table, ids, grads, step=0, request_id=None):
@@ -41,6 +42,7 @@ class FakeStore:
             with self.lock:
                 self.rows[ids, 0] += grads[:, 0]
                 self.rows[ids, 1] = np.maximum(self.rows[ids, 1], step)
+
         return self.pool.submit(run)
 
 
@@ -151,8 +153,9 @@ def test_hot_row_cache_hits_and_push_invalidates():
 
 def test_hot_row_cache_can_keep_pushed_rows_until_stale():
     store = FakeStore()
-    cfg = PrefetchConfig(depth=0, update="async", cache_rows=1000, cache_staleness=2,
-                         cache_drop_pushed=False)
+    cfg = PrefetchConfig(
+        depth=0, update="async", cache_rows=1000, cache_staleness=2, cache_drop_pushed=False
+    )
     same = [(np.arange(10)[None, :], np.arange(10)[None, :])] * 6
     pf = Prefetcher(store, hash_fn, {0: "t"}, iter(same), cfg, dim=DIM)
     f = pf.next()  # fetched at step 0

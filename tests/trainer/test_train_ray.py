@@ -18,8 +18,13 @@ from trainer.launch import run_ray_train
 @pytest.fixture(scope="module")
 def local_ray():
     ray = pytest.importorskip("ray")
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    ray.init(
+        address="local",
+        num_cpus=4,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
+    )
     try:
         yield ray
     finally:
@@ -28,8 +33,14 @@ def local_ray():
 
 def test_two_trainers_sync_equal_single_process(tmp_path, local_ray):
     with shard_servers(tmp_path) as addresses:
-        cfg = tiny_config(store=addresses, trainers=2, batch_size=2, prefetch_depth=1,
-                          device="cpu", out=str(tmp_path / "run"))
+        cfg = tiny_config(
+            store=addresses,
+            trainers=2,
+            batch_size=2,
+            prefetch_depth=1,
+            device="cpu",
+            out=str(tmp_path / "run"),
+        )
         summary = run_ray_train(cfg)
         assert summary["trainers"] == 2 and summary["steps_run"] == cfg.steps
         # the single process sees the global batch: 2 workers x 2 sequences

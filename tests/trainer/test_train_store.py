@@ -33,8 +33,15 @@ def test_sync_training_equals_single_process(tmp_path, reference, depth):
 
 def test_async_training_runs_and_pushes(tmp_path):
     with shard_servers(tmp_path) as addresses:
-        cfg = tiny_config(store=addresses, update="async", prefetch_depth=2, max_inflight=2,
-                          cache_rows=4096, cache_staleness=2, out=str(tmp_path / "run"))
+        cfg = tiny_config(
+            store=addresses,
+            update="async",
+            prefetch_depth=2,
+            max_inflight=2,
+            cache_rows=4096,
+            cache_staleness=2,
+            out=str(tmp_path / "run"),
+        )
         s = train_worker(cfg)
         assert np.isfinite(s["final_loss"]) and s["rows_per_token"] > 0
         assert 0 <= s["cache_hit_rate"] <= 1
