@@ -91,6 +91,10 @@ class EngramError(Exception):
         """Register the class by name; `default_for_code`: it is what a bare status code (no
         class name) of `cls.code` stands for."""
         super().__init_subclass__(**kwargs)
+        if cls.__module__.split(".")[0] == "ray":
+            # Ray re-raises a remote error as a class it makes on the fly (RayTaskError(X), a
+            # subclass of X): not an error of ours to send by name, and made once per raise.
+            return
         _register(cls, default_for_code)
 
 

@@ -105,3 +105,18 @@ def test_building_the_parser_imports_no_ray():
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT
     )
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_errors_re_raised_by_ray_keep_their_class_every_time():
+    """Ray re-raises a remote error as a class it makes per raise (RayTaskError(X), subclass of
+    X); our registry must neither take those in nor refuse them (a refusal would make Ray fall
+    back to a bare RayTaskError from the second raise on)."""
+    import ray.exceptions
+
+    from engram_store.engine.errors import DataDirLocked
+
+    before = dict(error_classes())
+    for _ in range(3):
+        e = ray.exceptions.RayTaskError("f", "tb", DataDirLocked("held")).as_instanceof_cause()
+        assert isinstance(e, DataDirLocked) and str(e.cause) == "held"
+    assert dict(error_classes()) == before

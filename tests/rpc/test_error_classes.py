@@ -30,7 +30,8 @@ CLASSES = sorted(error_classes().values(), key=lambda c: c.__name__)
 def _all_subclasses(cls: type) -> set[type]:
     out: set[type] = set()
     for sub in cls.__subclasses__():
-        out |= {sub} | _all_subclasses(sub)
+        if not sub.__module__.startswith("ray."):  # Ray's per-raise RayTaskError(X) wrappers
+            out |= {sub} | _all_subclasses(sub)
     return out
 
 
