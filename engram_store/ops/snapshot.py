@@ -40,7 +40,7 @@ from engram_store.engine.errors import ConfigError, LayoutMismatch, ShardUnavail
 from engram_store.engine.routing import ShardMap
 from engram_store.engine.shard import Shard, ShardStateInfo
 from engram_store.rpc import wire
-from engram_store.rpc.admin import half_applied
+from engram_store.rpc.admin import WINDOW_S, half_applied
 from engram_store.rpc.auth import open_channel
 from engram_store.rpc.proto import store_pb2 as pb
 from engram_store.rpc.proto import store_pb2_grpc as pb_grpc
@@ -48,10 +48,6 @@ from engram_store.rpc.status import error_from_rpc
 
 MANIFEST = "manifest.json"
 FORMAT = "engram-snapshot/1"
-_GATED = frozenset({"PushGradients", "ImportRows", "DeleteRows", "CreateTable", "DropTable"})
-_RECENT_S = 30.0  # how long a shard remembers that it applied a push sub-request
-_WINDOW_S = 10.0  # default STATUS window: parts of one push arrive well within it
-_RECENT_MAX = 1 << 18
 
 
 # ---- coordinator ----
@@ -116,7 +112,7 @@ def snapshot(
         time.sleep(settle_s)  # let parts sent with an applied one arrive (and be refused)
         while True:
             # half-applied pushes (some part applied, some not): let them in and wait for them
-            status = each(phase=pb.SNAPSHOT_STATUS, window_s=_WINDOW_S)
+            status = each(phase=pb.SNAPSHOT_STATUS, window_s=WINDOW_S)
             pending = half_applied(
                 {x for r in status for x in r.applied}, {x for r in status for x in r.rejected}
             )

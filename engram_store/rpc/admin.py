@@ -29,11 +29,9 @@ from engram_store.rpc.auth import wrap_handler
 from engram_store.rpc.proto import store_pb2 as pb
 from engram_store.rpc.status import abort
 
-MANIFEST = "manifest.json"
-FORMAT = "engram-snapshot/1"
 _GATED = frozenset({"PushGradients", "ImportRows", "DeleteRows", "CreateTable", "DropTable"})
 _RECENT_S = 30.0  # how long a shard remembers that it applied a push sub-request
-_WINDOW_S = 10.0  # default STATUS window: parts of one push arrive well within it
+WINDOW_S = 10.0  # default STATUS window: parts of one push arrive well within it
 _RECENT_MAX = 1 << 18
 
 
@@ -256,7 +254,7 @@ class SnapshotServicer:
         elif r.phase == pb.SNAPSHOT_ALLOW:
             g.allow(sid, list(r.allow))
         elif r.phase == pb.SNAPSHOT_STATUS:
-            applied, rejected = g.status(sid, r.window_s or _WINDOW_S)
+            applied, rejected = g.status(sid, r.window_s or WINDOW_S)
             return pb.SnapshotResponse(applied=applied, rejected=rejected, frozen=g.frozen)
         elif r.phase == pb.SNAPSHOT_COPY:
             return self._copy(sid, r.path)
