@@ -17,12 +17,8 @@ from engram.cli import options
 
 
 def _layers(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a comma-separated list of layer indices like 1 or 1,3"
-        ) from None
+    """0-based block indices, e.g. `1` or `1,3`."""
+    return tuple(options.ints(text))
 
 
 def add_commands(subparsers) -> None:
