@@ -112,7 +112,13 @@ def _jsonl_documents(path: Path, name: str) -> Iterator[Document]:
 
 
 def _parquet_documents(path: Path, name: str) -> Iterator[Document]:
-    import pyarrow.parquet as pq  # only a parquet corpus needs pyarrow
+    try:
+        import pyarrow.parquet as pq  # only a parquet corpus needs pyarrow (not in [train])
+    except ImportError:
+        raise ConfigError(
+            f"{path}: a .parquet corpus needs pyarrow; `pip install pyarrow`, or give the "
+            "corpus as .txt / .jsonl"
+        ) from None
 
     pf = pq.ParquetFile(path)
     if "text" not in pf.schema_arrow.names:
