@@ -23,8 +23,9 @@ import grpc
 import numpy as np
 from _procs import raw_server, shard_server
 
-from engram_store.engine.config import ClientConfig, OptimizerConfig, TableConfig
+from engram_store.engine.config import OptimizerConfig, TableConfig
 from engram_store.rpc.client import StoreClient
+from engram_store.rpc.config import ClientConfig
 
 TARGET = 0.6
 

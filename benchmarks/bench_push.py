@@ -22,9 +22,10 @@ import time
 import numpy as np
 from _procs import shard_server
 
-from engram_store.engine.config import ClientConfig, OptimizerConfig, ShardConfig, TableConfig
+from engram_store.engine.config import OptimizerConfig, ShardConfig, TableConfig
 from engram_store.engine.shard import Shard
 from engram_store.rpc.client import StoreClient
+from engram_store.rpc.config import ClientConfig
 
 TARGET = 1e6
 

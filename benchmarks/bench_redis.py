@@ -316,8 +316,8 @@ def main() -> int:
     import grpc
     from _procs import raw_server, shard_server
 
-    from engram_store.engine.config import ClientConfig
     from engram_store.rpc.client import StoreClient
+    from engram_store.rpc.config import ClientConfig
 
     rng = np.random.default_rng(0)
     n_timed = args.iters

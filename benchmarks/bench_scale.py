@@ -105,6 +105,7 @@ def main() -> int:
     from cluster.api import EngramCluster
     from cluster.config import ClusterConfig
     from engram_store.engine.config import OptimizerConfig, ShardConfig, TableConfig
+    from engram_store.rpc.config import ServerConfig
 
     counts = [int(x) for x in args.shards.split(",")]
     root = args.data or tempfile.mkdtemp(prefix="bench-scale-")
@@ -118,7 +119,7 @@ def main() -> int:
         num_shards=counts[0],
         data_root=root,
         cpus_per_shard=0.5,
-        shard=ShardConfig(data_dir="-", workers=8),
+        server=ServerConfig(ShardConfig(data_dir="-"), workers=8),
     )
     cluster = EngramCluster.up(config, tables=[spec])
     try:

@@ -10,8 +10,8 @@ from typing import TypeVar
 
 import grpc
 
-from engram_store.engine.config import ClientConfig
 from engram_store.engine.errors import EngramError, ShardUnavailable
+from engram_store.rpc.config import ClientConfig
 from engram_store.rpc.proto import store_pb2 as pb
 from engram_store.rpc.proto import store_pb2_grpc as pb_grpc
 from engram_store.rpc.retry import RetryPolicy

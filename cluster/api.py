@@ -27,10 +27,11 @@ import ray
 from cluster.config import ClusterConfig
 from cluster.registry import Registry, ray_get, registry_actor_options
 from cluster.runtime import start_local_ray
-from engram_store.engine.config import ClientConfig, TableConfig
+from engram_store.engine.config import TableConfig
 from engram_store.engine.errors import ConfigError, DataDirLocked, EngramError, ShardUnavailable
 from engram_store.engine.routing import ShardMap
 from engram_store.rpc.client import StoreClient, probe_shard
+from engram_store.rpc.config import ClientConfig
 
 log = logging.getLogger(__name__)
 

@@ -6,9 +6,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from engram_store.engine.config import ClientConfig, ShardConfig
+from engram_store.engine.config import ShardConfig
 from engram_store.engine.errors import ConfigError
 from engram_store.engine.routing import DEFAULT_SLOTS
+from engram_store.rpc.config import ClientConfig, ServerConfig
 
 LOCAL_HOST = "127.0.0.1"
 
@@ -17,8 +18,8 @@ LOCAL_HOST = "127.0.0.1"
 class ClusterConfig:
     """A store of `num_shards` shard servers, each an actor on a node that has `store_resource`.
 
-    `shard` is a template: each shard gets a copy with data_dir `<data_root>/shard-<index>` and the
-    host/port the cluster picks. `host` is the address shards listen on and advertise: "" picks
+    `server` is a template: each shard server gets a copy whose shard has data_dir
+    `<data_root>/shard-<index>`, listening on the host/port the cluster picks. `host` is the address shards listen on and advertise: "" picks
     127.0.0.1 when every Ray node is on one machine and the node's IP otherwise; "node" always
     uses the node's IP; anything else is used as given.
     """
@@ -33,7 +34,9 @@ class ClusterConfig:
     name: str = "engram"  # registry actor is "<name>.registry" in `namespace`
     max_restarts: int = -1  # Ray restarts of a killed shard actor; -1 = unlimited
     host: str = ""
-    shard: ShardConfig = field(default_factory=lambda: ShardConfig(data_dir="-", workers=8))
+    server: ServerConfig = field(
+        default_factory=lambda: ServerConfig(ShardConfig(data_dir="-"), workers=8)
+    )
     client: ClientConfig = field(default_factory=ClientConfig)
     # data_root is one shared filesystem (NFS, ...): a shard may reopen its directory from any
     # store node. Off: each shard is pinned to the node its data was written on.
@@ -71,11 +74,10 @@ class ClusterConfig:
             raise ConfigError(f"max_restarts={self.max_restarts} must be -1 (unlimited) or >= 0")
         self.client.validate()
 
-    def shard_config(self, index: int, host: str, port: int = 0) -> ShardConfig:
-        """The ShardConfig of shard `index`: the template with its own data dir and address."""
-        return dataclasses.replace(
-            self.shard, data_dir=shard_dir(self.data_root, index), host=host, port=port
-        )
+    def server_config(self, index: int, host: str, port: int = 0) -> ServerConfig:
+        """The ServerConfig of shard `index`: the template with its own data dir and address."""
+        shard = dataclasses.replace(self.server.shard, data_dir=shard_dir(self.data_root, index))
+        return dataclasses.replace(self.server, shard=shard, host=host, port=port)
 
 
 def shard_dir(data_root: str, index: int) -> str:

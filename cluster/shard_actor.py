@@ -112,7 +112,7 @@ class ShardHost:
             os.makedirs(data_dir, exist_ok=True)
             # Come back on the port we had, so clients holding the old map reach us again.
             port = self._previous_port(host)
-            server, port, shard = create_server(self.config.shard_config(self.index, host, port))
+            server, port, shard = create_server(self.config.server_config(self.index, host, port))
             self._server, self._shard = server, shard
             self._address = f"{host}:{port}"
             try:

@@ -3,6 +3,7 @@ in-process on port 0 (a fresh data dir each) and `engram serve` in a subprocess.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 import signal
@@ -11,8 +12,9 @@ import sys
 
 import pytest
 
-from engram_store.engine.config import ClientConfig, OptimizerConfig, ShardConfig, TableConfig
+from engram_store.engine.config import OptimizerConfig, ShardConfig, TableConfig
 from engram_store.rpc.client import StoreClient
+from engram_store.rpc.config import ClientConfig, ServerConfig
 from engram_store.rpc.server import create_server, stop_server
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -29,13 +31,18 @@ class LocalShard:
     """A shard server running in this process; restartable on the same data dir."""
 
     def __init__(self, data_dir: pathlib.Path | str, **config):
-        self.config = ShardConfig(
-            data_dir=str(data_dir),
-            max_batch_rows=SMALL_BATCH,
-            cache_rows=1 << 16,
-            workers=4,
-            **config,
+        """`config`: fields of ShardConfig (read_only, ...) or ServerConfig (auth, ...)."""
+        shard_fields = {f.name for f in dataclasses.fields(ShardConfig)}
+        shard = ShardConfig(
+            **{
+                "data_dir": str(data_dir),
+                "max_batch_rows": SMALL_BATCH,
+                "cache_rows": 1 << 16,
+                **{k: v for k, v in config.items() if k in shard_fields},
+            }
         )
+        server = {k: v for k, v in config.items() if k not in shard_fields}
+        self.config = ServerConfig(shard=shard, **{"workers": 4, **server})
         self.running = False
         self.start()
 

@@ -38,8 +38,8 @@ def _config(checkpoint: str):
 
 def query_text(args: argparse.Namespace) -> int:
     """Print the row ids (per layer, position, head) and row norms that `args.text` hashes to."""
-    from engram_store.engine.config import ClientConfig
     from engram_store.rpc.client import StoreClient
+    from engram_store.rpc.config import ClientConfig
     from trainer.corpus import load_corpus
     from trainer.hashing import NgramHasher
     from trainer.tables import table_specs

@@ -6,8 +6,9 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING
 
-from engram_store.engine.config import ClientConfig, OptimizerConfig, TableConfig
+from engram_store.engine.config import OptimizerConfig, TableConfig
 from engram_store.engine.errors import ConfigError, EngramError
+from engram_store.rpc.config import ClientConfig
 from trainer.config import TrainConfig
 from trainer.hashing import NgramHasher
 

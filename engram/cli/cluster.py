@@ -111,13 +111,14 @@ def cluster_config(args: argparse.Namespace):
 
     _require_cluster()
     from cluster.config import ClusterConfig
-    from engram_store.engine.config import AuthConfig
     from engram_store.engine.errors import ConfigError
+    from engram_store.rpc.config import AuthConfig
 
     d = ClusterConfig()
-    shard, client = d.shard, d.client
+    server, client = d.server, d.client
     if args.cache_rows is not None:
-        shard = dataclasses.replace(shard, cache_rows=args.cache_rows)
+        shard = dataclasses.replace(server.shard, cache_rows=args.cache_rows)
+        server = dataclasses.replace(server, shard=shard)
     if args.tokens_file or args.insecure:
         read, write = (), ()
         if args.tokens_file:
@@ -130,8 +131,8 @@ def cluster_config(args: argparse.Namespace):
                     "one to move rows and set shard state"
                 )
             client = dataclasses.replace(client, token=write[0])
-        shard = dataclasses.replace(
-            shard, auth=AuthConfig(read_tokens=read, write_tokens=write, insecure=args.insecure)
+        server = dataclasses.replace(
+            server, auth=AuthConfig(read_tokens=read, write_tokens=write, insecure=args.insecure)
         )
     return ClusterConfig(
         num_shards=args.shards,
@@ -144,7 +145,7 @@ def cluster_config(args: argparse.Namespace):
         namespace=args.namespace,
         name=args.name,
         host=args.host,
-        shard=shard,
+        server=server,
         client=client,
     )
 

@@ -7,8 +7,8 @@ import argparse
 import importlib
 import os
 
-from engram_store.engine.config import AuthConfig, ClientConfig
 from engram_store.engine.errors import ConfigError, ShardUnavailable
+from engram_store.rpc.config import AuthConfig, ClientConfig
 
 TOKEN_ENV = "ENGRAM_TOKEN"  # a launcher may hand the client token over this way, not via argv
 

@@ -6,21 +6,25 @@ import argparse
 
 from engram.cli import options
 from engram_store.engine.config import ShardConfig
+from engram_store.rpc.config import ServerConfig
 
 
-def shard_config(args: argparse.Namespace) -> ShardConfig:
-    """The ShardConfig that `engram serve` flags describe."""
-    d = ShardConfig(data_dir=args.data)
-    return ShardConfig(
+def server_config(args: argparse.Namespace) -> ServerConfig:
+    """The ServerConfig (and the ShardConfig it nests) that `engram serve` flags describe."""
+    d = ServerConfig(shard=ShardConfig(data_dir=args.data))
+    shard = ShardConfig(
         data_dir=args.data,
-        host=args.host,
-        port=args.port,
-        map_size=args.map_size or d.map_size,
-        max_batch_rows=args.max_batch_rows or d.max_batch_rows,
-        max_message_bytes=args.max_message_bytes or d.max_message_bytes,
-        cache_rows=d.cache_rows if args.cache_rows is None else args.cache_rows,
+        map_size=args.map_size or d.shard.map_size,
+        max_batch_rows=args.max_batch_rows or d.shard.max_batch_rows,
+        cache_rows=d.shard.cache_rows if args.cache_rows is None else args.cache_rows,
         durable=args.durable,
         read_only=args.read_only,
+    )
+    return ServerConfig(
+        shard=shard,
+        host=args.host,
+        port=args.port,
+        max_message_bytes=args.max_message_bytes or d.max_message_bytes,
         workers=args.workers or d.workers,
         auth=options.auth_config(args),
         metrics_port=args.metrics_port,
@@ -33,7 +37,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     def ready(host: str, port: int) -> None:
         print(f"serving on {host}:{port}", flush=True)
 
-    serve(shard_config(args), ready=ready)
+    serve(server_config(args), ready=ready)
     return 0
 
 

@@ -3,8 +3,8 @@
 The bottom layer: imports only the standard library, numpy, lmdb and mmh3 (never grpc,
 protobuf, prometheus_client, ray or torch), and nothing else of this project.
 
-    config       frozen dataclasses: OptimizerConfig, TableConfig, AuthConfig, ShardConfig,
-                 ClientConfig
+    config       frozen dataclasses: OptimizerConfig, TableConfig, ShardConfig (the shard's
+                 LMDB and limits; how it is served is rpc.config.ServerConfig)
     errors       EngramError and one subclass per failure, each with its gRPC status code
     types        TableStats, PushResult, ShardStateInfo: the values a shard hands out (no lmdb)
     routing      slot_of(), fmix64(), ShardMap: row id -> hash slot -> shard, versioned

@@ -122,90 +122,25 @@ class TableConfig:
         return cls(**d)
 
 
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
-
-
-@dataclass(frozen=True)
-class AuthConfig:
-    """Who may call a shard server: shared bearer tokens, and TLS (engram_store/rpc/auth.py).
-
-    No tokens: every call is allowed, which a server accepts only on a loopback host unless
-    `insecure`. A read token may call lookups and stats; a write token may call everything.
-    """
-
-    read_tokens: tuple[str, ...] = ()
-    write_tokens: tuple[str, ...] = ()
-    tls_cert: str = ""  # PEM certificate chain file; with tls_key the server speaks TLS only
-    tls_key: str = ""
-    insecure: bool = False  # allow no tokens on a non-loopback host
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.read_tokens or self.write_tokens)
-
-    def validate(self, host: str) -> None:
-        if bool(self.tls_cert) != bool(self.tls_key):
-            raise ConfigError("TLS needs both --tls-cert and --tls-key")
-        if any(not t or any(c.isspace() for c in t) for t in self.read_tokens + self.write_tokens):
-            raise ConfigError("tokens must be non-empty and contain no whitespace")
-        if not self.enabled and not self.insecure and host not in LOOPBACK_HOSTS:
-            raise ConfigError(
-                f"refusing to serve on {host} without authentication: give --write-token / "
-                "--read-token (or --tokens-file), listen on 127.0.0.1, or pass --insecure to "
-                "accept unauthenticated calls from the network"
-            )
-
-
 @dataclass(frozen=True)
 class ShardConfig:
-    """One shard server: where its LMDB lives and what it accepts."""
+    """One shard: where its LMDB lives and what it accepts. How it is served (address, threads,
+    auth, metrics) is the gRPC layer's ServerConfig, which nests this."""
 
     data_dir: str
-    host: str = "127.0.0.1"
-    port: int = 0
     map_size: int = 64 << 30  # LMDB virtual map size; only touched pages use RAM or disk
     max_batch_rows: int = 1 << 20  # ids per Lookup/PushGradients request
-    max_message_bytes: int = 512 << 20
     cache_rows: int = 1 << 22  # hot rows (and their optimizer state) mirrored in RAM per table
     durable: bool = False  # fsync each commit; off: a commit survives kill -9, not a power cut
     read_only: bool = False
-    workers: int = 8  # gRPC server threads
     request_log: int = 1 << 20  # request ids remembered for exactly-once pushes
-    auth: AuthConfig = field(default_factory=AuthConfig)
-    metrics_port: int | None = None  # Prometheus /metrics on this port (0: any free); None: off
+    max_readers: int = 126  # LMDB reader slots: threads reading at once (a server raises it)
 
     def validate(self) -> None:
-        self.auth.validate(self.host)
-        if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
-            raise ConfigError(f"metrics port {self.metrics_port} must be in [0, 65535]")
         if not self.data_dir:
             raise ConfigError("a shard needs --data DIR")
-        if not 0 <= self.port < 65536:
-            raise ConfigError(f"port {self.port} must be in [0, 65535]")
-        for name in ("map_size", "max_batch_rows", "max_message_bytes", "workers", "request_log"):
+        for name in ("map_size", "max_batch_rows", "request_log", "max_readers"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be > 0")
         if self.cache_rows < 0:
             raise ConfigError(f"cache_rows={self.cache_rows} must be >= 0")
-
-
-@dataclass(frozen=True)
-class ClientConfig:
-    """How a client talks to the store."""
-
-    timeout_s: float = 60.0
-    retries: int = 8  # attempts after the first for UNAVAILABLE / stale shard map
-    backoff_s: float = 0.05  # first retry delay; doubles up to backoff_max_s
-    backoff_max_s: float = 2.0
-    wire_dtype: str = "float32"
-    max_batch_rows: int = 1 << 20  # larger requests are split per shard into chunks of this size
-    max_message_bytes: int = 512 << 20
-    threads: int = 8  # futures: requests in flight at once
-    token: str = ""  # sent as `authorization: Bearer <token>` on every call
-    tls_root_cert: str = ""  # PEM file of the CA (or self-signed cert) to trust; "" = plaintext
-
-    def validate(self) -> None:
-        if self.wire_dtype not in DTYPES:
-            raise ConfigError(f"wire dtype {self.wire_dtype!r} is unknown; use one of {DTYPES}")
-        if self.timeout_s <= 0 or self.retries < 0 or self.backoff_s < 0:
-            raise ConfigError("timeout_s must be > 0, retries and backoff_s >= 0")

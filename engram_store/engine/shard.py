@@ -105,7 +105,7 @@ class Shard:
                 sync=config.durable,
                 metasync=config.durable,
                 readahead=False,
-                max_readers=max(126, 4 * config.workers),
+                max_readers=config.max_readers,
             )
         except lmdb.Error:
             self._release_lock()

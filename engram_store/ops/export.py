@@ -26,8 +26,9 @@ from collections.abc import Iterator
 import numpy as np
 
 from engram_store.engine import dtypes, init
-from engram_store.engine.config import ClientConfig, TableConfig
+from engram_store.engine.config import TableConfig
 from engram_store.engine.errors import ConfigError, InvalidArgument, TableNotFound
+from engram_store.rpc.config import ClientConfig
 
 _DTYPES = {"float32": ("F32", "<f4"), "float16": ("F16", "<f2")}
 _LAYER = re.compile(r"^engram_l(\d+)$")

@@ -35,13 +35,14 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import numpy as np
 
-from engram_store.engine.config import ClientConfig, ShardConfig
+from engram_store.engine.config import ShardConfig
 from engram_store.engine.errors import ConfigError, LayoutMismatch, ShardUnavailable
 from engram_store.engine.routing import ShardMap
 from engram_store.engine.shard import Shard, ShardStateInfo
 from engram_store.rpc import wire
 from engram_store.rpc.admin import WINDOW_S, half_applied
 from engram_store.rpc.auth import open_channel
+from engram_store.rpc.config import ClientConfig
 from engram_store.rpc.proto import store_pb2 as pb
 from engram_store.rpc.proto import store_pb2_grpc as pb_grpc
 from engram_store.rpc.status import error_from_rpc
@@ -219,7 +220,6 @@ def open_snapshot_shard(directory: str, index: int) -> Shard:
             data_dir=os.path.join(directory, f"shard-{index}"),
             read_only=True,
             cache_rows=0,
-            workers=1,
         )
     )
 

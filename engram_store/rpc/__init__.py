@@ -4,6 +4,7 @@ May import engram_store.engine, grpcio (with health and reflection), protobuf an
 prometheus_client; never engram_store.ops, cluster, trainer or engram.
 
     proto        generated stubs of proto/engram/v1/store.proto (committed; do not edit)
+    config       AuthConfig, ServerConfig (nests the engine's ShardConfig), ClientConfig
     wire         dataclasses / numpy arrays <-> engram.v1 messages, packed without extra copies
     status       errors on the wire: class name in trailing metadata `engram-error`, both ways
     retry        the one retry policy (which errors retry, backoff, budget)

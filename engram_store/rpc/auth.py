@@ -18,8 +18,8 @@ from collections.abc import Callable, Sequence
 
 import grpc
 
-from engram_store.engine.config import AuthConfig, ClientConfig
 from engram_store.engine.errors import ConfigError, EngramError, ReadOnly, Unauthenticated
+from engram_store.rpc.config import AuthConfig, ClientConfig
 from engram_store.rpc.status import abort
 
 #: methods anyone may call, token or not

@@ -23,13 +23,14 @@ from typing import Any
 import grpc
 import numpy as np
 
-from engram_store.engine.config import ClientConfig, TableConfig
+from engram_store.engine.config import TableConfig
 from engram_store.engine.errors import EngramError, InvalidArgument, ShardUnavailable, WrongShard
 from engram_store.engine.optimizers import coalesce
 from engram_store.engine.routing import ShardMap
 from engram_store.engine.types import PushResult, TableStats
 from engram_store.rpc import wire
 from engram_store.rpc.auth import open_channel
+from engram_store.rpc.config import ClientConfig
 from engram_store.rpc.proto import store_pb2 as pb
 from engram_store.rpc.proto import store_pb2_grpc
 from engram_store.rpc.retry import RetryPolicy, stale_map

@@ -20,8 +20,8 @@ from typing import TypeVar
 
 import grpc
 
-from engram_store.engine.config import ClientConfig
 from engram_store.engine.errors import ConfigError, EngramError, ShardUnavailable, WrongShard
+from engram_store.rpc.config import ClientConfig
 from engram_store.rpc.status import error_from_rpc
 
 T = TypeVar("T")

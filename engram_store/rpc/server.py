@@ -1,7 +1,7 @@
 """A shard server: the engine's Shard behind MemoryStoreServicer, with what operating it needs
 (auth and TLS, Prometheus metrics, the snapshot gate and StoreAdmin, health, reflection).
 
-    server, port, shard = create_server(ShardConfig(data_dir="/tmp/s0"))   # tests: port 0
+    server, port, shard = create_server(ServerConfig(ShardConfig(data_dir="/tmp/s0")))  # tests: port 0
     serve(config)                                                           # blocks until SIGTERM
 """
 
@@ -17,10 +17,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from engram_store.engine.config import ShardConfig
 from engram_store.engine.shard import Shard
 from engram_store.rpc.admin import SnapshotGate, SnapshotServicer
 from engram_store.rpc.auth import server_credentials, server_interceptors
+from engram_store.rpc.config import ServerConfig
 from engram_store.rpc.metrics import ServerMetrics
 from engram_store.rpc.servicer import SERVICE, MemoryStoreServicer, add_servicer
 
@@ -29,7 +29,7 @@ ADMIN_SERVICE = "engram.v1.StoreAdmin"
 
 @dataclass
 class ServerExtras:
-    config: ShardConfig
+    config: ServerConfig
     shard: Shard
     gate: SnapshotGate
     metrics: ServerMetrics | None
@@ -55,7 +55,7 @@ class ServerExtras:
             self.metrics.close()
 
 
-def server_extras(config: ShardConfig, shard) -> ServerExtras:
+def server_extras(config: ServerConfig, shard: Shard) -> ServerExtras:
     """The interceptors and services of a shard server: metrics (outermost, so they count
     refused calls too), then auth, then the snapshot gate."""
     gate = SnapshotGate()
@@ -66,13 +66,13 @@ def server_extras(config: ShardConfig, shard) -> ServerExtras:
     return ServerExtras(config, shard, gate, metrics, chain)
 
 
-def create_server(config: ShardConfig) -> tuple[grpc.Server, int, Shard]:
-    """Open the shard and start a server on config.host:config.port (0: any free port).
+def create_server(config: ServerConfig) -> tuple[grpc.Server, int, Shard]:
+    """Open config.shard and start a server on config.host:config.port (0: any free port).
 
     Returns (server, bound port, shard). The caller stops the server and closes the shard.
     """
     config.validate()
-    shard = Shard(config)
+    shard = Shard(config.served_shard())
     extras = None
     try:
         opts = [
@@ -86,7 +86,7 @@ def create_server(config: ShardConfig) -> tuple[grpc.Server, int, Shard]:
             options=opts,
             interceptors=extras.interceptors,
         )
-        servicer = MemoryStoreServicer(shard, config)
+        servicer = MemoryStoreServicer(shard, shard.config)
         add_servicer(servicer, server)
         server.servicer = servicer  # for tests and serve(); grpc.Server allows attributes
         health_servicer = health.HealthServicer()
@@ -122,7 +122,7 @@ def stop_server(server: grpc.Server, shard: Shard, grace_s: float = 5.0) -> None
     shard.close()
 
 
-def serve(config: ShardConfig, ready: Callable[[str, int], None] | None = None) -> None:
+def serve(config: ServerConfig, ready: Callable[[str, int], None] | None = None) -> None:
     """Serve one shard until SIGTERM or SIGINT, then stop gracefully and close the shard.
 
     `ready(host, port)` is called once the server listens (the CLI prints the address).

@@ -9,8 +9,9 @@ import subprocess
 import numpy as np
 from safetensors.numpy import load_file
 
-from engram_store.engine.config import ClientConfig, OptimizerConfig, TableConfig
+from engram_store.engine.config import OptimizerConfig, TableConfig
 from engram_store.rpc.client import StoreClient
+from engram_store.rpc.config import ClientConfig
 from tests.servers import ROOT, engram_command
 
 SPEC = TableConfig(

@@ -16,7 +16,8 @@ ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from cluster.config import ClusterConfig  # noqa: E402
-from engram_store.engine.config import ClientConfig, OptimizerConfig, ShardConfig, TableConfig  # noqa: E402
+from engram_store.engine.config import OptimizerConfig, ShardConfig, TableConfig  # noqa: E402
+from engram_store.rpc.config import ClientConfig, ServerConfig  # noqa: E402
 
 STORE = "engram_store_test"  # the store resource of these tests
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -50,7 +51,9 @@ def cluster_config(root, num_shards: int = 2, **kw) -> ClusterConfig:
         store_resource=STORE,
         cpus_per_shard=0.25,
         namespace="engram-test",
-        shard=ShardConfig(data_dir="-", workers=4, cache_rows=1 << 14, map_size=1 << 28),
+        server=ServerConfig(
+            ShardConfig(data_dir="-", cache_rows=1 << 14, map_size=1 << 28), workers=4
+        ),
         client=ClientConfig(timeout_s=20, retries=14, backoff_s=0.02, backoff_max_s=1.0, threads=4),
         ready_timeout_s=60,
         reshard_group_slots=8,

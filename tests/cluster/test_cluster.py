@@ -302,15 +302,15 @@ def test_cli_up_returns_and_the_cluster_lives_on(ray_cluster, tmp_path):
 def test_tokens_protect_the_shards(ray_cluster, tmp_path):
     """Shards that require tokens: the cluster's own calls and its client carry the write token;
     a client without one is refused."""
-    from engram_store.engine.config import AuthConfig
     from engram_store.engine.errors import EngramError
     from engram_store.rpc.client import StoreClient
+    from engram_store.rpc.config import AuthConfig
 
     spec = table_spec(num_rows=1000)
     base = cluster_config(tmp_path / "c", 1)
     config = dataclasses.replace(
         base,
-        shard=dataclasses.replace(base.shard, auth=AuthConfig(write_tokens=("w-secret",))),
+        server=dataclasses.replace(base.server, auth=AuthConfig(write_tokens=("w-secret",))),
         client=dataclasses.replace(base.client, token="w-secret"),
     )
     cluster = EngramCluster.up(config, tables=[spec])

@@ -10,11 +10,12 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
-from engram_store.engine.config import ClientConfig, OptimizerConfig, TableConfig
+from engram_store.engine.config import OptimizerConfig, TableConfig
 from engram_store.engine.errors import TableNotFound
 from engram_store.ops.export import export_safetensors
 from engram_store.ops.snapshot import snapshot
 from engram_store.rpc.client import StoreClient
+from engram_store.rpc.config import ClientConfig
 from engram_store.rpc.proto import store_pb2 as pb
 from engram_store.rpc.proto import store_pb2_grpc as pb_grpc
 from tests.ops.test_snapshot import make_cluster
@@ -97,7 +98,7 @@ def test_read_only_serving_refuses_writes(make_shard, tmp_path):
         c.push("plain", [1], np.ones((1, 5)))
         before = c.lookup("plain", [1, 2])
     s.stop()
-    ro = make_shard(data_dir=s.config.data_dir, read_only=True)
+    ro = make_shard(data_dir=s.config.shard.data_dir, read_only=True)
     stub = pb_grpc.MemoryStoreStub(grpc.insecure_channel(ro.address))
     with pytest.raises(grpc.RpcError) as e:
         stub.PushGradients(

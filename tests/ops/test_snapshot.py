@@ -11,7 +11,7 @@ import grpc
 import numpy as np
 import pytest
 
-from engram_store.engine.config import ClientConfig, OptimizerConfig, TableConfig
+from engram_store.engine.config import OptimizerConfig, TableConfig
 from engram_store.engine.errors import ConfigError, DataDirLocked
 from engram_store.engine.routing import ShardMap
 from engram_store.engine.types import ShardStateInfo
@@ -20,6 +20,7 @@ from engram_store.ops.layout import lock_data_root
 from engram_store.ops.restore import restore
 from engram_store.ops.snapshot import load_manifest, open_snapshot_shard, snapshot
 from engram_store.rpc.client import StoreClient
+from engram_store.rpc.config import ClientConfig
 from engram_store.rpc.proto import store_pb2 as pb
 from engram_store.rpc.proto import store_pb2_grpc as pb_grpc
 from tests.servers import LocalShard

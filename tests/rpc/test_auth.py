@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from engram_store.engine.config import AuthConfig, ClientConfig, OptimizerConfig, ShardConfig
+from engram_store.engine.config import OptimizerConfig, ShardConfig
 from engram_store.engine.errors import ConfigError
 from engram_store.rpc.auth import load_tokens_file, open_channel
 from engram_store.rpc.client import StoreClient
+from engram_store.rpc.config import AuthConfig, ClientConfig, ServerConfig
 from engram_store.rpc.proto import store_pb2 as pb
 from engram_store.rpc.proto import store_pb2_grpc as pb_grpc
 from tests.servers import table_spec
@@ -119,12 +120,11 @@ def test_health_check_needs_no_token(secured):
 
 
 def test_non_loopback_without_tokens_is_refused(tmp_path):
+    shard = ShardConfig(data_dir=str(tmp_path))
     with pytest.raises(ConfigError, match="--insecure"):
-        ShardConfig(data_dir=str(tmp_path), host="0.0.0.0").validate()
-    ShardConfig(data_dir=str(tmp_path), host="0.0.0.0", auth=AuthConfig(insecure=True)).validate()
-    ShardConfig(
-        data_dir=str(tmp_path), host="0.0.0.0", auth=AuthConfig(write_tokens=("w",))
-    ).validate()
+        ServerConfig(shard, host="0.0.0.0").validate()
+    ServerConfig(shard, host="0.0.0.0", auth=AuthConfig(insecure=True)).validate()
+    ServerConfig(shard, host="0.0.0.0", auth=AuthConfig(write_tokens=("w",))).validate()
     with pytest.raises(ConfigError, match="both"):
         AuthConfig(tls_cert="c.pem").validate("127.0.0.1")
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from engram_store.engine import errors
-from engram_store.engine.config import ClientConfig
 from engram_store.engine.routing import ShardMap
 from engram_store.rpc.client import StoreClient
+from engram_store.rpc.config import ClientConfig
 from engram_store.rpc.proto import store_pb2 as pb
 from tests.servers import table_spec
 

@@ -12,11 +12,11 @@ import pytest
 
 import cluster.api  # noqa: F401  (registers the cluster's error classes, so they are covered)
 from engram_store.engine import errors
-from engram_store.engine.config import AuthConfig, ClientConfig
 from engram_store.engine.errors import EngramError, error_classes
 from engram_store.engine.routing import ShardMap
 from engram_store.rpc.auth import open_channel
 from engram_store.rpc.client import StoreClient
+from engram_store.rpc.config import AuthConfig, ClientConfig
 from engram_store.rpc.proto import store_pb2 as pb
 from engram_store.rpc.proto import store_pb2_grpc as pb_grpc
 from engram_store.rpc.retry import retryable

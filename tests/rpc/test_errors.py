@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from engram_store.engine import errors
-from engram_store.engine.config import ClientConfig, TableConfig
+from engram_store.engine.config import TableConfig
 from engram_store.rpc import wire
 from engram_store.rpc.client import StoreClient
+from engram_store.rpc.config import ClientConfig
 from engram_store.rpc.proto import store_pb2 as pb
 from tests.servers import SMALL_BATCH, table_spec
 
@@ -198,7 +199,7 @@ def test_read_only(make_shard):
         c.push("t", [1], np.ones((1, 8)))
         before = _rows(c)
     rw.stop()
-    ro = make_shard(data_dir=rw.config.data_dir, read_only=True)
+    ro = make_shard(data_dir=rw.config.shard.data_dir, read_only=True)
     with StoreClient(ro.address) as c:
         np.testing.assert_array_equal(_rows(c), before)
         for call in (

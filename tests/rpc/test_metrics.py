@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from engram_store.engine.config import ClientConfig
 from engram_store.engine.errors import InvalidArgument
 from engram_store.rpc.client import StoreClient
+from engram_store.rpc.config import ClientConfig
 from engram_store.rpc.metrics import histogram_quantile, scrape, summarize
 from tests.servers import table_spec
 from trainer.metrics import TrainerMetrics

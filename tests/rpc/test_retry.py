@@ -7,9 +7,9 @@ import time
 import pytest
 
 from engram_store.engine import errors
-from engram_store.engine.config import ClientConfig
 from engram_store.engine.errors import SnapshotInProgress
 from engram_store.rpc.client import StoreClient
+from engram_store.rpc.config import ClientConfig
 from engram_store.rpc.retry import RetryPolicy, retryable, stale_map
 
 

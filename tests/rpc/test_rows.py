@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from engram_store.engine import dtypes
-from engram_store.engine.config import ClientConfig, OptimizerConfig
+from engram_store.engine.config import OptimizerConfig
 from engram_store.engine.routing import ShardMap
 from engram_store.rpc import wire
 from engram_store.rpc.client import StoreClient
+from engram_store.rpc.config import ClientConfig
 from engram_store.rpc.proto import store_pb2 as pb
 from tests.servers import table_spec
 

@@ -21,8 +21,9 @@ import numpy as np
 import psutil
 import pytest
 
-from engram_store.engine.config import ClientConfig, OptimizerConfig, TableConfig
+from engram_store.engine.config import OptimizerConfig, TableConfig
 from engram_store.rpc.client import StoreClient
+from engram_store.rpc.config import ClientConfig
 from engram_store.rpc.metrics import scrape, summarize
 
 pytestmark = pytest.mark.slow

@@ -12,6 +12,7 @@ import torch
 
 from engram_store.engine.config import ShardConfig
 from engram_store.engine.init import initial_rows
+from engram_store.rpc.config import ServerConfig
 from engram_store.rpc.server import create_server, stop_server
 from trainer.config import TrainConfig
 from trainer.corpus import load_corpus, worker_batches
@@ -27,7 +28,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 def shard_servers(tmp_path: pathlib.Path, n: int = 2):
     """n in-process shard servers on port 0, each with its own LMDB dir; yields their addresses."""
     servers = [
-        create_server(ShardConfig(data_dir=str(tmp_path / f"shard{i}"), workers=4))
+        create_server(ServerConfig(ShardConfig(data_dir=str(tmp_path / f"shard{i}")), workers=4))
         for i in range(n)
     ]
     try:
