@@ -259,6 +259,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     dataclasses.replace(cfg, store=cfg.store or ("-",)).validate()
     if args.shards < 1:
         raise ConfigError(f"--shards {args.shards}: the store needs at least 1 shard")
+    if (cfg.model.engram_layers and not args.store) or cfg.ray_train or cfg.trainers > 1:
+        options.require("cluster", "cluster")  # a store cluster, or Ray Train: both need Ray
     print(f"[engram] run directory {cfg.out}", file=sys.stderr)
     corpus = load_corpus(cfg)
     cluster = None

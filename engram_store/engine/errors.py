@@ -2,8 +2,8 @@
 
 Every class declares the gRPC status code it travels as (`code`, a grpc.StatusCode member name)
 and a `hint` (what to do about it; the class docstring's first line unless set), and registers
-itself by class name when it is defined, wherever that is (engram_store.rpc.admin,
-cluster.api, ...). The server sends the class name with the status (engram_store/rpc/status.py)
+itself by class name when it is defined, wherever that is (here for the store's errors,
+cluster.api for the cluster's). The server sends the class name with the status (engram_store/rpc/status.py)
 and the client raises that class, so a caller catches the same class whether the store is local
 or remote. A peer that sends only a status code gets the code's default class: the one class
 per code defined with `default_for_code=True`, so the code -> class map is derived from the
