@@ -1,7 +1,7 @@
 """The cluster layout file `<data_root>/cluster.json` and the data-root lock `cluster.lock`.
 
 One home for both: the cluster registry (cluster/registry.py) writes the layout after every map
-change and holds the lock while the cluster is up; `engram ops restore` (ops/restore.py) writes
+change and holds the lock while the cluster is up; `engram restore` (ops/restore.py) writes
 a fresh layout for the shards it restores, under the same lock. It lives in the ops layer, below
 the cluster, so both import it and neither needs Ray.
 
