@@ -156,7 +156,7 @@ class RedisTable:
     def __init__(self, client, spec: TableConfig, chunk: int = 4096) -> None:
         self.r, self.spec, self.chunk = client, spec, chunk
         self.dim = spec.dim
-        self.state_dim = spec.optimizer.state_width * spec.dim
+        self.state_dim = spec.state_floats
 
     def load(self, ids: np.ndarray, batch: int = 16384) -> None:
         """Write the table's initial rows (engram_store.engine.init, as the store computes them)."""

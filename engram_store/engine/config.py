@@ -9,10 +9,27 @@ from dataclasses import dataclass, field
 
 from engram_store.engine.errors import ConfigError, InvalidArgument
 
-DTYPES = ("float32", "bfloat16", "float16")
-OPTIMIZERS = ("sgd", "adagrad", "adam")
+#: storage and wire dtypes. float8_e4m3: one e4m3 byte per value plus one e8m0 (power-of-two)
+#: scale byte per 32 values, DeepSeek-V4.1's Engram row encoding (dim must be a multiple of 32)
+DTYPES = ("float32", "bfloat16", "float16", "float8_e4m3")
+FP8_BLOCK = 32
+#: rowwise_adagrad: FBGEMM's EXACT_ROWWISE_ADAGRAD (one float32 accumulator per row);
+#: rowwise_adam: Adam with an element-wise first moment and a row-wise second moment
+#: (FBGEMM's PARTIAL_ROWWISE_ADAM)
+OPTIMIZERS = ("sgd", "adagrad", "adam", "rowwise_adagrad", "rowwise_adam")
 INITS = ("normal", "zeros")
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
+
+
+def row_bytes(dtype: str, dim: int) -> int:
+    """Bytes of one `dim`-wide row in `dtype` (float8_e4m3: dim codes + dim / 32 scales)."""
+    if dtype == "float8_e4m3":
+        return dim + dim // FP8_BLOCK
+    if dtype == "float32":
+        return 4 * dim
+    if dtype in ("bfloat16", "float16"):
+        return 2 * dim
+    raise InvalidArgument(f"dtype {dtype!r} is unknown; use one of {DTYPES}")
 
 
 @dataclass(frozen=True)
@@ -33,10 +50,15 @@ class OptimizerConfig:
             return self.eps
         return 1e-10 if self.kind == "adagrad" else 1e-8
 
-    @property
-    def state_width(self) -> int:
-        """float32 optimizer-state values stored per row element."""
-        return {"sgd": 0, "adagrad": 1, "adam": 2}[self.kind]
+    def state_floats(self, dim: int) -> int:
+        """float32 optimizer-state values stored per row of width `dim`."""
+        return {
+            "sgd": 0,
+            "adagrad": dim,
+            "adam": 2 * dim,
+            "rowwise_adagrad": 1,
+            "rowwise_adam": dim + 1,
+        }[self.kind]
 
     def validate(self) -> None:
         if self.kind not in OPTIMIZERS:
@@ -95,6 +117,11 @@ class TableConfig:
             raise InvalidArgument(f"table {self.name!r}: dim={self.dim} must be in [1, 65536]")
         if self.dtype not in DTYPES:
             raise InvalidArgument(f"storage dtype {self.dtype!r} is unknown; use one of {DTYPES}")
+        if self.dtype == "float8_e4m3" and self.dim % FP8_BLOCK:
+            raise InvalidArgument(
+                f"table {self.name!r}: float8_e4m3 rows carry one scale per {FP8_BLOCK} values, "
+                f"so dim={self.dim} must be a multiple of {FP8_BLOCK}"
+            )
         if self.init not in INITS:
             raise InvalidArgument(f"init {self.init!r} is unknown; use one of {INITS}")
         if not math.isfinite(self.init_std) or self.init_std < 0:
@@ -102,6 +129,16 @@ class TableConfig:
         if not 0 <= self.seed < 2**64:
             raise InvalidArgument(f"seed={self.seed} must be in [0, 2^64)")
         self.optimizer.validate()
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one row in the storage dtype."""
+        return row_bytes(self.dtype, self.dim)
+
+    @property
+    def state_floats(self) -> int:
+        """float32 optimizer-state values per row."""
+        return self.optimizer.state_floats(self.dim)
 
     def head_offsets(self) -> tuple[int, ...]:
         """Start row of each head in the concatenated row space (docs/algorithm.md step 5)."""

@@ -48,7 +48,7 @@ class Layout:
     def __init__(self, spec: TableConfig) -> None:
         self.spec = spec
         self.row_bytes = spec.dim * dtypes.itemsize(spec.dtype)
-        self.state_dim = spec.optimizer.state_width * spec.dim
+        self.state_dim = spec.state_floats
         self.record_bytes = self.row_bytes + 4 * self.state_dim
         # float32 rows can be updated through views of the records themselves
         self._f32 = spec.dtype == "float32"

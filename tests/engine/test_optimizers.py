@@ -138,7 +138,7 @@ def test_storage_dtypes_and_odd_dims(tmp_path, dtype, kind):
             rows = dtypes.to_float32(dtypes.to_dtype(rows, dtype), dtype)
             np.testing.assert_array_equal(shard.lookup("t", ids), rows)
             np.testing.assert_array_equal(shard.optimizer_state("t", ids), state)
-        assert shard.record_bytes("t") == 7 * dtypes.itemsize(dtype) + 4 * 7 * opt.state_width
+        assert shard.record_bytes("t") == 7 * dtypes.itemsize(dtype) + 4 * opt.state_floats(7)
 
 
 def test_large_push_in_parallel_parts(tmp_path):
