@@ -368,6 +368,24 @@ class Shard:
                     t.mirror.put(miss_ids, rec)
         return out
 
+    def lookup_into(
+        self, table: str, ids: np.ndarray, dtype: str, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Rows of `ids` in wire dtype `dtype` as uint8 (n, row_bytes(dtype, dim)), written into
+        the front of `out` (a reusable uint8 buffer of at least that many bytes) when given."""
+        from engram_store.engine import dtypes
+        from engram_store.engine.config import row_bytes
+
+        t = self._get(table)
+        rb = row_bytes(dtype, t.spec.dim)
+        n = int(np.asarray(ids).shape[0]) if isinstance(ids, np.ndarray) else 0
+        res = np.frombuffer(dtypes.to_bytes(self.lookup(table, ids), dtype), np.uint8)
+        if out is None:
+            return res.reshape(n, rb).copy()
+        view = out.reshape(-1)[: n * rb].reshape(n, rb)
+        view[...] = res.reshape(n, rb)
+        return view
+
     def optimizer_state(self, table: str, ids: np.ndarray) -> np.ndarray:
         """float32 (n, state_width * dim) optimizer state of `ids`."""
         t = self._get(table)
