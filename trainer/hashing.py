@@ -2,14 +2,13 @@
 
 Everything here is numpy + stdlib so the store, the client and the trainer share one definition of
 "which row does this n-gram read". It matches the authors' demo (`engram_demo_v1.py`) bit for bit:
-the same normaliser, the same `default_rng` draws, the same primes and the same int64 arithmetic.
+the same normaliser (the demo's HF `tokenizers` sequence, trainer/tokenizer.py, handed in as a
+function), the same `default_rng` draws, the same primes and the same int64 arithmetic.
 """
 
 from __future__ import annotations
 
-import re
-import unicodedata
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,37 +90,16 @@ class HashConfig:
 
 # ---------------------------------------------------------------- step 1: vocabulary compression
 
-_WS_RUN = re.compile(r"[ \t\r\n]+")  # the reference collapses exactly these four characters
-# Unicode White_Space (what the reference's Rust `Strip` removes); str.strip() would also drop
-# U+001C..U+001F, which the reference keeps.
-_WHITE_SPACE = (
-    "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008"
-    "\u2009\u200a\u2028\u2029\u202f\u205f\u3000"
-)
 
-
-def normalize_token_text(text: str) -> str:
-    """The canonical form of one decoded token (docs/algorithm.md step 1), '' if nothing is left.
-
-    NFKC, NFD, drop combining marks (general category M*), lowercase, collapse runs of
-    space/tab/CR/LF to one space; a text that is then exactly " " stays " ", else strip the ends.
-    """
-    t = unicodedata.normalize("NFKC", text)
-    t = unicodedata.normalize("NFD", t)
-    t = "".join(c for c in t if not unicodedata.category(c).startswith("M"))
-    t = t.lower()
-    t = _WS_RUN.sub(" ", t)
-    if t == " ":
-        return t
-    return t.strip(_WHITE_SPACE)
-
-
-def compress_vocab(decoded: Sequence[str], raw: Sequence[str]) -> tuple[np.ndarray, int]:
+def compress_vocab(
+    decoded: Sequence[str], raw: Sequence[str], normalize: Callable[[str], str]
+) -> tuple[np.ndarray, int]:
     """Map every base token id to a canonical id (docs/algorithm.md step 1).
 
     decoded[i]: token i decoded on its own; raw[i]: its raw vocabulary string (used as the key when
-    the decoded text holds U+FFFD, i.e. is a partial UTF-8 sequence). Returns (lookup int64 (V,),
-    compressed vocabulary size V'); canonical ids are numbered in order of first appearance.
+    the decoded text holds U+FFFD, i.e. is a partial UTF-8 sequence); normalize: the reference's
+    normaliser (trainer.tokenizer.reference_normalizer().normalize_str). Returns (lookup int64
+    (V,), compressed vocabulary size V'); canonical ids are numbered in order of first appearance.
     """
     if len(decoded) != len(raw):
         raise InvalidArgument(f"decoded has {len(decoded)} tokens but raw has {len(raw)}")
@@ -131,21 +109,34 @@ def compress_vocab(decoded: Sequence[str], raw: Sequence[str]) -> tuple[np.ndarr
         if "\ufffd" in text:
             key = raw_text
         else:
-            key = normalize_token_text(text) or text
+            key = normalize(text) or text
         lookup[tid] = key_to_id.setdefault(key, len(key_to_id))
     return lookup, len(key_to_id)
 
 
-def compress_tokenizer(tokenizer: Any) -> tuple[np.ndarray, int]:
-    """compress_vocab for a HF `tokenizers.Tokenizer` (or anything with the same three methods).
+def compress_tokenizer(
+    tokenizer: Any, normalize: Callable[[str], str] | None = None
+) -> tuple[np.ndarray, int]:
+    """compress_vocab for a HF `tokenizers.Tokenizer` (or anything with the same methods).
 
-    Uses get_vocab_size(with_added_tokens=True), decode([id], skip_special_tokens=False) and
-    id_to_token(id), as the reference does through transformers.
+    Uses get_vocab_size(with_added_tokens=True), decode([id], skip_special_tokens=False) (through
+    decode_batch where the tokenizer has it) and id_to_token(id), as the reference does through
+    transformers. normalize defaults to the reference's HF `tokenizers` normaliser sequence
+    (trainer/tokenizer.py): the only call here that needs more than numpy, and only when the
+    caller brings no normaliser of its own.
     """
+    if normalize is None:
+        from trainer.tokenizer import reference_normalizer
+
+        normalize = reference_normalizer().normalize_str
     size = tokenizer.get_vocab_size(with_added_tokens=True)
-    decoded = [tokenizer.decode([i], skip_special_tokens=False) for i in range(size)]
+    singles = [[i] for i in range(size)]
+    if hasattr(tokenizer, "decode_batch"):
+        decoded = tokenizer.decode_batch(singles, skip_special_tokens=False)
+    else:
+        decoded = [tokenizer.decode(s, skip_special_tokens=False) for s in singles]
     raw = [tokenizer.id_to_token(i) or "" for i in range(size)]
-    return compress_vocab(decoded, raw)
+    return compress_vocab(decoded, raw, normalize)
 
 
 # ---------------------------------------------------------------- step 2: multipliers

