@@ -10,12 +10,9 @@ from engram_store.engine.config import DTYPES, INITS, OPTIMIZERS, OptimizerConfi
 from engram_store.engine.errors import InvalidArgument
 
 
-def table_spec(args: argparse.Namespace) -> TableConfig:
-    """The TableConfig that `engram table create` flags describe (validated)."""
-    if bool(args.rows) == bool(args.head_rows):
-        raise InvalidArgument("give exactly one of --rows N or --head-rows a,b,c")
-    opt = OptimizerConfig(
-        kind=args.optimizer,
+def _optimizer(args: argparse.Namespace, kind: str) -> OptimizerConfig:
+    return OptimizerConfig(
+        kind=kind,
         lr=args.lr,
         beta1=args.beta1,
         beta2=args.beta2,
@@ -23,12 +20,41 @@ def table_spec(args: argparse.Namespace) -> TableConfig:
         initial_accumulator_value=args.initial_accumulator,
         lr_decay=args.lr_decay,
     )
+
+
+def preset_specs(args: argparse.Namespace) -> list[TableConfig]:
+    """The full-height tables of `--preset` (one per Engram layer), validated.
+
+    --dtype picks the storage format (default the preset's serving format, fp8 e4m3 + e8m0
+    scales); --optimizer defaults to the preset's choice for that format."""
+    if args.name or args.rows or args.head_rows:
+        raise InvalidArgument(
+            "--preset fixes the tables' names and rows; drop --name, --rows and --head-rows"
+        )
+    options.require("trainer.presets", "train")
+    from trainer.presets import get
+
+    preset = get(args.preset)
+    opt = _optimizer(args, args.optimizer) if args.optimizer else None
+    specs = preset.table_configs(
+        dtype=args.dtype, optimizer=opt, init=args.init, init_std=args.std, seed=args.seed
+    )
+    return list(specs.values())
+
+
+def table_spec(args: argparse.Namespace) -> TableConfig:
+    """The TableConfig that `engram table create` flags describe (validated)."""
+    if not args.name:
+        raise InvalidArgument("give --name NAME (or --preset NAME for a model's tables)")
+    if bool(args.rows) == bool(args.head_rows):
+        raise InvalidArgument("give exactly one of --rows N or --head-rows a,b,c")
+    opt = _optimizer(args, args.optimizer or OptimizerConfig().kind)
     spec = TableConfig(
         name=args.name,
         num_rows=args.rows or 0,
         dim=args.dim,
         head_rows=tuple(args.head_rows or ()),
-        dtype=args.dtype,
+        dtype=args.dtype or TableConfig(name="x").dtype,
         init=args.init,
         init_std=args.std,
         seed=args.seed,
@@ -51,7 +77,9 @@ def info_dict(info) -> dict:
 
 def cmd_table(args: argparse.Namespace) -> int:
     with options.shard_client(args) as c:
-        if args.table_command == "create":
+        if args.table_command == "create" and args.preset:
+            out = [info_dict(c.create_table(spec)) for spec in preset_specs(args)]
+        elif args.table_command == "create":
             out = info_dict(c.create_table(table_spec(args)))
         elif args.table_command == "list":
             out = [info_dict(t) for t in c.list_tables()]
@@ -75,8 +103,15 @@ def add_commands(sub) -> None:
         q.add_argument("--address", required=True, metavar="HOST:PORT", help="any shard")
         options.add_client_options(q)
         q.set_defaults(func=cmd_table)
-    for q in (create, info, drop):
+    for q in (info, drop):
         q.add_argument("--name", required=True, help="table name")
+    create.add_argument("--name", help="table name (not with --preset)")
+    create.add_argument(
+        "--preset",
+        metavar="NAME",
+        help="create a model's Engram tables at full height, one per layer "
+        "(deepseek-v4.1-flash; needs engram[train])",
+    )
     d, o = TableConfig(name="x"), OptimizerConfig()
     create.add_argument("--rows", type=int, help="number of rows")
     create.add_argument(
@@ -86,11 +121,21 @@ def add_commands(sub) -> None:
         help="rows per hash head (the row space is their concatenation)",
     )
     create.add_argument("--dim", type=int, default=d.dim, help=f"row width (default {d.dim})")
-    create.add_argument("--dtype", choices=DTYPES, default=d.dtype, help="storage dtype")
+    create.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default=None,
+        help=f"storage dtype (default {d.dtype}; with --preset its serving format)",
+    )
     create.add_argument("--init", choices=INITS, default=d.init, help="initial rows")
     create.add_argument("--std", type=float, default=d.init_std, help="init std (normal)")
     create.add_argument("--seed", type=int, default=d.seed, help="init seed")
-    create.add_argument("--optimizer", choices=OPTIMIZERS, default=o.kind)
+    create.add_argument(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        default=None,
+        help=f"default {o.kind}; with --preset sgd for serving, rowwise_adagrad for training",
+    )
     create.add_argument("--lr", type=float, default=o.lr)
     create.add_argument("--beta1", type=float, default=o.beta1)
     create.add_argument("--beta2", type=float, default=o.beta2)

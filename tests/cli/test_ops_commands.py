@@ -91,3 +91,28 @@ def test_snapshot_restore_export_commands(server_process, tmp_path):
     for out in ("o1", "o2"):
         w = load_file(str(tmp_path / out / "engram_l2.safetensors"))["weight"]
         np.testing.assert_array_equal(w, expected)
+
+
+def test_table_create_preset_makes_both_full_height_tables(server_process, tmp_path):
+    server = server_process(tmp_path / "d")
+    a = ("--address", server.address)
+    bf16 = ("--dtype", "bfloat16", "--optimizer", "adagrad")
+    r = engram("table", "create", *a, "--preset", "deepseek-v4.1-flash", *bf16)
+    assert r.returncode == 0, r.stderr
+    made = json.loads(r.stdout)
+    assert [(t["spec"]["name"], t["spec"]["num_rows"], t["spec"]["dim"]) for t in made] == [
+        ("engram_l1", 384_006_168, 256),
+        ("engram_l14", 384_016_682, 256),
+    ]
+    assert made[1]["spec"]["optimizer"]["kind"] == "adagrad"
+    assert all(t["stored_rows"] == 0 for t in made)  # nothing is stored until rows are written
+    with StoreClient(server.address) as c:
+        last = c.lookup("engram_l14", [0, 384_016_681])
+        assert last.shape == (2, 256) and np.isfinite(last).all()
+    # idempotent: the same preset again is accepted
+    r = engram("table", "create", *a, "--preset", "deepseek-v4.1-flash", *bf16)
+    assert r.returncode == 0, r.stderr
+    r = engram("table", "create", *a, "--preset", "deepseek-v4.1-flash", "--name", "x")
+    assert r.returncode == 2 and "--name" in r.stderr
+    r = engram("table", "create", *a, "--preset", "deepseek-v5")
+    assert r.returncode == 2 and "deepseek-v4.1-flash" in r.stderr
