@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 from dataclasses import dataclass, field
 
@@ -161,17 +162,31 @@ class TableConfig:
 
 @dataclass(frozen=True)
 class ShardConfig:
-    """One shard: where its LMDB lives and what it accepts. How it is served (address, threads,
-    auth, metrics) is the gRPC layer's ServerConfig, which nests this."""
+    """One shard: where its LMDB lives, how much RAM its tables may use, what it accepts. How it
+    is served (address, threads, auth, metrics) is the gRPC layer's ServerConfig, which nests
+    this."""
 
     data_dir: str
-    map_size: int = 64 << 30  # LMDB virtual map size; only touched pages use RAM or disk
+    map_size: int = 1 << 40  # LMDB virtual map size; only used pages take disk
+    memory_bytes: int = 0  # RAM for the tables' arrays and indexes; 0: 80 % of physical memory
     max_batch_rows: int = 1 << 20  # ids per Lookup/PushGradients request
-    cache_rows: int = 1 << 22  # hot rows (and their optimizer state) mirrored in RAM per table
-    durable: bool = False  # fsync each commit; off: a commit survives kill -9, not a power cut
+    durable: bool = False  # fdatasync each commit; off: a commit survives kill -9, not a power cut
     read_only: bool = False
     request_log: int = 1 << 20  # request ids remembered for exactly-once pushes
     max_readers: int = 126  # LMDB reader slots: threads reading at once (a server raises it)
+    max_abs_value: float = 1e9  # |gradient| / |imported value| accepted: float32 state stays finite
+    checkpoint_ratio: float = 1.0  # checkpoint when the log holds this times the arrays' bytes
+    checkpoint_min_bytes: int = 256 << 20  # ... and at least this many bytes
+
+    def memory_budget(self) -> int:
+        """The RAM budget in bytes (memory_bytes, or 80 % of the machine's physical memory)."""
+        if self.memory_bytes:
+            return self.memory_bytes
+        try:
+            phys = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError):
+            phys = 16 << 30
+        return int(0.8 * phys)
 
     def validate(self) -> None:
         if not self.data_dir:
@@ -179,5 +194,11 @@ class ShardConfig:
         for name in ("map_size", "max_batch_rows", "request_log", "max_readers"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be > 0")
-        if self.cache_rows < 0:
-            raise ConfigError(f"cache_rows={self.cache_rows} must be >= 0")
+        if self.memory_bytes < 0:
+            raise ConfigError(f"memory_bytes={self.memory_bytes} must be >= 0 (0: 80 % of RAM)")
+        if not (math.isfinite(self.max_abs_value) and self.max_abs_value > 0):
+            raise ConfigError(f"max_abs_value={self.max_abs_value} must be a finite number > 0")
+        if not (math.isfinite(self.checkpoint_ratio) and self.checkpoint_ratio > 0):
+            raise ConfigError(f"checkpoint_ratio={self.checkpoint_ratio} must be > 0")
+        if self.checkpoint_min_bytes < 0:
+            raise ConfigError(f"checkpoint_min_bytes={self.checkpoint_min_bytes} must be >= 0")

@@ -130,10 +130,17 @@ class BatchTooLarge(EngramError, default_for_code=True):
 
 
 class StoreFull(EngramError):
-    """The LMDB map is full; raise --map-size."""
+    """The shard's memory budget or its LMDB map is full."""
 
     code = "RESOURCE_EXHAUSTED"
-    hint = "restart the shard with a larger --map-size, or drop tables"
+    hint = "add shards, or restart the shard with a larger --memory / --map-size, or drop tables"
+
+
+class DataCorrupted(EngramError, default_for_code=True):
+    """A data file is damaged, truncated or missing: the shard refuses to open it."""
+
+    code = "DATA_LOSS"
+    hint = "restore the data directory from a snapshot (engram restore), or start a fresh one"
 
 
 class WrongShard(EngramError, default_for_code=True):

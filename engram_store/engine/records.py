@@ -1,103 +1,193 @@
-"""How a table's rows and optimizer state pack into LMDB records, and the optimizer step on them.
+"""The shard's on-disk records: push-log entries and checkpoint chunks, each checksummed.
 
-A record is the row in the table's storage dtype followed by `state_width * dim` float32
-optimizer values, little-endian; its key is the 8-byte big-endian global row id (big-endian so
-LMDB's byte order is row-id order). Internal to storage.Shard.
+Both live in the shard's LMDB environment (docs/design.md "Storage"):
+
+- **Log** (sub-database `log`): one entry per acknowledged write, appended with MDB_APPEND under
+  the key `seq (8 bytes, big-endian) + part (1 byte)`: part 0 is the header, part 1 the payload
+  (two values, so a 17 MB payload goes into LMDB straight from the buffer it was built in).
+  Kinds: PUSH (distinct ids int64, then their float32 gradients), IMPORT (ids, then records: row in
+  the storage dtype + float32 state), DELETE (a num_slots flag mask).
+- **Checkpoint chunks** (sub-database `chunks`): the dense arrays of a table cut into fixed
+  offset ranges, key `table uid (4 bytes) + chunk index (4 bytes)`, value header + ids_of + rows +
+  state of those offsets, as of log sequence `lsn` (every entry <= lsn applied, none after).
+
+A header carries the payload's checksum and its own, so a flipped bit, a short value or a value
+from another place is found when it is read, and the error names what is wrong.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import struct
+from dataclasses import dataclass
 
 import numpy as np
 
-from engram_store.engine import dtypes, optimizers
-from engram_store.engine.config import TableConfig
+from engram_store.engine import kernels
+from engram_store.engine.errors import DataCorrupted
+
+PUSH, IMPORT, DELETE = 1, 2, 3
+KINDS = {PUSH: "push", IMPORT: "import", DELETE: "delete"}
+
+# magic, version, kind, uid, n, step, seq, payload bytes, payload checksum, request-id bytes
+_LOG = struct.Struct("<4sBBIIqQQQH")
+_LOG_MAGIC = b"EGLG"
+_CHUNK = struct.Struct("<4sBIIIIIqQQ")  # magic, version, uid, chunk, rows, row_bytes, state, lsn,
+_CHUNK_MAGIC = b"EGCK"  # payload bytes, payload checksum
+_SUM = struct.Struct("<Q")
+VERSION = 1
 
 
-def row_keys(ids: np.ndarray) -> list[bytes]:
-    """LMDB keys of row ids."""
-    return ids.astype(">u8").view("V8").tolist()
+def log_key(seq: int, part: int) -> bytes:
+    return struct.pack(">QB", seq, part)
 
 
-def put_items(ids: np.ndarray, rec: np.ndarray) -> Iterator[tuple[bytes, bytes]]:
-    """(key, record) pairs for Cursor.putmulti; void-dtype tolist() splits rows into bytes fast."""
-    vals = np.ascontiguousarray(rec).view(f"V{rec.shape[1]}").ravel().tolist()
-    return zip(row_keys(ids), vals, strict=True)
+def key_seq(key: bytes) -> tuple[int, int]:
+    seq, part = struct.unpack(">QB", key)
+    return int(seq), int(part)
 
 
-def distinct_ids(
-    ids: np.ndarray, grads: np.ndarray
-) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """Sorted distinct ids, the order that sorts `grads` (None: already sorted), and the summed
-    gradients of the distinct ids where there were duplicates (None: none; `grads` are then
-    used in `order`, chunk by chunk, without a full copy)."""
-    if ids.shape[0] < 2 or bool(np.all(ids[1:] > ids[:-1])):
-        return ids, None, None
-    order = np.argsort(ids, kind="stable")
-    sids = ids[order]
-    if bool(np.all(sids[1:] != sids[:-1])):
-        return sids, order, None
-    uids, summed = optimizers.coalesce(ids, grads)
-    return uids, None, summed
+def chunk_key(uid: int, chunk: int) -> bytes:
+    return struct.pack(">II", uid, chunk)
 
 
-class Layout:
-    """The record layout of one table."""
+@dataclass(frozen=True)
+class LogHeader:
+    kind: int
+    uid: int  # the table's incarnation: a dropped and recreated table gets a new one
+    n: int  # ids in the payload (DELETE: mask bytes)
+    step: int
+    seq: int
+    payload_bytes: int
+    payload_sum: int
+    request_id: str
 
-    def __init__(self, spec: TableConfig) -> None:
-        self.spec = spec
-        self.row_bytes = spec.dim * dtypes.itemsize(spec.dtype)
-        self.state_dim = spec.state_floats
-        self.record_bytes = self.row_bytes + 4 * self.state_dim
-        # float32 rows can be updated through views of the records themselves
-        self._f32 = spec.dtype == "float32"
-
-    def rows(self, rec: np.ndarray) -> np.ndarray:
-        """float32 rows (a new array) of records (n, record_bytes), or of their first row_bytes
-        columns."""
-        raw = rec[:, : self.row_bytes]
-        if self._f32:
-            # a fresh contiguous gather is reused as is; a view into LMDB bytes or the mirror
-            # is copied
-            own = raw.flags.c_contiguous and raw.flags.writeable and raw.base is None
-            return raw.view("<f4") if own else np.array(raw).view("<f4")
-        return dtypes.to_float32(
-            np.ascontiguousarray(raw).view(dtypes.numpy_dtype(self.spec.dtype)), self.spec.dtype
+    def pack(self) -> bytes:
+        rid = self.request_id.encode()
+        head = _LOG.pack(
+            _LOG_MAGIC,
+            VERSION,
+            self.kind,
+            self.uid,
+            self.n,
+            self.step,
+            self.seq,
+            self.payload_bytes,
+            self.payload_sum,
+            len(rid),
         )
+        body = head + rid
+        return body + _SUM.pack(kernels.checksum(body))
 
-    def state(self, rec: np.ndarray) -> np.ndarray:
-        """float32 optimizer state of records (a view)."""
-        return rec[:, self.row_bytes :].view("<f4")
+    @classmethod
+    def unpack(cls, raw: bytes | memoryview, where: str) -> LogHeader:
+        raw = bytes(raw)
+        if len(raw) < _LOG.size + _SUM.size:
+            raise DataCorrupted(f"{where}: log header of {len(raw)} bytes is truncated")
+        body, (want,) = raw[: -_SUM.size], _SUM.unpack(raw[-_SUM.size :])
+        if kernels.checksum(body) != want:
+            raise DataCorrupted(f"{where}: log header checksum mismatch")
+        magic, version, kind, uid, n, step, seq, pbytes, psum, rlen = _LOG.unpack_from(body)
+        if magic != _LOG_MAGIC or version != VERSION or kind not in KINDS:
+            raise DataCorrupted(f"{where}: not a log header of format {VERSION}")
+        if len(body) != _LOG.size + rlen:
+            raise DataCorrupted(f"{where}: log header has a wrong request-id length")
+        rid = body[_LOG.size :].decode()
+        return cls(kind, uid, n, step, seq, pbytes, psum, rid)
 
-    def encode(
-        self, rows: np.ndarray, state: np.ndarray, out: np.ndarray | None = None
-    ) -> np.ndarray:
-        """Records (n, record_bytes) of float32 rows and state (into `out` if given)."""
-        if out is None:
-            out = np.empty((rows.shape[0], self.record_bytes), np.uint8)
-        out[:, : self.row_bytes] = dtypes.to_dtype(rows, self.spec.dtype).view(np.uint8)
-        out[:, self.row_bytes :] = state.astype("<f4", copy=False).view(np.uint8)
-        return out
+    def check_payload(self, payload: bytes | memoryview, where: str) -> None:
+        if len(payload) != self.payload_bytes:
+            raise DataCorrupted(
+                f"{where}: {KINDS[self.kind]} payload has {len(payload)} bytes, its header "
+                f"says {self.payload_bytes}"
+            )
+        if kernels.checksum(payload) != self.payload_sum:
+            raise DataCorrupted(f"{where}: {KINDS[self.kind]} payload checksum mismatch")
 
-    def step(self, old: np.ndarray, new: np.ndarray, grads: np.ndarray, step: int) -> None:
-        """One optimizer step from records `old` into records `new` (distinct rows)."""
-        rb = self.row_bytes
-        rows = old[:, :rb].view("<f4") if self._f32 else self.rows(old)
-        state = old[:, rb:]
-        out_state: np.ndarray | None = new[:, rb:]
-        if rb % 4:  # a 16-bit row of odd dim leaves the state unaligned: work on a copy
-            state, out_state = np.array(state), None
-        rows, out = optimizers.apply(
-            self.spec.optimizer,
-            rows,
-            state.view("<f4"),
-            grads,
-            step,
-            new[:, :rb].view("<f4") if self._f32 else None,
-            None if out_state is None else out_state.view("<f4"),
+
+@dataclass(frozen=True)
+class ChunkHeader:
+    uid: int
+    chunk: int
+    rows: int  # offsets in this chunk (the last chunk of a table may be short)
+    row_bytes: int
+    state_floats: int
+    lsn: int
+    payload_bytes: int
+    payload_sum: int
+
+    @property
+    def size(self) -> int:
+        return _CHUNK.size + _SUM.size
+
+
+def pack_chunk(
+    uid: int, chunk: int, lsn: int, ids: np.ndarray, rows: np.ndarray, state: np.ndarray
+) -> bytes:
+    """One checkpoint chunk value: header, then ids_of, rows and state of its offsets."""
+    payload = b"".join(
+        (
+            np.ascontiguousarray(ids, "<i8").tobytes(),
+            np.ascontiguousarray(rows).tobytes(),
+            np.ascontiguousarray(state, "<f4").tobytes(),
         )
-        if not self._f32:
-            new[:, :rb] = dtypes.to_dtype(rows, self.spec.dtype).view(np.uint8)
-        if out_state is None:
-            new[:, rb:] = out.view(np.uint8)
+    )
+    head = _CHUNK.pack(
+        _CHUNK_MAGIC,
+        VERSION,
+        uid,
+        chunk,
+        ids.shape[0],
+        rows.shape[1],
+        state.shape[1],
+        lsn,
+        len(payload),
+        kernels.checksum(payload),
+    )
+    return head + _SUM.pack(kernels.checksum(head)) + payload
+
+
+def unpack_chunk(
+    raw: bytes | memoryview, where: str, row_bytes: int, state_floats: int
+) -> tuple[ChunkHeader, np.ndarray, np.ndarray, np.ndarray]:
+    """(header, ids, rows, state) of a chunk value, checked; views of `raw`."""
+    mv = memoryview(raw)
+    hs = _CHUNK.size + _SUM.size
+    if len(mv) < hs:
+        raise DataCorrupted(f"{where}: checkpoint chunk of {len(mv)} bytes is truncated")
+    head = bytes(mv[: _CHUNK.size])
+    (want,) = _SUM.unpack(mv[_CHUNK.size : hs])
+    if kernels.checksum(head) != want:
+        raise DataCorrupted(f"{where}: checkpoint chunk header checksum mismatch")
+    magic, version, uid, chunk, n, rb, sf, lsn, pbytes, psum = _CHUNK.unpack(head)
+    if magic != _CHUNK_MAGIC or version != VERSION:
+        raise DataCorrupted(f"{where}: not a checkpoint chunk of format {VERSION}")
+    if (rb, sf) != (row_bytes, state_floats):
+        raise DataCorrupted(
+            f"{where}: chunk rows are {rb} + {sf} * 4 bytes, the table's {row_bytes} + "
+            f"{state_floats} * 4"
+        )
+    payload = mv[hs:]
+    if len(payload) != pbytes or pbytes != n * (8 + rb + 4 * sf):
+        raise DataCorrupted(f"{where}: checkpoint chunk payload is truncated")
+    if kernels.checksum(payload) != psum:
+        raise DataCorrupted(f"{where}: checkpoint chunk payload checksum mismatch")
+    buf = np.frombuffer(payload, np.uint8)
+    ids = buf[: 8 * n].view("<i8")
+    rows = buf[8 * n : n * (8 + rb)].reshape(n, rb)
+    state = buf[n * (8 + rb) :].view("<f4").reshape(n, sf)
+    return ChunkHeader(uid, chunk, n, rb, sf, lsn, pbytes, psum), ids, rows, state
+
+
+def pack_lsns(lsns: np.ndarray) -> bytes:
+    """A table's per-chunk checkpoint sequence numbers, checksummed."""
+    raw = np.ascontiguousarray(lsns, "<i8").tobytes()
+    return raw + _SUM.pack(kernels.checksum(raw))
+
+
+def unpack_lsns(raw: bytes, where: str) -> np.ndarray:
+    if len(raw) < _SUM.size or (len(raw) - _SUM.size) % 8:
+        raise DataCorrupted(f"{where}: chunk sequence table is truncated")
+    body, (want,) = raw[: -_SUM.size], _SUM.unpack(raw[-_SUM.size :])
+    if kernels.checksum(body) != want:
+        raise DataCorrupted(f"{where}: chunk sequence table checksum mismatch")
+    return np.frombuffer(body, "<i8").copy()

@@ -1,20 +1,36 @@
-"""Shard: one LMDB environment holding the rows and optimizer state of one or more tables.
+"""Shard: the tables of one data directory, in dense host-RAM arrays backed by an LMDB push log.
 
-Layout (docs/design.md "Storage"): sub-database `meta` (JSON table specs and counters under
-`table:<name>`, shard state under `shard`), `rows:<name>` per table (8-byte big-endian row id ->
-record = row in storage dtype, then state_width * dim float32), `requests` (table \\0 request id ->
-step, rows) and `reqseq` (sequence -> request key, oldest first, for pruning).
+Rows and optimizer state live in RAM (engine/arrays.py), found through an id -> offset index that
+grows with the rows stored. LMDB (one environment per data directory) keeps them durable, used
+the way it is fast (docs/design.md "Storage"):
 
-Concurrency: one writer lock serialises push / import / delete / create / drop / set_shard_state.
-Lookups run concurrently; they gather from the RAM mirror under a reader lock, and writers update
-the mirror only after their LMDB commit, so a lookup never sees a torn or uncommitted row.
+- every acknowledged write is appended to the `log` sub-database as one entry (request id, step,
+  distinct ids and their gradients, or imported records, or a deletion), with MDB_APPEND; a write
+  is acknowledged after its entry commits (so it survives kill -9; `durable` adds fdatasync and
+  survives a power cut). Writes that arrive together share one commit (group commit);
+- a background checkpointer writes the arrays, chunk by chunk, into `chunks`, each chunk as of
+  the log sequence it was copied at, then trims the log entries every chunk has seen;
+- opening the directory loads the chunks and replays the log on top, exactly: an entry is applied
+  to a row only if it is newer than the chunk the row was loaded from.
+
+Sub-databases: `meta` (format, uid counter, `table:<name>` spec + counters, `lsn:<uid>` per-chunk
+sequences, `shard` ownership state), `log`, `chunks`, `requests` (uid + request id -> seq, step,
+rows: exactly-once pushes) and `reqseq` (its pruning order).
+
+Concurrency: a write passes three stages. *Enqueue* (under a short lock): exactly-once check,
+ownership, memory reservation, sequence number. *Commit*: one thread commits every queued entry
+in one LMDB transaction. *Apply*: entries change the arrays in sequence order, each under its
+table's write lock, so two writes are in flight at once (one commits while one applies). Lookups
+gather under the table's read lock: a lookup sees every row of its batch at one applied version,
+and nothing is applied before it is committed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
-import itertools
 import json
+import logging
 import os
 import struct
 import threading
@@ -22,16 +38,18 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import cast
 
 import lmdb
 import numpy as np
 
-from engram_store.engine import init
-from engram_store.engine.config import ShardConfig, TableConfig
+from engram_store.engine import init, kernels, records
+from engram_store.engine.arrays import NEVER, TableArrays, chunk_rows_for, reserve
+from engram_store.engine.config import ShardConfig, TableConfig, row_bytes
 from engram_store.engine.errors import (
     BatchTooLarge,
+    DataCorrupted,
     DataDirLocked,
+    EngramError,
     InvalidArgument,
     LayoutMismatch,
     ReadOnly,
@@ -41,41 +59,39 @@ from engram_store.engine.errors import (
     TableNotFound,
     WrongShard,
 )
-from engram_store.engine.mirror import Mirror, RWLock
-from engram_store.engine.records import Layout, distinct_ids, put_items, row_keys
+from engram_store.engine.optimizers import coalesce
+from engram_store.engine.records import DELETE, IMPORT, PUSH, LogHeader
 from engram_store.engine.routing import slot_of
 from engram_store.engine.types import PushResult, ShardStateInfo, TableStats
 
-_MAX_DBS = 4096  # tables per shard (+3 internal databases)
-_REQ = struct.Struct(">qq")  # request log value: (step, rows_updated)
-_SCAN = 1 << 16  # records read per chunk when scanning a table (export / delete)
-_CHUNK = 512  # rows per optimizer chunk: temporaries stay in L1/L2
-_PART = 8192  # rows per optimizer task on the writer's thread pool
-_OPT_THREADS = 4  # optimizer threads per shard (the gRPC workers need cores too)
-_SCRATCH_MAX = 256 << 20  # writer buffers up to this size are kept for the next push
+log = logging.getLogger(__name__)
+
+FORMAT = 2  # the data directory format this engine writes (meta `format`)
+MARKER = "engram-shard.json"  # written beside data.mdb: a shard lived here
+_MAX_DBS = 4096  # tables per shard
+_REQ = struct.Struct(">qqq")  # request log value: (seq, step, rows_updated)
+_MAX_STEP = 1 << 62
+_FLUSH_BYTES = 64 << 20  # checkpoint bytes per LMDB transaction
+_SPLIT_ROWS = 16384  # optimizer work split over two threads above this many rows
+_SCAN = 1 << 16  # offsets per chunk when scanning a table's ids (export / delete)
 
 
 @dataclass
-class _Table:
-    spec: TableConfig
-    db: lmdb._Database  # a sub-database handle (a type only in lmdb's stubs)
-    step: int = 0
-    pushes: int = 0
-    mirror: Mirror = field(init=False)
+class _Entry:
+    """One write on its way through enqueue -> commit -> apply."""
 
-    def __post_init__(self) -> None:
-        self.layout = Layout(self.spec)
-        self.record_bytes = self.layout.record_bytes
-
-    def meta_json(self, step: int | None = None, pushes: int | None = None) -> bytes:
-        """The `table:<name>` meta value, optionally with new counters."""
-        return json.dumps(
-            {
-                "spec": self.spec.to_dict(),
-                "step": self.step if step is None else step,
-                "pushes": self.pushes if pushes is None else pushes,
-            }
-        ).encode()
+    table: TableArrays
+    kind: int
+    seq: int
+    step: int
+    request_id: str
+    header: bytes
+    payload: memoryview
+    data: tuple  # the decoded payload (ids, values) the apply stage uses
+    reserved: int = 0  # memory bytes reserved for new rows
+    committed: bool = False
+    error: BaseException | None = None
+    done: threading.Event = field(default_factory=threading.Event)
 
 
 class Shard:
@@ -84,6 +100,8 @@ class Shard:
     def __init__(self, config: ShardConfig) -> None:
         config.validate()
         self.config = config
+        self._closed = True
+        self._check_files(config.data_dir)
         os.makedirs(config.data_dir, exist_ok=True)
         self._lock_file = open(os.path.join(config.data_dir, "shard.lock"), "a+")  # noqa: SIM115
         try:
@@ -97,59 +115,128 @@ class Shard:
         self._lock_file.truncate(0)
         self._lock_file.write(f"{os.getpid()}\n")
         self._lock_file.flush()
-        try:
-            self._env = lmdb.open(
-                config.data_dir,
-                map_size=config.map_size,
-                max_dbs=_MAX_DBS + 3,
-                sync=config.durable,
-                metasync=config.durable,
-                readahead=False,
-                max_readers=config.max_readers,
-            )
-        except lmdb.Error:
-            self._release_lock()
-            raise
-        self._wlock = threading.Lock()
-        self._bufs: dict[str, np.ndarray] = {}  # writer scratch, used under _wlock only
-        threads = min(_OPT_THREADS, os.cpu_count() or 1)
-        self._pool = ThreadPoolExecutor(threads, "engram-opt") if threads > 1 else None
-        self._mlock = RWLock()
-        self._tables: dict[str, _Table] = {}
+        self._tables: dict[str, TableArrays] = {}
         self._state = ShardStateInfo()
-        self._closed = False
+        self._qlock = threading.Lock()  # enqueue: sequence numbers, request ids, reservations
+        self._queue: list[_Entry] = []
+        self._pending: dict[tuple[int, str], _Entry] = {}
+        self._commit_lock = threading.Lock()
+        self._turn = threading.Condition()  # apply order
+        self._failed: set[int] = set()
+        self._paused = 0  # > 0: enqueue waits (snapshot, drop, shard state)
+        self._unpaused = threading.Condition(self._qlock)
+        self._next_seq = 1
+        self._applied_seq = 0
+        self._reserved = 0
+        self._log_bytes = 0  # payload bytes of the log entries kept
+        self._log_sizes: dict[int, int] = {}
+        self._next_uid = 1
+        self._pool = ThreadPoolExecutor(2, "engram-opt") if (os.cpu_count() or 1) > 1 else None
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._ckpt_lock = threading.Lock()
+        self._ckpt_thread: threading.Thread | None = None
+        self._loaded = False
         try:
+            self._env = self._open_env()
+            self._closed = False
             self._load()
+            self._after_load()
+            self._loaded = True
         except BaseException:
             self.close()
             raise
-
-    def _load(self) -> None:
-        """Open the internal databases and restore the tables and shard state."""
-        self._meta = self._env.open_db(b"meta")
-        self._req = self._env.open_db(b"requests")
-        self._reqseq = self._env.open_db(b"reqseq")
-        with self._env.begin(db=self._meta) as txn:
-            raw_state = txn.get(b"shard")
-            metas = [v for k, v in txn.cursor() if k.startswith(b"table:")]
-        if raw_state:
-            self._state = ShardStateInfo.from_json(raw_state)
-        for v in metas:
-            d = json.loads(v)
-            self._add_table(
-                TableConfig.from_dict(d["spec"]),
-                self._env.open_db(b"rows:" + d["spec"]["name"].encode()),
-                d["step"],
-                d["pushes"],
+        if not config.read_only:
+            self._ckpt_thread = threading.Thread(
+                target=self._checkpoint_loop, name="engram-ckpt", daemon=True
             )
+            self._ckpt_thread.start()
+
+    # ---- files ----
+
+    @staticmethod
+    def _check_files(data_dir: str) -> None:
+        """Refuse a directory whose data file is missing, empty or shorter than LMDB says,
+        before LMDB maps it (a short map crashes the process with SIGBUS on first touch)."""
+        path = os.path.join(data_dir, "data.mdb")
+        marker = os.path.join(data_dir, MARKER)
+        if os.path.exists(marker) and (not os.path.exists(path) or os.path.getsize(path) == 0):
+            raise DataCorrupted(
+                f"{path} is {'missing' if not os.path.exists(path) else 'empty'}, but "
+                f"{data_dir} held a shard ({MARKER}); restore it from a snapshot (engram "
+                "restore) or remove the directory to start an empty shard"
+            )
+        if not os.path.exists(path) or os.path.getsize(path) == 0:
+            return
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(2 * 4096)
+        # the two LMDB meta pages: magic 0xBEEFC0DE, then the last used page number
+        last = -1
+        psize = 4096
+        for page in (0, 1):
+            off = page * psize
+            meta = head[off + 16 : off + 16 + 136]
+            if len(meta) < 136:
+                break
+            magic, _version = struct.unpack_from("<II", meta, 0)
+            if magic != 0xBEEFC0DE:
+                raise DataCorrupted(
+                    f"{path} is not an LMDB data file (bad meta page {page}); restore it from "
+                    "a snapshot or remove the directory"
+                )
+            (txn_pgno,) = struct.unpack_from("<Q", meta, 120)
+            last = max(last, txn_pgno)
+        if last >= 0 and size < (last + 1) * psize:
+            raise DataCorrupted(
+                f"{path} is truncated: {size} bytes, but LMDB uses {(last + 1) * psize}; "
+                "restore it from a snapshot (engram restore)"
+            )
+
+    def _open_env(self) -> lmdb.Environment:
+        c = self.config
+        try:
+            env = lmdb.open(
+                c.data_dir,
+                map_size=c.map_size,
+                max_dbs=8,
+                sync=c.durable,
+                metasync=c.durable,
+                readahead=False,
+                max_readers=c.max_readers,
+                readonly=False,
+            )
+        except lmdb.Error as e:
+            self._release_lock()
+            raise DataCorrupted(
+                f"cannot open LMDB in {c.data_dir} ({e}); restore it from a snapshot or use "
+                "another --data directory"
+            ) from e
+        with open(os.path.join(c.data_dir, MARKER), "w") as f:
+            json.dump({"format": FORMAT}, f)
+        self._meta = env.open_db(b"meta")
+        self._log = env.open_db(b"log")
+        self._chunks = env.open_db(b"chunks")
+        self._req = env.open_db(b"requests")
+        self._reqseq = env.open_db(b"reqseq")
+        return env
 
     # ---- lifecycle ----
 
     def close(self) -> None:
-        """Close the LMDB environment and release the data directory."""
-        with self._wlock:
-            if self._closed:
-                return
+        """Stop the checkpointer (after one last checkpoint), close LMDB, release the dir."""
+        if self._closed:
+            if getattr(self, "_lock_file", None) is not None and not self._lock_file.closed:
+                self._release_lock()
+            return
+        self._stop.set()
+        self._wake.set()
+        if self._ckpt_thread is not None:
+            self._ckpt_thread.join()
+        try:
+            if self._loaded and not self.config.read_only and self._log_bytes:
+                self.checkpoint()
+        finally:
             self._closed = True
             if self._pool is not None:
                 self._pool.shutdown()
@@ -157,6 +244,8 @@ class Shard:
             self._release_lock()
 
     def _release_lock(self) -> None:
+        if self._lock_file.closed:
+            return
         fcntl.flock(self._lock_file, fcntl.LOCK_UN)
         self._lock_file.close()
 
@@ -166,17 +255,159 @@ class Shard:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    # ---- recovery ----
+
+    def _load(self) -> None:
+        """Tables and shard state from meta, arrays from the checkpoint chunks, then the log."""
+        where = os.path.join(self.config.data_dir, "data.mdb")
+        with self._env.begin() as txn:
+            fmt = txn.get(b"format", db=self._meta)
+            metas = [(k, v) for k, v in txn.cursor(db=self._meta) if k.startswith(b"table:")]
+            raw_state = txn.get(b"shard", db=self._meta)
+            uid = txn.get(b"next_uid", db=self._meta)
+        if fmt is None and metas:
+            raise DataCorrupted(
+                f"{where} was written by engram < 0.3 (one LMDB record per row); export it "
+                "with that version (engram export) and import it here"
+            )
+        if fmt is not None and int(fmt) != FORMAT:
+            raise DataCorrupted(f"{where} has format {int(fmt)}; this engine reads {FORMAT}")
+        if raw_state:
+            try:
+                self._state = ShardStateInfo.from_json(raw_state)
+            except (ValueError, KeyError, TypeError) as e:
+                raise DataCorrupted(f"{where}: the stored shard state does not parse ({e})") from e
+        self._next_uid = int(uid) if uid else 1
+        counters: dict[int, int] = {}
+        for _, v in metas:
+            d = json.loads(v)
+            spec = TableConfig.from_dict(d["spec"])
+            t = self._new_arrays(spec, int(d["uid"]), int(d["chunk_rows"]))
+            t.step, t.pushes = int(d["step"]), int(d["pushes"])
+            counters[t.uid] = int(d["counters_lsn"])
+            self._tables[spec.name] = t
+        by_uid = {t.uid: t for t in self._tables.values()}
+        bases = {uid: self._load_chunks(t, where) for uid, t in by_uid.items()}
+        self._replay(by_uid, bases, counters, where)
+
+    def _new_arrays(self, spec: TableConfig, uid: int, chunk_rows: int) -> TableArrays:
+        per = TableArrays.bytes_per_row(spec)
+        cap = max(1, min(spec.num_rows, self.config.memory_budget() // per))
+        return TableArrays(spec, uid, cap, chunk_rows)
+
+    def _load_chunks(self, t: TableArrays, where: str) -> np.ndarray:
+        """Fill `t` from its checkpoint chunks; returns the per-offset base sequence (the lsn of
+        the chunk each loaded row came from)."""
+        base = reserve(t.capacity, np.int64)
+        with self._env.begin() as txn:
+            raw = txn.get(b"lsn:%d" % t.uid, db=self._meta)
+            if raw is not None:
+                lsns = records.unpack_lsns(raw, f"{where} table {t.spec.name!r}")
+                t.chunk_lsn[: lsns.shape[0]] = lsns
+            cur = txn.cursor(db=self._chunks)
+            prefix = struct.pack(">I", t.uid)
+            ok = cur.set_range(prefix)
+            while ok and cur.key()[:4] == prefix:
+                c = struct.unpack(">I", cur.key()[4:])[0]
+                what = f"{where} table {t.spec.name!r} chunk {c}"
+                head, ids, rows, state = records.unpack_chunk(
+                    cur.value(), what, t.row_bytes, t.state_floats
+                )
+                lo = c * t.chunk_rows
+                if head.uid != t.uid or head.chunk != c or lo + head.rows > t.capacity:
+                    raise DataCorrupted(f"{what}: the chunk belongs elsewhere")
+                sl = slice(lo, lo + head.rows)
+                t.ids_of[sl] = ids
+                t.rows[sl] = rows
+                t.state[sl] = state
+                base[sl] = t.chunk_lsn[c]
+                t.high = max(t.high, lo + head.rows)
+                ok = cur.next()
+        # a row in two chunks (deleted and stored again between their copies): the newer wins
+        live = np.flatnonzero(t.ids_of[: t.high] >= 0).astype(np.int64)
+        if live.shape[0]:
+            order = np.lexsort((-base[live], t.ids_of[live]))
+            ids_sorted = t.ids_of[live[order]]
+            first = np.r_[True, ids_sorted[1:] != ids_sorted[:-1]]
+            t.ids_of[live[order[~first]]] = -1
+        t.index.rebuild(t.ids_of, t.high)
+        free = np.flatnonzero(t.ids_of[: t.high] < 0).astype(np.int64)
+        if free.shape[0]:
+            t._free, t._nfree = free[::-1].copy(), int(free.shape[0])
+        return base
+
+    def _replay(
+        self,
+        by_uid: dict[int, TableArrays],
+        bases: dict[int, np.ndarray],
+        counters: dict[int, int],
+        where: str,
+    ) -> None:
+        """Apply the kept log entries newer than each row's chunk; cut a damaged tail."""
+        last = 0
+        with self._env.begin() as txn:
+            cur = txn.cursor(db=self._log)
+            ok = cur.first()
+            while ok:
+                seq, part = records.key_seq(cur.key())
+                what = f"{where} log entry {seq}"
+                try:
+                    if part != 0:
+                        raise DataCorrupted(f"{what}: payload without a header")
+                    head = LogHeader.unpack(cur.value(), what)
+                    if not cur.next() or records.key_seq(cur.key()) != (seq, 1):
+                        raise DataCorrupted(f"{what}: header without its payload")
+                    payload = cur.value()
+                    head.check_payload(payload, what)
+                except DataCorrupted:
+                    if self._has_entries_after(seq):
+                        raise
+                    self._cut_tail(seq, what)
+                    break
+                last = seq
+                self._log_sizes[seq] = head.payload_bytes
+                self._log_bytes += head.payload_bytes
+                t = by_uid.get(head.uid)
+                if t is not None:
+                    data = self._decode(t, head.kind, head.n, payload)
+                    self._apply_data(t, head.kind, seq, head.step, data, bases[t.uid])
+                    if seq > counters.get(t.uid, 0) and head.kind != DELETE:
+                        t.step = max(t.step, head.step)
+                        t.pushes += head.kind == PUSH
+                ok = cur.next()
+        self._next_seq = max(last, self._stored_seq()) + 1
+        self._applied_seq = self._next_seq - 1
+
+    def _stored_seq(self) -> int:
+        with self._env.begin() as txn:
+            raw = txn.get(b"seq", db=self._meta)
+        return int(raw) if raw else 0
+
+    def _has_entries_after(self, seq: int) -> bool:
+        with self._env.begin(db=self._log) as txn:
+            cur = txn.cursor()
+            return cur.set_range(records.log_key(seq + 1, 0))
+
+    def _cut_tail(self, seq: int, what: str) -> None:
+        if self.config.read_only:
+            log.warning("%s is damaged (the last entry); ignored (read-only shard)", what)
+            return
+        log.warning("%s is damaged and is the last entry: the log is cut back before it", what)
+        with self._write() as txn:
+            txn.delete(records.log_key(seq, 0), db=self._log)
+            txn.delete(records.log_key(seq, 1), db=self._log)
+
+    def _after_load(self) -> None:
+        """Reopen LMDB: recovery read every page, and the map would keep them resident."""
+        with self._env.begin(write=not self.config.read_only) as txn:
+            if not self.config.read_only:
+                txn.put(b"format", str(FORMAT).encode(), db=self._meta)
+        self._env.close()
+        self._env = self._open_env()
+
     # ---- tables ----
 
-    def _add_table(
-        self, spec: TableConfig, db: lmdb._Database, step: int = 0, pushes: int = 0
-    ) -> _Table:
-        t = _Table(spec, db, step, pushes)
-        t.mirror = Mirror(spec.num_rows, t.record_bytes, self.config.cache_rows)
-        self._tables[spec.name] = t
-        return t
-
-    def _get(self, name: str) -> _Table:
+    def _get(self, name: str) -> TableArrays:
         t = self._tables.get(name)
         if t is None:
             raise TableNotFound(f"table {name!r} does not exist on this shard; create it first")
@@ -186,10 +417,22 @@ class Shard:
         if self.config.read_only:
             raise ReadOnly("this shard serves lookups only; restart it without --read-only")
 
+    def _meta_json(self, t: TableArrays, counters_lsn: int) -> bytes:
+        return json.dumps(
+            {
+                "spec": t.spec.to_dict(),
+                "uid": t.uid,
+                "chunk_rows": t.chunk_rows,
+                "step": t.step,
+                "pushes": t.pushes,
+                "counters_lsn": counters_lsn,
+            }
+        ).encode()
+
     def create_table(self, spec: TableConfig) -> tuple[TableStats, bool]:
         """Create `spec`; the same spec again returns created=False, another spec TableExists."""
         spec.validate()
-        with self._wlock:
+        with self._qlock:
             old = self._tables.get(spec.name)
             if old is not None:
                 if old.spec != spec:
@@ -201,27 +444,37 @@ class Shard:
             self._writable()
             if len(self._tables) >= _MAX_DBS:
                 raise StoreFull(f"this shard holds the maximum of {_MAX_DBS} tables; drop one")
+            t = self._new_arrays(spec, self._next_uid, chunk_rows_for(spec))
             with self._write() as txn:
-                db = self._env.open_db(b"rows:" + spec.name.encode(), txn=txn)
-                txn.put(b"table:" + spec.name.encode(), _Table(spec, db).meta_json(), db=self._meta)
-            t = self._add_table(spec, db)
+                txn.put(b"table:" + spec.name.encode(), self._meta_json(t, 0), db=self._meta)
+                txn.put(b"next_uid", str(t.uid + 1).encode(), db=self._meta)
+            self._next_uid += 1
+            self._tables[spec.name] = t
             return self._stats(t), True
 
     def drop_table(self, name: str) -> bool:
-        """Delete a table and all its rows; False if it did not exist."""
-        with self._wlock:
+        """Delete a table, its rows and its request ids; False if it did not exist."""
+        with self._quiet():
             t = self._tables.get(name)
             if t is None:
                 return False
             self._writable()
-            with self._write() as txn:
-                txn.drop(t.db, delete=True)
+            with self._ckpt_lock, self._write() as txn:
                 txn.delete(b"table:" + name.encode(), db=self._meta)
-            with self._mlock.write():
+                txn.delete(b"lsn:%d" % t.uid, db=self._meta)
+                self._delete_prefix(txn, self._chunks, struct.pack(">I", t.uid))
+                self._delete_prefix(txn, self._req, struct.pack(">I", t.uid))
+            with t.lock.write():
+                t.dropped = True
                 del self._tables[name]
-                t.mirror.clear()
-                t.mirror.gen += 1
             return True
+
+    @staticmethod
+    def _delete_prefix(txn: lmdb.Transaction, db: lmdb._Database, prefix: bytes) -> None:
+        cur = txn.cursor(db=db)
+        ok = cur.set_range(prefix)
+        while ok and cur.key() and cur.key().startswith(prefix):
+            ok = cur.delete()
 
     def table(self, name: str) -> TableConfig:
         """The spec of table `name` (TableNotFound if absent)."""
@@ -235,18 +488,18 @@ class Shard:
         """Stored rows and bytes, step and push count of table `name`."""
         return self._stats(self._get(name))
 
-    def _stats(self, t: _Table) -> TableStats:
-        with self._env.begin() as txn:
-            n = txn.stat(t.db)["entries"]
+    @staticmethod
+    def _stats(t: TableArrays) -> TableStats:
+        n = t.stored
         return TableStats(t.spec, n, n * t.record_bytes, t.step, t.pushes)
 
     def record_bytes(self, table: str) -> int:
-        """Bytes of one stored record of `table`: row in storage dtype, then float32 state."""
+        """Bytes of one exported record of `table`: row in storage dtype, then float32 state."""
         return self._get(table).record_bytes
 
     # ---- validation ----
 
-    def _check_ids(self, t: _Table, ids: np.ndarray) -> None:
+    def _check_ids(self, t: TableArrays, ids: np.ndarray) -> None:
         if not isinstance(ids, np.ndarray) or ids.ndim != 1 or ids.dtype != np.int64:
             what = (
                 f"{ids.ndim}-D {ids.dtype}" if isinstance(ids, np.ndarray) else type(ids).__name__
@@ -264,7 +517,7 @@ class Shard:
                 f"[0, {t.spec.num_rows})"
             )
 
-    def _check_owned(self, t: _Table, ids: np.ndarray, push: bool) -> None:
+    def _check_owned(self, t: TableArrays, ids: np.ndarray, push: bool) -> None:
         st = self._state
         if not st.owned and not (push and st.frozen) or ids.shape[0] == 0:
             return
@@ -277,122 +530,77 @@ class Shard:
         if push and st.frozen and np.frombuffer(st.frozen, np.uint8)[slots].any():
             raise ShardUnavailable("slots moving: some rows are being resharded; retry shortly")
 
-    # ---- records ----
-
-    def _read(self, txn: lmdb.Transaction, t: _Table, ids: np.ndarray) -> np.ndarray:
-        """Records of distinct `ids` from LMDB; initial rows and state where never stored."""
-        if txn.stat(t.db)["entries"] == 0:  # a fresh table: skip n futile gets
-            found, vals = [], []
-        else:
-            get = txn.get
-            vals = [get(k, db=t.db) for k in row_keys(ids)]
-            found = [i for i, v in enumerate(vals) if v is not None]
-        if len(found) == ids.shape[0]:  # every id stored: no None among vals
-            stored = b"".join(cast("list[bytes]", vals))
-            return np.frombuffer(stored, np.uint8).reshape(-1, t.record_bytes)
-        rec = t.layout.encode(
-            init.initial_rows(t.spec, ids), init.initial_state(t.spec, ids.shape[0])
-        )
-        if found:
-            stored = b"".join(cast(bytes, vals[i]) for i in found)
-            rec[found] = np.frombuffer(stored, np.uint8).reshape(-1, t.record_bytes)
-        return rec
-
-    def _records(
-        self,
-        t: _Table,
-        ids: np.ndarray,
-        txn: lmdb.Transaction | None,
-        out: np.ndarray | None = None,
-    ) -> np.ndarray:
-        """Current records of distinct `ids`: mirror first, then LMDB (or init)."""
-        with self._mlock.read():
-            pos = t.mirror.find(ids)
-            hit = pos >= 0
-            if out is None:
-                out = np.empty((ids.shape[0], t.record_bytes), np.uint8)
-            if hit.all():
-                # mode="clip" skips take's defensive copy of `out`; positions are valid
-                np.take(t.mirror.rec, pos, axis=0, out=out, mode="clip")
-                return out
-            out[hit] = t.mirror.rec[pos[hit]]
-        miss = np.flatnonzero(~hit)
-        if txn is None:
-            with self._env.begin() as rtxn:
-                out[miss] = self._read(rtxn, t, ids[miss])
-        else:
-            out[miss] = self._read(txn, t, ids[miss])
-        return out
-
-    def _scratch(self, name: str, n: int, width: int) -> np.ndarray:
-        """A reusable (n, width) uint8 buffer for the writer (fresh pages fault slowly)."""
-        need = n * width
-        buf = self._bufs.get(name)
-        if buf is None or buf.shape[0] < need:
-            buf = np.empty(max(need, 1 << 20), np.uint8)
-            if need <= _SCRATCH_MAX:
-                self._bufs[name] = buf
-        return buf[:need].reshape(n, width)
+    def _check_values(self, what: str, x: np.ndarray) -> None:
+        if x.shape[0] == 0:
+            return
+        lo, hi = float(x.min()), float(x.max())
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            raise InvalidArgument(f"{what} contain NaN or Inf; skip or clip this step")
+        limit = self.config.max_abs_value
+        if max(-lo, hi) > limit:
+            raise InvalidArgument(
+                f"{what} reach {max(-lo, hi):.3g}, above this shard's limit of {limit:g} (the "
+                "optimizer state would overflow float32); clip them"
+            )
 
     # ---- reads ----
 
     def lookup(self, table: str, ids: np.ndarray) -> np.ndarray:
         """float32 (n, dim) current rows of `ids` (any order, duplicates allowed)."""
         t = self._get(table)
-        self._check_ids(t, ids)
-        self._check_owned(t, ids, push=False)
-        if ids.shape[0] == 0:
-            return np.empty((0, t.spec.dim), np.float32)
-        with self._mlock.read():
-            pos = t.mirror.find(ids)
-            hit = pos >= 0
-            if hit.all():
-                return t.layout.rows(t.mirror.rec[pos, : t.layout.row_bytes])
-            out = np.empty((ids.shape[0], t.spec.dim), np.float32)
-            out[hit] = t.layout.rows(t.mirror.rec[pos[hit], : t.layout.row_bytes])
-            gen = t.mirror.gen
-        miss = ~hit
-        miss_ids, inverse = np.unique(ids[miss], return_inverse=True)
-        try:
-            with self._env.begin() as txn:
-                rec = self._read(txn, t, miss_ids)
-        except lmdb.Error:
-            if self._tables.get(table) is not t:  # dropped while we read
-                raise TableNotFound(f"table {table!r} was dropped; create it again") from None
-            raise
-        out[miss] = t.layout.rows(rec)[inverse]
-        if t.mirror.capacity:
-            with self._mlock.write():
-                # a write since `gen` may have committed newer values than these: then skip
-                if t.mirror.gen == gen:
-                    t.mirror.put(miss_ids, rec)
-        return out
+        return self.lookup_into(table, ids, "float32").view("<f4").reshape(-1, t.spec.dim)
 
     def lookup_into(
         self, table: str, ids: np.ndarray, dtype: str, out: np.ndarray | None = None
     ) -> np.ndarray:
         """Rows of `ids` in wire dtype `dtype` as uint8 (n, row_bytes(dtype, dim)), written into
-        the front of `out` (a reusable uint8 buffer of at least that many bytes) when given."""
-        from engram_store.engine import dtypes
-        from engram_store.engine.config import row_bytes
+        the front of `out` (a reusable uint8 buffer of at least that many bytes) when given.
 
-        t = self._get(table)
-        rb = row_bytes(dtype, t.spec.dim)
-        n = int(np.asarray(ids).shape[0]) if isinstance(ids, np.ndarray) else 0
-        res = np.frombuffer(dtypes.to_bytes(self.lookup(table, ids), dtype), np.uint8)
-        if out is None:
-            return res.reshape(n, rb).copy()
-        view = out.reshape(-1)[: n * rb].reshape(n, rb)
-        view[...] = res.reshape(n, rb)
-        return view
-
-    def optimizer_state(self, table: str, ids: np.ndarray) -> np.ndarray:
-        """float32 (n, state_width * dim) optimizer state of `ids`."""
+        One gather from the rows array; rows in the storage dtype are copied as they are, other
+        dtypes are converted after the gather. Every row of the batch is read at one applied
+        version (the table's read lock is held during the gather)."""
         t = self._get(table)
         self._check_ids(t, ids)
-        uids, inverse = np.unique(ids, return_inverse=True)
-        rec = self._records(t, uids, None)
-        return np.array(t.layout.state(rec))[inverse]
+        self._check_owned(t, ids, push=False)
+        n, dim = ids.shape[0], t.spec.dim
+        rb = row_bytes(dtype, dim)
+        if out is None:
+            res = np.empty((n, rb), np.uint8)
+        else:
+            if out.dtype != np.uint8 or out.size < n * rb:
+                raise InvalidArgument(f"out must be a uint8 buffer of >= {n * rb} bytes")
+            res = out.reshape(-1)[: n * rb].reshape(n, rb)
+        same = dtype == t.spec.dtype
+        dst = res if same else np.empty((n, t.row_bytes), np.uint8)
+        offs = np.empty(n, np.int64)
+        with t.lock.read():
+            if t.dropped:
+                raise TableNotFound(f"table {table!r} was dropped; create it again")
+            hits = t.find(ids, offs)
+            # rows never stored gather row 0 here and are overwritten with initial rows below
+            kernels.gather(t.rows, offs if hits == n else np.maximum(offs, 0), dst)
+        if hits < n:
+            miss = np.flatnonzero(offs < 0)
+            uniq, inv = np.unique(ids[miss], return_inverse=True)
+            fresh = kernels.encode(init.initial_rows(t.spec, uniq), t.spec.dtype)
+            dst[miss] = fresh[inv.reshape(-1)]
+        if not same:
+            kernels.convert(dst, t.spec.dtype, dtype, dim, res)
+        return res
+
+    def optimizer_state(self, table: str, ids: np.ndarray) -> np.ndarray:
+        """float32 (n, state_floats) optimizer state of `ids`."""
+        t = self._get(table)
+        self._check_ids(t, ids)
+        offs = np.empty(ids.shape[0], np.int64)
+        out = np.empty((ids.shape[0], t.state_floats), np.float32)
+        with t.lock.read():
+            t.find(ids, offs)
+            hit = offs >= 0
+            out[hit] = t.state[offs[hit]]
+        if not hit.all():
+            out[~hit] = init.initial_state(t.spec, int((~hit).sum()))
+        return out
 
     # ---- writes ----
 
@@ -402,10 +610,16 @@ class Shard:
         """Apply one optimizer step to rows `ids` with gradients `grads` (duplicates summed).
 
         step 0 means the table's step + 1. A request id seen before returns duplicate=True and
-        changes nothing. Either everything is applied and committed or nothing is.
+        changes nothing. The push is acknowledged (returns) after its log entry committed and it
+        was applied; when it raises, nothing of it was applied or logged.
         """
         t = self._get(table)
         self._writable()
+        if t.spec.dtype == "float8_e4m3":
+            raise ReadOnly(
+                f"table {table!r} stores float8_e4m3 rows, which are served, not trained; "
+                "import it as bfloat16 or float32 to train it"
+            )
         self._check_ids(t, ids)
         n, dim = ids.shape[0], t.spec.dim
         if (
@@ -419,113 +633,540 @@ class Shard:
                 else type(grads).__name__
             )
             raise InvalidArgument(f"grads must be float32 of shape ({n}, {dim}), got {what}")
-        if n and not (np.isfinite(grads.min()) and np.isfinite(grads.max())):
-            raise InvalidArgument("grads contain NaN or Inf; skip or clip this step")
-        if not isinstance(step, (int, np.integer)) or isinstance(step, bool) or step < 0:
-            raise InvalidArgument(f"step={step} must be an integer >= 0 (0: table step + 1)")
+        self._check_step(step)
+        self._check_request_id(t, request_id)
+        self._check_values("grads", grads)
+        if n == 0:
+            done = self._done(t, request_id)
+            return done if done is not None else PushResult(0, False, int(step) or t.step + 1)
+        uids, g = coalesce(ids, grads)
+        g = np.ascontiguousarray(g, np.float32)
+        payload = np.empty(uids.shape[0] * (8 + 4 * dim), np.uint8)
+        payload[: 8 * uids.shape[0]] = uids.view(np.uint8)
+        payload[8 * uids.shape[0] :] = g.reshape(-1).view(np.uint8)
+        e = self._enqueue(t, PUSH, request_id, int(step), payload, (uids, g))
+        if isinstance(e, PushResult):
+            return e
+        self._run(e)
+        return PushResult(int(uids.shape[0]), False, e.step)
+
+    def import_rows(self, table: str, ids: np.ndarray, records: np.ndarray, step: int) -> int:
+        """Store exported records (row in storage dtype + float32 state) as they are; the table
+        step becomes at least `step`. All or nothing."""
+        t = self._get(table)
+        self._writable()
+        self._check_ids(t, ids)
+        self._check_step(step)
+        rec = np.asarray(records)
+        if rec.dtype != np.uint8 or rec.shape != (ids.shape[0], t.record_bytes):
+            raise InvalidArgument(
+                f"records must be uint8 of shape ({ids.shape[0]}, "
+                f"{t.record_bytes}), got {rec.dtype} {rec.shape}"
+            )
+        if np.unique(ids).shape[0] != ids.shape[0]:
+            raise InvalidArgument("import ids must be distinct")
+        if ids.shape[0] == 0:
+            return 0
+        rec = np.ascontiguousarray(rec)
+        rows = kernels.decode(rec[:, : t.row_bytes], t.spec.dtype, t.spec.dim)
+        self._check_values("imported rows", rows)
+        if t.state_floats:
+            self._check_values("imported optimizer state", rec[:, t.row_bytes :].view("<f4"))
+        payload = np.empty(ids.shape[0] * (8 + t.record_bytes), np.uint8)
+        payload[: 8 * ids.shape[0]] = ids.view(np.uint8)
+        payload[8 * ids.shape[0] :] = rec.reshape(-1)
+        e = self._enqueue(t, IMPORT, "", int(step), payload, (ids.copy(), rec))
+        assert not isinstance(e, PushResult)
+        self._run(e)
+        return int(ids.shape[0])
+
+    def delete_rows(self, table: str, slot_mask: np.ndarray) -> int:
+        """Delete the stored rows of the slots in `slot_mask`; returns how many."""
+        t = self._get(table)
+        self._writable()
+        mask = self._slot_mask(slot_mask)
+        with t.lock.read():
+            before = t.stored
+        e = self._enqueue(t, DELETE, "", 0, mask.astype(np.uint8), (mask,))
+        assert not isinstance(e, PushResult)
+        self._run(e)
+        return before - t.stored
+
+    def _check_step(self, step: object) -> None:
+        if (
+            not isinstance(step, (int, np.integer))
+            or isinstance(step, bool)
+            or not 0 <= step < _MAX_STEP
+        ):
+            raise InvalidArgument(
+                f"step={step} must be an integer in [0, 2^62) (0: the table's step + 1)"
+            )
+
+    def _check_request_id(self, t: TableArrays, request_id: object) -> None:
         if not isinstance(request_id, str):
             raise InvalidArgument(f"request_id must be a str, got {type(request_id).__name__}")
-        req_key = t.spec.name.encode() + b"\0" + request_id.encode()
-        if len(req_key) > self._env.max_key_size():
+        limit = min(self._env.max_key_size() - 4, 1024)
+        if len(request_id.encode()) > limit:
             raise InvalidArgument(
-                f"request_id of {len(request_id)} characters is too long; "
-                f"use at most {self._env.max_key_size() - len(table) - 1} bytes"
+                f"request_id of {len(request_id)} characters is too long; use at most {limit} bytes"
             )
-        with self._wlock:
-            if self._tables.get(table) is not t:
-                raise TableNotFound(f"table {table!r} was dropped; create it again")
-            with self._write() as txn:
-                # a retry of an applied push is acknowledged even if its slots moved since
-                done = txn.get(req_key, db=self._req) if request_id else None
-                if done is not None:
-                    old_step, rows_updated = _REQ.unpack(done)
-                    return PushResult(rows_updated, True, old_step)
-                # ownership under the writer lock: a freeze precedes this push or follows it
-                self._check_owned(t, ids, push=True)
-                step = int(step) or t.step + 1
-                if n == 0:
-                    return PushResult(0, False, step)
-                uids, order, summed = distinct_ids(ids, grads)
-                m = uids.shape[0]
-                new = self._scratch("new", m, t.record_bytes)
-                self._apply(t, uids, order, grads if summed is None else summed, step, new, txn)
-                txn.cursor(db=t.db).putmulti(put_items(uids, new))
-                if request_id:
-                    self._log_request(txn, req_key, step, m)
-                new_step, new_pushes = max(t.step, step), t.pushes + 1
-                txn.put(
-                    b"table:" + t.spec.name.encode(),
-                    t.meta_json(new_step, new_pushes),
-                    db=self._meta,
-                )
-            t.step, t.pushes = new_step, new_pushes
-            with self._mlock.write():
-                t.mirror.put(uids, new)
-                t.mirror.gen += 1
-            return PushResult(int(m), False, step)
 
-    def _apply(
+    def _done(self, t: TableArrays, request_id: str) -> PushResult | None:
+        """The result of an applied push with this request id, if there was one."""
+        if not request_id:
+            return None
+        e = self._pending.get((t.uid, request_id))
+        if e is not None:
+            return PushResult(int(e.data[0].shape[0]), True, e.step)
+        with self._env.begin(db=self._req) as txn:
+            raw = txn.get(struct.pack(">I", t.uid) + request_id.encode())
+        if raw is None:
+            return None
+        _seq, step, rows = _REQ.unpack(raw)
+        return PushResult(int(rows), True, int(step))
+
+    def _enqueue(
         self,
-        t: _Table,
-        uids: np.ndarray,
-        order: np.ndarray | None,
-        grads: np.ndarray,
+        t: TableArrays,
+        kind: int,
+        request_id: str,
         step: int,
-        new: np.ndarray,
-        txn: lmdb.Transaction,
-    ) -> None:
-        """Records after one optimizer step on distinct sorted `uids` into `new`; the gradient
-        of uids[i] is grads[order[i]] (grads[i] when order is None). Works in row chunks, which
-        keep the optimizer's temporaries in cache."""
-        m = uids.shape[0]
-
-        def part(src: np.ndarray | None, start: int) -> None:
-            for lo in range(start, min(start + _PART, m), _CHUNK):
-                hi = min(lo + _CHUNK, m)
-                g = grads[lo:hi] if order is None else grads[order[lo:hi]]
-                old = t.mirror.rec[pos[lo:hi]] if src is None else src[lo:hi]
-                t.layout.step(old, new[lo:hi], g, step)
-
-        def chunks(src: np.ndarray | None) -> None:
-            # numpy releases the GIL in its loops, so parts run in parallel on a multi-core host
-            starts = range(0, m, _PART)
-            if len(starts) == 1 or self._pool is None:
-                for lo in starts:
-                    part(src, lo)
+        payload: np.ndarray,
+        data: tuple,
+    ) -> _Entry | PushResult:
+        psum = kernels.checksum(payload)
+        with self._qlock:
+            while self._paused:
+                self._unpaused.wait()
+            if self._closed or self._tables.get(t.spec.name) is not t:
+                raise TableNotFound(f"table {t.spec.name!r} was dropped; create it again")
+            done = self._done(t, request_id)
+            if done is not None:
+                pending = self._pending.get((t.uid, request_id))
+                if pending is None:
+                    return done
             else:
-                list(self._pool.map(lambda lo: part(src, lo), starts))
+                pending = None
+            if pending is not None:
+                # a retry of a push in flight: answer when that one has been applied
+                self._qlock.release()
+                try:
+                    pending.done.wait()
+                finally:
+                    self._qlock.acquire()
+                if pending.error is not None:
+                    raise pending.error
+                return PushResult(int(pending.data[0].shape[0]), True, pending.step)
+            if kind != DELETE:
+                ids = data[0]
+                # ownership under the enqueue lock: a freeze precedes this write or follows it
+                self._check_owned(t, ids, push=kind == PUSH)
+            reserved = self._reserve(t, data[0]) if kind != DELETE else 0
+            seq = self._next_seq
+            self._next_seq += 1
+            if kind == PUSH:
+                step = step or max(t.step, t.assigned_step) + 1
+            head = LogHeader(
+                kind,
+                t.uid,
+                int(payload.shape[0]) if kind == DELETE else int(data[0].shape[0]),
+                step,
+                seq,
+                int(payload.nbytes),
+                psum,
+                request_id,
+            ).pack()
+            e = _Entry(t, kind, seq, step, request_id, head, memoryview(payload), data, reserved)
+            self._queue.append(e)
+            if request_id:
+                self._pending[(t.uid, request_id)] = e
+            t.assigned_step = max(t.assigned_step, step)
+            return e
 
-        with self._mlock.read():
-            pos = t.mirror.find(uids)
-            if (pos >= 0).all():  # warm: gather each chunk straight from the mirror
-                chunks(None)
-                return
-        old = self._records(t, uids, txn, self._scratch("old", m, t.record_bytes))
-        chunks(old)
+    def _reserve(self, t: TableArrays, ids: np.ndarray) -> int:
+        """Reserve memory for the rows of `ids` not stored yet (StoreFull past the budget)."""
+        offs = np.empty(ids.shape[0], np.int64)
+        with t.lock.read():
+            new = ids.shape[0] - t.find(ids, offs)
+        if not new:
+            return 0
+        need = new * TableArrays.bytes_per_row(t.spec)
+        used = self.memory_bytes() + self._reserved
+        budget = self.config.memory_budget()
+        if used + need > budget:
+            raise StoreFull(
+                f"storing {new} more rows of table {t.spec.name!r} needs {need} bytes; this "
+                f"shard uses {used} of its {budget}-byte memory budget: add shards, raise "
+                "--memory, or drop tables"
+            )
+        if t.stored + new > t.capacity:
+            raise StoreFull(
+                f"table {t.spec.name!r} would hold {t.stored + new} rows on this shard, above "
+                f"its capacity of {t.capacity}; add shards or raise --memory"
+            )
+        self._reserved += need
+        return need
 
-    def _log_request(self, txn: lmdb.Transaction, key: bytes, step: int, rows: int) -> None:
-        cur = txn.cursor(db=self._reqseq)
-        seq = struct.unpack(">Q", cur.key())[0] + 1 if cur.last() else 0
-        txn.put(key, _REQ.pack(step, rows), db=self._req)
-        txn.put(struct.pack(">Q", seq), key, db=self._reqseq)
+    def _run(self, e: _Entry) -> None:
+        """Commit `e` (with whatever else is queued), then apply it in sequence order."""
+        try:
+            self._commit(e)
+            self._apply_turn(e)
+        finally:
+            with self._qlock:
+                self._reserved -= e.reserved
+                if e.request_id:
+                    self._pending.pop((e.table.uid, e.request_id), None)
+            e.done.set()
+        self._maybe_checkpoint()
+
+    def _commit(self, e: _Entry) -> None:
+        with self._commit_lock:
+            if not e.committed and e.error is None:
+                with self._qlock:
+                    batch, self._queue = self._queue, []
+                try:
+                    with self._write() as txn:
+                        cur = txn.cursor(db=self._log)
+                        for b in batch:
+                            cur.put(records.log_key(b.seq, 0), b.header, append=True)
+                            cur.put(records.log_key(b.seq, 1), b.payload, append=True)
+                            if b.request_id:
+                                self._log_request(txn, b)
+                        txn.put(b"seq", str(batch[-1].seq).encode(), db=self._meta)
+                    for b in batch:
+                        b.committed = True
+                        self._log_sizes[b.seq] = len(b.payload)
+                        self._log_bytes += len(b.payload)
+                except BaseException as exc:
+                    for b in batch:
+                        b.error = exc
+                    with self._turn:
+                        self._failed.update(b.seq for b in batch)
+                        self._turn.notify_all()
+        if e.error is not None:
+            raise e.error
+
+    def _log_request(self, txn: lmdb.Transaction, e: _Entry) -> None:
+        key = struct.pack(">I", e.table.uid) + e.request_id.encode()
+        rows = int(e.data[0].shape[0])
+        txn.put(key, _REQ.pack(e.seq, e.step, rows), db=self._req)
+        txn.put(struct.pack(">Q", e.seq), key, db=self._reqseq)
         excess = txn.stat(self._reqseq)["entries"] - self.config.request_log
+        cur = txn.cursor(db=self._reqseq)
         if excess > 0 and cur.first():
             for _ in range(excess):
                 txn.delete(cur.value(), db=self._req)
                 cur.delete()
 
-    @contextmanager
-    def _write(self, db: lmdb._Database | None = None) -> Iterator[lmdb.Transaction[bytes]]:
-        """A write transaction: committed when the block ends, aborted on any exception (so
-        nothing is partly applied); a full LMDB map raises StoreFull."""
+    def _apply_turn(self, e: _Entry) -> None:
+        with self._turn:
+            while True:
+                nxt = self._applied_seq + 1
+                while nxt in self._failed:
+                    self._failed.discard(nxt)
+                    nxt += 1
+                    self._applied_seq = nxt - 1
+                if nxt == e.seq:
+                    break
+                self._turn.wait()
         try:
-            with self._env.begin(db=db, write=True) as txn:
+            self._apply_data(e.table, e.kind, e.seq, e.step, e.data, None)
+        except BaseException:
+            # committed but not applied cannot be left behind: the arrays no longer match the
+            # log. Applying validated data does not fail; if it does, stop serving writes.
+            log.exception("applying log entry %d failed; the shard stops accepting writes", e.seq)
+            self.config = _read_only(self.config)
+            raise
+        finally:
+            with self._turn:
+                self._applied_seq = max(self._applied_seq, e.seq)
+                self._turn.notify_all()
+
+    # ---- applying entries (live and in replay) ----
+
+    @staticmethod
+    def _decode(t: TableArrays, kind: int, n: int, payload: bytes | memoryview) -> tuple:
+        buf = np.frombuffer(payload, np.uint8)
+        if kind == DELETE:
+            return (buf.astype(bool),)
+        ids = buf[: 8 * n].view("<i8")
+        if kind == PUSH:
+            return ids, buf[8 * n :].view("<f4").reshape(n, t.spec.dim)
+        return ids, buf[8 * n :].reshape(n, t.record_bytes)
+
+    def _apply_data(
+        self,
+        t: TableArrays,
+        kind: int,
+        seq: int,
+        step: int,
+        data: tuple,
+        base: np.ndarray | None,
+    ) -> None:
+        """Apply one entry to `t`. In replay, `base` holds each loaded row's chunk sequence: the
+        entry then changes only rows it is newer than (and rows stored since)."""
+        if kind == DELETE:
+            self._apply_delete(t, seq, data[0], base)
+            return
+        ids, values = data
+        offs = np.empty(ids.shape[0], np.int64)
+        with t.lock.read():
+            t.find(ids, offs)
+        if base is not None:
+            keep = (offs < 0) | (base[np.maximum(offs, 0)] < seq)
+            if not keep.all():
+                ids, values, offs = ids[keep], values[keep], offs[keep]
+            if ids.shape[0] == 0:
+                return
+        new = np.flatnonzero(offs < 0)
+        if kind == PUSH and new.shape[0]:
+            fresh_rows = kernels.encode(init.initial_rows(t.spec, ids[new]), t.spec.dtype)
+            fresh_state = init.initial_state(t.spec, new.shape[0])
+        with t.lock.write():
+            if new.shape[0]:
+                offs[new] = t.allocate(ids[new], seq - 1)
+                if base is not None:
+                    base[offs[new]] = -1
+                if kind == PUSH:
+                    t.rows[offs[new]] = fresh_rows
+                    t.state[offs[new]] = fresh_state
+            t.mark(offs)
+            if kind == PUSH:
+                self._step_rows(t, offs, ids, values, step)
+            else:
+                t.rows[offs] = values[:, : t.row_bytes]
+                if t.state_floats:
+                    t.state[offs] = values[:, t.row_bytes :].view("<f4")
+            if base is None:  # replay counts from the stored counters (Shard._replay)
+                t.step = max(t.step, step)
+                t.pushes += kind == PUSH
+                self._applied_seq = max(self._applied_seq, seq)
+
+    def _step_rows(
+        self, t: TableArrays, offs: np.ndarray, ids: np.ndarray, grads: np.ndarray, step: int
+    ) -> None:
+        m = offs.shape[0]
+        if self._pool is None or m < _SPLIT_ROWS:
+            kernels.optimizer_step(t.spec, t.rows, t.state, offs, ids, grads, step)
+            return
+        h = m // 2
+        parts = ((0, h), (h, m))
+        futs = [
+            self._pool.submit(
+                kernels.optimizer_step,
+                t.spec,
+                t.rows,
+                t.state,
+                offs[a:b],
+                ids[a:b],
+                np.ascontiguousarray(grads[a:b]),
+                step,
+            )
+            for a, b in parts
+        ]
+        for f in futs:
+            f.result()
+
+    def _apply_delete(
+        self, t: TableArrays, seq: int, mask: np.ndarray, base: np.ndarray | None
+    ) -> None:
+        with t.lock.write():
+            for lo in range(0, t.high, _SCAN):
+                hi = min(lo + _SCAN, t.high)
+                ids = t.ids_of[lo:hi]
+                live = ids >= 0
+                if not live.any():
+                    continue
+                slots = slot_of(t.spec.name, np.where(live, ids, 0), mask.shape[0])
+                sel = live & mask[slots]
+                if base is not None:
+                    sel &= base[lo:hi] < seq
+                if sel.any():
+                    offs = np.flatnonzero(sel).astype(np.int64) + lo
+                    t.release(t.ids_of[offs].copy(), offs)
+            if base is None:
+                self._applied_seq = max(self._applied_seq, seq)
+
+    # ---- LMDB ----
+
+    @contextmanager
+    def _write(self) -> Iterator[lmdb.Transaction]:
+        """A write transaction: committed when the block ends, aborted on any exception (so
+        nothing is partly written); a full map or disk raises StoreFull naming it."""
+        try:
+            with self._env.begin(write=True) as txn:
                 yield txn
         except lmdb.MapFullError as e:
             raise StoreFull(
-                f"the LMDB map of {self.config.map_size} bytes is full; restart the "
-                "shard with a larger --map-size (only touched pages use disk)"
+                f"the LMDB map of {self.config.map_size} bytes in {self.config.data_dir} is "
+                "full; restart the shard with a larger --map-size (only used pages take disk)"
             ) from e
+        except lmdb.DiskError as e:
+            raise StoreFull(
+                f"writing to {self.config.data_dir} failed ({e}); free disk space there"
+            ) from e
+        except lmdb.Error as e:
+            if "No space" in str(e) or "Input/output" in str(e):
+                raise StoreFull(
+                    f"writing to {self.config.data_dir} failed ({e}): the disk is full or "
+                    "failing; free space there"
+                ) from e
+            raise
+
+    @contextmanager
+    def _quiet(self) -> Iterator[None]:
+        """Hold back new writes and wait until every queued one was applied."""
+        with self._qlock:
+            self._paused += 1
+            target = self._next_seq - 1
+        try:
+            with self._turn:
+                while self._applied_seq < target and not self._closed:
+                    nxt = self._applied_seq + 1
+                    if nxt in self._failed:
+                        self._failed.discard(nxt)
+                        self._applied_seq = nxt
+                        continue
+                    self._turn.wait(0.1)
+            yield
+        finally:
+            with self._qlock:
+                self._paused -= 1
+                self._unpaused.notify_all()
+
+    # ---- checkpoints ----
+
+    def memory_bytes(self) -> int:
+        """RAM the tables' arrays and indexes use."""
+        return sum(t.nbytes for t in list(self._tables.values()))
+
+    def _maybe_checkpoint(self) -> None:
+        if self._log_bytes >= self._checkpoint_threshold():
+            self._wake.set()
+
+    def _checkpoint_threshold(self) -> int:
+        c = self.config
+        return max(c.checkpoint_min_bytes, int(c.checkpoint_ratio * self.memory_bytes()))
+
+    def _checkpoint_loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(1.0)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            if self._log_bytes >= self._checkpoint_threshold():
+                try:
+                    self.checkpoint()
+                except EngramError:
+                    log.exception("checkpoint failed; the log keeps every write")
+
+    def checkpoint(self) -> int:
+        """Write every changed chunk of every table, then trim the log; returns bytes written.
+
+        Chunks are copied under their table's read lock, one at a time, each as of the applied
+        sequence at its copy, so writes go on meanwhile. Unchanged chunks only advance their
+        sequence."""
+        self._writable()
+        written = 0
+        with self._ckpt_lock:
+            batch: list[tuple[bytes, bytes]] = []
+            lsn_updates: dict[int, tuple[TableArrays, dict[int, int]]] = {}
+            counters: dict[int, tuple[TableArrays, bytes]] = {}
+            for t in list(self._tables.values()):
+                upd: dict[int, int] = {}
+                lsn_updates[t.uid] = (t, upd)
+                for c in range(t.n_chunks_used()):
+                    with t.lock.read():
+                        if t.dropped:
+                            break
+                        lsn = self._applied_seq
+                        if t.dirty[c]:
+                            rng = t.chunk_range(c)
+                            batch.append(
+                                (
+                                    records.chunk_key(t.uid, c),
+                                    records.pack_chunk(
+                                        t.uid,
+                                        c,
+                                        lsn,
+                                        t.ids_of[rng],
+                                        t.rows[rng],
+                                        t.state[rng],
+                                    ),
+                                )
+                            )
+                            t.dirty[c] = False
+                        upd[c] = lsn
+                        counters[t.uid] = (t, self._meta_json(t, lsn))
+                    if sum(len(v) for _, v in batch) >= _FLUSH_BYTES:
+                        written += self._flush(batch, lsn_updates, counters)
+                        batch = []
+                with t.lock.read():
+                    counters[t.uid] = (t, self._meta_json(t, self._applied_seq))
+            written += self._flush(batch, lsn_updates, counters)
+        return written
+
+    def _flush(
+        self,
+        batch: list[tuple[bytes, bytes]],
+        lsn_updates: dict[int, tuple[TableArrays, dict[int, int]]],
+        counters: dict[int, tuple[TableArrays, bytes]],
+    ) -> int:
+        """One transaction: chunks, per-chunk sequences, counters, and the log trimmed."""
+        new_lsns: dict[int, np.ndarray] = {}
+        for uid, (t, upd) in lsn_updates.items():
+            arr = t.chunk_lsn[: t.n_chunks_used()].copy()
+            for c, v in upd.items():
+                arr[c] = max(arr[c], v)
+            new_lsns[uid] = arr
+        trim = self._trim_point(new_lsns)
+        try:
+            with self._write() as txn:
+                for k, v in batch:
+                    txn.put(k, v, db=self._chunks)
+                for uid, arr in new_lsns.items():
+                    t = lsn_updates[uid][0]
+                    if t.dropped:
+                        continue
+                    txn.put(b"lsn:%d" % uid, records.pack_lsns(arr), db=self._meta)
+                    if uid in counters:
+                        txn.put(b"table:" + t.spec.name.encode(), counters[uid][1], db=self._meta)
+                trimmed = self._trim(txn, trim)
+        except BaseException:
+            for t, upd in lsn_updates.values():  # those chunks are still to be written
+                t.dirty[list(upd)] = True
+            raise
+        for uid, arr in new_lsns.items():
+            t = lsn_updates[uid][0]
+            np.maximum(t.chunk_lsn[: arr.shape[0]], arr, out=t.chunk_lsn[: arr.shape[0]])
+            lsn_updates[uid][1].clear()
+        self._log_bytes -= trimmed
+        return sum(len(v) for _, v in batch)
+
+    def _trim_point(self, new_lsns: dict[int, np.ndarray]) -> int:
+        """The highest sequence every stored row's chunk has seen."""
+        point = self._applied_seq
+        for t in list(self._tables.values()):
+            arr = new_lsns.get(t.uid)
+            if arr is None:
+                arr = t.chunk_lsn[: t.n_chunks_used()]
+            used = arr[arr != NEVER]
+            if used.shape[0]:
+                point = min(point, int(used.min()))
+        return point
+
+    def _trim(self, txn: lmdb.Transaction, upto: int) -> int:
+        cur = txn.cursor(db=self._log)
+        trimmed = 0
+        ok = cur.first()
+        while ok and cur.key():  # after deleting the last entry the cursor has no key
+            seq, _part = records.key_seq(cur.key())
+            if seq > upto:
+                break
+            trimmed += self._log_sizes.pop(seq, 0)
+            ok = cur.delete()
+        return trimmed
 
     # ---- shard state and resharding ----
 
@@ -534,7 +1175,7 @@ class Shard:
         return self._state
 
     def set_shard_state(self, state: ShardStateInfo) -> ShardStateInfo:
-        """Replace (and persist) the ownership state; returns it."""
+        """Replace (and persist) the ownership state once every write before it was applied."""
         for name in ("owned", "frozen"):
             v = getattr(state, name)
             if v and len(v) != state.num_slots:
@@ -544,7 +1185,12 @@ class Shard:
                 )
         if (state.owned or state.frozen) and state.num_slots <= 0:
             raise InvalidArgument("shard state with owned/frozen slots needs num_slots > 0")
-        with self._wlock:
+        if state.shard_map_json:
+            try:
+                json.loads(state.shard_map_json)
+            except ValueError as e:
+                raise InvalidArgument(f"shard_map_json does not parse as JSON ({e})") from e
+        with self._quiet():
             if self._state.layout and state.layout and self._state.layout != state.layout:
                 raise LayoutMismatch(
                     f"data directory belongs to cluster layout {self._state.layout!r}, not "
@@ -565,105 +1211,73 @@ class Shard:
         self, table: str, slot_mask: np.ndarray, batch_rows: int = 65536
     ) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
         """Stored rows of the slots in `slot_mask`: (ids, records uint8 (n, record_bytes), step)
-        batches of at most `batch_rows`, from one consistent snapshot."""
+        batches of at most `batch_rows`. Each batch is read at one applied version; rows of
+        frozen slots (a reshard move) do not change between batches."""
         t = self._get(table)
         mask = self._slot_mask(slot_mask)
         if batch_rows <= 0:
             raise InvalidArgument(f"batch_rows={batch_rows} must be > 0")
-        step = t.step
-        return self._export(t, mask, batch_rows, step)
+        return self._export(t, mask, batch_rows)
 
     def _export(
-        self, t: _Table, mask: np.ndarray, batch_rows: int, step: int
+        self, t: TableArrays, mask: np.ndarray, batch_rows: int
     ) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
-        with self._env.begin(db=t.db) as txn:
-            for ids, vals in self._scan(txn, t, mask):
-                rec = np.frombuffer(b"".join(vals), np.uint8).reshape(-1, t.record_bytes)
-                for lo in range(0, ids.shape[0], batch_rows):
-                    yield ids[lo : lo + batch_rows], rec[lo : lo + batch_rows], step
-
-    def _scan(
-        self, txn: lmdb.Transaction[bytes], t: _Table, mask: np.ndarray
-    ) -> Iterator[tuple[np.ndarray, list[bytes]]]:
-        """Chunks (ids, values) of the stored rows whose slot is set in `mask`."""
-        it = txn.cursor(db=t.db).iternext()
-        while True:
-            chunk = list(itertools.islice(it, _SCAN))
-            if not chunk:
-                return
-            ids = np.frombuffer(b"".join(k for k, _ in chunk), ">u8").astype(np.int64)
-            sel = np.flatnonzero(mask[slot_of(t.spec.name, ids, mask.shape[0])])
-            if sel.shape[0]:
-                yield ids[sel], [chunk[i][1] for i in sel]
-
-    def import_rows(self, table: str, ids: np.ndarray, records: np.ndarray, step: int) -> int:
-        """Store exported records as they are; the table step becomes at least `step`."""
-        t = self._get(table)
-        self._writable()
-        self._check_ids(t, ids)
-        rec = np.asarray(records)
-        if rec.dtype != np.uint8 or rec.shape != (ids.shape[0], t.record_bytes):
-            raise InvalidArgument(
-                f"records must be uint8 of shape ({ids.shape[0]}, "
-                f"{t.record_bytes}), got {rec.dtype} {rec.shape}"
-            )
-        if np.unique(ids).shape[0] != ids.shape[0]:
-            raise InvalidArgument("import ids must be distinct")
-        if ids.shape[0]:
-            rows, state = t.layout.rows(rec), t.layout.state(np.ascontiguousarray(rec))
-            if not (np.isfinite(rows).all() and np.isfinite(state).all()):
-                raise InvalidArgument("imported records contain NaN or Inf; re-export them")
-        with self._wlock:
-            new_step = max(t.step, int(step))
-            with self._write() as txn:
-                txn.cursor(db=t.db).putmulti(put_items(ids, rec))
-                txn.put(b"table:" + t.spec.name.encode(), t.meta_json(new_step), db=self._meta)
-            t.step = new_step
-            with self._mlock.write():
-                t.mirror.clear()
-                t.mirror.gen += 1
-            return int(ids.shape[0])
-
-    def delete_rows(self, table: str, slot_mask: np.ndarray) -> int:
-        """Delete the stored rows of the slots in `slot_mask`; returns how many."""
-        t = self._get(table)
-        self._writable()
-        mask = self._slot_mask(slot_mask)
-        with self._wlock:
-            n = 0
-            with self._write(db=t.db) as txn:
-                doomed = [ids for ids, _ in self._scan(txn, t, mask)]
-                for k in row_keys(np.concatenate(doomed)) if doomed else []:
-                    n += txn.delete(k)
-            with self._mlock.write():
-                t.mirror.clear()
-                t.mirror.gen += 1
-            return n
+        with t.lock.read():
+            high = t.high
+        for lo in range(0, high, _SCAN):
+            with t.lock.read():
+                if t.dropped:
+                    raise TableNotFound(f"table {t.spec.name!r} was dropped during the export")
+                hi = min(lo + _SCAN, t.high)
+                ids = t.ids_of[lo:hi].copy()
+                live = ids >= 0
+                slots = slot_of(t.spec.name, np.where(live, ids, 0), mask.shape[0])
+                sel = np.flatnonzero(live & mask[slots])
+                if not sel.shape[0]:
+                    continue
+                offs = sel.astype(np.int64) + lo
+                rec = np.empty((offs.shape[0], t.record_bytes), np.uint8)
+                rec[:, : t.row_bytes] = t.rows[offs]
+                if t.state_floats:
+                    rec[:, t.row_bytes :] = t.state[offs].view(np.uint8)
+                step = t.step
+            out_ids = ids[sel]
+            for b in range(0, out_ids.shape[0], batch_rows):
+                yield out_ids[b : b + batch_rows], rec[b : b + batch_rows], step
 
     # ---- snapshots ----
 
     def snapshot(self, path: str) -> list[TableStats]:
         """Copy the environment, compacted, into the existing empty directory `path` and return
-        every table's stats as copied. Writers wait for the copy (it is one read transaction)."""
-        with self._wlock:
-            self._env.copy(path, compact=True)
-            return [self._stats(self._tables[n]) for n in sorted(self._tables)]
+        every table's stats as copied. Writes pause only while the copy's read transaction
+        starts; the copy holds the checkpoint and the log up to that point."""
+        with self._quiet():
+            stats = [self._stats(self._tables[n]) for n in sorted(self._tables)]
+            txn = self._env.begin()
+        try:
+            self._env.copy(path, compact=True, txn=txn)
+        finally:
+            txn.abort()
+        return stats
 
     # ---- stats ----
 
     def stats(self) -> dict:
-        """stored_rows, stored_bytes, map_size_bytes, used_bytes, cache_rows over all tables."""
+        """stored_rows, stored_bytes, map_size_bytes, used_bytes (LMDB), memory_bytes (RAM
+        arrays + indexes), log_bytes (kept log payload) over all tables."""
         info, st = self._env.info(), self._env.stat()
-        stored_rows = stored_bytes = 0
-        with self._env.begin() as txn:
-            for t in list(self._tables.values()):
-                n = txn.stat(t.db)["entries"]
-                stored_rows += n
-                stored_bytes += n * t.record_bytes
+        tables = list(self._tables.values())
         return {
-            "stored_rows": stored_rows,
-            "stored_bytes": stored_bytes,
+            "stored_rows": sum(t.stored for t in tables),
+            "stored_bytes": sum(t.stored * t.record_bytes for t in tables),
             "map_size_bytes": info["map_size"],
             "used_bytes": (info["last_pgno"] + 1) * st["psize"],
-            "cache_rows": sum(t.mirror.n for t in list(self._tables.values())),
+            "memory_bytes": self.memory_bytes(),
+            "memory_budget_bytes": self.config.memory_budget(),
+            "log_bytes": self._log_bytes,
+            "cache_rows": sum(t.stored for t in tables),
         }
+
+
+def _read_only(config: ShardConfig) -> ShardConfig:
+    return dataclasses.replace(config, read_only=True)

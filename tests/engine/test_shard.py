@@ -283,37 +283,13 @@ def test_read_only(shard_config, trained):
             shard.create_table(TableConfig("u", num_rows=3))
 
 
-def test_small_cache_gives_the_same_answers(tmp_path):
-    """A mirror that keeps overflowing (and being refilled) answers as no mirror at all."""
-    rng = np.random.default_rng(3)
-    out = []
-    for cache_rows in (0, 16, 1 << 20):
-        cfg = ShardConfig(
-            data_dir=str(tmp_path / f"c{cache_rows}"), map_size=64 << 20, cache_rows=cache_rows
-        )
-        rng = np.random.default_rng(3)
-        with Shard(cfg) as shard:
-            shard.create_table(SPEC)
-            got = []
-            for i in range(12):
-                ids = rng.integers(0, 60, 25)
-                got.append(shard.lookup("t", ids))
-                shard.push("t", ids, _grads(25, i))
-            got.append(shard.lookup("t", ALL))
-            got.append(shard.optimizer_state("t", ALL))
-            assert shard.stats()["cache_rows"] <= cache_rows
-        out.append(got)
-    for other in out[1:]:
-        _assert_same(other, out[0])
-
-
 def test_concurrent_lookups_never_see_torn_rows(tmp_path):
     # sgd lr 1, gradient -1 everywhere: each push adds 1 to every element of the pushed rows,
     # so an untorn row has all elements equal
     spec = TableConfig(
         "z", num_rows=2000, dim=32, init="zeros", optimizer=OptimizerConfig(kind="sgd", lr=1.0)
     )
-    cfg = ShardConfig(data_dir=str(tmp_path / "s"), map_size=256 << 20, cache_rows=1500)
+    cfg = ShardConfig(data_dir=str(tmp_path / "s"), map_size=256 << 20)
     ids = np.arange(2000, dtype=np.int64)
     with Shard(cfg) as shard:
         shard.create_table(spec)
