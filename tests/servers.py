@@ -37,7 +37,6 @@ class LocalShard:
             **{
                 "data_dir": str(data_dir),
                 "max_batch_rows": SMALL_BATCH,
-                "cache_rows": 1 << 16,
                 **{k: v for k, v in config.items() if k in shard_fields},
             }
         )

@@ -144,3 +144,55 @@ class Index:
 
 def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
+
+
+@njit(nogil=True, cache=True)
+def _groups(ids, slots, shift, group, first):  # type: ignore[no-untyped-def]
+    mask = np.int64(slots.shape[0] - 1)
+    m = 0
+    for i in range(ids.shape[0]):
+        k = ids[i]
+        h = _home(k, shift)
+        while True:
+            v = slots[h]
+            if v < 0:
+                slots[h] = i
+                group[i] = m
+                first[m] = i
+                m += 1
+                break
+            if ids[v] == k:
+                group[i] = group[v]
+                break
+            h = (h + 1) & mask
+    return m
+
+
+@njit(nogil=True, cache=True)
+def _sum_groups(grads, group, out):  # type: ignore[no-untyped-def]
+    for i in range(grads.shape[0]):
+        o = out[group[i]]
+        g = grads[i]
+        for j in range(g.shape[0]):
+            o[j] += g[j]
+
+
+def distinct(ids: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct ids (in order of first occurrence) and their summed gradient rows.
+
+    One hashing pass, no sort. Without duplicates the inputs come back as they are (no copy).
+    A duplicated id's gradients are summed in the order they occur, as torch's coalesce does.
+    """
+    n = ids.shape[0]
+    if n < 2:
+        return ids, grads
+    size = _pow2(2 * n)
+    slots = np.full(size, -1, np.int32)
+    group = np.empty(n, np.int64)
+    first = np.empty(n, np.int64)
+    m = int(_groups(ids, slots, 64 - (size.bit_length() - 1), group, first))
+    if m == n:
+        return ids, grads
+    out = np.zeros((m, grads.shape[1]), np.float32)
+    _sum_groups(np.ascontiguousarray(grads, np.float32), group, out)
+    return ids[first[:m]], out

@@ -44,6 +44,7 @@ import numpy as np
 
 from engram_store.engine import init, kernels, records
 from engram_store.engine.arrays import NEVER, TableArrays, chunk_rows_for, reserve
+from engram_store.engine.index import distinct
 from engram_store.engine.config import ShardConfig, TableConfig, row_bytes
 from engram_store.engine.errors import (
     BatchTooLarge,
@@ -59,7 +60,6 @@ from engram_store.engine.errors import (
     TableNotFound,
     WrongShard,
 )
-from engram_store.engine.optimizers import coalesce
 from engram_store.engine.records import DELETE, IMPORT, PUSH, LogHeader
 from engram_store.engine.routing import slot_of
 from engram_store.engine.types import PushResult, ShardStateInfo, TableStats
@@ -639,7 +639,7 @@ class Shard:
         if n == 0:
             done = self._done(t, request_id)
             return done if done is not None else PushResult(0, False, int(step) or t.step + 1)
-        uids, g = coalesce(ids, grads)
+        uids, g = distinct(ids, grads)
         g = np.ascontiguousarray(g, np.float32)
         payload = np.empty(uids.shape[0] * (8 + 4 * dim), np.uint8)
         payload[: 8 * uids.shape[0]] = uids.view(np.uint8)
@@ -665,8 +665,8 @@ class Shard:
             )
         if np.unique(ids).shape[0] != ids.shape[0]:
             raise InvalidArgument("import ids must be distinct")
-        if ids.shape[0] == 0:
-            return 0
+        if ids.shape[0] == 0 and int(step) <= t.step:
+            return 0  # nothing to store; an empty import with a higher step moves the step
         rec = np.ascontiguousarray(rec)
         rows = kernels.decode(rec[:, : t.row_bytes], t.spec.dtype, t.spec.dim)
         self._check_values("imported rows", rows)
@@ -1211,8 +1211,8 @@ class Shard:
         self, table: str, slot_mask: np.ndarray, batch_rows: int = 65536
     ) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
         """Stored rows of the slots in `slot_mask`: (ids, records uint8 (n, record_bytes), step)
-        batches of at most `batch_rows`. Each batch is read at one applied version; rows of
-        frozen slots (a reshard move) do not change between batches."""
+        batches of at most `batch_rows`, ids ascending. Each batch is read at one applied
+        version; rows of frozen slots (a reshard move) do not change between batches."""
         t = self._get(table)
         mask = self._slot_mask(slot_mask)
         if batch_rows <= 0:
@@ -1222,28 +1222,35 @@ class Shard:
     def _export(
         self, t: TableArrays, mask: np.ndarray, batch_rows: int
     ) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+        # the stored ids of the masked slots, ascending (the order exports merge in)
+        parts = []
         with t.lock.read():
             high = t.high
         for lo in range(0, high, _SCAN):
             with t.lock.read():
+                ids = t.ids_of[lo : min(lo + _SCAN, t.high)].copy()
+            live = ids >= 0
+            slots = slot_of(t.spec.name, np.where(live, ids, 0), mask.shape[0])
+            parts.append(ids[live & mask[slots]])
+        wanted = np.sort(np.concatenate(parts)) if parts else np.empty(0, np.int64)
+        offs = np.empty(batch_rows, np.int64)
+        for b in range(0, wanted.shape[0], batch_rows):
+            ids = wanted[b : b + batch_rows]
+            with t.lock.read():
                 if t.dropped:
                     raise TableNotFound(f"table {t.spec.name!r} was dropped during the export")
-                hi = min(lo + _SCAN, t.high)
-                ids = t.ids_of[lo:hi].copy()
-                live = ids >= 0
-                slots = slot_of(t.spec.name, np.where(live, ids, 0), mask.shape[0])
-                sel = np.flatnonzero(live & mask[slots])
-                if not sel.shape[0]:
-                    continue
-                offs = sel.astype(np.int64) + lo
-                rec = np.empty((offs.shape[0], t.record_bytes), np.uint8)
-                rec[:, : t.row_bytes] = t.rows[offs]
+                o = offs[: ids.shape[0]]
+                t.find(ids, o)
+                here = o >= 0  # a row deleted since the scan is left out
+                if not here.all():
+                    ids, o = ids[here], o[here]
+                rec = np.empty((ids.shape[0], t.record_bytes), np.uint8)
+                rec[:, : t.row_bytes] = t.rows[o]
                 if t.state_floats:
-                    rec[:, t.row_bytes :] = t.state[offs].view(np.uint8)
+                    rec[:, t.row_bytes :] = t.state[o].view(np.uint8)
                 step = t.step
-            out_ids = ids[sel]
-            for b in range(0, out_ids.shape[0], batch_rows):
-                yield out_ids[b : b + batch_rows], rec[b : b + batch_rows], step
+            if ids.shape[0]:
+                yield ids, rec, step
 
     # ---- snapshots ----
 

@@ -61,7 +61,6 @@ def restore(
                 dataclasses.replace(
                     template,
                     data_dir=os.path.join(data_root, f"shard-{j}"),
-                    cache_rows=0,
                     map_size=map_size or template.map_size,
                 )
             )

@@ -219,7 +219,6 @@ def open_snapshot_shard(directory: str, index: int) -> Shard:
         ShardConfig(
             data_dir=os.path.join(directory, f"shard-{index}"),
             read_only=True,
-            cache_rows=0,
         )
     )
 

@@ -216,7 +216,7 @@ def test_stale_map_is_told_by_class_not_by_text(make_shard, monkeypatch):
 
     with StoreClient(s.address, ClientConfig(retries=2, backoff_s=0.0)) as c:
         c.create_table(table_spec())
-    real = s.servicer.shard.lookup
+    real = s.servicer.shard.lookup_into
     fails: list[EngramError] = [
         errors.WrongShard("the map moved on")
     ]  # no "stale shard map" in the text
@@ -226,7 +226,7 @@ def test_stale_map_is_told_by_class_not_by_text(make_shard, monkeypatch):
             raise fails.pop()
         return real(*a, **k)
 
-    monkeypatch.setattr(s.servicer.shard, "lookup", lookup)
+    monkeypatch.setattr(s.servicer.shard, "lookup_into", lookup)
     with StoreClient(s.address, ClientConfig(retries=2, backoff_s=0.0), map_provider=provider) as c:
         assert c.lookup("t", np.arange(3)).shape == (3, 8)
         assert asked == [1]  # refreshed once, then re-routed

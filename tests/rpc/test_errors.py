@@ -183,7 +183,7 @@ def test_unexpected_exception_is_internal(table, shard, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(shard.shard, "lookup", boom)
+    monkeypatch.setattr(shard.shard, "lookup_into", boom)
     with pytest.raises(errors.EngramError, match="disk on fire"):
         table.lookup("t", [1])
     monkeypatch.undo()
