@@ -2,10 +2,13 @@
 
     with StoreClient("127.0.0.1:7000") as c:            # finds the other shards from this one
         rows = c.lookup("engram_l1", ids)                 # float32 (*ids.shape, dim)
+        bits = c.lookup("engram_l1", uniq, "bfloat16", unique=True, raw=True, view=True)
         c.push("engram_l1", ids, grads)                   # applied exactly once, even if retried
 
-A lookup deduplicates ids, routes each to its shard with the ShardMap, sends one request per shard
-(chunked by max_batch_rows) in parallel and reassembles rows in request order. Failures arrive as
+A lookup deduplicates ids (unless the caller says they are unique), routes each to its shard with
+the ShardMap, sends one request per shard (chunked by max_batch_rows, and split into sub-requests
+of about split_bytes that are in flight together when the answer is large) in parallel and
+reassembles rows in request order. Failures arrive as
 the errors.py class the server raised (status.py). ShardUnavailable (and its subclasses: timeouts,
 slots moving, a snapshot in progress) is retried with exponential backoff, and WrongShard (our
 shard map is stale) after refreshing the map, as retry.py's policy says; every other error is
@@ -23,7 +26,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from engram_store.engine.config import TableConfig
+from engram_store.engine.config import DTYPES, TableConfig, row_bytes
 from engram_store.engine.errors import EngramError, InvalidArgument, ShardUnavailable, WrongShard
 from engram_store.engine.optimizers import coalesce
 from engram_store.engine.routing import ShardMap
@@ -39,6 +42,11 @@ from engram_store.rpc.status import error_from_rpc
 # the core's result classes: a caller gets the same types from a local Shard and from the store
 TableInfo = TableStats  # a table across all shards: rows/bytes/pushes summed, step the max
 
+#: a lookup whose answer is larger than this many bytes is split into sub-requests of about
+#: this size, SPLIT_INFLIGHT of them in flight at once (see bench_lookup.py --split-bytes)
+SPLIT_BYTES = 8 << 20
+SPLIT_INFLIGHT = 4
+
 
 def _coalesce(ids: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Distinct ids with their gradient rows summed (as the shard sums them), or the arrays
@@ -47,6 +55,42 @@ def _coalesce(ids: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray, np.ndarra
     if s.shape[0] < 2 or bool(np.all(s[1:] != s[:-1])):
         return ids, grads
     return coalesce(ids, grads)
+
+
+class _Rows:
+    """The rows of one lookup, from the answers of its requests (parts: positions into the
+    lookup's ids per request): float32, or as they travel with `raw`."""
+
+    def __init__(self, n: int, parts: list[tuple[int, np.ndarray]], dtype: str, raw: bool) -> None:
+        self.n, self.parts, self.dtype, self.raw = n, parts, dtype, raw
+        self.dim = 0
+        self.rows: np.ndarray | None = None  # (n, width), filled by put()
+
+    def _decode(self, response: bytes, expect: int) -> np.ndarray:
+        rows, dim, dtype = wire.decode_lookup_response(response)
+        if dtype != self.dtype or len(rows) != expect:
+            raise InvalidArgument(
+                f"the shard answered {len(rows)} rows of {dtype} for {expect} ids of "
+                f"{self.dtype}; the shard and this client disagree on the wire format"
+            )
+        self.dim = dim
+        return rows if self.raw else wire.wire_to_float32(rows, dtype, dim)
+
+    def one(self, response: bytes) -> np.ndarray:
+        """The rows of a lookup answered by one request: a view of `response` where no
+        conversion is asked."""
+        return self._decode(response, self.n)
+
+    def put(self, i: int, response: bytes) -> None:
+        """Copy the answer of request i into place (fanout's `each`: the response is freed)."""
+        pos = self.parts[i][1]
+        rows = self._decode(response, len(pos))
+        if self.rows is None:
+            self.rows = np.empty((self.n, rows.shape[1]), rows.dtype)
+        if len(pos) and pos[-1] - pos[0] + 1 == len(pos):  # ascending: a contiguous range
+            self.rows[pos[0] : pos[-1] + 1] = rows
+        else:
+            self.rows[pos] = rows
 
 
 class _Stub(store_pb2_grpc.MemoryStoreStub):
@@ -72,12 +116,23 @@ class StoreClient:
         target: ShardMap | str | list[str] | tuple[str, ...],
         config: ClientConfig = ClientConfig(),
         map_provider: Callable[[], ShardMap] | None = None,
+        split_bytes: int = SPLIT_BYTES,
+        split_inflight: int = SPLIT_INFLIGHT,
     ):
         """`target`: a ShardMap, one shard's "host:port" (the map is discovered from it), or a
         list of addresses (their map if they publish one, else ShardMap.balanced over them).
-        `map_provider` returns the current map when a shard says ours is stale."""
+        `map_provider` returns the current map when a shard says ours is stale. A lookup of a
+        table whose dim this client knows and whose answer exceeds `split_bytes` is sent as
+        sub-requests of about that size, `split_inflight` in flight at once (0: never split)."""
         config.validate()
+        if split_bytes < 0 or split_inflight < 1:
+            raise InvalidArgument(
+                f"split_bytes={split_bytes} must be >= 0 (0: never split) and "
+                f"split_inflight={split_inflight} >= 1"
+            )
         self.config = config
+        self.split_bytes = split_bytes
+        self.split_inflight = split_inflight
         self._retry = RetryPolicy.of(config)
         self._map_provider = map_provider
         self._lock = threading.Lock()
@@ -87,7 +142,8 @@ class StoreClient:
         )
         self._dims: dict[str, int] = {}
         self._steps: dict[str, int] = {}  # highest step this client saw applied, per table
-        self._wire = wire.DTYPE_TO_PB[config.wire_dtype]
+        # gradients travel in the wire dtype, but never as fp8 (wire.GRAD_DTYPES)
+        self._grad_dtype = config.wire_dtype if config.wire_dtype in wire.GRAD_DTYPES else "float32"
         if isinstance(target, ShardMap):
             self._map = target
         else:
@@ -157,31 +213,47 @@ class StoreClient:
         except Exception:  # the provider itself may be down; the original error is clearer
             return False
 
-    def _fanout(self, calls: Sequence[tuple[str, str, object]]) -> list[Any]:
-        """Send (address, method, request) calls in parallel; responses in the same order.
+    def _fanout(
+        self,
+        calls: Sequence[tuple[str, str, object]],
+        window: int = 0,
+        each: Callable[[int, Any], Any] | None = None,
+    ) -> list[Any]:
+        """Send (address, method, request) calls in parallel, at most `window` in flight at once
+        (0: all); responses in the same order, or what `each(i, response)` made of each one as
+        it arrived (so that a large answer can be consumed and freed early).
 
         A call refused for a stale map gives its WrongShard error in place of a response, so a
         caller can resend just the parts that were rejected; any other error is raised once
         every call has ended.
         """
+        n = len(calls)
+        window = min(window or n, n)
+
+        def start(i: int) -> grpc.Future:
+            address, method, request = calls[i]
+            return getattr(self._stub(address), method).future(
+                request, timeout=self.config.timeout_s
+            )
+
         # one call blocks in this thread: grpc's future path adds a thread hand-off
-        inflight = [
-            getattr(self._stub(a), m).future(r, timeout=self.config.timeout_s)
-            if len(calls) > 1
-            else None
-            for a, m, r in calls
-        ]
+        inflight = {i: start(i) for i in range(window)} if n > 1 else {}
         out: list[Any] = []
         error: EngramError | None = None
-        for (address, method, request), fut in zip(calls, inflight, strict=True):
+        for i, (address, method, request) in enumerate(calls):
             try:
-                out.append(self._call(address, method, request, first=fut))
+                response = self._call(address, method, request, first=inflight.pop(i, None))
             except EngramError as e:
                 if stale_map(e):
                     out.append(e)
                     continue
                 error = error or e
                 out.append(None)
+                continue
+            finally:
+                if n > 1 and i + window < n:
+                    inflight[i + window] = start(i + window)
+            out.append(each(i, response) if each is not None and error is None else response)
         if error is not None:
             raise error
         return out
@@ -209,8 +281,11 @@ class StoreClient:
             self._map = new
         return self._map
 
-    def _route(self, m: ShardMap, table: str, ids: np.ndarray) -> list[tuple[int, np.ndarray]]:
-        """(shard, positions into ids) per request: grouped by shard, chunked by max_batch_rows."""
+    def _route(
+        self, m: ShardMap, table: str, ids: np.ndarray, chunk_rows: int = 0
+    ) -> list[tuple[int, np.ndarray]]:
+        """(shard, positions into ids) per request: grouped by shard, chunked by max_batch_rows
+        (or `chunk_rows` when smaller)."""
         if m.num_shards == 1 or len(ids) == 0:  # an empty lookup still learns dim from shard 0
             groups = [(0, np.arange(len(ids)))]
         else:
@@ -222,7 +297,7 @@ class StoreClient:
                 for s in range(m.num_shards)
                 if bounds[s + 1] > bounds[s]
             ]
-        step = self.config.max_batch_rows
+        step = min(self.config.max_batch_rows, chunk_rows or self.config.max_batch_rows)
         return [
             (s, pos[i : i + step]) for s, pos in groups for i in range(0, max(len(pos), 1), step)
         ]
@@ -238,20 +313,43 @@ class StoreClient:
             )
         return ids.astype(np.int64, copy=False)
 
-    def lookup(self, table: str, ids) -> np.ndarray:
-        """Rows of `table` for integer `ids` of any shape: float32 (*ids.shape, dim)."""
+    def lookup(
+        self,
+        table: str,
+        ids,
+        dtype: str | None = None,
+        *,
+        unique: bool = False,
+        raw: bool = False,
+        view: bool = False,
+    ) -> np.ndarray:
+        """Rows of `table` for integer `ids` of any shape, sent in wire dtype `dtype` (default
+        ClientConfig.wire_dtype; the table's storage dtype costs the server no conversion).
+
+        Returns float32 (*ids.shape, dim); with `raw`, the rows as they travel
+        (wire.wire_numpy_dtype: bfloat16 as uint16 bits, float8_e4m3 as uint8 codes then scales,
+        (*ids.shape, dim + dim / 32); wire.wire_to_float32 decodes them). `unique`: the caller
+        knows the ids are distinct, so no sort looks for duplicates (duplicates are still
+        answered right, only sent twice). The result is the caller's to write, unless `view`:
+        then, where one request answered the lookup in the returned dtype, it is a read-only
+        view of the received message (no copy).
+        """
+        if dtype is None:
+            dtype = self.config.wire_dtype
+        if dtype not in DTYPES:
+            raise InvalidArgument(f"dtype {dtype!r} is unknown; use one of {DTYPES}")
         ids = self._check_ids(ids)
         flat = ids.reshape(-1)
-        srt = np.sort(flat)
-        if srt.shape[0] < 2 or bool(np.all(srt[1:] != srt[:-1])):
-            # already distinct: ask in request order, so no reassembly gather is needed
-            uniq, inverse = flat, None
-        else:
-            uniq, inverse = np.unique(flat, return_inverse=True)
+        uniq, inverse = flat, None
+        if not unique:
+            srt = np.sort(flat)
+            if srt.shape[0] >= 2 and not bool(np.all(srt[1:] != srt[:-1])):
+                uniq, inverse = np.unique(flat, return_inverse=True)
+        chunk = self._split_rows(table, len(uniq), dtype)
         attempts = self._retry.start()
         while True:
             m = self._map
-            parts = self._route(m, table, uniq)
+            parts = self._route(m, table, uniq, chunk)
             calls = [
                 (
                     m.addresses[s],
@@ -259,13 +357,17 @@ class StoreClient:
                     pb.LookupRequest(
                         table=table,
                         ids=wire.pack_ids(uniq[pos]),
-                        dtype=self._wire,
+                        dtype=wire.DTYPE_TO_PB[dtype],
                         map_version=m.version,
                     ),
                 )
                 for s, pos in parts
             ]
-            responses = self._fanout(calls)
+            rows = _Rows(len(uniq), parts, dtype, raw)
+            # one request: its answer stays as received; several: each is copied into place
+            responses = self._fanout(
+                calls, self.split_inflight if chunk else 0, rows.put if len(calls) > 1 else None
+            )
             stale = [r for r in responses if stale_map(r)]
             if not stale:
                 break
@@ -273,19 +375,28 @@ class StoreClient:
                 raise stale[0]
             self.refresh_map()
             attempts.backoff()
-        chunks = [wire.decode_lookup_response(r)[0] for r in responses]
-        dim = self._dims[table] = chunks[0].shape[1]
-        if len(chunks) == 1:
-            rows_u = chunks[0]  # (len(uniq), dim), possibly a read-only view of the response
-        else:
-            rows_u = np.empty((len(uniq), dim), np.float32)
-            for (_, pos), rows in zip(parts, chunks, strict=True):
-                rows_u[pos] = rows
+        out = rows.one(responses[0]) if len(calls) == 1 else rows.rows
+        assert out is not None  # every request answered (put() filled rows)
+        self._dims[table] = rows.dim
         if inverse is not None:
-            rows_u = rows_u[inverse]
-        elif not rows_u.flags.writeable:
-            rows_u = rows_u.copy()  # callers own the result (a view would pin the response)
-        return rows_u.reshape(*ids.shape, dim)
+            out = out[inverse]
+        elif not view and not out.flags.writeable:
+            out = out.copy()  # callers own the result (a view would pin the response)
+        return out.reshape(*ids.shape, out.shape[1])
+
+    def _split_rows(self, table: str, n: int, dtype: str) -> int:
+        """Rows per sub-request of an n-row lookup, or 0 to leave it whole (small, or a table
+        whose dim this client does not know yet: the answer tells it)."""
+        dim = self._dims.get(table)
+        if not dim or not self.split_bytes:
+            return 0
+        if dtype == "float8_e4m3" and dim % 32:
+            return 0  # the shard refuses it with the reason
+        size = n * row_bytes(dtype, dim)
+        if size <= self.split_bytes:
+            return 0
+        parts = -(-size // self.split_bytes)
+        return -(-n // parts)
 
     def _last_step(self, table: str) -> int:
         if table not in self._steps:
@@ -350,7 +461,7 @@ class StoreClient:
                             table,
                             ids[part],
                             grads[part],
-                            self.config.wire_dtype,
+                            self._grad_dtype,
                             sub,
                             step,
                             m.version,
@@ -378,9 +489,9 @@ class StoreClient:
             self.refresh_map()
             attempts.backoff()
 
-    def lookup_async(self, table: str, ids) -> Future:
-        """lookup() on a client thread; the Future's result is the rows."""
-        return self._pool.submit(self.lookup, table, ids)
+    def lookup_async(self, table: str, ids, dtype: str | None = None, **kw: bool) -> Future:
+        """lookup() on a client thread (keywords as lookup's); the Future's result is the rows."""
+        return self._pool.submit(self.lookup, table, ids, dtype, **kw)
 
     def push_async(
         self, table: str, ids, grads, step: int = 0, request_id: str | None = None

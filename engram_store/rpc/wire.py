@@ -3,6 +3,10 @@
 Shared by the service, the client and the CLI so that both ends pack bytes the same way. Every
 decoder checks byte lengths and enum values and raises errors.InvalidArgument with a message that
 says what to change.
+
+Rows on the wire, per dtype (`wire_array` is how a client holds them without converting):
+float32 as float32, float16 as float16, bfloat16 as uint16 bits, float8_e4m3 as uint8 rows of
+dim e4m3 codes followed by dim / 32 e8m0 scale bytes (engine.config.row_bytes).
 """
 
 from __future__ import annotations
@@ -10,20 +14,34 @@ from __future__ import annotations
 import numpy as np
 
 from engram_store.engine import dtypes
-from engram_store.engine.config import OptimizerConfig, TableConfig
+from engram_store.engine.config import FP8_BLOCK, OptimizerConfig, TableConfig, row_bytes
 from engram_store.engine.errors import InvalidArgument
 from engram_store.engine.types import ShardStateInfo
 from engram_store.rpc.proto import store_pb2 as pb
 
-DTYPE_TO_PB = {"float32": pb.FLOAT32, "bfloat16": pb.BFLOAT16, "float16": pb.FLOAT16}
+DTYPE_TO_PB = {
+    "float32": pb.FLOAT32,
+    "bfloat16": pb.BFLOAT16,
+    "float16": pb.FLOAT16,
+    "float8_e4m3": pb.FLOAT8_E4M3,
+}
 PB_TO_DTYPE: dict[int, str] = {
     pb.DTYPE_UNSPECIFIED: "float32",
     **{v: k for k, v in DTYPE_TO_PB.items()},
 }
-OPT_TO_PB = {"sgd": pb.SGD, "adagrad": pb.ADAGRAD, "adam": pb.ADAM}
+OPT_TO_PB = {
+    "sgd": pb.SGD,
+    "adagrad": pb.ADAGRAD,
+    "adam": pb.ADAM,
+    "rowwise_adagrad": pb.ROWWISE_ADAGRAD,
+    "rowwise_adam": pb.ROWWISE_ADAM,
+}
 PB_TO_OPT = {v: k for k, v in OPT_TO_PB.items()}
 INIT_TO_PB = {"normal": pb.NORMAL, "zeros": pb.ZEROS}
 PB_TO_INIT = {pb.INIT_UNSPECIFIED: "normal", pb.NORMAL: "normal", pb.ZEROS: "zeros"}
+#: dtypes a gradient may travel in (an fp8 gradient would lose too much to be of use)
+GRAD_DTYPES = ("float32", "bfloat16", "float16")
+_OPT_NAMES = ", ".join(pb.OptimizerKind.Name(v) for v in PB_TO_OPT)
 
 
 def dtype_name(value: int, what: str = "dtype") -> str:
@@ -31,10 +49,65 @@ def dtype_name(value: int, what: str = "dtype") -> str:
     try:
         return PB_TO_DTYPE[value]
     except KeyError:
+        known = ", ".join(f"{pb.DType.Name(v)} ({v})" for v in DTYPE_TO_PB.values())
         raise InvalidArgument(
-            f"{what}={value} is not a known engram.v1.DType; use FLOAT32 (1), BFLOAT16 (2) "
-            "or FLOAT16 (3)"
+            f"{what}={value} is not a known engram.v1.DType; use one of {known}"
         ) from None
+
+
+def wire_numpy_dtype(dtype: str) -> np.dtype:
+    """The numpy dtype rows in wire dtype `dtype` are held as without conversion (bfloat16:
+    uint16 bits; float8_e4m3: uint8 codes and scales)."""
+    if dtype == "float8_e4m3":
+        return np.dtype(np.uint8)
+    return dtypes.numpy_dtype(dtype)
+
+
+def wire_width(dtype: str, dim: int) -> int:
+    """Elements per row of `wire_numpy_dtype(dtype)`: dim, or dim + dim / 32 for float8_e4m3."""
+    return row_bytes(dtype, dim) // wire_numpy_dtype(dtype).itemsize
+
+
+def _e4m3_values() -> np.ndarray:
+    """float32 value of each of the 256 e4m3 codes (OCP FP8 E4M3: exponent bias 7, subnormals,
+    no infinities, S.1111.111 is NaN)."""
+    c = np.arange(256)
+    e, m = (c >> 3) & 0xF, c & 7
+    mag = np.where(e == 0, m / 8 * 2.0**-6, (1 + m / 8) * np.exp2(e - 7.0))
+    mag[(e == 15) & (m == 7)] = np.nan
+    return np.where(c >> 7, -mag, mag).astype(np.float32)
+
+
+_E4M3 = _e4m3_values()
+# e8m0 scale byte s stands for 2 ** (s - 127); 255 is NaN
+_E8M0 = np.append(np.exp2(np.arange(255) - 127.0), np.nan).astype(np.float32)
+
+
+def fp8_to_float32(rows: np.ndarray, dim: int) -> np.ndarray:
+    """float32 (n, dim) values of float8_e4m3 rows held as uint8 (n, dim + dim / 32): each code
+    times the e8m0 scale of its block of 32 values."""
+    if (
+        dim <= 0
+        or dim % FP8_BLOCK
+        or rows.ndim != 2
+        or rows.shape[1] != row_bytes("float8_e4m3", dim)
+    ):
+        raise InvalidArgument(
+            f"float8_e4m3 rows of shape {rows.shape} are not (n, {dim} + {dim} / {FP8_BLOCK}) "
+            f"uint8 rows of dim {dim}; dim must be a multiple of {FP8_BLOCK}"
+        )
+    n = rows.shape[0]
+    values = _E4M3[rows[:, :dim]].reshape(n, dim // FP8_BLOCK, FP8_BLOCK)
+    values *= _E8M0[rows[:, dim:]][:, :, None]
+    return values.reshape(n, dim)
+
+
+def wire_to_float32(rows: np.ndarray, dtype: str, dim: int) -> np.ndarray:
+    """float32 (n, dim) values of rows held as `wire_numpy_dtype(dtype)`; float32 rows are
+    returned as they are (no copy)."""
+    if dtype == "float8_e4m3":
+        return fp8_to_float32(rows, dim)
+    return dtypes.to_float32(rows, dtype)
 
 
 def pack_ids(ids: np.ndarray) -> bytes:
@@ -58,8 +131,17 @@ def pack_rows(rows: np.ndarray, dtype: str) -> bytes:
     return dtypes.to_bytes(np.asarray(rows, dtype=np.float32), dtype)
 
 
+def _grad_dtype(dtype: str, what: str) -> None:
+    if dtype not in GRAD_DTYPES:
+        raise InvalidArgument(
+            f"{what} cannot travel as {dtype}; send them as one of {', '.join(GRAD_DTYPES)}"
+        )
+
+
 def unpack_rows(buf: bytes, dtype: str, dim: int, what: str = "rows") -> np.ndarray:
-    """float32 rows (n, dim) from packed bytes in `dtype` (a read-only view for float32)."""
+    """float32 rows (n, dim) from packed bytes in `dtype` (a read-only view for float32); fp8
+    is refused (gradients and imported values travel in GRAD_DTYPES)."""
+    _grad_dtype(dtype, what)
     size = dtypes.itemsize(dtype)
     if len(buf) % (dim * size):
         raise InvalidArgument(
@@ -98,11 +180,11 @@ def spec_from_pb(m: pb.TableSpec) -> TableConfig:
     o = m.optimizer
     if o.kind == pb.OPTIMIZER_UNSPECIFIED:
         raise InvalidArgument(
-            f"table {m.name!r}: optimizer kind is unspecified; set it to SGD, ADAGRAD or ADAM"
+            f"table {m.name!r}: optimizer kind is unspecified; set it to one of {_OPT_NAMES}"
         )
     if o.kind not in PB_TO_OPT:
         raise InvalidArgument(
-            f"table {m.name!r}: optimizer kind {o.kind} is unknown; use SGD, ADAGRAD or ADAM"
+            f"table {m.name!r}: optimizer kind {o.kind} is unknown; use one of {_OPT_NAMES}"
         )
     if m.init.kind not in PB_TO_INIT:
         raise InvalidArgument(
@@ -223,6 +305,7 @@ def encode_push_request(
 ) -> bytes:
     """The serialized PushGradientsRequest of int64 ids (n,) and float32 grads (n, dim) sent in
     `dtype`; byte-identical to PushGradientsRequest(...).SerializeToString()."""
+    _grad_dtype(dtype, "grads")
     ids = np.ascontiguousarray(ids, dtype="<i8")
     data = (
         np.ascontiguousarray(grads, dtype="<f4")
@@ -241,27 +324,24 @@ def encode_push_request(
     return b"".join(parts)
 
 
-def encode_lookup_response(rows: np.ndarray, dtype: str) -> bytes:
-    """The serialized LookupResponse of float32 rows (n, dim) sent in `dtype`; byte-identical to
-    LookupResponse(...).SerializeToString()."""
-    n, dim = rows.shape
-    data = (
-        np.ascontiguousarray(rows, dtype="<f4")
-        if dtype == "float32"
-        else np.ascontiguousarray(dtypes.to_dtype(rows, dtype), dtypes.numpy_dtype(dtype))
+def lookup_response_frame(num_rows: int, dim: int, dtype: str) -> tuple[bytes, bytes]:
+    """The bytes of a serialized LookupResponse of `num_rows` rows of `dim` in `dtype` that come
+    before and after the packed rows: prefix + rows + suffix is byte-identical to
+    LookupResponse(rows=..., num_rows=..., dim=..., dtype=...).SerializeToString(), so a server
+    can gather the rows straight into a buffer that already holds the prefix."""
+    size = num_rows * row_bytes(dtype, dim)
+    prefix = b"\x0a" + _varint(size) if size else b""
+    suffix = b"".join(
+        tag + _varint(v)
+        for tag, v in ((b"\x10", num_rows), (b"\x18", dim), (b"\x20", DTYPE_TO_PB[dtype]))
+        if v
     )
-    parts: list = []
-    if data.nbytes:
-        parts += [b"\x0a", _varint(data.nbytes), _raw(data)]
-    for tag, v in ((b"\x10", n), (b"\x18", dim), (b"\x20", DTYPE_TO_PB[dtype])):
-        if v:
-            parts += [tag, _varint(v)]
-    return b"".join(parts)
+    return prefix, suffix
 
 
-def decode_lookup_response(buf: bytes) -> tuple[np.ndarray, int]:
-    """float32 rows (num_rows, dim) and dim from a serialized LookupResponse; float32 rows are a
-    read-only view of `buf`."""
+def decode_lookup_response(buf: bytes) -> tuple[np.ndarray, int, str]:
+    """(rows, dim, dtype) of a serialized LookupResponse. `rows` is a read-only view of `buf`
+    (no copy) of shape (num_rows, wire_width(dtype, dim)) in wire_numpy_dtype(dtype)."""
     pos, span, num_rows, dim, dtype = 0, (0, 0), 0, 0, 0
     while pos < len(buf):
         key, pos = _read_varint(buf, pos)
@@ -285,14 +365,14 @@ def decode_lookup_response(buf: bytes) -> tuple[np.ndarray, int]:
             pos += 8 if kind == 1 else 4
         else:
             raise InvalidArgument(f"LookupResponse has an unsupported wire type {kind}")
-    if pos != len(buf) or dim <= 0:
+    if pos != len(buf) or dim <= 0 or num_rows < 0:
         raise InvalidArgument("LookupResponse is truncated or corrupt")
     name = dtype_name(dtype)
     start, size = span
-    row_bytes = dim * dtypes.itemsize(name)
-    if size % row_bytes or size // row_bytes != num_rows:
+    if name == "float8_e4m3" and dim % FP8_BLOCK:
+        raise InvalidArgument(f"LookupResponse holds float8_e4m3 rows of dim {dim}, not 32k")
+    if size != num_rows * row_bytes(name, dim):
         raise InvalidArgument(f"LookupResponse holds {size} bytes for {num_rows} rows of {dim}")
-    if name == "float32":
-        rows = np.frombuffer(buf, dtype="<f4", count=size // 4, offset=start)
-        return rows.reshape(num_rows, dim), dim
-    return dtypes.from_bytes(memoryview(buf)[start : start + size], name, dim), dim
+    np_dtype = wire_numpy_dtype(name)
+    rows = np.frombuffer(buf, dtype=np_dtype, count=size // np_dtype.itemsize, offset=start)
+    return rows.reshape(num_rows, wire_width(name, dim)), dim, name

@@ -143,12 +143,12 @@ def test_cli(tmp_path, server_process):
     assert [t["spec"]["name"] for t in listed] == ["demo"]
     stats = json.loads(_engram("stats", "--address", p.address).stdout)
     assert stats[0]["tables"][0]["name"] == "demo"
-    # errors: one line on stderr, exit 2, no traceback
+    # errors the store answers: one line on stderr, exit 1 (a runtime error), no traceback
     bad = _engram("query", "--address", p.address, "--table", "demo", "--rows", "31", check=False)
-    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1 and "31" in bad.stderr
     missing = _engram("table", "info", "--address", p.address, "--name", "nope", check=False)
-    assert missing.returncode == 2 and "nope" in missing.stderr
+    assert missing.returncode == 1 and "nope" in missing.stderr
     dropped = json.loads(_engram("table", "drop", "--address", p.address, "--name", "demo").stdout)
     assert dropped["dropped"]
     assert p.terminate() == 0

@@ -13,6 +13,7 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FLOAT32: _ClassVar[DType]
     BFLOAT16: _ClassVar[DType]
     FLOAT16: _ClassVar[DType]
+    FLOAT8_E4M3: _ClassVar[DType]
 
 class OptimizerKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -20,6 +21,8 @@ class OptimizerKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SGD: _ClassVar[OptimizerKind]
     ADAGRAD: _ClassVar[OptimizerKind]
     ADAM: _ClassVar[OptimizerKind]
+    ROWWISE_ADAGRAD: _ClassVar[OptimizerKind]
+    ROWWISE_ADAM: _ClassVar[OptimizerKind]
 
 class InitKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -39,10 +42,13 @@ DTYPE_UNSPECIFIED: DType
 FLOAT32: DType
 BFLOAT16: DType
 FLOAT16: DType
+FLOAT8_E4M3: DType
 OPTIMIZER_UNSPECIFIED: OptimizerKind
 SGD: OptimizerKind
 ADAGRAD: OptimizerKind
 ADAM: OptimizerKind
+ROWWISE_ADAGRAD: OptimizerKind
+ROWWISE_ADAM: OptimizerKind
 INIT_UNSPECIFIED: InitKind
 NORMAL: InitKind
 ZEROS: InitKind
