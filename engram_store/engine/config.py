@@ -41,12 +41,15 @@ class OptimizerConfig:
     lr: float = 1e-3
     beta1: float = 0.9
     beta2: float = 0.999
-    eps: float | None = None  # adam 1e-8, adagrad 1e-10
-    initial_accumulator_value: float = 0.0
-    lr_decay: float = 0.0
+    eps: float | None = None  # see resolved_eps
+    initial_accumulator_value: float = 0.0  # adagrad's and rowwise_adagrad's first accumulator
+    lr_decay: float = 0.0  # adagrad and rowwise_adagrad: lr / (1 + (step - 1) * lr_decay)
 
     @property
     def resolved_eps(self) -> float:
+        """eps, or the default of the library each optimizer follows: torch.optim's Adagrad
+        1e-10 and SparseAdam 1e-8; FBGEMM's table-batched embeddings 1e-8 for the row-wise
+        ones (SplitTableBatchedEmbeddingBagsCodegen's eps)."""
         if self.eps is not None:
             return self.eps
         return 1e-10 if self.kind == "adagrad" else 1e-8

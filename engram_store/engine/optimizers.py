@@ -1,9 +1,13 @@
-"""Sparse optimizers on coalesced float32 rows, with torch.optim's arithmetic.
+"""Sparse optimizers on coalesced float32 rows: the numpy reference of engine.kernels.
 
-Every function takes rows (n, dim), their optimizer state (n, state_width * dim) and gradients
-(n, dim) for n *distinct* row ids, and returns the new rows and state. The operation order copies
-torch.optim.SGD / Adagrad (sparse path) / SparseAdam so float32 results agree to rounding: Python
-float hyper-parameters meet float32 arrays as float32 scalars, as they do in torch's CPU kernels.
+Every function takes rows (n, dim), their optimizer state (n, OptimizerConfig.state_floats(dim))
+and gradients (n, dim) for n *distinct* row ids, and returns the new rows and state. The operation
+order copies torch.optim.SGD / Adagrad (sparse path) / SparseAdam so float32 results agree to
+rounding: Python float hyper-parameters meet float32 arrays as float32 scalars, as they do in
+torch's CPU kernels. The row-wise optimizers follow FBGEMM's table-batched-embedding optimizers
+(fbgemm_gpu/codegen/genscript/optimizers.py) in float32. The compiled kernels
+(engine.kernels.optimizer_step) do the same operations in the same order, so they agree with
+these functions bit for bit.
 """
 
 from __future__ import annotations
@@ -83,6 +87,70 @@ def adam(
     return np.add(rows, denom, out=out_rows), exp_avg, exp_avg_sq
 
 
+def _row_mean_sq(grads: np.ndarray) -> np.ndarray:
+    """float32 (n,) mean of g^2 over each row, summed column by column in float32 (the order of
+    FBGEMM's CPU loop and of the compiled kernel)."""
+    acc = np.zeros(grads.shape[0], np.float32)
+    for j in range(grads.shape[1]):
+        acc += grads[:, j] * grads[:, j]
+    return acc / np.float32(grads.shape[1])
+
+
+def rowwise_adagrad(
+    opt: OptimizerConfig,
+    rows: np.ndarray,
+    acc: np.ndarray,
+    grads: np.ndarray,
+    step: int,
+    out_rows: np.ndarray | None = None,
+    out_acc: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """FBGEMM's EXACT_ROWWISE_ADAGRAD, one float32 accumulator per row (acc: (n, 1)):
+    acc += mean(g^2 over the row); p -= g * (clr / (sqrt(acc) + eps)).
+
+    clr = lr / (1 + (step - 1) * lr_decay) as in torch's Adagrad (FBGEMM has no decay: lr_decay
+    0 gives its update exactly)."""
+    clr = opt.lr / (1 + (step - 1) * opt.lr_decay)
+    new_acc = np.add(acc, _row_mean_sq(grads)[:, None], out=out_acc)
+    mult = np.sqrt(new_acc)
+    mult += np.float32(opt.resolved_eps)
+    np.divide(np.float32(clr), mult, out=mult)
+    return np.subtract(rows, grads * mult, out=out_rows), new_acc
+
+
+def rowwise_adam(
+    opt: OptimizerConfig,
+    rows: np.ndarray,
+    exp_avg: np.ndarray,
+    exp_avg_sq: np.ndarray,
+    grads: np.ndarray,
+    step: int,
+    out_rows: np.ndarray | None = None,
+    out_avg: np.ndarray | None = None,
+    out_avg_sq: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """FBGEMM's PARTIAL_ROWWISE_ADAM: an element-wise first moment (n, dim) and a row-wise
+    second moment (n, 1) of mean(g^2), bias-corrected; lazy like SparseAdam (rows not pushed
+    keep their moments and `step` is the table's):
+    v = v b2 + mean(g^2) (1 - b2); m = m b1 + g (1 - b1);
+    p -= lr * (m / (1 - b1^t) / (sqrt(v / (1 - b2^t)) + eps)).
+
+    FBGEMM's CUDA kernel fuses m's update into one fma and evaluates the bias corrections in
+    double; here every operation is one float32 rounding (the difference is a few ulp)."""
+    b1, b2 = np.float32(opt.beta1), np.float32(opt.beta2)
+    new_v = np.multiply(exp_avg_sq, b2, out=out_avg_sq)
+    new_v += _row_mean_sq(grads)[:, None] * np.float32(1 - opt.beta2)
+    den = new_v / np.float32(1 - opt.beta2**step)
+    np.sqrt(den, out=den)
+    den += np.float32(opt.resolved_eps)
+    new_m = np.multiply(exp_avg, b1, out=out_avg)
+    new_m += grads * np.float32(1 - opt.beta1)
+    upd = new_m / np.float32(1 - opt.beta1**step)
+    upd /= den
+    upd *= np.float32(opt.lr)
+    return np.subtract(rows, upd, out=out_rows), new_m, new_v
+
+
 def apply(
     opt: OptimizerConfig,
     rows: np.ndarray,
@@ -108,6 +176,21 @@ def apply(
         return adagrad(opt, rows, state, grads, step, out_rows, out_state)
     if opt.kind == "adam":
         new_rows, _, _ = adam(
+            opt,
+            rows,
+            state[:, :dim],
+            state[:, dim:],
+            grads,
+            step,
+            out_rows,
+            out_state[:, :dim],
+            out_state[:, dim:],
+        )
+        return new_rows, out_state
+    if opt.kind == "rowwise_adagrad":
+        return rowwise_adagrad(opt, rows, state, grads, step, out_rows, out_state)
+    if opt.kind == "rowwise_adam":
+        new_rows, _, _ = rowwise_adam(
             opt,
             rows,
             state[:, :dim],
