@@ -8,8 +8,10 @@ Starts `engram serve` and benchmarks/raw_server.py in subprocesses on 127.0.0.1 
 float32 table and a bfloat16-stored one (and with --fp8 a float8_e4m3-stored one), every row
 stored (imported as its initial value). Each iteration looks up `--rows` distinct random rows the way the trainer's
 prefetcher does (ids known unique, rows in the storage dtype as they travel, a view of the
-answer) and fetches the same number of bytes from the raw server, whose answer is prebuilt bytes
+answer; large answers split into concurrent sub-requests) and fetches the same number of bytes from the raw server, whose answer is prebuilt bytes
 with no protobuf on either side. Methods alternate within an iteration so they see the same load.
+For float32 two more variants: `whole` (never split: one request) and `owned` (the default call,
+ids deduplicated and a writable float32 array returned).
 
 Warm buffers on both sides: the servers and this process run with glibc's mmap and trim
 thresholds raised (GLIBC_TUNABLES), so that a freed 16 MiB message buffer is reused by the next
@@ -131,6 +133,7 @@ def main() -> int:
         shard_server() as address,
         raw_server() as raw_address,
         StoreClient(address, ClientConfig(), **split) as client,
+        StoreClient(address, ClientConfig(), split_bytes=0) as whole,
     ):
         local, methods, sizes = {}, {}, {}
         opts = [
@@ -165,6 +168,12 @@ def main() -> int:
                 store(i)
                 raw(i)
             methods[f"store_{dtype}"], methods[f"raw_{dtype}"] = store, raw
+        name = "bench_float32"
+        # float32 variants: one request however large, and the default call (a writable copy)
+        methods["whole_float32"] = lambda i: whole.lookup(
+            name, batches[i], "float32", unique=True, raw=True, view=True
+        )
+        methods["owned_float32"] = lambda i: client.lookup(name, batches[i])
         check = {
             d: bool(np.array_equal(methods[f"store_{d}"](0), local[d][batches[0]])) for d in dtypes
         }
@@ -189,6 +198,16 @@ def main() -> int:
             "rows_match_local": check[d],
         }
     f32 = per_dtype["float32"]
+    for variant in ("whole", "owned"):
+        ratios = [
+            b / a
+            for a, b in zip(medians[f"{variant}_float32"], medians["raw_float32"], strict=True)
+        ]
+        f32[variant] = {
+            **_summary(medians[f"{variant}_float32"], sizes["float32"], args.rows),
+            "ratio_median": float(np.median(ratios)),
+            "faults_per_call": faults[f"{variant}_float32"],
+        }
     result = {
         "benchmark": "lookup",
         "rows": args.rows,

@@ -57,6 +57,16 @@ def _coalesce(ids: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return coalesce(ids, grads)
 
 
+def _contiguous(pos: np.ndarray) -> bool:
+    """Whether ascending positions `pos` are one range (every part of a one-shard lookup)."""
+    return len(pos) > 0 and int(pos[-1]) - int(pos[0]) + 1 == len(pos)
+
+
+def _take(a: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """a[pos] for ascending positions: a view when they are one range, else a gather."""
+    return a[pos[0] : pos[-1] + 1] if _contiguous(pos) else a[pos]
+
+
 class _Rows:
     """The rows of one lookup, from the answers of its requests (parts: positions into the
     lookup's ids per request): float32, or as they travel with `raw`."""
@@ -87,7 +97,7 @@ class _Rows:
         rows = self._decode(response, len(pos))
         if self.rows is None:
             self.rows = np.empty((self.n, rows.shape[1]), rows.dtype)
-        if len(pos) and pos[-1] - pos[0] + 1 == len(pos):  # ascending: a contiguous range
+        if _contiguous(pos):
             self.rows[pos[0] : pos[-1] + 1] = rows
         else:
             self.rows[pos] = rows
@@ -356,7 +366,7 @@ class StoreClient:
                     "LookupRaw",
                     pb.LookupRequest(
                         table=table,
-                        ids=wire.pack_ids(uniq[pos]),
+                        ids=wire.pack_ids(_take(uniq, pos)),
                         dtype=wire.DTYPE_TO_PB[dtype],
                         map_version=m.version,
                     ),
