@@ -65,3 +65,45 @@ def test_from_bytes_without_copy():
     np.testing.assert_array_equal(view, x)
     assert not view.flags.writeable
     assert dtypes.from_bytes(x.tobytes(), "float32", 3).flags.writeable
+
+
+def test_float8_rows_through_kernels():
+    """float8_e4m3 is row-wise (codes + one scale per 32 values): to_dtype / to_bytes encode
+    rows with kernels.encode, from_bytes / to_float32 decode them; itemsize refuses and points
+    to config.row_bytes."""
+    from engram_store.engine import kernels
+
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    buf = dtypes.to_bytes(x, "float8_e4m3")
+    assert len(buf) == 3 * (64 + 2) and buf == kernels.encode(x, "float8_e4m3").tobytes()
+    y = dtypes.from_bytes(buf, "float8_e4m3", 64)
+    assert y.shape == (3, 64) and y.dtype == np.float32 and y.flags.writeable
+    np.testing.assert_array_equal(y, kernels.decode(buf, "float8_e4m3", 64))
+    np.testing.assert_allclose(y, x, rtol=2**-4, atol=np.abs(x).max() * 2**-9)
+    rows = dtypes.to_dtype(x, "float8_e4m3")
+    assert rows.dtype == dtypes.numpy_dtype("float8_e4m3") == np.uint8 and rows.shape == (3, 66)
+    np.testing.assert_array_equal(dtypes.to_float32(rows, "float8_e4m3"), y)
+    with pytest.raises(InvalidArgument, match="row_bytes"):
+        dtypes.itemsize("float8_e4m3")
+    with pytest.raises(InvalidArgument, match="whole rows"):
+        dtypes.from_bytes(buf[:-1], "float8_e4m3", 64)
+    with pytest.raises(InvalidArgument, match="uint8 \\(n, dim \\+ dim / 32\\)"):
+        dtypes.to_float32(rows[:, :65], "float8_e4m3")
+
+
+@pytest.mark.parametrize("name", ["bfloat16", "float16"])
+def test_numpy_packing_equals_kernels(name):
+    """The numpy conversions here and the compiled ones in kernels round alike."""
+    from engram_store.engine import kernels
+
+    bits = np.random.default_rng(3).integers(0, 2**32, 100_000, dtype=np.uint64)
+    x = bits.astype(np.uint32).view(np.float32).reshape(-1, 4)
+    ours = np.asarray(dtypes.to_dtype(x, name)).view(np.uint16)
+    theirs = kernels.encode(x, name).view(np.uint16)
+    ok = ~np.isnan(x)
+    np.testing.assert_array_equal(ours[ok], theirs[ok])
+    np.testing.assert_array_equal(
+        dtypes.to_float32(dtypes.to_dtype(x, name), name)[ok],
+        kernels.decode(kernels.encode(x, name), name, 4)[ok],
+    )
