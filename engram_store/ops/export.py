@@ -25,7 +25,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from engram_store.engine import dtypes, init
+from engram_store.engine import init, kernels
 from engram_store.engine.config import TableConfig
 from engram_store.engine.errors import ConfigError, InvalidArgument, TableNotFound
 from engram_store.rpc.config import ClientConfig
@@ -69,36 +69,44 @@ class _Cursor:
 
 def _decode(spec: TableConfig, records: np.ndarray) -> np.ndarray:
     """float32 rows of stored records (row in storage dtype, then optimizer state)."""
-    row_bytes = spec.dim * dtypes.itemsize(spec.dtype)
-    raw = np.ascontiguousarray(records[:, :row_bytes])
-    return dtypes.from_bytes(raw.tobytes(), spec.dtype, spec.dim)
+    return kernels.decode(np.ascontiguousarray(records[:, : spec.row_bytes]), spec.dtype, spec.dim)
+
+
+def remote_records(
+    channel, address: str, table: str, slots: bytes, batch_rows: int = 65536
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """A shard's stored rows of `table` in the slots `slots` as it holds them: (ids int64,
+    records uint8 (n, record_bytes): the row in storage dtype, then its optimizer state), sorted
+    by id within the shard. `channel` is a grpc channel to the shard at `address`."""
+    import grpc
+
+    from engram_store.rpc.proto import store_pb2 as pb
+    from engram_store.rpc.proto import store_pb2_grpc as pb_grpc
+    from engram_store.rpc.status import error_from_rpc
+
+    stub = pb_grpc.MemoryStoreStub(channel)
+    stream = stub.ExportRows(
+        pb.ExportRowsRequest(table=table, slots=slots, batch_rows=batch_rows), timeout=24 * 3600
+    )
+    try:
+        for b in stream:
+            ids = np.frombuffer(b.ids, "<i8").astype(np.int64)
+            yield ids, np.frombuffer(b.records, np.uint8).reshape(len(ids), b.record_bytes)
+    except grpc.RpcError as e:
+        raise error_from_rpc(e, f"shard {address}") from None
 
 
 def _remote_batches(
     address: str, config: ClientConfig, spec: TableConfig, slots: bytes
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    import grpc
-
     from engram_store.rpc.auth import open_channel
-    from engram_store.rpc.proto import store_pb2 as pb
-    from engram_store.rpc.proto import store_pb2_grpc as pb_grpc
-    from engram_store.rpc.status import error_from_rpc
 
     channel = open_channel(
         address, config, [("grpc.max_receive_message_length", config.max_message_bytes)]
     )
     try:
-        stub = pb_grpc.MemoryStoreStub(channel)
-        stream = stub.ExportRows(
-            pb.ExportRowsRequest(table=spec.name, slots=slots, batch_rows=65536), timeout=24 * 3600
-        )
-        try:
-            for b in stream:
-                ids = np.frombuffer(b.ids, "<i8").astype(np.int64)
-                rec = np.frombuffer(b.records, np.uint8).reshape(len(ids), b.record_bytes)
-                yield ids, _decode(spec, rec)
-        except grpc.RpcError as e:
-            raise error_from_rpc(e, f"shard {address}") from None
+        for ids, rec in remote_records(channel, address, spec.name, slots):
+            yield ids, _decode(spec, rec)
     finally:
         channel.close()
 
@@ -150,7 +158,7 @@ def write_table(
             hi = min(lo + chunk_rows, spec.num_rows)
             rows = init.initial_rows(spec, np.arange(lo, hi, dtype=np.int64))  # (n, dim)
             if spec.dtype != "float32":  # the store serves init rows rounded to storage dtype
-                rows = dtypes.to_float32(dtypes.to_dtype(rows, spec.dtype), spec.dtype)
+                rows = kernels.decode(kernels.encode(rows, spec.dtype), spec.dtype, spec.dim)
             for c in cursors:
                 ids, vals = c.take_below(hi)
                 if vals is not None:
