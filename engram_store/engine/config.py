@@ -141,8 +141,9 @@ class TableConfig:
 
     @property
     def state_floats(self) -> int:
-        """float32 optimizer-state values per row."""
-        return self.optimizer.state_floats(self.dim)
+        """float32 optimizer-state values per row (none for float8_e4m3 rows, which are served
+        and never trained)."""
+        return 0 if self.dtype == "float8_e4m3" else self.optimizer.state_floats(self.dim)
 
     def head_offsets(self) -> tuple[int, ...]:
         """Start row of each head in the concatenated row space (docs/algorithm.md step 5)."""

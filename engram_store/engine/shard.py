@@ -44,7 +44,6 @@ import numpy as np
 
 from engram_store.engine import init, kernels, records
 from engram_store.engine.arrays import NEVER, TableArrays, chunk_rows_for, reserve
-from engram_store.engine.index import distinct
 from engram_store.engine.config import ShardConfig, TableConfig, row_bytes
 from engram_store.engine.errors import (
     BatchTooLarge,
@@ -60,6 +59,7 @@ from engram_store.engine.errors import (
     TableNotFound,
     WrongShard,
 )
+from engram_store.engine.index import distinct
 from engram_store.engine.records import DELETE, IMPORT, PUSH, LogHeader
 from engram_store.engine.routing import slot_of
 from engram_store.engine.types import PushResult, ShardStateInfo, TableStats
@@ -639,8 +639,8 @@ class Shard:
         if n == 0:
             done = self._done(t, request_id)
             return done if done is not None else PushResult(0, False, int(step) or t.step + 1)
-        uids, g = distinct(ids, grads)
-        g = np.ascontiguousarray(g, np.float32)
+        uids, g = distinct(np.ascontiguousarray(ids), grads)
+        uids, g = np.ascontiguousarray(uids), np.ascontiguousarray(g, np.float32)
         payload = np.empty(uids.shape[0] * (8 + 4 * dim), np.uint8)
         payload[: 8 * uids.shape[0]] = uids.view(np.uint8)
         payload[8 * uids.shape[0] :] = g.reshape(-1).view(np.uint8)
@@ -672,6 +672,7 @@ class Shard:
         self._check_values("imported rows", rows)
         if t.state_floats:
             self._check_values("imported optimizer state", rec[:, t.row_bytes :].view("<f4"))
+        ids = np.ascontiguousarray(ids)
         payload = np.empty(ids.shape[0] * (8 + t.record_bytes), np.uint8)
         payload[: 8 * ids.shape[0]] = ids.view(np.uint8)
         payload[8 * ids.shape[0] :] = rec.reshape(-1)
