@@ -124,3 +124,37 @@ def test_table_create_preset_makes_both_full_height_tables(server_process, tmp_p
     assert r.returncode != 0 and "--name" in r.stderr
     r = engram("table", "create", "--address", server.address, "--preset", "deepseek-v5")
     assert r.returncode != 0 and "deepseek-v4.1-flash" in r.stderr
+
+
+def test_import_and_export_commands(server_process, tmp_path):
+    from tests.ops.test_deepseek_export import read_layer
+    from tests.ops.test_deepseek_import import HEADS, make_checkpoint
+
+    data = make_checkpoint(tmp_path / "ckpt", seed=7)
+    server = server_process(tmp_path / "d")
+    a = ("--address", server.address)
+    for layer, heads in HEADS.items():  # without --preset, the tables are the store's own
+        r = engram(
+            "table", "create", *a, "--name", f"engram_l{layer}", "--head-rows",
+            ",".join(map(str, heads)), "--dim", "256", "--dtype", "float8_e4m3",
+            "--optimizer", "sgd",
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+    progress = tmp_path / "p.json"
+    ckpt = ("--checkpoint", str(tmp_path / "ckpt"), "--progress", str(progress))
+    r = engram("import", *ckpt, *a, "--segment-rows", "1000")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)["tables"]
+    assert out["engram_l1"]["verified"] and out["engram_l14"]["stored_rows"] == 2052
+    assert "engram import: engram_l14 2,052/2,052 rows (100.0%)" in r.stderr
+    r = engram("export", "--format", "deepseek-v4.1", *a, "--out", str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr
+    for layer, (codes, scales) in data.items():
+        w, s = read_layer(tmp_path / "out", layer)
+        np.testing.assert_array_equal(w, codes)
+        np.testing.assert_array_equal(s, scales)
+    # a checkpoint without a scale tensor: refused, naming it
+    make_checkpoint(tmp_path / "bad", drop="layers.14.engram.embed.scale")
+    bad = ("--checkpoint", str(tmp_path / "bad"), "--progress", str(tmp_path / "q.json"))
+    r = engram("import", *bad, *a, "--quiet")
+    assert r.returncode != 0 and "layers.14.engram.embed.scale" in r.stderr
