@@ -87,36 +87,29 @@ def _sr_bits(salt: np.uint64, row_id: np.int64, step: np.int64, words: np.ndarra
 # 16-bit rows <-> float32
 
 
-@_jit
+@_inline
 def _bf16_row_to_f32(src: np.ndarray, dst_bits: np.ndarray) -> None:
     for j in range(src.shape[0]):
         dst_bits[j] = np.uint32(src[j]) << np.uint32(16)
 
 
-@_jit
-def _f16_to_f32_bits(h: np.uint64) -> np.uint64:
-    """float32 bits of float16 bits `h` (exact)."""
-    sign = (h & _U64(0x8000)) << _U64(16)
-    e = (h >> _U64(10)) & _U64(0x1F)
-    m = h & _U64(0x3FF)
-    if e == _U64(0):
-        if m == _U64(0):
-            return sign
-        # subnormal m * 2^-24: normalise the mantissa into float32's implicit-bit form
-        sh = _U64(0)
-        while (m & _U64(0x400)) == _U64(0):
-            m <<= _U64(1)
-            sh += _U64(1)
-        return sign | ((_U64(113) - sh) << _U64(23)) | ((m & _U64(0x3FF)) << _U64(13))
-    if e == _U64(31):
-        return sign | _U64(0x7F800000) | (m << _U64(13))
-    return sign | ((e + _U64(112)) << _U64(23)) | (m << _U64(13))
-
-
-@_jit
-def _f16_row_to_f32(src: np.ndarray, dst_bits: np.ndarray) -> None:
+@_inline
+def _f16_row_to_f32(src: np.ndarray, dst_bits: np.ndarray, dst: np.ndarray) -> None:
+    """float32 values (dst, whose bits dst_bits views) of float16 bits src, exact: normal
+    values, inf and NaN by moving the exponent and mantissa fields, then subnormals (m 2^-24)
+    by an exact int -> float conversion; two branch-free loops that vectorise."""
     for j in range(src.shape[0]):
-        dst_bits[j] = np.uint32(_f16_to_f32_bits(_U64(src[j])))
+        h = np.uint32(src[j])
+        e = (h >> np.uint32(10)) & np.uint32(0x1F)
+        sign = (h & np.uint32(0x8000)) << np.uint32(16)
+        mant = (h & np.uint32(0x3FF)) << np.uint32(13)
+        exp32 = np.uint32(0x7F800000) if e == np.uint32(31) else (e + np.uint32(112)) << 23
+        dst_bits[j] = sign | exp32 | mant
+    for j in range(src.shape[0]):
+        h = np.uint32(src[j])
+        if (h & np.uint32(0x7C00)) == np.uint32(0):
+            v = np.float32(h & np.uint32(0x3FF)) * np.float32(2.0**-24)
+            dst[j] = -v if (h & np.uint32(0x8000)) else v
 
 
 @_jit
@@ -170,13 +163,14 @@ def _encode16(x_bits: np.ndarray, mode: int, out: np.ndarray) -> None:
 
 
 @_jit
-def _decode16(src: np.ndarray, mode: int, out_bits: np.ndarray) -> None:
-    """16-bit bits (n, dim) -> float32 bits (n, dim), exact."""
+def _decode16(src: np.ndarray, mode: int, out: np.ndarray) -> None:
+    """16-bit bits (n, dim) -> float32 (n, dim), exact."""
+    out_bits = out.view(np.uint32)
     for i in range(src.shape[0]):
         if mode == _BF16:
             _bf16_row_to_f32(src[i], out_bits[i])
         else:
-            _f16_row_to_f32(src[i], out_bits[i])
+            _f16_row_to_f32(src[i], out_bits[i], out[i])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,59 +199,72 @@ _E4M3 = _e4m3_table()
 _E8M0 = _e8m0_table()
 
 
-@_jit
-def _rne_int(q: float):
-    """q >= 0 rounded to the nearest integer, ties to even (exact for float64 q)."""
-    f = math.floor(q)
-    k = np.int64(f)
-    d = q - f
-    if d > 0.5 or (d == 0.5 and (k & 1) == 1):
+@_inline
+def _fp8_block_exponent(amax_bits):
+    """e = ceil(log2(amax / 448)) clamped to [-127, 127], from the bits of finite amax >= 0:
+    amax = m 2^p with m in [1, 2) needs 2^(p - 8) when m <= 1.75 (448 = 1.75 2^8), else
+    2^(p - 7). Zero and float32 denormals (amax < 2^-126) get -127."""
+    if amax_bits < 0x00800000:
+        return -127
+    p = np.int64(amax_bits >> 23) - 127
+    e = p - 8 + (1 if (amax_bits & 0x7FFFFF) > 0x600000 else 0)
+    return min(max(e, -127), 127)
+
+
+@_inline
+def _e4m3_rne(a):
+    """e4m3fn magnitude code of the float32 bits `a` of v in [0, 448], round to nearest even.
+
+    Normal codes (v >= 2^-6, float32 exponent field >= 121) keep 3 mantissa bits; subnormal
+    codes count units of 2^-9 (8 carries into code 8 = 2^-6)."""
+    e32 = a >> 23
+    t = a >> 20
+    rem = a & 0xFFFFF
+    if rem > 0x80000 or (rem == 0x80000 and (t & 1) == 1):
+        t += 1
+    normal = t - 960  # 960 = (121 << 3) - (1 << 3): 2^-6 is code 8
+    shift = 141 - e32 if e32 >= 117 else 24  # v 2^9 = mantissa / 2^shift
+    mant = (a & 0x7FFFFF) | 0x800000
+    k = mant >> shift
+    rem2 = mant & ((1 << shift) - 1)
+    half = 1 << (shift - 1)
+    if rem2 > half or (rem2 == half and (k & 1) == 1):
         k += 1
-    return k
-
-
-@_jit
-def _e4m3_rne(v: float) -> int:
-    """e4m3fn magnitude code of v >= 0 (float64), round to nearest even, saturating at 448."""
-    if v >= 448.0:
-        return 0x7E
-    if v < 2.0**-6:
-        return _rne_int(v * 512.0)  # subnormals: units of 2^-9 (8 carries into 2^-6, code 8)
-    m, ex = math.frexp(v)  # v = m 2^ex, m in [0.5, 1): exponent ex - 1, mantissa 16 m - 8
-    code = ((ex + 6) << 3) + _rne_int(m * 16.0) - 8
+    sub = k if e32 >= 117 else 0
+    code = normal if e32 >= 121 else sub
     return min(code, 0x7E)
 
 
 @_jit
-def _fp8_encode(x: np.ndarray, x_bits: np.ndarray, out: np.ndarray) -> int:
+def _fp8_encode(x: np.ndarray, x_bits: np.ndarray, pow2: np.ndarray, out: np.ndarray) -> int:
     """float32 (n, dim) -> fp8 rows (n, dim + dim / 32); returns the flat index of the first
-    non-finite value (nothing sensible encodes it), or -1."""
+    non-finite value (nothing sensible encodes it), or -1.
+
+    Per block: the exponent from amax's bits, v = |x| * 2^-e in float32 (exact wherever the
+    code is not 0: 2^-e is a normal float32 for every finite amax), then the code from v's
+    bits, all in integer arithmetic."""
     n, dim = x.shape
-    nb = dim // 32
     for i in range(n):
         for j in range(dim):
-            if not math.isfinite(x[i, j]):
+            if (x_bits[i, j] & np.uint32(0x7FFFFFFF)) >= np.uint32(0x7F800000):
                 return i * dim + j
+    v = np.empty(32, np.float32)
+    v_bits = v.view(np.uint32)
     for i in range(n):
-        for b in range(nb):
-            amax = np.float32(0.0)
-            for j in range(b * 32, b * 32 + 32):
-                amax = max(amax, abs(x[i, j]))
-            # e = ceil(log2(amax / 448)) clamped to e8m0's [-127, 127]; amax / 448 in float64
-            # is a power of two exactly when the real quotient is (amax has 24 bits)
-            if amax == 0:
-                e = -127
-            else:
-                m, ex = math.frexp(np.float64(amax) / 448.0)
-                e = ex - 1 if m == 0.5 else ex
-                e = min(max(e, -127), 127)
-            out[i, dim + b] = np.uint8(e + 127)
-            inv = math.ldexp(1.0, -e)  # x * 2^-e is exact in float64
-            for j in range(b * 32, b * 32 + 32):
-                code = _e4m3_rne(abs(np.float64(x[i, j])) * inv)
-                if x_bits[i, j] >> np.uint32(31):
-                    code |= 0x80
-                out[i, j] = np.uint8(code)
+        for blk in range(dim // 32):
+            lo = blk * 32
+            amax = np.int64(0)
+            for j in range(32):
+                amax = max(amax, np.int64(x_bits[i, lo + j] & np.uint32(0x7FFFFFFF)))
+            e = _fp8_block_exponent(amax)
+            out[i, dim + blk] = np.uint8(e + 127)
+            f = pow2[127 - e]  # 2^-e
+            for j in range(32):
+                v[j] = abs(x[i, lo + j]) * f
+            for j in range(32):
+                code = _e4m3_rne(np.int64(v_bits[j]))
+                sign = np.int64(x_bits[i, lo + j] >> np.uint32(31)) << 7
+                out[i, lo + j] = np.uint8(code | sign)
     return -1
 
 
@@ -442,7 +449,7 @@ def _step_kernel(kind, mode, rows32, rows16, state, offs, ids, grads, hp, salt, 
             if mode == _BF16:
                 _bf16_row_to_f32(rows16[o], tmp_bits)
             else:
-                _f16_row_to_f32(rows16[o], tmp_bits)
+                _f16_row_to_f32(rows16[o], tmp_bits, tmp)
             w = tmp
         g = grads[i]
         st = state[o]
@@ -633,7 +640,7 @@ def encode(x: np.ndarray, dtype: str, out: np.ndarray | None = None) -> np.ndarr
     if dtype == "float32":
         out.view(np.float32)[...] = x
     elif dtype == "float8_e4m3":
-        bad = _fp8_encode(x, x.view(np.uint32), out)
+        bad = _fp8_encode(x, x.view(np.uint32), _E8M0, out)
         if bad >= 0:
             raise InvalidArgument(
                 f"row {bad // dim} column {bad % dim} is {x.flat[bad]}: float8_e4m3 holds only "
@@ -657,7 +664,7 @@ def decode(buf, dtype: str, dim: int, out: np.ndarray | None = None) -> np.ndarr
     elif dtype == "float8_e4m3":
         _fp8_decode(rows, _E4M3, _E8M0, out)
     else:
-        _decode16(rows.view(np.uint16), _MODES[dtype], out.view(np.uint32))
+        _decode16(rows.view(np.uint16), _MODES[dtype], out)
     return out
 
 

@@ -434,7 +434,9 @@ def test_fp8_encode_decode_match_torch_formula():
     np.testing.assert_array_equal(buf[7:], ref[7:])
     assert buf[3, 256] == 0 and not buf[3, :32].any()
     assert buf[4, 257] == 127 - 3 + 0 + 0 and buf[4, 32] == 0x7E  # 448 itself, scale 2^-3
-    assert buf[6, 256:].tolist() == [0] * 8  # the smallest scale
+    assert buf[6, 256:].tolist() == [0] * 8  # the smallest scale, 2^-127
+    codes6 = (torch.from_numpy(x[6]).double() * 2.0**127).float().to(torch.float8_e4m3fn)
+    np.testing.assert_array_equal(buf[6, :256], codes6.view(torch.uint8).numpy())
     got = kernels.decode(buf, "float8_e4m3", dim)
     np.testing.assert_array_equal(got, _fp8_decode_reference(buf, dim))
     # relative error of a quantised value is at most half an e4m3 ulp of its block's range
