@@ -158,3 +158,32 @@ def test_import_and_export_commands(server_process, tmp_path):
     bad = ("--checkpoint", str(tmp_path / "bad"), "--progress", str(tmp_path / "q.json"))
     r = engram("import", *bad, *a, "--quiet")
     assert r.returncode != 0 and "layers.14.engram.embed.scale" in r.stderr
+
+
+def test_query_preset_prints_the_rows_a_text_reads(server_process, tmp_path):
+    from trainer.presets import get
+
+    server = server_process(tmp_path / "d")
+    a = ("--address", server.address)
+    r = engram("table", "create", *a, "--preset", "deepseek-v4.1-flash")
+    assert r.returncode == 0, r.stderr
+    text = "Alexander the Great"
+    r = engram("query", *a, "--preset", "deepseek-v4.1-flash", "--text", text, "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    preset = get("deepseek-v4.1-flash")
+    tok = preset.load_tokenizer()
+    ids = np.array([tok.encode(text, add_special_tokens=False).ids])
+    want = preset.hasher(tok).global_ids(ids)
+    assert out["tokens"] == [tok.decode([int(t)]) for t in ids[0]]
+    with StoreClient(server.address) as c:
+        for layer in (1, 14):
+            got = out["layers"][str(layer)]
+            assert got["dtype"] == "float8_e4m3" and len(got["heads"]) == 24
+            assert got["row_ids"] == want[layer][0].tolist()  # (T, 24)
+            rows = c.lookup(f"engram_l{layer}", want[layer][0])  # dequantized
+            np.testing.assert_allclose(got["norms"], np.linalg.norm(rows, axis=-1), atol=1e-4)
+    r = engram("query", *a, "--preset", "deepseek-v4.1-flash", "--text", text)
+    assert r.returncode == 0, r.stderr
+    assert "layer 14 (table engram_l14, float8_e4m3): 24 row ids per token" in r.stdout
+    assert "Alexander" in r.stdout
