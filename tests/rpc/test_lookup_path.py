@@ -17,7 +17,7 @@ from engram_store.rpc import wire
 from engram_store.rpc.client import StoreClient
 from engram_store.rpc.config import ClientConfig
 from engram_store.rpc.proto import store_pb2 as pb
-from engram_store.rpc.servicer import _ResponseBuffers
+from engram_store.rpc.servicer import bytes_to_fill
 from tests.servers import SMALL_BATCH
 
 DIM = 64  # a multiple of 32: rows of every table can travel as float8_e4m3
@@ -169,7 +169,7 @@ def test_views_and_ownership(client, tables):
 
 
 def test_concurrent_lookups_get_their_own_rows(shard, client, tables):
-    """Each server thread's reused buffer serves one answer at a time."""
+    """Answers built at the same time in several server threads stay apart."""
     rng = np.random.default_rng(6)
     batches = [rng.permutation(ROWS)[: rng.integers(1, 2000)] for _ in range(24)]
     expect = [shard.shard.lookup_into("t_float32", b, "float32").tobytes() for b in batches]
@@ -239,16 +239,13 @@ def test_gradients_travel_in_a_gradient_dtype_under_an_fp8_wire(shard):
         assert c.lookup("g", [1, 2], raw=True).shape == (2, DIM + DIM // 32)
 
 
-def test_response_buffers_are_reused_up_to_their_cap():
-    buffers = _ResponseBuffers(keep=1000)
-    a = buffers.get(100)
-    assert buffers.get(50) is a  # reused
-    b = buffers.get(800)
-    assert b.nbytes == 800 and buffers.get(100) is b  # grown, then reused
-    big = buffers.get(5000)
-    assert big.nbytes == 5000 and buffers.get(100) is b  # over the cap: not kept
-    other: list[np.ndarray] = []
-    t = threading.Thread(target=lambda: other.append(buffers.get(100)))
-    t.start()
-    t.join()
-    assert other[0] is not b  # one buffer per thread
+def test_answers_are_built_in_bytes_of_their_own():
+    pattern = (np.arange(5000) % 251).astype(np.uint8)
+    first, view = bytes_to_fill(5000)
+    view[:] = pattern
+    del view
+    second, view = bytes_to_fill(5000)
+    view[:] = 7  # filling the next answer leaves the first one as it was
+    assert type(first) is bytes and first == pattern.tobytes()
+    assert second == bytes([7]) * 5000
+    assert bytes_to_fill(0)[0] == b""
