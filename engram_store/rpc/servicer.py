@@ -47,6 +47,7 @@ def bytes_to_fill(size: int) -> tuple[bytes, np.ndarray]:
     immutable to everyone else)."""
     out = _new_bytes(None, size)
     address = ctypes.cast(ctypes.c_char_p(out), ctypes.c_void_p).value
+    assert address is not None  # the buffer of a bytes object, never NULL
     view = np.ctypeslib.as_array((ctypes.c_uint8 * size).from_address(address))
     return out, view
 
