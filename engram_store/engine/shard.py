@@ -922,16 +922,26 @@ class Shard:
                 return
         new = np.flatnonzero(offs < 0)
         if kind == PUSH and new.shape[0]:
-            fresh_rows = kernels.encode(init.initial_rows(t.spec, ids[new]), t.spec.dtype)
-            fresh_state = init.initial_state(t.spec, new.shape[0])
+            fresh_rows = self._initial_rows(t.spec, ids[new])
         with t.lock.write():
             if new.shape[0]:
+                high = t.high
                 offs[new] = t.allocate(ids[new], seq - 1)
                 if base is not None:
                     base[offs[new]] = -1
                 if kind == PUSH:
-                    t.rows[offs[new]] = fresh_rows
-                    t.state[offs[new]] = fresh_state
+                    new_offs = offs[new]
+                    kernels.scatter(t.rows, new_offs, fresh_rows)
+                    # offsets past the old high-water mark are untouched zero pages: a zero
+                    # initial state (all but Adagrad's accumulator value) needs no writing
+                    if t.state_floats and _zero_state(t.spec):
+                        reused = new_offs[new_offs < high]
+                        if reused.shape[0]:
+                            t.state[reused] = 0.0
+                    elif t.state_floats:
+                        kernels.scatter(
+                            t.state, new_offs, init.initial_state(t.spec, new_offs.shape[0])
+                        )
             t.mark(offs)
             if kind == PUSH:
                 self._step_rows(t, offs, ids, values, step)
@@ -943,6 +953,22 @@ class Shard:
                 t.step = max(t.step, step)
                 t.pushes += kind == PUSH
                 self._applied_seq = max(self._applied_seq, seq)
+
+    def _initial_rows(self, spec: TableConfig, ids: np.ndarray) -> np.ndarray:
+        """Initial rows of never-stored ids in the storage dtype; two threads for many (numpy's
+        loops release the GIL)."""
+        n = ids.shape[0]
+        if self._pool is None or n < _SPLIT_ROWS:
+            return kernels.encode(init.initial_rows(spec, ids), spec.dtype)
+        out = np.empty((n, spec.row_bytes), np.uint8)
+        h = n // 2
+
+        def part(a: int, b: int) -> None:
+            kernels.encode(init.initial_rows(spec, ids[a:b]), spec.dtype, out[a:b])
+
+        for f in [self._pool.submit(part, 0, h), self._pool.submit(part, h, n)]:
+            f.result()
+        return out
 
     def _step_rows(
         self, t: TableArrays, offs: np.ndarray, ids: np.ndarray, grads: np.ndarray, step: int
@@ -1285,6 +1311,12 @@ class Shard:
             "log_bytes": self._log_bytes,
             "cache_rows": sum(t.stored for t in tables),
         }
+
+
+def _zero_state(spec: TableConfig) -> bool:
+    """Whether never-stored rows start with an all-zero optimizer state."""
+    o = spec.optimizer
+    return not (o.kind in ("adagrad", "rowwise_adagrad") and o.initial_accumulator_value)
 
 
 def _read_only(config: ShardConfig) -> ShardConfig:
