@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from engram_store.engine import dtypes
+from engram_store.engine import dtypes, kernels
 from engram_store.engine.config import FP8_BLOCK, OptimizerConfig, TableConfig, row_bytes
 from engram_store.engine.errors import InvalidArgument
 from engram_store.engine.types import ShardStateInfo
@@ -68,46 +68,19 @@ def wire_width(dtype: str, dim: int) -> int:
     return row_bytes(dtype, dim) // wire_numpy_dtype(dtype).itemsize
 
 
-def _e4m3_values() -> np.ndarray:
-    """float32 value of each of the 256 e4m3 codes (OCP FP8 E4M3: exponent bias 7, subnormals,
-    no infinities, S.1111.111 is NaN)."""
-    c = np.arange(256)
-    e, m = (c >> 3) & 0xF, c & 7
-    mag = np.where(e == 0, m / 8 * 2.0**-6, (1 + m / 8) * np.exp2(e - 7.0))
-    mag[(e == 15) & (m == 7)] = np.nan
-    return np.where(c >> 7, -mag, mag).astype(np.float32)
-
-
-_E4M3 = _e4m3_values()
-# e8m0 scale byte s stands for 2 ** (s - 127); 255 is NaN
-_E8M0 = np.append(np.exp2(np.arange(255) - 127.0), np.nan).astype(np.float32)
-
-
-def fp8_to_float32(rows: np.ndarray, dim: int) -> np.ndarray:
-    """float32 (n, dim) values of float8_e4m3 rows held as uint8 (n, dim + dim / 32): each code
-    times the e8m0 scale of its block of 32 values."""
-    if (
-        dim <= 0
-        or dim % FP8_BLOCK
-        or rows.ndim != 2
-        or rows.shape[1] != row_bytes("float8_e4m3", dim)
-    ):
-        raise InvalidArgument(
-            f"float8_e4m3 rows of shape {rows.shape} are not (n, {dim} + {dim} / {FP8_BLOCK}) "
-            f"uint8 rows of dim {dim}; dim must be a multiple of {FP8_BLOCK}"
-        )
-    n = rows.shape[0]
-    values = _E4M3[rows[:, :dim]].reshape(n, dim // FP8_BLOCK, FP8_BLOCK)
-    values *= _E8M0[rows[:, dim:]][:, :, None]
-    return values.reshape(n, dim)
-
-
 def wire_to_float32(rows: np.ndarray, dtype: str, dim: int) -> np.ndarray:
-    """float32 (n, dim) values of rows held as `wire_numpy_dtype(dtype)`; float32 rows are
-    returned as they are (no copy)."""
-    if dtype == "float8_e4m3":
-        return fp8_to_float32(rows, dim)
-    return dtypes.to_float32(rows, dtype)
+    """float32 (n, dim) values of rows held as `wire_numpy_dtype(dtype)` (a decoded answer),
+    decoded by the engine's kernels (exact; float8_e4m3: each code times the e8m0 scale of its
+    block of 32); float32 rows are returned as they are (no copy)."""
+    if dtype == "float32":
+        return rows
+    width = row_bytes(dtype, dim)
+    if rows.dtype != wire_numpy_dtype(dtype) or rows.ndim != 2 or rows.nbytes != len(rows) * width:
+        raise InvalidArgument(
+            f"rows of {rows.dtype} {rows.shape} are not {dtype} rows of dim {dim}; pass "
+            f"(n, {wire_width(dtype, dim)}) {wire_numpy_dtype(dtype)} as lookup(raw=True) gives"
+        )
+    return kernels.decode(rows.view(np.uint8).reshape(len(rows), width), dtype, dim)
 
 
 def pack_ids(ids: np.ndarray) -> bytes:

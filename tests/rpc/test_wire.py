@@ -63,7 +63,7 @@ def test_fp8_rows_decode_like_torch():
     scales = rng.integers(100, 150, (n, dim // 32), np.uint8)
     scales[1, 0] = 255  # a NaN scale
     rows = np.concatenate([codes, scales], axis=1)
-    got = wire.fp8_to_float32(rows, dim)
+    got = wire.wire_to_float32(rows, "float8_e4m3", dim)
     value = torch.from_numpy(codes).view(torch.float8_e4m3fn).float().numpy()
     scale = np.where(scales == 255, np.nan, np.exp2(scales.astype(np.float64) - 127))
     scale = scale.astype(np.float32)
@@ -71,7 +71,9 @@ def test_fp8_rows_decode_like_torch():
     np.testing.assert_array_equal(got, expect)  # NaNs in the same places
     assert np.isnan(got[0, :2]).all() and np.isnan(got[1, :32]).all() and got[0, 2] == 0
     with pytest.raises(InvalidArgument, match="multiple of 32"):
-        wire.fp8_to_float32(rows[:, :40], 40)
+        wire.wire_to_float32(rows[:, :41], "float8_e4m3", 40)
+    with pytest.raises(InvalidArgument, match=r"not float8_e4m3 rows of dim 64; pass \(n, 66\)"):
+        wire.wire_to_float32(rows[:, :60], "float8_e4m3", dim)
 
 
 def test_corrupt_lookup_response_is_rejected():
