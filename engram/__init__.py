@@ -13,4 +13,4 @@ the design's packages, from the bottom up:
 See docs/design.md for the whole picture and docs/layers.md for the import rules a test enforces.
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
