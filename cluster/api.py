@@ -17,7 +17,6 @@ import dataclasses
 import logging
 import math
 import os
-import socket
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -26,12 +25,23 @@ import ray
 
 from cluster.config import ClusterConfig
 from cluster.registry import Registry, ray_get, registry_actor_options
-from cluster.runtime import start_local_ray
+from cluster.runtime import (
+    RayAuthRequired,
+    RayUnreachable,
+    SeveralRays,
+    join_ray,
+    local_rays,
+    pick_local_ray,
+    probe_gcs,
+    ray_token,
+    start_local_ray,
+)
 from engram_store.engine.config import TableConfig
 from engram_store.engine.errors import ConfigError, DataDirLocked, EngramError, ShardUnavailable
 from engram_store.engine.routing import ShardMap
 from engram_store.rpc.client import StoreClient, probe_shard
 from engram_store.rpc.config import ClientConfig
+from engram_store.rpc.metrics import scrape, summarize
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +63,6 @@ class ClusterNotFound(EngramError):
     hint = "start it (`engram cluster up`), or check --name, --namespace and --address"
 
 
-class RayUnreachable(ShardUnavailable):
-    """Nothing answers at the Ray address given."""
-
-    hint = "give the Ray head's GCS address (host:6379), or leave --address out for a local Ray"
-
-
 @dataclass(frozen=True)
 class ShardStatus:
     index: int
@@ -71,6 +75,10 @@ class ShardStatus:
     requests_per_s: float
     map_version: int  # the version this shard holds (equal to the cluster's when settled)
     error: str = ""
+    metrics_address: str = ""  # the shard's Prometheus /metrics "host:port" ("" = off)
+    # read from /metrics: requests and errors (calls not OK) so far, p99 latency (ms) of Lookup
+    # and PushGradients; {"error": ...} when the scrape failed, {} without metrics
+    metrics: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -99,13 +107,15 @@ class ClusterStatus:
             f"{len(self.shards)} shards on {len(self.nodes)} node(s)  "
             f"{self.num_slots} slots  data {self.data_root}  ray {self.ray_address}",
             f"{'shard':>5}  {'address':<21} {'node':<15} {'pid':>7} {'rows':>12} "
-            f"{'bytes':>12} {'req/s':>9}  map",
+            f"{'bytes':>12} {'req/s':>9}  map  {'requests':>9} {'errors':>7} "
+            f"{'lookup p99':>10} {'push p99':>9}  metrics",
         ]
         for s in self.shards:
             lines.append(
                 f"{s.index:>5}  {s.address:<21} {s.node_ip:<15} {s.pid:>7} "
                 f"{s.stored_rows:>12} {s.stored_bytes:>12} {s.requests_per_s:>9.1f}  "
-                f"v{s.map_version}" + (f"  ERROR {s.error}" if s.error else "")
+                f"v{s.map_version:<3} {_metrics_columns(s)}"
+                + (f"  ERROR {s.error}" if s.error else "")
             )
         if self.last_reshard:
             r = self.last_reshard
@@ -116,25 +126,47 @@ class ClusterStatus:
         return "\n".join(lines)
 
 
-def _probe_tcp(address: str, timeout_s: float = 3.0) -> None:
-    """Raise RayUnreachable unless something accepts TCP connections at "host:port"."""
-    host, _, port = address.rpartition(":")
+def _metrics_columns(s: ShardStatus) -> str:
+    """The /metrics part of a status line: requests, errors, p99s, and where it was read."""
+    m = s.metrics
+    if not m or "error" in m:
+        why = f"unreadable ({m['error']})" if m else "off"
+        return f"{'-':>9} {'-':>7} {'-':>10} {'-':>9}  {s.metrics_address or ''} {why}".rstrip()
+
+    def ms(key: str) -> str:
+        v = m.get(key)
+        return "-" if v is None or math.isnan(v) else f"{v:.1f}ms"
+
+    return (
+        f"{m['requests']:>9} {m['errors']:>7} {ms('lookup_p99_ms'):>10} "
+        f"{ms('push_p99_ms'):>9}  http://{s.metrics_address}/metrics"
+    )
+
+
+def read_shard_metrics(address: str, timeout_s: float = 2.0) -> dict:
+    """What `engram cluster status` shows of a shard's /metrics at "host:port": requests and
+    errors so far, p99 latency (ms) of Lookup and PushGradients; {"error": ...} if unreadable."""
     try:
-        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s):
-            pass
-    except (OSError, ValueError) as e:
-        raise RayUnreachable(
-            f"cannot reach a Ray cluster at {address!r} ({e}); give the head's GCS address "
-            "(`ray start --head` prints it, default port 6379) or leave --address out to start "
-            "a local Ray"
-        ) from None
+        summary = summarize(scrape(address, timeout_s=timeout_s))
+    except (OSError, ValueError) as e:  # refused, timed out, not Prometheus text
+        return {"error": f"{type(e).__name__}: {e}"}
+    methods = summary["methods"]
+    return {
+        "requests": sum(m["requests"] for m in methods.values()),
+        "errors": sum(sum(m["errors"].values()) for m in methods.values()),
+        "lookup_p99_ms": methods.get("Lookup", {}).get("p99_ms"),
+        "push_p99_ms": methods.get("PushGradients", {}).get("p99_ms"),
+    }
 
 
-def _connect_ray(address: str | None, config: ClusterConfig) -> tuple[str, bool]:
-    """Connect this process to Ray; returns (GCS address, whether we started Ray here).
+def _connect_ray(
+    address: str | None, config: ClusterConfig, timeout_s: float = 5.0
+) -> tuple[str, bool]:
+    """Connect this process to Ray for `up`; returns (GCS address, whether we started Ray here).
 
-    None: reuse this process's Ray if connected, else start a local Ray whose only node is a
-    store node. An address: probe it first, so a wrong one fails fast and changes nothing.
+    None: reuse this process's Ray if connected, else start a local Ray (on 127.0.0.1) whose only
+    node is a store node. An address: probe it first (runtime.join_ray), so a wrong one, or a
+    missing or wrong Ray token, fails within about `timeout_s` and changes nothing.
     """
     if address is None:
         if ray.is_initialized():
@@ -145,21 +177,56 @@ def _connect_ray(address: str | None, config: ClusterConfig) -> tuple[str, bool]
             num_cpus=2 * need, resources={config.store_resource: 1000}, namespace=config.namespace
         )
         return ray.get_runtime_context().gcs_address, True
-    if address != "auto" and "://" not in address:
-        _probe_tcp(address)
     if ray.is_initialized():
-        current = ray.get_runtime_context().gcs_address
-        if address not in ("auto", current):
-            raise ConfigError(
-                f"this process is connected to Ray at {current}, not {address}; "
-                "use one Ray cluster per process"
-            )
-        return current, False
+        return _same_ray(address), False
+    return join_ray(address, namespace=config.namespace, timeout_s=timeout_s), False
+
+
+def _same_ray(address: str | None) -> str:
+    """This process's Ray address; ConfigError when `address` names another one."""
+    current = ray.get_runtime_context().gcs_address
+    if address not in (None, "auto", current):
+        raise ConfigError(
+            f"this process is connected to Ray at {current}, not {address}; "
+            "use one Ray cluster per process"
+        )
+    return current
+
+
+def attach_ray(address: str | None, namespace: str, timeout_s: float = 5.0) -> tuple[str, str]:
+    """Connect to a running Ray for status/scale/down; returns (GCS address, how it was chosen).
+
+    None: this process's Ray if connected, else the only Ray running on this machine; several
+    are refused with a list (SeveralRays), none with NoLocalRay: a command never attaches to an
+    arbitrary Ray. A local Ray that wants this machine's token (~/.ray/auth_token) gets it, as
+    `ray.init(address="auto")` would; an explicit address gets it only with RAY_AUTH_MODE=token.
+    """
+    if ray.is_initialized():
+        return _same_ray(address), ""
+    if address is not None:
+        return join_ray(address, namespace=namespace, timeout_s=timeout_s), ""
+    chosen = pick_local_ray(local_rays())
+    target = chosen.address
     try:
-        ray.init(address=address, namespace=config.namespace, log_to_driver=False)
-    except ConnectionError as e:
-        raise RayUnreachable(f"cannot connect to Ray at {address!r}: {e}") from None
-    return ray.get_runtime_context().gcs_address, False
+        probe_gcs(chosen.address, timeout_s)
+    except RayAuthRequired:
+        if not ray_token()[0] or not probe_gcs(chosen.address, timeout_s, use_token=True):
+            raise
+        target = "auto"  # Ray sends this machine's token only to a local Ray it finds itself
+    address = join_ray(target, namespace=namespace, timeout_s=timeout_s)
+    if address != chosen.address:  # another Ray started in between
+        ray.shutdown()
+        raise SeveralRays(f"Ray connected to {address}, not {chosen.address}; give --address")
+    return address, f"using the only Ray on this machine, {chosen.describe()}"
+
+
+def clusters_on_ray() -> list[tuple[str, str]]:
+    """(name, namespace) of every engram cluster up on the connected Ray (its registry actors)."""
+    suffix = ClusterConfig(name="").registry_name  # ".registry"
+    actors = ray.util.list_named_actors(all_namespaces=True)
+    return sorted(
+        (a["name"][: -len(suffix)], a["namespace"]) for a in actors if a["name"].endswith(suffix)
+    )
 
 
 def _existing_registry(config: ClusterConfig):
@@ -177,21 +244,27 @@ class EngramCluster:
         self.config = config
         self.ray_address = ray_address
         self._owns_ray = owns_ray
+        self.chosen = ""  # how connect() picked a local Ray, when no address was given
 
     # -- constructors ------------------------------------------------------------------------
     @classmethod
     def up(
-        cls, config: ClusterConfig, address: str | None = None, tables: Iterable[TableConfig] = ()
+        cls,
+        config: ClusterConfig,
+        address: str | None = None,
+        tables: Iterable[TableConfig] = (),
+        timeout_s: float = 5.0,
     ) -> EngramCluster:
         """Start (or reopen from config.data_root) a cluster of config.num_shards shards and
         create `tables`. Refuses, changing nothing, a data root of another layout
         (LayoutMismatch), one a live cluster serves (DataDirLocked), a cluster name already up
-        (ClusterExists) and an unreachable address (RayUnreachable)."""
+        (ClusterExists), an unreachable address (RayUnreachable, within about `timeout_s`) and a
+        missing or wrong Ray token (RayAuthRequired, RayTokenRefused)."""
         config.validate()
         tables = list(tables)
         for t in tables:
             t.validate()
-        ray_address, owns_ray = _connect_ray(address, config)
+        ray_address, owns_ray = _connect_ray(address, config, timeout_s)
         try:
             existing = _existing_registry(config)
             if existing is not None:
@@ -234,25 +307,28 @@ class EngramCluster:
 
     @classmethod
     def connect(
-        cls, address: str | None = None, name: str = "engram", namespace: str = "engram"
+        cls,
+        address: str | None = None,
+        name: str = "engram",
+        namespace: str = "engram",
+        timeout_s: float = 5.0,
     ) -> EngramCluster:
-        """The cluster `name` that is up on the Ray cluster at `address` (None: this process's
-        Ray, else a local `ray start` one)."""
-        probe = ClusterConfig(name=name, namespace=namespace)
-        if address is None and not ray.is_initialized():
-            address = "auto"
-        try:
-            ray_address, _ = _connect_ray(address, probe)
-        except ConnectionError as e:
-            raise RayUnreachable(f"no Ray cluster to connect to ({e}); give --address") from None
-        registry = _existing_registry(probe)
+        """The cluster `name` that is up on the Ray at `address` (None: this process's Ray, else
+        the only Ray on this machine; see attach_ray). `chosen` on the result says how a local
+        Ray was picked ("" when it was given). ClusterNotFound lists the clusters that are up."""
+        ray_address, chosen = attach_ray(address, namespace, timeout_s)
+        registry = _existing_registry(ClusterConfig(name=name, namespace=namespace))
         if registry is None:
+            where = f" ({chosen})" if chosen else ""
+            up = ", ".join(f"{n} (namespace {ns})" for n, ns in clusters_on_ray()) or "none"
             raise ClusterNotFound(
-                f"no cluster named {name!r} is up in Ray namespace "
-                f"{namespace!r} at {ray_address}; run `engram cluster up`"
+                f"no cluster named {name!r} is up in Ray namespace {namespace!r} at "
+                f"{ray_address}{where}; clusters up there: {up}"
             )
         config = ray_get(registry.get_config.remote(), timeout=30)
-        return cls(registry, config, ray_address)
+        cluster = cls(registry, config, ray_address)
+        cluster.chosen = chosen
+        return cluster
 
     # -- operations --------------------------------------------------------------------------
     def shard_map(self) -> ShardMap:
@@ -265,9 +341,10 @@ class EngramCluster:
             self.shard_map(), config or self.config.client, map_provider=self.shard_map
         )
 
-    def status(self, interval_s: float = 1.0) -> ClusterStatus:
-        """Shards with their node, address, stored rows/bytes, and requests/s measured over
-        `interval_s` (0: not measured)."""
+    def status(self, interval_s: float = 1.0, metrics: bool = True) -> ClusterStatus:
+        """Shards with their node, address, stored rows/bytes, requests/s measured over
+        `interval_s` (0: not measured) and, with `metrics`, what each shard's /metrics says
+        (read from this process: requests, errors, p99 latencies)."""
         summary = ray_get(self._registry.summary.remote(), timeout=30)
         infos = {i["index"]: i for i in ray_get(self._registry.shard_info.remote(), timeout=60)}
         first = ray_get(self._registry.shard_stats.remote(), timeout=60)
@@ -293,6 +370,10 @@ class EngramCluster:
                     requests_per_s=round(rate, 1),
                     map_version=b.get("map_version", 0),
                     error=b.get("error", ""),
+                    metrics_address=info.get("metrics", ""),
+                    metrics=read_shard_metrics(info["metrics"])
+                    if metrics and info.get("metrics")
+                    else {},
                 )
             )
         return ClusterStatus(
@@ -324,10 +405,34 @@ class EngramCluster:
         """Process id of the registry actor."""
         return ray_get(self._registry.pid.remote(), timeout=60)
 
+    def describe(self) -> str:
+        """Which cluster this is: name, shards, data root, namespace and Ray (what `engram
+        cluster down` says it stops)."""
+        summary = ray_get(self._registry.summary.remote(), timeout=30)
+        return (
+            f"cluster {summary['name']!r} ({summary['num_shards']} shard(s), data "
+            f"{summary['data_root']}) in Ray namespace {self.config.namespace!r} at "
+            f"{self.ray_address}"
+        )
+
+    def alive(self, timeout_s: float = 10.0) -> bool:
+        """Whether the registry still runs (False once a `down`, from anywhere, stopped it; a
+        registry that is busy or restarting counts as alive)."""
+        try:
+            ray.get(self._registry.pid.remote(), timeout=timeout_s)
+        except ray.exceptions.RayActorError:
+            return False
+        except ray.exceptions.GetTimeoutError:
+            return True
+        return True
+
     def down(self) -> None:
-        """Stop every shard and the registry; the data stays in data_root for the next `up`."""
+        """Stop every shard and the registry; the data stays in data_root for the next `up`.
+        A cluster that is down already (stopped from elsewhere) is left as it is."""
         try:
             ray_get(self._registry.stop.remote(), timeout=120)
+        except ray.exceptions.RayActorError:
+            log.info("cluster %r was down already", self.config.name)
         finally:
             ray.kill(self._registry, no_restart=True)
             self.close()
@@ -364,4 +469,6 @@ def discover_store(
             ) from None
         # It answers, but not as a shard: a Ray GCS (gRPC UNIMPLEMENTED).
         log.debug("%s is no shard; trying it as a Ray address", address)
-    return EngramCluster.connect(address, name=name, namespace=namespace).client(config)
+    return EngramCluster.connect(
+        address, name=name, namespace=namespace, timeout_s=config.timeout_s
+    ).client(config)

@@ -19,9 +19,10 @@ class ClusterConfig:
     """A store of `num_shards` shard servers, each an actor on a node that has `store_resource`.
 
     `server` is a template: each shard server gets a copy whose shard has data_dir
-    `<data_root>/shard-<index>`, listening on the host/port the cluster picks. `host` is the address shards listen on and advertise: "" picks
-    127.0.0.1 when every Ray node is on one machine and the node's IP otherwise; "node" always
-    uses the node's IP; anything else is used as given.
+    `<data_root>/shard-<index>`, listening on the host/port the cluster picks. `host` is the
+    address shards listen on and advertise: "" picks 127.0.0.1 when every Ray node is on one
+    machine and the node's IP otherwise; "node" always uses the node's IP; anything else is used
+    as given.
     """
 
     num_shards: int = 2
@@ -45,6 +46,9 @@ class ClusterConfig:
     # Slots moved per freeze while resharding: fewer = shorter pauses of pushes to the moving
     # slots, more map versions (one per group).
     reshard_group_slots: int = 64
+    # Each shard serves Prometheus /metrics on a free port of its host (`engram cluster status`
+    # reads them; ShardHost.info() says where). Off: no metrics server per shard.
+    metrics: bool = True
 
     @property
     def registry_name(self) -> str:
@@ -75,9 +79,16 @@ class ClusterConfig:
         self.client.validate()
 
     def server_config(self, index: int, host: str, port: int = 0) -> ServerConfig:
-        """The ServerConfig of shard `index`: the template with its own data dir and address."""
+        """The ServerConfig of shard `index`: the template with its own data dir and address,
+        and /metrics on any free port when `metrics` is on (shards of one node cannot share one)."""
         shard = dataclasses.replace(self.server.shard, data_dir=shard_dir(self.data_root, index))
-        return dataclasses.replace(self.server, shard=shard, host=host, port=port)
+        return dataclasses.replace(
+            self.server,
+            shard=shard,
+            host=host,
+            port=port,
+            metrics_port=0 if self.metrics else None,
+        )
 
 
 def shard_dir(data_root: str, index: int) -> str:

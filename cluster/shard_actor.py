@@ -79,6 +79,7 @@ class ShardHost:
         self._server = None
         self._shard = None
         self._address = ""
+        self._metrics = ""  # "host:port" of /metrics while serving with metrics on
         self._error: EngramError | None = None
         self._lock = threading.Lock()
         if _reconstructed():
@@ -115,6 +116,8 @@ class ShardHost:
             server, port, shard = create_server(self.config.server_config(self.index, host, port))
             self._server, self._shard = server, shard
             self._address = f"{host}:{port}"
+            metrics_port = server.extras.metrics_port
+            self._metrics = f"{host}:{metrics_port}" if metrics_port is not None else ""
             try:
                 self._check_layout()
             except EngramError:
@@ -130,12 +133,14 @@ class ShardHost:
         return self._address or self.start()
 
     def info(self) -> dict:
-        """Where this shard runs: index, address, pid, node id and IP, data dir."""
+        """Where this shard runs: index, address, /metrics address ("" = off), pid, node id and
+        IP, data dir."""
         import ray
 
         return {
             "index": self.index,
             "address": self._address,
+            "metrics": self._metrics,
             "pid": os.getpid(),
             "node_id": ray.get_runtime_context().get_node_id(),
             "node_ip": _node_ip(),
@@ -158,7 +163,7 @@ class ShardHost:
         if self._server is not None:
             stop_server(self._server, self._shard, grace_s=1.0)
             self._server = self._shard = None
-        self._address = ""
+        self._address = self._metrics = ""
 
     def _check_layout(self) -> None:
         with ShardAdmin(self._address, self.config.client, timeout_s=10.0) as admin:

@@ -1,9 +1,12 @@
 """`engram cluster up | status | scale | down`: the cluster's subcommands (composed by cli.py).
 
-`up` without --address starts a Ray on this machine and blocks, serving, until Ctrl-C (then the
-shards stop; their data stays in --data). With --address it joins a running Ray cluster
-(`ray start --head`), starts the shards there and returns: the cluster lives on in Ray, and
-`status`, `scale` and `down` reach it with the same --address.
+`up` without --address starts a Ray on this machine (listening on 127.0.0.1 only) and blocks,
+serving, until Ctrl-C or a `down` from elsewhere (then the shards stop; their data stays in
+--data). With --address it joins a running Ray cluster (`ray start --head`), starts the shards
+there and returns: the cluster lives on in Ray, and `status`, `scale` and `down` reach it with the
+same --address. Without --address those three use the Ray of this machine only when exactly one
+runs (they say which), and refuse, listing them, when several do; they act on the cluster --name
+only (default `engram`; every `engram train` run names its own store cluster `train-...`).
 
 Building the parser imports nothing of the cluster layer (nor Ray): each command imports it when
 it runs, and says which extra to install when it is missing.
@@ -15,6 +18,7 @@ import argparse
 import json
 import os
 import signal
+import sys
 import threading
 
 from engram.cli import options
@@ -29,6 +33,13 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--name", default="engram", help="cluster name (registry actor name)")
     p.add_argument("--namespace", default="engram", help="Ray namespace")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="how long the Ray address may take to answer (default 5)",
+    )
 
 
 def add_commands(subparsers) -> None:
@@ -69,7 +80,13 @@ def add_commands(subparsers) -> None:
         help="address shards listen on: '' auto (127.0.0.1 on one machine), "
         "'node' (the node's IP), or an explicit address",
     )
-    up.add_argument("--cache-rows", type=int, default=None, help="RAM mirror rows per table")
+    up.add_argument(
+        "--shard-memory",
+        type=options.size,
+        default=None,
+        help="RAM each shard may use for its tables' rows and indexes, e.g. 32G (default 80%% "
+        "of the node's memory)",
+    )
     up.add_argument(
         "--tokens-file",
         default=None,
@@ -116,8 +133,8 @@ def cluster_config(args: argparse.Namespace):
 
     d = ClusterConfig()
     server, client = d.server, d.client
-    if args.cache_rows is not None:
-        shard = dataclasses.replace(server.shard, cache_rows=args.cache_rows)
+    if args.shard_memory is not None:
+        shard = dataclasses.replace(server.shard, memory_bytes=args.shard_memory)
         server = dataclasses.replace(server, shard=shard)
     if args.tokens_file or args.insecure:
         read, write = (), ()
@@ -136,7 +153,7 @@ def cluster_config(args: argparse.Namespace):
         )
     return ClusterConfig(
         num_shards=args.shards,
-        data_root=args.data,
+        data_root=os.path.abspath(args.data),
         store_resource=args.store_resource,
         cpus_per_shard=args.cpus_per_shard,
         memory_per_shard=args.memory_per_shard,
@@ -154,39 +171,52 @@ def cmd_up(args: argparse.Namespace) -> int:
     _require_cluster()
     from cluster.api import EngramCluster
 
-    cluster = EngramCluster.up(cluster_config(args), address=args.address)
+    cluster = EngramCluster.up(cluster_config(args), address=args.address, timeout_s=args.timeout)
     print(cluster.status(interval_s=0).format(), flush=True)
     if args.address is not None:
         print(f"up; reach it with --address {cluster.ray_address}", flush=True)
         cluster.close()
         return 0
     # A Ray started by this process ends with it, so serve until told to stop.
-    # A Ray that ray.init() starts may require its token (~/.ray/auth_token); Ray sends it to an
+    # A Ray that ray.init() starts requires its token (~/.ray/auth_token); Ray sends it to an
     # explicit --address only when RAY_AUTH_MODE=token says so.
-    auth = "RAY_AUTH_MODE=token " if os.environ.get("RAY_AUTH_MODE") == "token" else ""
     print(
-        f"serving until Ctrl-C; from another shell: {auth}engram cluster status --address "
-        f"{cluster.ray_address}",
+        f"serving until Ctrl-C; from another shell: RAY_AUTH_MODE=token engram cluster status "
+        f"--address {cluster.ray_address} --name {args.name}",
         flush=True,
     )
     done = threading.Event()
     previous = {s: signal.signal(s, lambda *_: done.set()) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while not done.wait(1.0):
-            pass
+        while not done.wait(2.0):
+            if not cluster.alive():
+                print(
+                    f"cluster {args.name!r} was stopped from elsewhere (`engram cluster down`); "
+                    f"exiting (data stays in {args.data})",
+                    flush=True,
+                )
+                cluster.close()
+                return 0
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-        print("stopping shards (data stays in " + args.data + ")", flush=True)
-        cluster.down()
+    print(f"stopping shards (data stays in {args.data})", flush=True)
+    cluster.down()
     return 0
 
 
 def _connect(args: argparse.Namespace):
+    """The cluster --name on the Ray that --address (or the only local Ray) names; says on
+    stderr which local Ray it picked."""
     _require_cluster()
     from cluster.api import EngramCluster
 
-    return EngramCluster.connect(args.address, name=args.name, namespace=args.namespace)
+    cluster = EngramCluster.connect(
+        args.address, name=args.name, namespace=args.namespace, timeout_s=args.timeout
+    )
+    if cluster.chosen:
+        print(f"engram: {cluster.chosen}", file=sys.stderr, flush=True)
+    return cluster
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -208,6 +238,10 @@ def cmd_scale(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    _connect(args).down()
-    print("down")
+    """Stop the one cluster --name names, saying which (name, shards, data root, Ray) first."""
+    cluster = _connect(args)
+    what = cluster.describe()
+    print(f"stopping {what}", flush=True)
+    cluster.down()
+    print(f"down: {what}; its data stays in {cluster.config.data_root}", flush=True)
     return 0

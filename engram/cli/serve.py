@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import signal
+import socket
+import threading
 
 from engram.cli import options
 from engram_store.engine.config import ShardConfig
@@ -16,7 +19,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         data_dir=args.data,
         map_size=args.map_size or d.shard.map_size,
         max_batch_rows=args.max_batch_rows or d.shard.max_batch_rows,
-        cache_rows=d.shard.cache_rows if args.cache_rows is None else args.cache_rows,
+        memory_bytes=args.memory or d.shard.memory_bytes,
         durable=args.durable,
         read_only=args.read_only,
     )
@@ -31,13 +34,51 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
     )
 
 
+def _check_port(host: str, port: int) -> None:
+    """OSError, one line, when host:port cannot be bound (another server has it): said before
+    gRPC tries, which would log its own multi-line error first."""
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise OSError(
+                f"cannot listen on {host}:{port}: {e.strerror}; another process has that port "
+                "(pick another --port, or 0 for any free port)"
+            ) from None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    from engram_store.rpc.server import serve  # grpc is only needed by commands that use it
+    """Serve until SIGTERM/SIGINT. Prints `serving on HOST:PORT` once it listens, and
+    `metrics on http://HOST:PORT/metrics` with the port it bound (--metrics-port 0: any free)."""
+    # grpc is only needed by commands that use it
+    from engram_store.rpc.server import create_server, stop_server
 
-    def ready(host: str, port: int) -> None:
-        print(f"serving on {host}:{port}", flush=True)
-
-    serve(server_config(args), ready=ready)
+    config = server_config(args)
+    _check_port(config.host, config.port)
+    try:
+        server, port, shard = create_server(config)
+    except RuntimeError as e:  # grpc: "Failed to bind to address ..." (a race with the check)
+        raise OSError(
+            f"cannot listen on {config.host}:{config.port} ({e}); pick another --port "
+            "(0: any free port)"
+        ) from None
+    done = threading.Event()
+    previous = {s: signal.signal(s, lambda *_: done.set()) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        print(f"serving on {config.host}:{port}", flush=True)
+        metrics_port = server.extras.metrics_port
+        if metrics_port is not None:
+            print(f"metrics on http://{config.host}:{metrics_port}/metrics", flush=True)
+        while not done.wait(1.0):
+            pass
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        stop_server(server, shard)
     return 0
 
 
@@ -57,7 +98,11 @@ def add_commands(sub) -> None:
     p.add_argument(
         "--max-message-bytes", type=options.size, help="gRPC message limit (default 512M)"
     )
-    p.add_argument("--cache-rows", type=int, help="rows mirrored in RAM per table")
+    p.add_argument(
+        "--memory",
+        type=options.size,
+        help="RAM for the tables' rows and indexes, e.g. 32G (default 80%% of physical memory)",
+    )
     p.add_argument("--workers", type=int, help="gRPC server threads (default 8)")
     p.add_argument("--durable", action="store_true", help="fsync every commit")
     p.add_argument("--read-only", action="store_true", help="serve lookups only")

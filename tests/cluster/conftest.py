@@ -52,7 +52,7 @@ def cluster_config(root, num_shards: int = 2, **kw) -> ClusterConfig:
         cpus_per_shard=0.25,
         namespace="engram-test",
         server=ServerConfig(
-            ShardConfig(data_dir="-", cache_rows=1 << 14, map_size=1 << 28), workers=4
+            ShardConfig(data_dir="-", memory_bytes=64 << 20, map_size=1 << 28), workers=4
         ),
         client=ClientConfig(timeout_s=20, retries=14, backoff_s=0.02, backoff_max_s=1.0, threads=4),
         ready_timeout_s=60,
