@@ -239,6 +239,9 @@ class TrainConfig:
     out: str = ""  # run directory; "" = runs/<timestamp>
     resume: str = ""  # checkpoint to start from
     progress: bool = True
+    # Prometheus /metrics of the trainer (trainer.metrics.TrainerMetrics) on 127.0.0.1: rank r
+    # serves on metrics_port + r (0: any free port each); None: off
+    metrics_port: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "store", tuple(self.store))
@@ -288,19 +291,36 @@ class TrainConfig:
                 "no store address: start shards (engram serve, or the cluster) and "
                 "pass their host:port"
             )
-        for name in ("seq_len", "batch_size", "trainers", "vocab_size"):
+        for name in ("seq_len", "batch_size", "trainers", "vocab_size", "log_every"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
-        if self.steps < 0:
-            raise ConfigError(f"steps={self.steps} must be >= 0")
+                raise ConfigError(f"{_flag(name)} {getattr(self, name)} must be >= 1")
+        for name in ("steps", "eval_batches", "eval_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{_flag(name)} {getattr(self, name)} must be >= 0")
+        if not (self.max_minutes >= 0 and math.isfinite(self.max_minutes)):
+            raise ConfigError(f"--minutes {self.max_minutes} must be >= 0 (0 = no time limit)")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"--lr {self.lr} must be a positive number")
+        if self.metrics_port is not None and not 0 <= self.metrics_port + self.trainers - 1 < 65536:
+            raise ConfigError(
+                f"--metrics-port {self.metrics_port}: rank r serves on that port + r, so it must "
+                f"lie in [0, {65536 - self.trainers}] for {self.trainers} trainer(s)"
+            )
         self.prefetch.validate()
         if self.backend == "local" and self.trainers > 1:
             raise ConfigError(
                 "the local (in-process) table backend supports one trainer; "
                 "use the store for several"
             )
+
+
+#: the `engram train` flag of a TrainConfig field, where the two names differ
+_FLAGS = {"max_minutes": "--minutes", "log_every": "log_every"}
+
+
+def _flag(name: str) -> str:
+    """How an error names a TrainConfig field: as its `engram train` flag."""
+    return _FLAGS.get(name, "--" + name.replace("_", "-"))
 
 
 def _fields_of(cls: type, value: Any) -> dict[str, Any]:

@@ -16,6 +16,7 @@ See trainer/prefetch.py for the async staleness bound.
 from __future__ import annotations
 
 import math
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -33,6 +34,7 @@ from trainer.config import PrefetchConfig, TrainConfig
 from trainer.corpus import Corpus, load_corpus, worker_batches
 from trainer.fetch import Fetcher, LocalFetcher
 from trainer.hashing import NgramHasher
+from trainer.metrics import TrainerMetrics
 from trainer.model import GPT, param_split
 from trainer.prefetch import Fetched, Prefetcher
 from trainer.summary import Meter, build_summary
@@ -43,6 +45,27 @@ if TYPE_CHECKING:
 
 #: the row source of validation batches: rows are looked up, never pushed
 VAL_PREFETCH = PrefetchConfig(depth=1, update="async")
+
+
+def check_corpus(cfg: TrainConfig, corpus: Corpus, world: int | None = None) -> None:
+    """Raise ConfigError, naming the `engram train` flags to change, unless the corpus yields a
+    training batch and (with evaluation on) a validation batch of the configured shape. Cheap:
+    draws one batch of each, so a run can check it before starting Ray or the store."""
+    world = world or cfg.trainers
+    splits = ["train"] + (["val"] if cfg.eval_batches else [])
+    for split in splits:
+        try:
+            next(worker_batches(corpus, split, cfg, 0, world))
+        except ConfigError as e:
+            # the split's size (trainer/data.py words it as block_size); the advice is below
+            facts = str(e).split(";")[0].replace("block_size", "--seq-len ")
+            eval_advice = ", or --eval-batches 0 (no validation)" if split == "val" else ""
+            raise ConfigError(
+                f"--corpus {cfg.corpus} is too small for --seq-len {cfg.seq_len} and "
+                f"--batch-size {cfg.batch_size} x {world} trainer(s): {facts}; lower --seq-len "
+                f"or --batch-size, or give a larger --corpus (validation takes ~5% of its "
+                f"documents){eval_advice}"
+            ) from None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -211,21 +234,43 @@ def _validation_loss(w: Worker) -> float:
     return evaluate(w.model, w.val_fetcher, w.cfg.eval_batches) if w.cfg.eval_batches else math.nan
 
 
-def _run_steps(w: Worker, meter: Meter, t_start: float) -> int:
-    """Steps start+1..cfg.steps; returns the step at which the time budget stopped it, else 0."""
+def _run_steps(
+    w: Worker, meter: Meter, t_start: float, metrics: TrainerMetrics | None = None
+) -> int:
+    """Steps start+1..cfg.steps; returns the step at which the time budget stopped it, else 0.
+    Time spent in periodic evaluation goes to meter.eval_s (it is not training time)."""
     cfg = w.cfg
     for step in range(w.start + 1, cfg.steps + 1):
         f, loss = train_step(w, step)
+        if metrics is not None:
+            metrics.observe_stats(w.fetcher.stats)
         m = meter.add(step, f.x.numel(), float(loss.detach()))
         if m is None:
             continue
         late = bool(cfg.max_minutes) and _out_of_time(t_start, cfg.max_minutes, w.world, w.device)
         if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
+            t_eval = time.perf_counter()
             m["val_loss"] = _validation_loss(w)
+            meter.exclude(time.perf_counter() - t_eval)
         meter.show(step, m)
         if late:
             return step
     return 0
+
+
+def _serve_metrics(cfg: TrainConfig, rank: int) -> TrainerMetrics | None:
+    """This worker's TrainerMetrics, served on 127.0.0.1 at cfg.metrics_port + rank (any free
+    port when 0), the bound port said on stderr; None when cfg.metrics_port is None."""
+    if cfg.metrics_port is None:
+        return None
+    metrics = TrainerMetrics(rank)
+    port = metrics.serve(cfg.metrics_port + rank if cfg.metrics_port else 0)
+    print(
+        f"[engram] trainer metrics (rank {rank}) on http://127.0.0.1:{port}/metrics",
+        file=sys.stderr,
+        flush=True,
+    )
+    return metrics
 
 
 def train_worker(
@@ -235,27 +280,32 @@ def train_worker(
     device: torch.device | None = None,
     corpus: Corpus | None = None,
     report: Callable[[dict], None] | None = None,
+    metrics: TrainerMetrics | None = None,
 ) -> dict:
     """Train on this process (one worker of `world`); returns the final summary (rank 0 saves
     the checkpoint). With world > 1, torch.distributed must already be initialised (Ray Train
-    does it). `report(metrics)` replaces rank 0's progress output, once per logging window."""
+    does it). `report(metrics)` replaces rank 0's progress output, once per logging window.
+    `metrics` (else one served when cfg.metrics_port is set) observes every step."""
     cfg.validate()
     device = device or resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     corpus = corpus or load_corpus(cfg)
     w = build_worker(cfg, corpus, rank, world, device)
+    served = _serve_metrics(cfg, rank) if metrics is None else None
+    metrics = metrics or served
     try:
         val_before = _validation_loss(w)
         meter = Meter(cfg, rank, world, w.start, w.fetcher.stats, report)
         t_start = time.perf_counter()
         try:
-            stopped = _run_steps(w, meter, t_start)
+            stopped = _run_steps(w, meter, t_start, metrics)
             w.fetcher.drain()  # every push acknowledged before evaluation and the checkpoint
             if world > 1:
                 dist.barrier()
         finally:
             meter.close()
-        train_s = time.perf_counter() - t_start
+        # training time: periodic evaluation excluded, like its tokens
+        train_s = time.perf_counter() - t_start - meter.eval_s
         val_after = _validation_loss(w)
         w.fetcher.close()
         summary = build_summary(
@@ -266,6 +316,8 @@ def train_worker(
             last=stopped or cfg.steps,
             stopped_early=bool(stopped),
             train_s=train_s,
+            eval_s=meter.eval_s,
+            tokens_trained=meter.tokens_trained,
             stats=w.fetcher.stats,
             history=meter.history,
             val_before=val_before,
@@ -287,3 +339,5 @@ def train_worker(
     finally:
         if w.store is not None:
             w.store.close()
+        if served is not None:
+            served.close()

@@ -15,6 +15,9 @@ class TrainerMetrics:
         m.observe_stall(seconds)                 # each step: time the step waited for its rows
         m.observe_step(tokens=B*T, rows=n_ids)   # rows = distinct ids fetched for the step
         m.observe_cache(hits, misses)            # per lookup batch of the hot-row cache
+        m.observe_stats(fetcher.stats)           # or all three from the row source's counters
+
+    The training loop (trainer/loop.py) calls observe_stats after every step.
     """
 
     def __init__(self, rank: int = 0, registry: CollectorRegistry | None = None) -> None:
@@ -49,6 +52,7 @@ class TrainerMetrics:
             "engram_trainer_cache_hit_rate", "cache hits / lookups so far", ["rank"], registry=r
         ).labels(*lab)
         self._hits = self._lookups = 0
+        self._last = (0, 0, 0, 0, 0.0)  # observe_stats: tokens, rows, hits, lookups, stall_s
         self._http = None
 
     def observe_stall(self, seconds: float) -> None:
@@ -67,6 +71,17 @@ class TrainerMetrics:
         self._lookups += hits + misses
         if self._lookups:
             self.hit_rate.set(self._hits / self._lookups)
+
+    def observe_stats(self, stats) -> None:
+        """One step from a row source's cumulative PrefetchStats (trainer/prefetch.py): what
+        grew since the last call is this step's tokens, rows, cache hits/misses and stall."""
+        now = (stats.tokens, stats.rows_fetched, stats.cache_hits, stats.cache_lookups)
+        tokens, rows, hits, lookups = (a - b for a, b in zip(now, self._last[:4], strict=True))
+        self.observe_stall(stats.stall_s - self._last[4])
+        self.observe_step(tokens, rows)
+        if lookups:
+            self.observe_cache(hits, lookups - hits)
+        self._last = (*now, stats.stall_s)
 
     def serve(self, port: int, host: str = "127.0.0.1") -> int:
         """Serve /metrics on host:port (0: any free port); returns the port."""

@@ -26,6 +26,8 @@ class Meter:
     when cfg.progress and no `report`, else `report(metrics)`, else a printed line).
 
     `stats` is the row source's PrefetchStats (its stall_s grows as the steps wait).
+    `tokens_trained` counts this worker's training tokens (never evaluation's); time handed to
+    `exclude` (periodic evaluation) is left out of the windows' tokens/s and kept in `eval_s`.
     """
 
     def __init__(
@@ -48,11 +50,14 @@ class Meter:
                 total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True
             )
         self.loss_ema: float | None = None
+        self.tokens_trained = 0
+        self.eval_s = 0.0
         self._t, self._tokens, self._stall = time.perf_counter(), 0, stats.stall_s
 
     def add(self, step: int, tokens: int, loss: float) -> dict | None:
         """Count a step of this worker; at a logging step, the window's metrics (in history)."""
         self._tokens += tokens
+        self.tokens_trained += tokens
         self.loss_ema = loss if self.loss_ema is None else 0.9 * self.loss_ema + 0.1 * loss
         if step % self.log_every and step != self.steps:
             if self.bar is not None and step > self.bar.n:
@@ -71,6 +76,11 @@ class Meter:
         self.history.append(m)
         self._t, self._tokens, self._stall = now, 0, self.stats.stall_s
         return m
+
+    def exclude(self, seconds: float) -> None:
+        """Time that was not training (an evaluation): out of tokens/s, into eval_s."""
+        self.eval_s += seconds
+        self._t += seconds
 
     def show(self, step: int, m: dict) -> None:
         """Show a logging window (rank 0 only; the bar, the report callback or a line)."""
@@ -102,6 +112,8 @@ def build_summary(
     last: int,
     stopped_early: bool,
     train_s: float,
+    eval_s: float,
+    tokens_trained: int,
     stats: Any,
     history: list[dict],
     val_before: float,
@@ -111,7 +123,9 @@ def build_summary(
 ) -> dict:
     """The run's summary: steps, throughput, stall, cache, losses, parameter split, tables.
 
-    `stats` is the training row source's PrefetchStats; `last` the last step trained.
+    `stats` is the training row source's PrefetchStats; `last` the last step trained;
+    `tokens_trained` this worker's training tokens and `train_s` the training time, both without
+    evaluation (`eval_s`: periodic evaluation during training), so tokens/s is training's own.
     """
     steps_done = last - start
     return {
@@ -123,7 +137,9 @@ def build_summary(
         "update": cfg.prefetch.update,
         "prefetch_depth": cfg.prefetch.depth,
         "train_s": train_s,
-        "tokens_per_s": stats.tokens * world / train_s if train_s > 0 else 0.0,
+        "eval_s": eval_s,
+        "tokens_trained": tokens_trained * world,
+        "tokens_per_s": tokens_trained * world / train_s if train_s > 0 else 0.0,
         "step_ms": 1000 * train_s / max(steps_done, 1),
         "stall_pct": 100 * stats.stall_s / train_s if train_s > 0 else 0.0,
         "push_wait_pct": 100 * stats.wait_push_s / train_s if train_s > 0 else 0.0,
@@ -139,8 +155,8 @@ def build_summary(
     }
 
 
-def print_summary(summary: dict, file: TextIO = sys.stdout) -> None:
-    """The final report of a run."""
+def print_summary(summary: dict, file: TextIO | None = None) -> None:
+    """The final report of a run (to `file`, default the sys.stdout of the moment)."""
     p = summary["params"]
     lines = [
         f"steps {summary['steps']}{' (time limit reached)' if summary.get('stopped_early') else ''}"
@@ -156,4 +172,4 @@ def print_summary(summary: dict, file: TextIO = sys.stdout) -> None:
         f"{p['total']:,})",
         f"checkpoint  {summary.get('checkpoint', '-')}",
     ]
-    print("\n".join(lines), file=file)
+    print("\n".join(lines), file=file or sys.stdout)

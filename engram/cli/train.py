@@ -4,6 +4,11 @@ With no arguments `engram train` starts a local Ray on 127.0.0.1, a store cluste
 trains a small Engram model on the built-in corpus with one trainer for a few minutes, evaluates,
 checkpoints under runs/<timestamp>/ and prints a summary. Flags point it at an existing Ray cluster
 (--address), existing shards (--store), more trainers or GPUs.
+
+Every flag is checked, and the corpus loaded and checked against --seq-len / --batch-size, before
+anything starts (Ray, the store, the run directory). The run's store cluster is its own: named
+train-<run>-<id>, so no `engram cluster` command aimed at another cluster can stop it.
+`engram runs list | clean` shows and removes old run directories.
 """
 
 from __future__ import annotations
@@ -164,7 +169,23 @@ def add_commands(subparsers) -> None:
     t.add_argument("--eval-every", type=int, default=d.eval_every)
     t.add_argument("--seed", type=int, default=d.seed)
     t.add_argument("--json", action="store_true", help="print the summary as JSON too")
+    t.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="serve the trainer's Prometheus /metrics on 127.0.0.1:PORT (+ rank; 0: any free "
+        "port, printed)",
+    )
+    g.add_argument(
+        "--timeout",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="how long --address may take to answer (default 5)",
+    )
     p.set_defaults(func=cmd_train)
+    _add_runs(subparsers)
 
 
 def _add_unavailable(subparsers) -> None:
@@ -222,20 +243,22 @@ def train_config(args: argparse.Namespace):
         eval_every=args.eval_every,
         out=str(pathlib.Path(args.out or default_out()).resolve()),
         resume=args.resume,
+        metrics_port=args.metrics_port,
     )
 
 
 def _start_ray(args: argparse.Namespace, cfg) -> bool:
-    """Connect to Ray (an --address) or start a local one on 127.0.0.1; True if started here."""
+    """Connect to Ray (an --address, probed first: a dead one or a missing token fails within
+    --timeout) or start a local one on 127.0.0.1; True if started here."""
     import ray
+
+    from cluster.runtime import join_ray, start_local_ray
 
     if ray.is_initialized():
         return False
     if args.address is not None:
-        ray.init(address=args.address, namespace="engram", log_to_driver=True)
+        join_ray(args.address, namespace="engram", timeout_s=args.timeout, log_to_driver=True)
         return False
-    from cluster.runtime import start_local_ray
-
     need = args.shards + (cfg.trainers if cfg.ray_train or cfg.trainers > 1 else 0) + 1
     start_local_ray(
         num_cpus=need, resources={"engram_store": 1000}, namespace="engram", log_to_driver=True
@@ -243,26 +266,76 @@ def _start_ray(args: argparse.Namespace, cfg) -> bool:
     return True
 
 
+def _check_flags(args: argparse.Namespace, cfg) -> None:
+    """Every check that needs no Ray, store or run directory: the flags, the device, --store
+    addresses, the extras this run needs. ConfigError names the flag to change."""
+    from engram_store.engine.errors import ConfigError
+
+    # The store addresses are filled in later; a placeholder stands for them here.
+    dataclasses.replace(cfg, store=cfg.store or ("-",)).validate()
+    if args.shards < 1:
+        raise ConfigError(f"--shards {args.shards}: the store needs at least 1 shard")
+    if args.timeout <= 0:
+        raise ConfigError(f"--timeout {args.timeout} must be > 0 seconds")
+    for address in filter(None, (a.strip() for a in args.store.split(","))):
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError(f"--store {address!r} is not HOST:PORT (e.g. 127.0.0.1:50051)")
+    if (cfg.model.engram_layers and not args.store) or cfg.ray_train or cfg.trainers > 1:
+        options.require("cluster", "cluster")  # a store cluster, or Ray Train: both need Ray
+    if args.address is None:  # the trainers run on this machine: its device must exist
+        from trainer.loop import resolve_device
+
+        resolve_device(cfg.device)
+
+
+def _probe_store(args: argparse.Namespace, cfg) -> None:
+    """Each --store address answers as a shard within --timeout (ShardUnavailable, a runtime
+    error, when one does not), before the run starts anything."""
+    from engram_store.engine.errors import ShardUnavailable
+    from engram_store.rpc.client import probe_shard
+    from engram_store.rpc.config import ClientConfig
+
+    for address in filter(None, (a.strip() for a in args.store.split(","))):
+        try:
+            is_shard = probe_shard(address, ClientConfig(token=cfg.store_token), args.timeout)
+        except ShardUnavailable as e:
+            raise ShardUnavailable(f"--store {address}: no shard answers ({e})") from None
+        if not is_shard:
+            raise ShardUnavailable(f"--store {address} answers, but it is no engram shard")
+
+
+def _store_cluster_name(out: str) -> str:
+    """The run's own store cluster name: train-<run directory>-<random>, never `engram`."""
+    import re
+    import uuid
+
+    stem = re.sub(r"[^A-Za-z0-9_-]", "-", pathlib.Path(out).name)[:40] or "run"
+    return f"train-{stem}-{uuid.uuid4().hex[:6]}"
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """Run the main job; see the module docstring."""
     import json
 
-    from engram_store.engine.errors import ConfigError
+    from engram_store.ops.layout import lock_data_root
+    from trainer.checkpoint import check_resume
     from trainer.corpus import load_corpus
     from trainer.launch import train
-    from trainer.loop import train_worker
+    from trainer.loop import check_corpus, train_worker
     from trainer.summary import print_summary
     from trainer.tables import table_specs
 
     cfg = train_config(args)
-    # Fail on bad configs before starting anything (the store check comes once it exists).
-    dataclasses.replace(cfg, store=cfg.store or ("-",)).validate()
-    if args.shards < 1:
-        raise ConfigError(f"--shards {args.shards}: the store needs at least 1 shard")
-    if (cfg.model.engram_layers and not args.store) or cfg.ray_train or cfg.trainers > 1:
-        options.require("cluster", "cluster")  # a store cluster, or Ray Train: both need Ray
-    print(f"[engram] run directory {cfg.out}", file=sys.stderr)
+    _check_flags(args, cfg)
+    if cfg.model.engram_layers:
+        _probe_store(args, cfg)
     corpus = load_corpus(cfg)
+    check_corpus(cfg, corpus)
+    check_resume(cfg, corpus)
+    # Checked: from here on things start. The lock tells `engram runs clean` the run is live.
+    print(f"[engram] run directory {cfg.out}", file=sys.stderr)
+    run_lock = lock_data_root(cfg.out, {"train": cfg.out})
     cluster = None
     started_ray = False
     try:
@@ -279,11 +352,16 @@ def cmd_train(args: argparse.Namespace) -> int:
             )
             specs = list(table_specs(cfg, hasher).values())
             data_root = args.data or str(pathlib.Path(cfg.out) / "store")
-            ccfg = ClusterConfig(num_shards=args.shards, data_root=data_root)
-            print(
-                f"[engram] starting {args.shards} store shards (data {data_root})", file=sys.stderr
+            ccfg = ClusterConfig(
+                num_shards=args.shards, data_root=data_root, name=_store_cluster_name(cfg.out)
             )
             cluster = EngramCluster.up(ccfg, address=None, tables=specs)
+            print(
+                f"[engram] store cluster {ccfg.name}: {args.shards} shards (data {data_root}) "
+                f"in Ray namespace {ccfg.namespace} at {cluster.ray_address}",
+                file=sys.stderr,
+                flush=True,
+            )
             cfg = dataclasses.replace(
                 cfg, store=tuple(cluster.shard_map().addresses), store_data_root=data_root
             )
@@ -300,7 +378,124 @@ def cmd_train(args: argparse.Namespace) -> int:
             import ray
 
             ray.shutdown()
+        run_lock.release()
     print_summary(summary)
     if args.json:
         print(json.dumps({k: v for k, v in summary.items() if k != "history"}, default=str))
+    return 0
+
+
+# ---- engram runs list | clean ----
+
+
+def _add_runs(subparsers) -> None:
+    """`engram runs list | clean`: the run directories `engram train` leaves (one per run,
+    hundreds of MB with the store)."""
+    p = subparsers.add_parser("runs", help="list or remove old `engram train` run directories")
+    sub = p.add_subparsers(dest="runs_command", metavar="SUBCOMMAND")
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+    ls = sub.add_parser("list", help="run directories, newest first: size, age, state")
+    ls.add_argument("--dir", default="runs", help="where the runs are (default runs/)")
+    ls.set_defaults(func=cmd_runs_list)
+    cl = sub.add_parser(
+        "clean",
+        help="remove all but the newest --keep run directories (never a run in progress)",
+    )
+    cl.add_argument("--dir", default="runs", help="where the runs are (default runs/)")
+    cl.add_argument("--keep", type=int, default=5, help="newest runs to keep (default 5)")
+    cl.add_argument(
+        "--older-than",
+        type=float,
+        default=0.0,
+        metavar="DAYS",
+        help="remove only runs older than this many days (default: any age)",
+    )
+    cl.add_argument("--dry-run", action="store_true", help="say what would go; remove nothing")
+    cl.set_defaults(func=cmd_runs_clean)
+
+
+#: what marks a directory as a run of `engram train`
+_RUN_MARKS = ("checkpoint.pt", "summary.json", "store", "cluster.lock")
+
+
+def _runs(root: str) -> list[pathlib.Path]:
+    """Run directories directly under `root`, newest (last modified) first."""
+    base = pathlib.Path(root)
+    if not base.is_dir():
+        return []
+    runs = [d for d in base.iterdir() if d.is_dir() and any((d / m).exists() for m in _RUN_MARKS)]
+    return sorted(runs, key=lambda d: d.stat().st_mtime, reverse=True)
+
+
+def _size(path: pathlib.Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+
+
+def _in_use(run: pathlib.Path) -> bool:
+    """Whether a live `engram train` (or a cluster) holds the lock of the run directory or of
+    its store (engram_store/ops/layout.py's flock); looks without writing anything."""
+    import fcntl
+    import os
+
+    from engram_store.ops.layout import LOCK_FILE
+
+    for lock in (run / LOCK_FILE, run / "store" / LOCK_FILE):
+        try:
+            fd = os.open(lock, os.O_RDONLY)
+        except OSError:  # no lock file: nobody ever held it
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        finally:
+            os.close(fd)  # drops the flock if we got it
+    return False
+
+
+def _age_days(run: pathlib.Path) -> float:
+    import time
+
+    return (time.time() - run.stat().st_mtime) / 86400
+
+
+def cmd_runs_list(args: argparse.Namespace) -> int:
+    runs = _runs(args.dir)
+    if not runs:
+        print(f"no run directories under {args.dir}/")
+        return 0
+    for run in runs:
+        state = (
+            "in use"
+            if _in_use(run)
+            else ("checkpoint" if (run / "checkpoint.pt").exists() else "no checkpoint")
+        )
+        print(f"{run}  {_size(run) / 2**20:9.1f} MB  {_age_days(run):6.1f} days  {state}")
+    return 0
+
+
+def cmd_runs_clean(args: argparse.Namespace) -> int:
+    """Remove old run directories: all but the newest --keep, only those older than
+    --older-than days, never one in use. Prints each one removed and the space freed."""
+    import shutil
+
+    from engram_store.engine.errors import ConfigError
+
+    if args.keep < 0 or args.older_than < 0:
+        raise ConfigError("--keep and --older-than must be >= 0")
+    freed = removed = 0
+    for run in _runs(args.dir)[args.keep :]:
+        if args.older_than and _age_days(run) < args.older_than:
+            continue
+        if _in_use(run):
+            print(f"keeping {run}: a run or cluster is using it")
+            continue
+        size = _size(run)
+        print(f"{'would remove' if args.dry_run else 'removing'} {run} ({size / 2**20:.1f} MB)")
+        if not args.dry_run:
+            shutil.rmtree(run)
+        freed += size
+        removed += 1
+    verb = "would free" if args.dry_run else "freed"
+    print(f"{removed} run director{'y' if removed == 1 else 'ies'}, {verb} {freed / 2**20:.1f} MB")
     return 0
