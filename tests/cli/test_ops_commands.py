@@ -133,6 +133,16 @@ def test_import_and_export_commands(server_process, tmp_path):
     data = make_checkpoint(tmp_path / "ckpt", seed=7)
     server = server_process(tmp_path / "d")
     a = ("--address", server.address)
+    # the preset's tables are 384 M rows: a small checkpoint does not fit them, and nothing is made
+    q = ("--progress", str(tmp_path / "q.json"), "--quiet")
+    r = engram(
+        "import", "--checkpoint", str(tmp_path / "ckpt"), "--preset", "deepseek-v4.1-flash", *a, *q
+    )
+    assert r.returncode != 0
+    assert "layers.1.engram.embed.weight has shape [3041, 256]" in r.stderr
+    assert "[384006168, 256]" in r.stderr
+    r = engram("table", "list", *a)
+    assert r.returncode == 0 and json.loads(r.stdout) == []
     for layer, heads in HEADS.items():  # without --preset, the tables are the store's own
         r = engram(
             "table", "create", *a, "--name", f"engram_l{layer}", "--head-rows",
@@ -155,8 +165,7 @@ def test_import_and_export_commands(server_process, tmp_path):
         np.testing.assert_array_equal(s, scales)
     # a checkpoint without a scale tensor: refused, naming it
     make_checkpoint(tmp_path / "bad", drop="layers.14.engram.embed.scale")
-    bad = ("--checkpoint", str(tmp_path / "bad"), "--progress", str(tmp_path / "q.json"))
-    r = engram("import", *bad, *a, "--quiet")
+    r = engram("import", "--checkpoint", str(tmp_path / "bad"), *a, *q)
     assert r.returncode != 0 and "layers.14.engram.embed.scale" in r.stderr
 
 
