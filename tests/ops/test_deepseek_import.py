@@ -16,17 +16,12 @@ from safetensors.torch import save_file
 from engram_store.engine.config import OptimizerConfig, TableConfig
 from engram_store.engine.errors import ConfigError, EngramError, InvalidArgument
 from engram_store.ops.deepseek import import_checkpoint, row_digest, scale_name, weight_name
-from engram_store.rpc import wire
 from engram_store.rpc.client import StoreClient
 from engram_store.rpc.config import ClientConfig
 from tests.ops.test_snapshot import make_cluster
 
 DIM = 256
 HEADS = {1: (1009, 1013, 1019), 14: (1021, 1031)}  # two layers of small prime heads
-#: the fp8 path needs float8_e4m3 tables on the wire (the shard engine issue's formats)
-FP8 = pytest.mark.skipif(
-    "float8_e4m3" not in wire.DTYPE_TO_PB, reason="the gRPC layer has no float8_e4m3 tables yet"
-)
 CLIENT = ClientConfig(max_batch_rows=4096, retries=2, backoff_s=0.01)
 
 
@@ -120,7 +115,6 @@ def test_import_dequantized_for_training(store, tmp_path, dtype):
     assert seen[-1] == ("engram_l14", 2052, 2052) and seen[0] == ("engram_l1", 1500, 3041)
 
 
-@FP8
 def test_import_keeps_fp8_rows_for_serving(store, tmp_path):
     data = make_checkpoint(tmp_path / "ckpt", seed=4)
     out = import_checkpoint(
