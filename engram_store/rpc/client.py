@@ -8,11 +8,10 @@
 A lookup deduplicates ids (unless the caller says they are unique), routes each to its shard with
 the ShardMap, sends one request per shard (chunked by max_batch_rows, and split into sub-requests
 of about split_bytes that are in flight together when the answer is large) in parallel and
-reassembles rows in request order. Failures arrive as
-the errors.py class the server raised (status.py). ShardUnavailable (and its subclasses: timeouts,
-slots moving, a snapshot in progress) is retried with exponential backoff, and WrongShard (our
-shard map is stale) after refreshing the map, as retry.py's policy says; every other error is
-raised as it is.
+reassembles rows in request order, in the wire dtype asked for. Failures arrive as the errors.py
+class the server raised (status.py). ShardUnavailable (and its subclasses: timeouts, slots moving,
+a snapshot in progress) is retried with exponential backoff, and WrongShard (our shard map is
+stale) after refreshing the map, as retry.py's policy says; every other error is raised as it is.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from engram_store.engine.config import DTYPES, TableConfig, row_bytes
+from engram_store.engine.config import DTYPES, FP8_BLOCK, TableConfig, row_bytes
 from engram_store.engine.errors import EngramError, InvalidArgument, ShardUnavailable, WrongShard
 from engram_store.engine.optimizers import coalesce
 from engram_store.engine.routing import ShardMap
@@ -400,7 +399,7 @@ class StoreClient:
         dim = self._dims.get(table)
         if not dim or not self.split_bytes:
             return 0
-        if dtype == "float8_e4m3" and dim % 32:
+        if dtype == "float8_e4m3" and dim % FP8_BLOCK:
             return 0  # the shard refuses it with the reason
         size = n * row_bytes(dtype, dim)
         if size <= self.split_bytes:
