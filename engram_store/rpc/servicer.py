@@ -196,8 +196,9 @@ class MemoryStoreServicer:
         rb = row_bytes(dtype, dim)
         if dtype == "float8_e4m3" and dim % FP8_BLOCK:
             raise InvalidArgument(
-                f"table {request.table!r} has dim {dim}, not a multiple of 32: its rows cannot "
-                "travel as FLOAT8_E4M3 (one scale per 32 values); ask for FLOAT32 or BFLOAT16"
+                f"table {request.table!r} has dim {dim}, not a multiple of {FP8_BLOCK}: its rows "
+                f"cannot travel as FLOAT8_E4M3 (one scale per {FP8_BLOCK} values); ask for FLOAT32 "
+                "or BFLOAT16"
             )
         prefix, suffix = wire.lookup_response_frame(n, dim, dtype)
         total = len(prefix) + n * rb + len(suffix)

@@ -4,7 +4,7 @@ Shared by the service, the client and the CLI so that both ends pack bytes the s
 decoder checks byte lengths and enum values and raises errors.InvalidArgument with a message that
 says what to change.
 
-Rows on the wire, per dtype (`wire_array` is how a client holds them without converting):
+Rows on the wire, per dtype (`wire_numpy_dtype`: how a client holds them without converting):
 float32 as float32, float16 as float16, bfloat16 as uint16 bits, float8_e4m3 as uint8 rows of
 dim e4m3 codes followed by dim / 32 e8m0 scale bytes (engine.config.row_bytes).
 """
