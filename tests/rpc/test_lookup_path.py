@@ -4,6 +4,7 @@ server serving."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import grpc
@@ -249,3 +250,34 @@ def test_answers_are_built_in_bytes_of_their_own():
     assert type(first) is bytes and first == pattern.tobytes()
     assert second == bytes([7]) * 5000
     assert bytes_to_fill(0)[0] == b""
+
+
+def test_split_lookup_through_a_stale_map_is_rerouted(make_shard):
+    a, b, ref = make_shard(), make_shard(), make_shard("ref")
+    current = ShardMap.balanced([a.address, b.address], num_slots=8, version=2)
+    for i, s in enumerate((a, b)):
+        s.shard.set_shard_state(
+            dataclasses.replace(
+                s.shard.shard_state(),
+                shard_index=i,
+                map_version=2,
+                num_slots=8,
+                owned=current.owned_mask(i),
+                shard_map_json=current.to_json(),
+            )
+        )
+    stale = dataclasses.replace(
+        current, version=1, assignment=tuple(1 - x for x in current.assignment)
+    )
+    spec = _spec("r", "bfloat16")
+    ids = np.random.default_rng(8).permutation(ROWS)[:2000]
+    with (
+        StoreClient(stale, ClientConfig(retries=4, backoff_s=0.01), split_bytes=4096) as c,
+        StoreClient(ref.address) as r,
+    ):
+        c.create_table(spec)
+        r.create_table(spec)
+        np.testing.assert_array_equal(
+            c.lookup("r", ids, "bfloat16", raw=True), r.lookup("r", ids, "bfloat16", raw=True)
+        )
+        assert c.shard_map == current
