@@ -6,7 +6,7 @@ Nothing imports upward. The checker walks the source with `ast`, so it sees what
 of `sys.modules` misses: imports inside functions (the usual way to hide an upward dependency),
 `importlib.import_module("...")` and `__import__("...")` strings, relative imports, and imports
 under `if TYPE_CHECKING:` or `try:`. It also rejects third-party imports a layer's install does
-not provide (the engine: stdlib, numpy, lmdb, mmh3, numba; the rest of engram_store: the base install
+not provide (the engine: stdlib, numpy, lmdb, mmh3, numba + its llvmlite; the rest of engram_store: the base install
 only), and cycles between sibling packages (e.g. engram_store.engine <-> engram_store.rpc).
 
 A self-test runs the checker on a small synthetic tree of violations, so a checker that sees
@@ -49,7 +49,7 @@ WHY = {
 }
 
 #: third-party modules the engine may import (beyond the standard library)
-ENGINE_THIRD_PARTY = {"numpy", "lmdb", "mmh3", "numba"}
+ENGINE_THIRD_PARTY = {"numpy", "lmdb", "mmh3", "numba", "llvmlite"}
 #: import name -> distribution of the base install (pyproject `dependencies`): all that
 #: engram_store may import, so that a plain `pip install engram` runs every store command
 BASE_INSTALL = {
@@ -57,6 +57,7 @@ BASE_INSTALL = {
     "lmdb": "lmdb",
     "mmh3": "mmh3",
     "numba": "numba",
+    "llvmlite": "llvmlite",
     "grpc": "grpcio",
     "grpc_health": "grpcio-health-checking",
     "grpc_reflection": "grpcio-reflection",

@@ -134,8 +134,10 @@ def test_redis_rmw_adam_matches_the_store(redis_port, engine_shard):
         ref_rows[u], ref_state[u] = apply(spec.optimizer, ref_rows[u], ref_state[u], g, step)
 
     probe = np.arange(50)  # pushed rows and never-pushed rows
-    np.testing.assert_array_equal(table.lookup(probe), shard.lookup("t", probe))
-    np.testing.assert_array_equal(table.state(probe), shard.optimizer_state("t", probe))
+    # the baseline runs the numpy reference, the store its fused kernel: equal to rounding
+    tol = {"rtol": 1e-6, "atol": 1e-7}
+    np.testing.assert_allclose(table.lookup(probe), shard.lookup("t", probe), **tol)
+    np.testing.assert_allclose(table.state(probe), shard.optimizer_state("t", probe), **tol)
     np.testing.assert_array_equal(table.lookup(probe), ref_rows[probe])
     assert not np.array_equal(table.lookup(probe[:40]), initial_rows(spec, probe[:40]))
 
