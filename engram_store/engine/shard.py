@@ -47,6 +47,7 @@ from engram_store.engine.arrays import NEVER, TableArrays, chunk_rows_for, reser
 from engram_store.engine.config import ShardConfig, TableConfig, row_bytes
 from engram_store.engine.errors import (
     BatchTooLarge,
+    ConfigError,
     DataCorrupted,
     DataDirLocked,
     EngramError,
@@ -74,6 +75,7 @@ _MAX_STEP = 1 << 62
 _FLUSH_BYTES = 64 << 20  # checkpoint bytes per LMDB transaction
 _SPLIT_ROWS = 16384  # optimizer work split over two threads above this many rows
 _SCAN = 1 << 16  # offsets per chunk when scanning a table's ids (export / delete)
+_DBS = (b"meta", b"log", b"chunks", b"requests", b"reqseq")
 
 
 @dataclass
@@ -102,19 +104,33 @@ class Shard:
         self.config = config
         self._closed = True
         self._check_files(config.data_dir)
-        os.makedirs(config.data_dir, exist_ok=True)
-        self._lock_file = open(os.path.join(config.data_dir, "shard.lock"), "a+")  # noqa: SIM115
+        self._lock_file = None
+        if config.read_only:
+            if not os.path.exists(os.path.join(config.data_dir, "data.mdb")):
+                raise ConfigError(
+                    f"--read-only serves an existing shard, and {config.data_dir} holds none; "
+                    "start it writable first, or give the directory of one"
+                )
+        else:
+            os.makedirs(config.data_dir, exist_ok=True)
         try:
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            self._lock_file.close()
-            raise DataDirLocked(
-                f"data directory {config.data_dir} is in use by another shard process; stop it "
-                "or give this shard another --data directory"
-            ) from e
-        self._lock_file.truncate(0)
-        self._lock_file.write(f"{os.getpid()}\n")
-        self._lock_file.flush()
+            self._lock_file = open(os.path.join(config.data_dir, "shard.lock"), "a+")  # noqa: SIM115
+        except OSError:
+            if not config.read_only:
+                raise
+            # a read-only directory: no writer can open it either, so there is nothing to lock
+        if self._lock_file is not None:
+            try:
+                fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                self._lock_file.close()
+                raise DataDirLocked(
+                    f"data directory {config.data_dir} is in use by another shard process; stop "
+                    "it or give this shard another --data directory"
+                ) from e
+            self._lock_file.truncate(0)
+            self._lock_file.write(f"{os.getpid()}\n")
+            self._lock_file.flush()
         self._tables: dict[str, TableArrays] = {}
         self._state = ShardStateInfo()
         self._qlock = threading.Lock()  # enqueue: sequence numbers, request ids, reservations
@@ -195,6 +211,7 @@ class Shard:
 
     def _open_env(self) -> lmdb.Environment:
         c = self.config
+        ro = c.read_only
         try:
             env = lmdb.open(
                 c.data_dir,
@@ -204,21 +221,24 @@ class Shard:
                 metasync=c.durable,
                 readahead=False,
                 max_readers=c.max_readers,
-                readonly=False,
+                readonly=ro,
+                # LMDB's reader table needs a writable lock.mdb; a read-only directory has no
+                # writer to coordinate with
+                lock=not ro or os.access(c.data_dir, os.W_OK),
             )
+            dbs = [env.open_db(n, create=not ro) for n in _DBS]
         except lmdb.Error as e:
+            if "env" in locals():
+                env.close()
             self._release_lock()
             raise DataCorrupted(
                 f"cannot open LMDB in {c.data_dir} ({e}); restore it from a snapshot or use "
                 "another --data directory"
             ) from e
-        with open(os.path.join(c.data_dir, MARKER), "w") as f:
-            json.dump({"format": FORMAT}, f)
-        self._meta = env.open_db(b"meta")
-        self._log = env.open_db(b"log")
-        self._chunks = env.open_db(b"chunks")
-        self._req = env.open_db(b"requests")
-        self._reqseq = env.open_db(b"reqseq")
+        if not ro:
+            with open(os.path.join(c.data_dir, MARKER), "w") as f:
+                json.dump({"format": FORMAT}, f)
+        self._meta, self._log, self._chunks, self._req, self._reqseq = dbs
         return env
 
     # ---- lifecycle ----
@@ -226,7 +246,7 @@ class Shard:
     def close(self) -> None:
         """Stop the checkpointer (after one last checkpoint), close LMDB, release the dir."""
         if self._closed:
-            if getattr(self, "_lock_file", None) is not None and not self._lock_file.closed:
+            if getattr(self, "_lock_file", None) is not None:
                 self._release_lock()
             return
         self._stop.set()
@@ -244,7 +264,7 @@ class Shard:
             self._release_lock()
 
     def _release_lock(self) -> None:
-        if self._lock_file.closed:
+        if self._lock_file is None or self._lock_file.closed:
             return
         fcntl.flock(self._lock_file, fcntl.LOCK_UN)
         self._lock_file.close()

@@ -11,7 +11,7 @@ import pytest
 
 from engram_store.engine import init, kernels, optimizers
 from engram_store.engine.config import OptimizerConfig, ShardConfig, TableConfig
-from engram_store.engine.errors import InvalidArgument, ReadOnly, StoreFull
+from engram_store.engine.errors import ConfigError, InvalidArgument, ReadOnly, StoreFull
 from engram_store.engine.index import Index, distinct
 from engram_store.engine.shard import Shard
 
@@ -250,3 +250,20 @@ def test_distinct_sums_duplicates_like_coalesce():
     once = np.arange(10, dtype=np.int64)[::-1].copy()
     same = distinct(once, g[:10])
     assert same[0] is once and same[1] is g[:10].base or np.shares_memory(same[1], g)
+
+
+def test_a_read_only_shard_serves_and_writes_nothing(tmp_path):
+    spec = TableConfig("t", num_rows=1000, dim=8)
+    with Shard(_cfg(tmp_path)) as shard:
+        shard.create_table(spec)
+        shard.push("t", np.arange(10), np.ones((10, 8), np.float32))
+        want = shard.lookup("t", np.arange(20)).copy()
+    data = tmp_path / "s" / "data.mdb"
+    before = data.read_bytes()
+    with Shard(_cfg(tmp_path, read_only=True)) as ro:
+        np.testing.assert_array_equal(ro.lookup("t", np.arange(20)), want)
+        with pytest.raises(ReadOnly):
+            ro.push("t", np.arange(3), np.ones((3, 8), np.float32))
+    assert data.read_bytes() == before
+    with pytest.raises(ConfigError, match="holds none"):
+        Shard(_cfg(tmp_path, "empty", read_only=True))
