@@ -2,17 +2,18 @@
 same bytes, per wire dtype.
 
     python benchmarks/bench_lookup.py [--rows 65536] [--dim 64] [--iters 10] [--repeats 5]
-                                      [--split-bytes N] [--quick]
+                                      [--split-bytes N] [--split-variant N] [--quick]
 
 Starts `engram serve` and benchmarks/raw_server.py in subprocesses on 127.0.0.1 and creates a
 float32 table, a bfloat16-stored and a float8_e4m3-stored one (rows served in their storage
 dtype), every row stored (imported as its initial value). Each iteration looks up `--rows`
 distinct random rows the way the trainer's prefetcher does (ids known unique, rows in the storage
-dtype as they travel, a view of the answer; large answers split into concurrent sub-requests)
-and fetches the same number of bytes from the raw server, whose answer is prebuilt bytes with no
-protobuf on either side. Methods alternate within an iteration so they see the same load. For
-float32 two more variants: `whole` (never split: one request) and `owned` (the default call, ids
-deduplicated and a writable float32 array returned).
+dtype as they travel, a view of the answer; answers over the client's split_bytes split into
+concurrent sub-requests) and fetches the same number of bytes from the raw server, whose answer
+is prebuilt bytes with no protobuf on either side. Methods alternate within an iteration so they
+see the same load. For float32 two more variants: `split` (sub-requests of --split-variant bytes,
+4 in flight, assembled into one array) and `owned` (the default call: ids deduplicated, a
+writable float32 array).
 
 Warm buffers on both sides: the servers and this process run with glibc's mmap and trim
 thresholds raised (GLIBC_TUNABLES), so that a freed 16 MiB message buffer is reused by the next
@@ -118,6 +119,12 @@ def main() -> int:
         default=None,
         help="StoreClient split_bytes (default: the client's); 0 never splits",
     )
+    ap.add_argument(
+        "--split-variant",
+        type=int,
+        default=4 << 20,
+        help="split_bytes of the float32 `split` variant",
+    )
     ap.add_argument("--quick", action="store_true", help="a smoke run: small table, 3 x 3 calls")
     args = ap.parse_args()
     if args.quick:
@@ -133,7 +140,7 @@ def main() -> int:
         shard_server() as address,
         raw_server() as raw_address,
         StoreClient(address, ClientConfig(), **split) as client,
-        StoreClient(address, ClientConfig(), split_bytes=0) as whole,
+        StoreClient(address, ClientConfig(), split_bytes=args.split_variant) as splitting,
     ):
         local, methods, sizes = {}, {}, {}
         opts = [
@@ -169,8 +176,8 @@ def main() -> int:
                 raw(i)
             methods[f"store_{dtype}"], methods[f"raw_{dtype}"] = store, raw
         name = "bench_float32"
-        # float32 variants: one request however large, and the default call (a writable copy)
-        methods["whole_float32"] = lambda i: whole.lookup(
+        # float32 variants: split into small sub-requests, and the default call (a writable copy)
+        methods["split_float32"] = lambda i: splitting.lookup(
             name, batches[i], "float32", unique=True, raw=True, view=True
         )
         methods["owned_float32"] = lambda i: client.lookup(name, batches[i])
@@ -198,7 +205,7 @@ def main() -> int:
             "rows_match_local": check[d],
         }
     f32 = per_dtype["float32"]
-    for variant in ("whole", "owned"):
+    for variant in ("split", "owned"):
         ratios = [
             b / a
             for a, b in zip(medians[f"{variant}_float32"], medians["raw_float32"], strict=True)
@@ -216,6 +223,7 @@ def main() -> int:
         "repeats": args.repeats,
         "table_rows": args.table_rows,
         "split_bytes": client.split_bytes,
+        "split_variant_bytes": args.split_variant,
         "dtypes": per_dtype,
         "numpy_gather_ms": numpy_s["numpy"][0] * 1e3,
         "server_lookup_p50_ms": server["p50_ms"],
