@@ -107,7 +107,7 @@ def _normal_rows(spec: TableConfig, ids: np.ndarray) -> np.ndarray:
 
 
 def initial_state(spec: TableConfig, n: int) -> np.ndarray:
-    """float32 (n, state_width * dim) optimizer state of never-pushed rows."""
+    """float32 (n, spec.state_floats) optimizer state of never-pushed rows."""
     width = spec.state_floats
     if spec.optimizer.kind in ("adagrad", "rowwise_adagrad"):
         return np.full((n, width), spec.optimizer.initial_accumulator_value, dtype=np.float32)

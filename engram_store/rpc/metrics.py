@@ -8,7 +8,8 @@ per-server registry, served at http://HOST:P/metrics:
     engram_rows_total{method}                 row ids in requests (Lookup, PushGradients, ...)
     engram_bytes_total{method,direction}      request ("in") and response ("out") bytes
     engram_push_staleness{table}              server table step - request step, per push
-    engram_stored_rows / _stored_bytes / _used_bytes / _map_size_bytes / _cache_rows   (gauges)
+    engram_stored_rows / _stored_bytes / _used_bytes / _map_size_bytes / _cache_rows /
+    _memory_bytes / _memory_budget_bytes / _log_bytes   (gauges: RAM arrays, their budget, kept log)
     engram_table_step{table}                  highest optimizer step applied
 
 Trainer: `trainer.metrics.TrainerMetrics` (stall time, rows per token, cache hit rate).
@@ -78,7 +79,16 @@ class _ShardGauges:
             steps = [(t.name, self._shard.table_stats(t.name).step) for t in self._shard.tables()]
         except Exception:  # a closing shard: report nothing rather than fail the scrape
             return
-        for key in ("stored_rows", "stored_bytes", "used_bytes", "map_size_bytes", "cache_rows"):
+        for key in (
+            "stored_rows",
+            "stored_bytes",
+            "used_bytes",
+            "map_size_bytes",
+            "cache_rows",
+            "memory_bytes",
+            "memory_budget_bytes",
+            "log_bytes",
+        ):
             yield GaugeMetricFamily(f"engram_{key}", f"shard {key.replace('_', ' ')}", s[key])
         g = GaugeMetricFamily(
             "engram_table_step", "highest optimizer step applied", labels=["table"]
