@@ -51,7 +51,7 @@ class CountingStore:
         self.lookups = 0
         self._cv = threading.Condition()
 
-    def lookup_async(self, table: str, ids: np.ndarray) -> Future:
+    def lookup_async(self, table: str, ids: np.ndarray, *, unique: bool = False) -> Future:
         with self._cv:
             self.rows_looked_up += len(ids)
             self.lookups += 1

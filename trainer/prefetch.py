@@ -53,7 +53,7 @@ from trainer.config import PrefetchConfig  # torch-free, so the CLI can read its
 class Store(Protocol):
     """What the prefetcher needs from engram_store.rpc.client.StoreClient."""
 
-    def lookup_async(self, table: str, ids: np.ndarray) -> Future: ...
+    def lookup_async(self, table: str, ids: np.ndarray, *, unique: bool = False) -> Future: ...
 
     def push_async(
         self,
@@ -271,7 +271,8 @@ class Prefetcher:
                         uniq, index, self.config.cache_staleness
                     )
                 miss = uniq[~hit_mask]
-            fut = self.store.lookup_async(table, miss) if len(miss) else None
+            # distinct ids: the client skips its dedup sort
+            fut = self.store.lookup_async(table, miss, unique=True) if len(miss) else None
             layers[layer] = _LayerFetch(uniq, inverse, gids.shape, hit_mask, hit_rows, fut)
         return _Pending(index, issued_at, x, y, layers)
 
@@ -429,7 +430,8 @@ class Prefetcher:
                     continue
                 common = np.intersect1d(lf.ids, ids, assume_unique=True)
                 if len(common):
-                    lf.patches.append((common, self.store.lookup_async(self.tables[layer], common)))
+                    fut = self.store.lookup_async(self.tables[layer], common, unique=True)
+                    lf.patches.append((common, fut))
 
     def drain(self) -> None:
         """Wait for every outstanding push."""

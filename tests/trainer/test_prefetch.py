@@ -27,7 +27,9 @@ class FakeStore:
         self.latency_s, self.push_latency_s = latency_s, push_latency_s
         self.lookups = 0
 
-    def lookup_async(self, table, ids):
+    def lookup_async(self, table, ids, unique=False):
+        assert unique == (np.unique(ids).shape[0] == len(ids))  # the prefetcher dedups first
+
         def run():
             time.sleep(self.latency_s)
             with self.lock:
