@@ -178,14 +178,19 @@ def _connect_ray(
         )
         return ray.get_runtime_context().gcs_address, True
     if ray.is_initialized():
-        return _same_ray(address), False
+        return _same_ray(address, timeout_s), False
+    if address == "auto":  # Ray's "any local Ray": here, the only one, or a refusal
+        return _join_local_ray(config.namespace, timeout_s)[0], False
     return join_ray(address, namespace=config.namespace, timeout_s=timeout_s), False
 
 
-def _same_ray(address: str | None) -> str:
-    """This process's Ray address; ConfigError when `address` names another one."""
+def _same_ray(address: str | None, timeout_s: float) -> str:
+    """This process's Ray address; ConfigError when `address` names another one (after a probe
+    of it, so that a dead address is said to be dead)."""
     current = ray.get_runtime_context().gcs_address
     if address not in (None, "auto", current):
+        if "://" not in address:
+            probe_gcs(address, timeout_s)
         raise ConfigError(
             f"this process is connected to Ray at {current}, not {address}; "
             "use one Ray cluster per process"
@@ -193,18 +198,29 @@ def _same_ray(address: str | None) -> str:
     return current
 
 
-def attach_ray(address: str | None, namespace: str, timeout_s: float = 5.0) -> tuple[str, str]:
-    """Connect to a running Ray for status/scale/down; returns (GCS address, how it was chosen).
-
-    None: this process's Ray if connected, else the only Ray running on this machine; several
-    are refused with a list (SeveralRays), none with NoLocalRay: a command never attaches to an
-    arbitrary Ray. A local Ray that wants this machine's token (~/.ray/auth_token) gets it, as
-    `ray.init(address="auto")` would; an explicit address gets it only with RAY_AUTH_MODE=token.
+def attach_ray(
+    address: str | None, namespace: str, timeout_s: float = 5.0, log_to_driver: bool = False
+) -> tuple[str, str]:
+    """Connect to a running Ray (status/scale/down, a training job's --address); returns (GCS
+    address, how it was chosen). None or "auto": this process's Ray if connected, else the only
+    Ray running on this machine; several are refused with a list (SeveralRays), none with
+    NoLocalRay: a command never attaches to an arbitrary Ray.
     """
     if ray.is_initialized():
-        return _same_ray(address), ""
-    if address is not None:
-        return join_ray(address, namespace=namespace, timeout_s=timeout_s), ""
+        return _same_ray(address, timeout_s), ""
+    if address not in (None, "auto"):
+        return join_ray(
+            address, namespace=namespace, timeout_s=timeout_s, log_to_driver=log_to_driver
+        ), ""
+    return _join_local_ray(namespace, timeout_s, log_to_driver)
+
+
+def _join_local_ray(
+    namespace: str, timeout_s: float, log_to_driver: bool = False
+) -> tuple[str, str]:
+    """Join the only Ray running on this machine (pick_local_ray); (address, which one it is).
+    One that wants this machine's token (~/.ray/auth_token) gets it, as Ray's own
+    `address="auto"` does; an explicit address gets it only with RAY_AUTH_MODE=token."""
     chosen = pick_local_ray(local_rays())
     target = chosen.address
     try:
@@ -213,7 +229,9 @@ def attach_ray(address: str | None, namespace: str, timeout_s: float = 5.0) -> t
         if not ray_token()[0] or not probe_gcs(chosen.address, timeout_s, use_token=True):
             raise
         target = "auto"  # Ray sends this machine's token only to a local Ray it finds itself
-    address = join_ray(target, namespace=namespace, timeout_s=timeout_s)
+    address = join_ray(
+        target, namespace=namespace, timeout_s=timeout_s, log_to_driver=log_to_driver
+    )
     if address != chosen.address:  # another Ray started in between
         ray.shutdown()
         raise SeveralRays(f"Ray connected to {address}, not {chosen.address}; give --address")

@@ -252,12 +252,15 @@ def _start_ray(args: argparse.Namespace, cfg) -> bool:
     --timeout) or start a local one on 127.0.0.1; True if started here."""
     import ray
 
-    from cluster.runtime import join_ray, start_local_ray
+    from cluster.api import attach_ray
+    from cluster.runtime import start_local_ray
 
     if ray.is_initialized():
         return False
-    if args.address is not None:
-        join_ray(args.address, namespace="engram", timeout_s=args.timeout, log_to_driver=True)
+    if args.address is not None:  # "auto": the only Ray on this machine, never any one
+        _, chosen = attach_ray(args.address, "engram", args.timeout, log_to_driver=True)
+        if chosen:
+            print(f"[engram] {chosen}", file=sys.stderr, flush=True)
         return False
     need = args.shards + (cfg.trainers if cfg.ray_train or cfg.trainers > 1 else 0) + 1
     start_local_ray(
