@@ -187,14 +187,31 @@ def join_ray(
     unprobed) after probing it, so that a dead address, a missing or a wrong token fail within
     about `timeout_s` and change nothing. Returns the GCS address."""
     if address != "auto" and "://" not in address:
-        _split(address)
-        probe_gcs(address, timeout_s)
+        host, port = _split(address)
+        if os.environ.get("RAY_USE_TLS", "").lower() in ("1", "true"):
+            _probe_tcp(host, port, timeout_s)  # a TLS GCS: the plaintext probe cannot talk to it
+        else:
+            probe_gcs(address, timeout_s)
     try:
         with _keep_loopback():
             ray.init(address=address, namespace=namespace, log_to_driver=log_to_driver)
     except ConnectionError as e:
         raise RayUnreachable(f"cannot connect to Ray at {address!r}: {e}") from None
     return ray.get_runtime_context().gcs_address
+
+
+def _probe_tcp(host: str, port: int, timeout_s: float) -> None:
+    """RayUnreachable unless something accepts TCP connections at host:port within timeout_s."""
+    import socket
+
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            pass
+    except OSError as e:
+        raise RayUnreachable(
+            f"no Ray answers at {host}:{port} within {timeout_s:g}s ({e}); give the head's GCS "
+            "address (`ray start --head` prints it), or raise --timeout"
+        ) from None
 
 
 def _split(address: str) -> tuple[str, int]:

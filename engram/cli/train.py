@@ -290,6 +290,18 @@ def _check_flags(args: argparse.Namespace, cfg) -> None:
         from trainer.loop import resolve_device
 
         resolve_device(cfg.device)
+    if (
+        args.data
+        and cfg.model.engram_layers
+        and not args.store
+        and _in_use(pathlib.Path(args.data))
+    ):
+        from engram_store.engine.errors import DataDirLocked
+
+        raise DataDirLocked(
+            f"--data {args.data} is served by a live cluster or run; give this run another --data "
+            "directory (or none: <out>/store)"
+        )
 
 
 def _probe_store(args: argparse.Namespace, cfg) -> None:
@@ -417,8 +429,21 @@ def _add_runs(subparsers) -> None:
     cl.set_defaults(func=cmd_runs_clean)
 
 
-#: what marks a directory as a run of `engram train`
-_RUN_MARKS = ("checkpoint.pt", "summary.json", "store", "cluster.lock")
+def _is_run(d: pathlib.Path) -> bool:
+    """Whether `d` is a run directory of `engram train`: it holds a checkpoint or a summary,
+    or its lock names a training run (one that ended before its checkpoint). A cluster's data
+    root (cluster.json, shard-<i>/, its lock naming a cluster) is none."""
+    import json
+
+    from engram_store.ops.layout import LOCK_FILE
+
+    if (d / "checkpoint.pt").exists() or (d / "summary.json").exists():
+        return True
+    try:
+        holder = json.loads((d / LOCK_FILE).read_text() or "{}")
+    except (OSError, ValueError):
+        return False
+    return isinstance(holder, dict) and "train" in holder
 
 
 def _runs(root: str) -> list[pathlib.Path]:
@@ -426,7 +451,7 @@ def _runs(root: str) -> list[pathlib.Path]:
     base = pathlib.Path(root)
     if not base.is_dir():
         return []
-    runs = [d for d in base.iterdir() if d.is_dir() and any((d / m).exists() for m in _RUN_MARKS)]
+    runs = [d for d in base.iterdir() if d.is_dir() and _is_run(d)]
     return sorted(runs, key=lambda d: d.stat().st_mtime, reverse=True)
 
 
@@ -435,8 +460,8 @@ def _size(path: pathlib.Path) -> int:
 
 
 def _in_use(run: pathlib.Path) -> bool:
-    """Whether a live `engram train` (or a cluster) holds the lock of the run directory or of
-    its store (engram_store/ops/layout.py's flock); looks without writing anything."""
+    """Whether a live `engram train` (or a cluster) holds the lock of the directory or of its
+    store/ (engram_store/ops/layout.py's flock); looks without writing anything."""
     import fcntl
     import os
 

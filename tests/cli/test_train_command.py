@@ -102,6 +102,17 @@ def test_device_cuda_without_a_gpu_is_refused_before_anything_starts(
     assert "--device cpu" in err and not out.exists(), err
 
 
+def test_a_data_root_in_use_is_refused_before_anything_starts(no_ray_start, capsys, tmp_path):
+    from engram_store.ops.layout import lock_data_root
+
+    data = tmp_path / "data"
+    with lock_data_root(str(data), {"cluster": "engram"}):  # a live cluster serves it
+        code = main(["train", "--corpus", "synthetic", "--data", str(data), "--out",
+                     str(tmp_path / "run")])  # fmt: skip
+    assert code == 1, capsys.readouterr().err  # a runtime conflict, not a usage error
+    assert "--data" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
 # ---- engram runs list | clean ----
 
 
@@ -128,6 +139,8 @@ def test_runs_clean_keeps_the_newest_and_any_run_in_use(capsys, tmp_path):
     live = _fake_run(runs, "20261130-100000", 1)
     old = [_fake_run(runs, f"2026110{i}-100000", 20 + i) for i in range(3)]
     (runs / "notes").mkdir()  # not a run: never touched
+    cluster_root = runs / "cluster-data"  # a cluster's data root (its lock names a cluster)
+    lock_data_root(str(cluster_root), {"cluster": "engram"}).release()
     lock = lock_data_root(str(live), {"train": str(live)})  # a training run still writing here
     t = newest.stat().st_mtime - 86400
     os.utime(live, (t, t))  # taking the lock touched it: one day older than the newest again
@@ -146,7 +159,7 @@ def test_runs_clean_keeps_the_newest_and_any_run_in_use(capsys, tmp_path):
     finally:
         lock.release()
     assert newest.exists() and live.exists() and not old[0].exists()
-    assert (runs / "notes").exists()
+    assert (runs / "notes").exists() and cluster_root.exists()
 
 
 # ---- what a run reports ----
