@@ -127,4 +127,10 @@ def test_run_reports_bytes_per_token_and_rows_it_served(tokenizer, hasher):
         assert r["store"]["tokens_per_s_median"] == pytest.approx(
             32 / (r["store"]["ms_median"] / 1e3)
         )
+    dedup = out["formats"]["float8_e4m3"]["dedup"]
+    assert dedup["bytes_per_token"] == 48 * 264  # every id answered, duplicates sent once
+    assert dedup["wire_bytes_per_token"] == pytest.approx(
+        out["distinct_row_fraction_per_lookup"] * 48 * 264
+    )
+    assert 0 < out["distinct_row_fraction_per_lookup"] <= 1
     assert out["repeats"] == 3 and len(out["loadavg_before"]) == 3
