@@ -438,10 +438,11 @@ class EngramCluster:
         registry that is busy or restarting counts as alive)."""
         try:
             ray.get(self._registry.pid.remote(), timeout=timeout_s)
-        except ray.exceptions.RayActorError:
-            return False
         except ray.exceptions.GetTimeoutError:
             return True
+        except ray.exceptions.RayError as e:  # the actor is dead (a down), or Ray itself is
+            log.info("registry of cluster %r is gone: %s", self.config.name, type(e).__name__)
+            return False
         return True
 
     def down(self) -> None:

@@ -271,7 +271,8 @@ def _start_ray(args: argparse.Namespace, cfg) -> bool:
 
 def _check_flags(args: argparse.Namespace, cfg) -> None:
     """Every check that needs no Ray, store or run directory: the flags, the device, --store
-    addresses, the extras this run needs. ConfigError names the flag to change."""
+    addresses, the extras this run needs, a --data root in use. ConfigError names the flag to
+    change (DataDirLocked: the --data directory)."""
     from engram_store.engine.errors import ConfigError
 
     # The store addresses are filled in later; a placeholder stands for them here.
