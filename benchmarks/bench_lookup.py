@@ -22,7 +22,10 @@ call of this process are reported for each method to show it.
 
 Each repeat takes the median of `--iters` calls per method; the JSON reports min and median over
 `--repeats` repeats, the ratio raw time / lookup time per repeat (min and median; target >= 0.8)
-and the load average. The last line printed is one JSON object.
+and the load average. CPU per call is reported beside: this process's (all its threads) and that
+of the server it called (every thread's schedstat); `cpu_ratio` (raw CPU / lookup CPU, client and
+server together) depends less on what else the machine runs than wall time does. The last line
+printed is one JSON object.
 """
 
 from __future__ import annotations
@@ -55,23 +58,86 @@ def _faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def _measure(
-    methods: dict[str, Callable[[int], object]], iters: int, repeats: int
-) -> tuple[dict[str, list[float]], dict[str, float]]:
-    """Per method: the median seconds of each repeat, and minor page faults per call."""
-    medians: dict[str, list[float]] = {k: [] for k in methods}
-    faults = dict.fromkeys(methods, 0)
+def _child(word: str) -> int:
+    """PID of the child process of this one whose command line holds `word` (a server)."""
+    me = os.getpid()
+    for tid in os.listdir(f"/proc/{me}/task"):
+        with open(f"/proc/{me}/task/{tid}/children") as f:
+            for pid in map(int, f.read().split()):
+                with open(f"/proc/{pid}/cmdline", "rb") as c:
+                    if word.encode() in c.read():
+                        return pid
+    raise RuntimeError(f"no child process runs {word!r}")
+
+
+def _server_faults(pid: int) -> int:
+    """Minor page faults of process `pid` so far (/proc/PID/stat field 10)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[7])
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds that process `pid` has run, all threads (schedstat: nanoseconds)."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except FileNotFoundError:  # a thread that ended
+            continue
+    return total / 1e9
+
+
+class _Method:
+    """One measured call and what it costs: wall time per repeat, this process's page faults
+    and CPU, and the page faults and CPU of the server process it calls."""
+
+    def __init__(self, fn: Callable[[int], object], server_pid: int) -> None:
+        self.fn, self.server_pid = fn, server_pid
+        self.medians: list[float] = []
+        self.calls = self.faults = self.server_faults = 0
+        self.client_cpu = self.server_cpu = 0.0
+
+    def summary(self, nbytes: int, rows: int) -> dict:
+        lo, med = min(self.medians), float(np.median(self.medians))
+        return {
+            "ms_min": lo * 1e3,
+            "ms_median": med * 1e3,
+            "rows_per_s_median": rows / med,
+            "gb_per_s_median": nbytes / med / 1e9,
+            "faults_per_call": self.faults / self.calls,
+            "server_faults_per_call": self.server_faults / self.calls,
+            "client_cpu_ms_per_call": self.client_cpu / self.calls * 1e3,
+            "server_cpu_ms_per_call": self.server_cpu / self.calls * 1e3,
+        }
+
+    def cpu_ms(self) -> float:
+        return (self.client_cpu + self.server_cpu) / self.calls * 1e3
+
+
+def _measure(methods: dict[str, _Method], iters: int, repeats: int) -> None:
+    """Call every method `iters` times per repeat, alternating (so they see the same load)."""
     for _ in range(repeats):
         times: dict[str, list[float]] = {k: [] for k in methods}
         for i in range(iters):
-            for name, fn in methods.items():
-                f0, t0 = _faults(), time.perf_counter()
-                fn(i)
+            for name, m in methods.items():
+                s0, f0, c0 = _cpu_s(m.server_pid), _faults(), time.process_time()
+                g0 = _server_faults(m.server_pid)
+                t0 = time.perf_counter()
+                m.fn(i)
                 times[name].append(time.perf_counter() - t0)
-                faults[name] += _faults() - f0
+                m.client_cpu += time.process_time() - c0
+                m.faults += _faults() - f0
+                m.server_cpu += _cpu_s(m.server_pid) - s0
+                m.server_faults += _server_faults(m.server_pid) - g0
+                m.calls += 1
         for name, ts in times.items():
-            medians[name].append(float(np.median(ts)))
-    return medians, {k: v / (iters * repeats) for k, v in faults.items()}
+            methods[name].medians.append(float(np.median(ts)))
+
+
+def _ratios(store: _Method, raw: _Method) -> list[float]:
+    """raw time / store time per repeat (the same load within a repeat)."""
+    return [r / s for s, r in zip(store.medians, raw.medians, strict=True)]
 
 
 def _store_every_row(
@@ -94,16 +160,6 @@ def _store_every_row(
     )
     assert client._stub(address).ImportRows(batches, timeout=600).rows == num_rows
     return rows
-
-
-def _summary(seconds: list[float], nbytes: int, rows: int) -> dict:
-    lo, med = min(seconds), float(np.median(seconds))
-    return {
-        "ms_min": lo * 1e3,
-        "ms_median": med * 1e3,
-        "rows_per_s_median": rows / med,
-        "gb_per_s_median": nbytes / med / 1e9,
-    }
 
 
 def main() -> int:
@@ -142,6 +198,7 @@ def main() -> int:
         StoreClient(address, ClientConfig(), **split) as client,
         StoreClient(address, ClientConfig(), split_bytes=args.split_variant) as splitting,
     ):
+        shard_pid, raw_pid = _child("--data"), _child("raw_server.py")
         local, methods, sizes = {}, {}, {}
         opts = [
             ("grpc.max_send_message_length", 1 << 30),
@@ -174,53 +231,55 @@ def main() -> int:
             for i in range(2):  # untimed: first calls, first-touch faults
                 store(i)
                 raw(i)
-            methods[f"store_{dtype}"], methods[f"raw_{dtype}"] = store, raw
+            methods[f"store_{dtype}"] = _Method(store, shard_pid)
+            methods[f"raw_{dtype}"] = _Method(raw, raw_pid)
         name = "bench_float32"
         # float32 variants: split into small sub-requests, and the default call (a writable
         # copy); measured apart (each beside raw float32), as their 16 MiB arrays of their own
         # change what malloc has free for the others' messages
         variants = {
-            "raw_float32": methods["raw_float32"],
-            "split_float32": lambda i: splitting.lookup(
-                name, batches[i], "float32", unique=True, raw=True, view=True
+            "raw": _Method(methods["raw_float32"].fn, raw_pid),
+            "split": _Method(
+                lambda i: splitting.lookup(
+                    name, batches[i], "float32", unique=True, raw=True, view=True
+                ),
+                shard_pid,
             ),
-            "owned_float32": lambda i: client.lookup(name, batches[i]),
+            "owned": _Method(lambda i: client.lookup(name, batches[i]), shard_pid),
         }
         check = {
-            d: bool(np.array_equal(methods[f"store_{d}"](0), local[d][batches[0]])) for d in dtypes
+            d: bool(np.array_equal(methods[f"store_{d}"].fn(0), local[d][batches[0]]))
+            for d in dtypes
         }
-        medians, faults = _measure(methods, args.iters, args.repeats)
-        vmedians, vfaults = _measure(variants, args.iters, args.repeats)
-        numpy_s = _measure({"numpy": lambda i: local["float32"][batches[i]]}, args.iters, 1)[0]
+        _measure(methods, args.iters, args.repeats)
+        _measure(variants, args.iters, args.repeats)
+        gather = {"numpy": _Method(lambda i: local["float32"][batches[i]], os.getpid())}
+        _measure(gather, args.iters, 1)
         server = {m["method"]: m for m in client.stats()[0]["methods"]}["Lookup"]
         channel.close()
     load_after = os.getloadavg()
 
     per_dtype = {}
     for d in dtypes:
-        s, r = medians[f"store_{d}"], medians[f"raw_{d}"]
-        ratios = [b / a for a, b in zip(s, r, strict=True)]  # per repeat: same load
+        store, raw = methods[f"store_{d}"], methods[f"raw_{d}"]
+        ratios = _ratios(store, raw)
         per_dtype[d] = {
             "bytes_per_lookup": sizes[d],
-            "store": _summary(s, sizes[d], args.rows),
-            "raw_grpc": _summary(r, sizes[d], args.rows),
-            "store_faults_per_call": faults[f"store_{d}"],
-            "raw_faults_per_call": faults[f"raw_{d}"],
+            "store": store.summary(sizes[d], args.rows),
+            "raw_grpc": raw.summary(sizes[d], args.rows),
             "ratio_min": min(ratios),
             "ratio_median": float(np.median(ratios)),
+            "cpu_ratio": raw.cpu_ms() / store.cpu_ms(),
             "rows_match_local": check[d],
         }
     f32 = per_dtype["float32"]
     for variant in ("split", "owned"):
-        ratios = [
-            b / a
-            for a, b in zip(vmedians[f"{variant}_float32"], vmedians["raw_float32"], strict=True)
-        ]
+        ratios = _ratios(variants[variant], variants["raw"])
         f32[variant] = {
-            **_summary(vmedians[f"{variant}_float32"], sizes["float32"], args.rows),
-            "raw_grpc_ms_median": float(np.median(vmedians["raw_float32"])) * 1e3,
+            **variants[variant].summary(sizes["float32"], args.rows),
+            "raw_grpc_ms_median": float(np.median(variants["raw"].medians)) * 1e3,
             "ratio_median": float(np.median(ratios)),
-            "faults_per_call": vfaults[f"{variant}_float32"],
+            "cpu_ratio": variants["raw"].cpu_ms() / variants[variant].cpu_ms(),
         }
     result = {
         "benchmark": "lookup",
@@ -232,11 +291,12 @@ def main() -> int:
         "split_bytes": client.split_bytes,
         "split_variant_bytes": args.split_variant,
         "dtypes": per_dtype,
-        "numpy_gather_ms": numpy_s["numpy"][0] * 1e3,
+        "numpy_gather_ms": gather["numpy"].medians[0] * 1e3,
         "server_lookup_p50_ms": server["p50_ms"],
         "ratio_lookup_vs_raw_grpc": f32["ratio_median"],
         "ratio_bf16_vs_raw_grpc": per_dtype["bfloat16"]["ratio_median"],
         "ratio_fp8_vs_raw_grpc": per_dtype["float8_e4m3"]["ratio_median"],
+        "cpu_ratio_lookup_vs_raw_grpc": f32["cpu_ratio"],
         "target_ratio": TARGET,
         "meets_target": f32["ratio_median"] >= TARGET,
         "loadavg_before": load_before,
