@@ -30,7 +30,8 @@ a 1024-token batch's ids), the answer expanded to every id, against the same raw
 
 Each repeat takes the median of `--iters` calls per method; the JSON reports per format tokens/s
 and bytes/token of the shard (min and median over `--repeats`), the ratio raw time / store time
-per repeat (min and median), whether the served rows equal the stored ones, and the load average.
+per repeat (min and median), whether the served rows equal the stored ones, the shard's stored
+rows and bytes (what the touched rows cost it, not the 768 M-row height), and the load average.
 The last line printed is one JSON object.
 """
 
@@ -295,7 +296,8 @@ def run(args: argparse.Namespace) -> dict:
                 fn(1 % iters)
             check = check_rows(client, work, specs, args)
             medians, faults = measure(methods, iters, args.repeats)
-            server_stats = {m["method"]: m for m in client.stats()[0]["methods"]}["Lookup"]
+            shard_stats = client.stats()[0]
+            server_stats = {m["method"]: m for m in shard_stats["methods"]}["Lookup"]
     load_after = os.getloadavg()
 
     per_format = {}
@@ -349,6 +351,10 @@ def run(args: argparse.Namespace) -> dict:
         "tables": imported,
         "formats": per_format,
         "server_lookup_p50_ms": server_stats["p50_ms"],
+        "server_lookup_p99_ms": server_stats["p99_ms"],
+        "shard_stored_rows": shard_stats["stored_rows"],
+        "shard_stored_bytes": shard_stats["stored_bytes"],
+        "shard_used_bytes": shard_stats["used_bytes"],
         "tokens_per_s_fp8": per_format["float8_e4m3"]["store"]["tokens_per_s_median"],
         "ratio_fp8_vs_raw_grpc": per_format["float8_e4m3"]["ratio_median"],
         "ratio_bf16_vs_raw_grpc": per_format["bfloat16"]["ratio_median"],

@@ -113,6 +113,8 @@ def test_run_reports_bytes_per_token_and_rows_it_served(tokenizer, hasher):
     for name, t in out["tables"].items():
         distinct = np.unique(work.ids[name]).size
         assert t["rows_imported"] == t["stored_rows"] == distinct
+    assert out["shard_stored_rows"] == sum(t["stored_rows"] for t in out["tables"].values())
+    assert out["shard_stored_bytes"] >= 264 * out["shard_stored_rows"]
     assert {f: out["formats"][f]["row_bytes"] for f in bench.FORMATS} == {
         "float8_e4m3": 264,
         "bfloat16": 512,
