@@ -18,6 +18,7 @@ from engram_store.rpc import wire
 from engram_store.rpc.client import StoreClient
 from engram_store.rpc.config import ClientConfig
 from engram_store.rpc.proto import store_pb2 as pb
+from engram_store.rpc.proto import store_pb2_grpc
 from engram_store.rpc.servicer import bytes_to_fill
 from tests.servers import SMALL_BATCH
 
@@ -281,3 +282,19 @@ def test_split_lookup_through_a_stale_map_is_rerouted(make_shard):
             c.lookup("r", ids, "bfloat16", raw=True), r.lookup("r", ids, "bfloat16", raw=True)
         )
         assert c.shard_map == current
+
+
+def test_a_plain_protobuf_client_reads_the_answer(shard, client, tables):
+    """The hand-framed answer is a LookupResponse to any engram.v1 client (old ones too: no
+    dtype asked means float32)."""
+    ids = np.array([7, 1, 2998])
+    with grpc.insecure_channel(shard.address) as ch:
+        stub = store_pb2_grpc.MemoryStoreStub(ch)
+        for storage in STORAGE:
+            for dtype, pb_dtype in (("float32", pb.DTYPE_UNSPECIFIED), ("bfloat16", pb.BFLOAT16)):
+                req = pb.LookupRequest(table=f"t_{storage}", ids=wire.pack_ids(ids), dtype=pb_dtype)
+                resp = stub.Lookup(req, timeout=10)
+                held = shard.shard.lookup_into(f"t_{storage}", ids, dtype)
+                assert resp.rows == held.tobytes()
+                assert (resp.num_rows, resp.dim) == (3, DIM)
+                assert resp.dtype == wire.DTYPE_TO_PB[dtype]
