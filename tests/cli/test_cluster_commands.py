@@ -183,13 +183,29 @@ def test_down_stops_only_the_cluster_it_names(local_cluster):
 
 
 def test_status_reads_the_shards_metrics(local_cluster):
+    import numpy as np
+
+    from engram_store.rpc.client import StoreClient
+    from tests.servers import table_spec
+
     _, address, _ = local_cluster
-    r = engram("cluster", "status", "--address", address, "--name", "a", "--json", env=TOKEN)
-    assert r.returncode == 0, r.stderr
-    (shard,) = json.loads(r.stdout)["shards"]
+
+    def status() -> dict:
+        r = engram("cluster", "status", "--address", address, "--name", "a", "--json", env=TOKEN)
+        assert r.returncode == 0, r.stderr
+        (shard,) = json.loads(r.stdout)["shards"]
+        return shard
+
+    shard = status()
     assert re.fullmatch(r"127\.0\.0\.1:\d+", shard["metrics_address"]), shard
     # the registry's own calls (SetShardState, Stats) are counted on the shard's /metrics
     assert shard["metrics"]["requests"] > 0 and shard["metrics"]["errors"] == 0, shard
+    assert shard["metrics"]["lookup_p99_ms"] is None  # no lookup yet
+    with StoreClient(shard["address"]) as c:  # traffic of our own
+        c.create_table(table_spec("m", num_rows=100))
+        c.lookup("m", np.arange(10))
+    after = status()["metrics"]
+    assert after["lookup_p99_ms"] > 0 and after["requests"] > shard["metrics"]["requests"]
 
 
 def test_a_training_run_survives_cluster_commands_not_addressed_to_it(local_cluster, tmp_path):
