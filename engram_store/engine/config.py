@@ -19,7 +19,7 @@ FP8_BLOCK = 32
 #: (FBGEMM's PARTIAL_ROWWISE_ADAM)
 OPTIMIZERS = ("sgd", "adagrad", "adam", "rowwise_adagrad", "rowwise_adam")
 INITS = ("normal", "zeros")
-_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
+_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,128}")  # fullmatch: "$" would let a final newline in
 
 
 def row_bytes(dtype: str, dim: int) -> int:
@@ -101,7 +101,7 @@ class TableConfig:
         object.__setattr__(self, "head_rows", tuple(int(h) for h in self.head_rows))
 
     def validate(self) -> None:
-        if not isinstance(self.name, str) or not _NAME.match(self.name):
+        if not isinstance(self.name, str) or not _NAME.fullmatch(self.name):
             raise InvalidArgument(
                 f"table name {self.name!r} is invalid; use 1-128 characters of A-Z a-z 0-9 _ . -"
             )

@@ -105,6 +105,7 @@ class Shard:
         self._closed = True
         self._check_files(config.data_dir)
         self._lock_file = None
+        self._dir_fd: int | None = None
         if config.read_only:
             if not os.path.exists(os.path.join(config.data_dir, "data.mdb")):
                 raise ConfigError(
@@ -122,7 +123,14 @@ class Shard:
         if self._lock_file is not None:
             try:
                 fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                # the directory itself is locked too: deleting shard.lock does not let a second
+                # process in (it would lock a new file of the same name)
+                self._dir_fd = os.open(config.data_dir, os.O_RDONLY)
+                fcntl.flock(self._dir_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
+                if getattr(self, "_dir_fd", None) is not None:
+                    os.close(self._dir_fd)
+                    self._dir_fd = None
                 self._lock_file.close()
                 raise DataDirLocked(
                     f"data directory {config.data_dir} is in use by another shard process; stop "
@@ -264,6 +272,9 @@ class Shard:
             self._release_lock()
 
     def _release_lock(self) -> None:
+        if getattr(self, "_dir_fd", None) is not None:
+            os.close(self._dir_fd)  # closing drops the directory's flock
+            self._dir_fd = None
         if self._lock_file is None or self._lock_file.closed:
             return
         fcntl.flock(self._lock_file, fcntl.LOCK_UN)

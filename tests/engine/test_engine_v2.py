@@ -267,3 +267,34 @@ def test_a_read_only_shard_serves_and_writes_nothing(tmp_path):
     assert data.read_bytes() == before
     with pytest.raises(ConfigError, match="holds none"):
         Shard(_cfg(tmp_path, "empty", read_only=True))
+
+
+def test_deleting_the_lock_file_does_not_let_a_second_shard_in(tmp_path):
+    from engram_store.engine.errors import DataDirLocked
+
+    with Shard(_cfg(tmp_path)):
+        (tmp_path / "s" / "shard.lock").unlink()
+        with pytest.raises(DataDirLocked, match="in use by another shard process"):
+            Shard(_cfg(tmp_path))
+    with Shard(_cfg(tmp_path)):  # released on close
+        pass
+
+
+def test_a_table_name_with_a_final_newline_is_refused(tmp_path):
+    with Shard(_cfg(tmp_path)) as shard, pytest.raises(InvalidArgument, match="table name"):
+        shard.create_table(TableConfig("small\n", num_rows=10))
+
+
+def test_a_recreated_table_does_not_inherit_the_dropped_ones_request_ids(tmp_path):
+    spec = TableConfig("t", num_rows=100, dim=4, init="zeros", optimizer=OptimizerConfig("sgd", 1))
+    g = -np.ones((2, 4), np.float32)
+    with Shard(_cfg(tmp_path)) as shard:
+        shard.create_table(spec)
+        assert not shard.push("t", np.arange(2), g, request_id="same").duplicate
+        assert shard.drop_table("t")
+        shard.create_table(spec)
+        assert not shard.push("t", np.arange(2), g, request_id="same").duplicate
+        np.testing.assert_array_equal(shard.lookup("t", np.arange(2)), np.ones((2, 4)))
+    with Shard(_cfg(tmp_path)) as shard:  # and after a restart
+        assert shard.push("t", np.arange(2), g, request_id="same").duplicate
+        assert shard.table_stats("t").pushes == 1
