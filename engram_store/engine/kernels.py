@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import llvmlite.ir as ir  # type: ignore[import-untyped]
+import llvmlite.ir as ir
 import numba
 import numpy as np
 from numba.core import cgutils, types
@@ -43,14 +43,11 @@ _C2 = _U64(0xC4CEB9FE1A85EC53)
 #: domain separator: the stochastic-rounding stream of a seed differs from its init stream
 _SR_DOMAIN = _U64(0x5352_5F62_6974_7321)
 
-# storage modes of the optimizer kernel
+# 16-bit formats of the encode / decode kernels
 _F32, _BF16, _F16 = 0, 1, 2
 _MODES = {"float32": _F32, "bfloat16": _BF16, "float16": _F16}
-# optimizer kinds of the optimizer kernel
+# optimizer kinds of the step kernels
 _KINDS = {"sgd": 0, "adagrad": 1, "adam": 2, "rowwise_adagrad": 3, "rowwise_adam": 4}
-
-_EMPTY_F32 = np.empty((0, 0), np.float32)
-_EMPTY_U16 = np.empty((0, 0), np.uint16)
 
 # error_model="numpy": float division by zero gives inf / NaN as in numpy and torch instead of
 # raising, which also lets the division loops vectorise
@@ -277,37 +274,41 @@ def _fp8_decode(buf: np.ndarray, lut4: np.ndarray, lut8: np.ndarray, out: np.nda
 
 
 # ---------------------------------------------------------------------------------------------
-# optimizer rows (w: float32 row, updated in place; st: its state row; g: its gradient), inlined
-# into the step kernel so that each row's loop vectorises with no call or slice overhead
+# optimizer rows, inlined into the step kernels: w is the float32 row (updated in place), st its
+# state row, g its gradient, h the step's float32 hyper-parameters (a tuple, see _hyper)
 
 
 @_inline
-def _sgd_row(w, g, nlr):
+def _sgd_row(w, st, g, h):
+    """p += g * (-lr)."""
     for j in range(w.shape[0]):
-        w[j] = w[j] + g[j] * nlr
+        w[j] = w[j] + g[j] * h[0]
 
 
 @_inline
-def _adagrad_row(w, s, g, eps, nclr):
+def _adagrad_row(w, st, g, h):
+    """torch's sparse Adagrad: s += g^2; p += (g / (sqrt(s) + eps)) * (-clr)."""
     for j in range(w.shape[0]):
         gj = g[j]
-        sj = s[j] + gj * gj
-        s[j] = sj
-        w[j] = w[j] + (gj / (np.sqrt(sj) + eps)) * nclr
+        sj = st[j] + gj * gj
+        st[j] = sj
+        w[j] = w[j] + (gj / (np.sqrt(sj) + h[1])) * h[0]
 
 
 @_inline
-def _adam_row(w, st, g, c1, c2, eps, nss):
+def _adam_row(w, st, g, h):
+    """torch's SparseAdam: m += (g - m)(1 - b1); v += (g^2 - v)(1 - b2);
+    p += (m / (sqrt(v) + eps)) * (-step_size)."""
     dim = w.shape[0]
     for j in range(dim):
         gj = g[j]
         m = st[j]
         v = st[dim + j]
-        m = m + (gj - m) * c1
-        v = v + (gj * gj - v) * c2
+        m = m + (gj - m) * h[2]
+        v = v + (gj * gj - v) * h[3]
         st[j] = m
         st[dim + j] = v
-        w[j] = w[j] + (m / (np.sqrt(v) + eps)) * nss
+        w[j] = w[j] + (m / (np.sqrt(v) + h[1])) * h[0]
 
 
 @_inline
@@ -320,24 +321,27 @@ def _mean_sq(g) -> np.float32:
 
 
 @_inline
-def _rowwise_adagrad_row(w, st, g, eps, clr):
+def _rowwise_adagrad_row(w, st, g, h):
+    """EXACT_ROWWISE_ADAGRAD: a += mean(g^2); p -= g * (clr / (sqrt(a) + eps))."""
     a = st[0] + _mean_sq(g)
     st[0] = a
-    mult = clr / (np.sqrt(a) + eps)
+    mult = h[0] / (np.sqrt(a) + h[1])
     for j in range(w.shape[0]):
         w[j] = w[j] - g[j] * mult
 
 
 @_inline
-def _rowwise_adam_row(w, st, g, b1, c1, b2, c2, eps, lr, bc1, bc2):
+def _rowwise_adam_row(w, st, g, h):
+    """PARTIAL_ROWWISE_ADAM: v = v b2 + mean(g^2)(1 - b2); m = m b1 + g (1 - b1);
+    p -= lr (m / bc1 / (sqrt(v / bc2) + eps))."""
     dim = w.shape[0]
-    v = st[dim] * b2 + _mean_sq(g) * c2
+    v = st[dim] * h[5] + _mean_sq(g) * h[3]
     st[dim] = v
-    den = np.sqrt(v / bc2) + eps
+    den = np.sqrt(v / h[7]) + h[1]
     for j in range(dim):
-        m = st[j] * b1 + g[j] * c1
+        m = st[j] * h[4] + g[j] * h[2]
         st[j] = m
-        w[j] = w[j] - lr * (m / bc1 / den)
+        w[j] = w[j] - h[0] * (m / h[6] / den)
 
 
 @_inline
@@ -413,75 +417,142 @@ _PREFETCH_ROWS = 8
 
 
 @_jit
-def _step_kernel(kind, mode, rows32, rows16, state, offs, ids, grads, hp, salt, step) -> int:
-    """One optimizer step on rows offs[i] with gradient grads[i]; returns the index of the first
-    offset out of range (nothing changed), or -1.
-
-    hp holds the float32 hyper-parameters (_hyper); kind and mode select the optimizer and the
-    storage dtype (the branches are per row, outside the vectorised column loops)."""
-    cap = rows32.shape[0] if mode == _F32 else rows16.shape[0]
-    n = offs.shape[0]
-    for i in range(n):
-        if offs[i] < 0 or offs[i] >= cap:
-            return i
-    dim = grads.shape[1]
-    row_bytes = 4 * dim if mode == _F32 else 2 * dim
-    state_bytes = 4 * state.shape[1]
-    tmp = np.empty(dim, np.float32)
-    tmp_bits = tmp.view(np.uint32)
-    words = np.empty((dim + 3) // 4, np.uint64)
-    r16 = words.view(np.uint16)  # column c's 16 random bits: bits (c % 4) * 16 of word c // 4
-    h0, h1, h2, h3, h4, h5, h6, h7 = hp[0], hp[1], hp[2], hp[3], hp[4], hp[5], hp[6], hp[7]
-    for i in range(n):
-        if i + _PREFETCH_ROWS < n:
-            p = offs[i + _PREFETCH_ROWS]
-            for b in range(0, row_bytes, 64):
-                if mode == _F32:
-                    _prefetch(rows32, p, b)
-                else:
-                    _prefetch(rows16, p, b)
-            for b in range(0, state_bytes, 64):
-                _prefetch(state, p, b)
-        o = offs[i]
-        if mode == _F32:
-            w = rows32[o]
-        else:
-            if mode == _BF16:
-                _bf16_row_to_f32(rows16[o], tmp_bits)
-            else:
-                _f16_row_to_f32(rows16[o], tmp_bits, tmp)
-            w = tmp
-        g = grads[i]
-        st = state[o]
-        if kind == 0:
-            _sgd_row(w, g, h0)
-        elif kind == 1:
-            _adagrad_row(w, st, g, h1, h0)
-        elif kind == 2:
-            _adam_row(w, st, g, h2, h3, h1, h0)
-        elif kind == 3:
-            _rowwise_adagrad_row(w, st, g, h1, h0)
-        else:
-            _rowwise_adam_row(w, st, g, h4, h2, h5, h3, h1, h0, h6, h7)
-        if mode == _BF16:
-            _sr_bits(salt, ids[i], step, words)
-            _bf16_store_sr(tmp_bits, r16, rows16[o])
-        elif mode == _F16:
-            _sr_bits(salt, ids[i], step, words)
-            _f16_store_sr(tmp_bits, r16, rows16[o])
-    return -1
-
-
-# ---------------------------------------------------------------------------------------------
-# gather / scatter
-
-
-@_jit
 def _first_bad(offs: np.ndarray, cap: int) -> int:
     for i in range(offs.shape[0]):
         if offs[i] < 0 or offs[i] >= cap:
             return i
     return -1
+
+
+@_jit
+def _step_f32(kind, rows, state, offs, grads, hp) -> int:
+    """One optimizer step on float32 rows offs[i] (in place) with gradient grads[i]; returns the
+    index of the first offset out of range (nothing changed), or -1.
+
+    One row loop per optimizer, each prefetching the row and state lines _PREFETCH_ROWS rows
+    ahead, written out in full: measured, a branch on the optimizer inside the loop, or the
+    prefetch in a helper function (inlined or not), makes a cached Adam row 2-3x slower."""
+    n = offs.shape[0]
+    bad = _first_bad(offs, rows.shape[0])
+    if bad >= 0:
+        return bad
+    h = (hp[0], hp[1], hp[2], hp[3], hp[4], hp[5], hp[6], hp[7])
+    rb, sb, ahead = 4 * rows.shape[1], 4 * state.shape[1], _PREFETCH_ROWS
+    if kind == 0:
+        for i in range(n):
+            if i + ahead < n:
+                for b in range(0, rb, 64):
+                    _prefetch(rows, offs[i + ahead], b)
+            _sgd_row(rows[offs[i]], state[offs[i]], grads[i], h)
+    elif kind == 1:
+        for i in range(n):
+            if i + ahead < n:
+                for b in range(0, rb, 64):
+                    _prefetch(rows, offs[i + ahead], b)
+                for b in range(0, sb, 64):
+                    _prefetch(state, offs[i + ahead], b)
+            _adagrad_row(rows[offs[i]], state[offs[i]], grads[i], h)
+    elif kind == 2:
+        for i in range(n):
+            if i + ahead < n:
+                for b in range(0, rb, 64):
+                    _prefetch(rows, offs[i + ahead], b)
+                for b in range(0, sb, 64):
+                    _prefetch(state, offs[i + ahead], b)
+            _adam_row(rows[offs[i]], state[offs[i]], grads[i], h)
+    elif kind == 3:
+        for i in range(n):
+            if i + ahead < n:
+                for b in range(0, rb, 64):
+                    _prefetch(rows, offs[i + ahead], b)
+                _prefetch(state, offs[i + ahead], 0)
+            _rowwise_adagrad_row(rows[offs[i]], state[offs[i]], grads[i], h)
+    else:
+        for i in range(n):
+            if i + ahead < n:
+                for b in range(0, rb, 64):
+                    _prefetch(rows, offs[i + ahead], b)
+                for b in range(0, sb, 64):
+                    _prefetch(state, offs[i + ahead], b)
+            _rowwise_adam_row(rows[offs[i]], state[offs[i]], grads[i], h)
+    return -1
+
+
+@_inline
+def _step_row(kind, w, st, g, h):
+    """Dispatch one row to its optimizer (inside a 16-bit row loop the branch costs little
+    next to decoding, hashing and rounding the row)."""
+    if kind == 0:
+        _sgd_row(w, st, g, h)
+    elif kind == 1:
+        _adagrad_row(w, st, g, h)
+    elif kind == 2:
+        _adam_row(w, st, g, h)
+    elif kind == 3:
+        _rowwise_adagrad_row(w, st, g, h)
+    else:
+        _rowwise_adam_row(w, st, g, h)
+
+
+@_jit
+def _step_bf16(kind, rows, state, offs, ids, grads, hp, salt, step) -> int:
+    """One optimizer step on bfloat16 rows (uint16 bits) offs[i]: decoded to float32, stepped
+    as float32 rows are, written back with stochastic rounding whose bits are the counter hash
+    of (seed salt, ids[i], step, column). Returns as _step_f32. bfloat16 and float16 have a
+    kernel each: a branch on the format inside the row loop doubles its cost."""
+    n = offs.shape[0]
+    bad = _first_bad(offs, rows.shape[0])
+    if bad >= 0:
+        return bad
+    h = (hp[0], hp[1], hp[2], hp[3], hp[4], hp[5], hp[6], hp[7])
+    rb, sb, ahead = 2 * rows.shape[1], 4 * state.shape[1], _PREFETCH_ROWS
+    w = np.empty(grads.shape[1], np.float32)
+    w_bits = w.view(np.uint32)
+    words = np.empty((grads.shape[1] + 3) // 4, np.uint64)
+    r16 = words.view(np.uint16)  # column c's 16 random bits: bits (c % 4) * 16 of word c // 4
+    for i in range(n):
+        if i + ahead < n:
+            for b in range(0, rb, 64):
+                _prefetch(rows, offs[i + ahead], b)
+            for b in range(0, sb, 64):
+                _prefetch(state, offs[i + ahead], b)
+        o = offs[i]
+        _bf16_row_to_f32(rows[o], w_bits)
+        _step_row(kind, w, state[o], grads[i], h)
+        _sr_bits(salt, ids[i], step, words)
+        _bf16_store_sr(w_bits, r16, rows[o])
+    return -1
+
+
+@_jit
+def _step_f16(kind, rows, state, offs, ids, grads, hp, salt, step) -> int:
+    """_step_bf16 for float16 rows."""
+    n = offs.shape[0]
+    bad = _first_bad(offs, rows.shape[0])
+    if bad >= 0:
+        return bad
+    h = (hp[0], hp[1], hp[2], hp[3], hp[4], hp[5], hp[6], hp[7])
+    rb, sb, ahead = 2 * rows.shape[1], 4 * state.shape[1], _PREFETCH_ROWS
+    w = np.empty(grads.shape[1], np.float32)
+    w_bits = w.view(np.uint32)
+    words = np.empty((grads.shape[1] + 3) // 4, np.uint64)
+    r16 = words.view(np.uint16)
+    for i in range(n):
+        if i + ahead < n:
+            for b in range(0, rb, 64):
+                _prefetch(rows, offs[i + ahead], b)
+            for b in range(0, sb, 64):
+                _prefetch(state, offs[i + ahead], b)
+        o = offs[i]
+        _f16_row_to_f32(rows[o], w_bits, w)
+        _step_row(kind, w, state[o], grads[i], h)
+        _sr_bits(salt, ids[i], step, words)
+        _f16_store_sr(w_bits, r16, rows[o])
+    return -1
+
+
+# ---------------------------------------------------------------------------------------------
+# gather / scatter
 
 
 @_jit
@@ -778,7 +849,9 @@ def checksum(buf) -> int:
 
 
 def _hyper(spec: TableConfig, step: int) -> np.ndarray:
-    """The float32 hyper-parameters of one step (see _step_kernel for their slots)."""
+    """The float32 hyper-parameters of one step, in the slots the row functions read: sgd
+    (-lr); adagrad (-clr, eps); adam (-step_size, eps, 1 - b1, 1 - b2); rowwise_adagrad (clr,
+    eps); rowwise_adam (lr, eps, 1 - b1, 1 - b2, b1, b2, 1 - b1^t, 1 - b2^t)."""
     opt = spec.optimizer
     hp = np.zeros(8, np.float32)
     eps = opt.resolved_eps
@@ -850,7 +923,7 @@ def optimizer_step(
             raise InvalidArgument(f"{name} must be C-contiguous")
     if not rows.flags.writeable or not state.flags.writeable:
         raise InvalidArgument("rows and state must be writeable")
-    if spec.state_floats and state.shape[0] != rows.shape[0]:
+    if state.shape[0] != rows.shape[0]:
         raise InvalidArgument(f"state has {state.shape[0]} rows, rows {rows.shape[0]}")
     offs = _offsets(offs)
     ids = _offsets(ids, "ids")
@@ -860,21 +933,14 @@ def optimizer_step(
             f"offs, ids and grads must have one entry per row: {m}, {ids.shape[0]}, "
             f"{grads.shape[0]}"
         )
-    mode = _MODES[spec.dtype]
-    rows32 = rows.view(np.float32) if mode == _F32 else _EMPTY_F32
-    rows16 = rows.view(np.uint16) if mode != _F32 else _EMPTY_U16
-    bad = _step_kernel(
-        _KINDS[spec.optimizer.kind],
-        mode,
-        rows32,
-        rows16,
-        state,
-        offs,
-        ids,
-        grads,
-        _hyper(spec, step),
-        _salt(spec.seed),
-        step,
-    )
+    kind = _KINDS[spec.optimizer.kind]
+    hp = _hyper(spec, step)
+    if spec.dtype == "float32":
+        bad = _step_f32(kind, rows.view(np.float32), state, offs, grads, hp)
+    else:
+        step16 = _step_bf16 if spec.dtype == "bfloat16" else _step_f16
+        bad = step16(
+            kind, rows.view(np.uint16), state, offs, ids, grads, hp, _salt(spec.seed), step
+        )
     if bad >= 0:
         raise _bad_offset(offs, bad, rows.shape[0])
