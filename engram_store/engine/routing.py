@@ -73,14 +73,29 @@ class ShardMap:
 
     @classmethod
     def from_json(cls, s: str) -> ShardMap:
-        d = json.loads(s)
-        return cls(
-            version=d["version"],
-            num_slots=d["num_slots"],
-            assignment=tuple(d["assignment"]),
-            addresses=tuple(d["addresses"]),
-            layout=d.get("layout", ""),
-        )
+        """The map a to_json() string describes; ConfigError naming what is wrong otherwise
+        (a map every client would read must never be stored half-formed)."""
+        try:
+            d = json.loads(s)
+            m = cls(
+                version=int(d["version"]),
+                num_slots=int(d["num_slots"]),
+                assignment=tuple(int(a) for a in d["assignment"]),
+                addresses=tuple(str(a) for a in d["addresses"]),
+                layout=str(d.get("layout", "")),
+            )
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"shard map JSON does not parse as a shard map ({e!r})") from None
+        if m.version < 0 or m.num_slots <= 0 or len(m.assignment) != m.num_slots:
+            raise ConfigError(
+                f"shard map has num_slots={m.num_slots} and {len(m.assignment)} assignments; "
+                "they must agree and be > 0"
+            )
+        if not m.addresses or any(not 0 <= a < len(m.addresses) for a in m.assignment):
+            raise ConfigError(
+                f"shard map assigns slots to shards outside its {len(m.addresses)} addresses"
+            )
+        return m
 
     @classmethod
     def single(cls, address: str) -> ShardMap:

@@ -62,7 +62,7 @@ from engram_store.engine.errors import (
 )
 from engram_store.engine.index import distinct
 from engram_store.engine.records import DELETE, IMPORT, PUSH, LogHeader
-from engram_store.engine.routing import slot_of
+from engram_store.engine.routing import ShardMap, slot_of
 from engram_store.engine.types import PushResult, ShardStateInfo, TableStats
 
 log = logging.getLogger(__name__)
@@ -1245,9 +1245,9 @@ class Shard:
             raise InvalidArgument("shard state with owned/frozen slots needs num_slots > 0")
         if state.shard_map_json:
             try:
-                json.loads(state.shard_map_json)
-            except ValueError as e:
-                raise InvalidArgument(f"shard_map_json does not parse as JSON ({e})") from e
+                ShardMap.from_json(state.shard_map_json)
+            except ConfigError as e:
+                raise InvalidArgument(f"shard state's {e}; send the map's to_json()") from None
         with self._quiet():
             if self._state.layout and state.layout and self._state.layout != state.layout:
                 raise LayoutMismatch(

@@ -29,7 +29,7 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
-from engram_store.engine.errors import DataDirLocked, LayoutMismatch
+from engram_store.engine.errors import ConfigError, DataDirLocked, LayoutMismatch
 from engram_store.engine.routing import ShardMap
 
 log = logging.getLogger(__name__)
@@ -130,8 +130,8 @@ class ClusterLayout:
             raise damaged("empty 'layout'")
         try:
             shard_map = ShardMap.from_json(d["shard_map"])
-        except (ValueError, KeyError, TypeError) as e:
-            raise damaged(f"'shard_map' does not parse: {e!r}") from None
+        except ConfigError as e:
+            raise damaged(f"'shard_map' does not parse: {e}") from None
         if d["num_slots"] < 1 or shard_map.num_slots != d["num_slots"]:
             raise damaged(f"num_slots {d['num_slots']} but the shard map has {shard_map.num_slots}")
         if shard_map.num_shards < 1 or shard_map.num_shards != d["num_shards"]:

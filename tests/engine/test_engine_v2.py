@@ -298,3 +298,23 @@ def test_a_recreated_table_does_not_inherit_the_dropped_ones_request_ids(tmp_pat
     with Shard(_cfg(tmp_path)) as shard:  # and after a restart
         assert shard.push("t", np.arange(2), g, request_id="same").duplicate
         assert shard.table_stats("t").pushes == 1
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "{not json",
+        '{"version": 1}',
+        '{"version": 1, "num_slots": 2, "assignment": [0, 5], "addresses": ["a:1"]}',
+    ],
+)
+def test_a_malformed_shard_map_is_refused_and_the_state_kept(tmp_path, bad):
+    from engram_store.engine.types import ShardStateInfo
+
+    with Shard(_cfg(tmp_path)) as shard:
+        before = shard.shard_state()
+        with pytest.raises(InvalidArgument, match="shard map"):
+            shard.set_shard_state(ShardStateInfo(shard_map_json=bad))
+        assert shard.shard_state() == before
+    with Shard(_cfg(tmp_path)) as shard:
+        assert shard.shard_state() == before
