@@ -86,6 +86,7 @@ def _sr_bits(salt: np.uint64, row_id: np.int64, step: np.int64, words: np.ndarra
 
 @_inline
 def _bf16_row_to_f32(src: np.ndarray, dst_bits: np.ndarray) -> None:
+    """float32 bits of bfloat16 bits src (exact: the upper half of a float32)."""
     for j in range(src.shape[0]):
         dst_bits[j] = np.uint32(src[j]) << np.uint32(16)
 
@@ -94,7 +95,8 @@ def _bf16_row_to_f32(src: np.ndarray, dst_bits: np.ndarray) -> None:
 def _f16_row_to_f32(src: np.ndarray, dst_bits: np.ndarray, dst: np.ndarray) -> None:
     """float32 values (dst, whose bits dst_bits views) of float16 bits src, exact: normal
     values, inf and NaN by moving the exponent and mantissa fields, then subnormals (m 2^-24)
-    by an exact int -> float conversion; two branch-free loops that vectorise."""
+    by an exact int -> float conversion; two loops that vectorise (no branch in the first,
+    a masked store in the second)."""
     for j in range(src.shape[0]):
         h = np.uint32(src[j])
         e = (h >> np.uint32(10)) & np.uint32(0x1F)
