@@ -293,10 +293,10 @@ class TrainConfig:
             )
         for name in ("seq_len", "batch_size", "trainers", "vocab_size", "log_every"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"{_flag(name)} {getattr(self, name)} must be >= 1")
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= 1 ({_flag(name)})")
         for name in ("steps", "eval_batches", "eval_every"):
             if getattr(self, name) < 0:
-                raise ConfigError(f"{_flag(name)} {getattr(self, name)} must be >= 0")
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= 0 ({_flag(name)})")
         if not (self.max_minutes >= 0 and math.isfinite(self.max_minutes)):
             raise ConfigError(f"--minutes {self.max_minutes} must be >= 0 (0 = no time limit)")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -314,12 +314,12 @@ class TrainConfig:
             )
 
 
-#: the `engram train` flag of a TrainConfig field, where the two names differ
-_FLAGS = {"max_minutes": "--minutes", "log_every": "log_every"}
+#: the `engram train` flag of a TrainConfig field, where it is not --<field-with-dashes>
+_FLAGS = {"max_minutes": "--minutes", "log_every": "no flag: TrainConfig.log_every"}
 
 
 def _flag(name: str) -> str:
-    """How an error names a TrainConfig field: as its `engram train` flag."""
+    """How an error names a TrainConfig field's `engram train` flag."""
     return _FLAGS.get(name, "--" + name.replace("_", "-"))
 
 
