@@ -559,11 +559,17 @@ def _step_f16(kind, rows, state, offs, ids, grads, hp, salt, step) -> int:
 
 @_jit
 def _gather(rows: np.ndarray, offs: np.ndarray, out: np.ndarray) -> int:
+    """out[i] = rows[offs[i]] (uint8 rows), prefetching _PREFETCH_ROWS rows ahead; returns the
+    index of the first offset out of range (nothing written), or -1."""
+    n = offs.shape[0]
     bad = _first_bad(offs, rows.shape[0])
     if bad >= 0:
         return bad
-    width = rows.shape[1]
-    for i in range(offs.shape[0]):
+    width, ahead = rows.shape[1], _PREFETCH_ROWS
+    for i in range(n):
+        if i + ahead < n:
+            for b in range(0, width, 64):
+                _prefetch(rows, offs[i + ahead], b)
         src = rows[offs[i]]
         dst = out[i]
         for j in range(width):
@@ -573,11 +579,16 @@ def _gather(rows: np.ndarray, offs: np.ndarray, out: np.ndarray) -> int:
 
 @_jit
 def _scatter(rows: np.ndarray, offs: np.ndarray, src: np.ndarray) -> int:
+    """rows[offs[i]] = src[i], as _gather; all offsets are checked before the first write."""
+    n = offs.shape[0]
     bad = _first_bad(offs, rows.shape[0])
     if bad >= 0:
         return bad
-    width = rows.shape[1]
-    for i in range(offs.shape[0]):
+    width, ahead = rows.shape[1], _PREFETCH_ROWS
+    for i in range(n):
+        if i + ahead < n:
+            for b in range(0, width, 64):
+                _prefetch(rows, offs[i + ahead], b)
         dst = rows[offs[i]]
         s = src[i]
         for j in range(width):
