@@ -36,6 +36,7 @@ import os
 import platform
 import resource
 import struct
+import sys
 import time
 from collections.abc import Callable
 
@@ -183,9 +184,11 @@ def main() -> int:
     )
     ap.add_argument("--quick", action="store_true", help="a smoke run: small table, 3 x 3 calls")
     args = ap.parse_args()
+    if os.environ.get("GLIBC_TUNABLES") != TUNABLES:  # glibc reads them at start: start again
+        os.environ["GLIBC_TUNABLES"] = TUNABLES  # the servers inherit them
+        os.execv(sys.executable, [sys.executable, *sys.argv])
     if args.quick:
         args.iters, args.repeats, args.table_rows = 3, 3, max(args.rows, 1 << 17)
-    os.environ["GLIBC_TUNABLES"] = TUNABLES  # the servers inherit it
     rng = np.random.default_rng(0)
     batches = [rng.choice(args.table_rows, args.rows, replace=False) for _ in range(args.iters)]
     dtypes = ["float32", "bfloat16", "float8_e4m3"]
