@@ -18,7 +18,7 @@ from engram_store.engine.errors import (
     WrongShard,
 )
 from engram_store.engine.init import initial_rows, initial_state
-from engram_store.engine.routing import slot_of
+from engram_store.engine.routing import ShardMap, slot_of
 from engram_store.engine.shard import Shard, ShardStateInfo
 
 ROWS, DIM = 500, 4
@@ -86,7 +86,7 @@ def test_reopen_restores_everything(shard_config, trained):
         owned=b"\1\1\1\1",
         frozen=b"\0\0\0\0",
         layout="L",
-        shard_map_json="{}",
+        shard_map_json=ShardMap(3, 4, (1, 1, 1, 1), ("a:1", "b:2"), "L").to_json(),
     )
     trained.set_shard_state(state)
     trained.close()
