@@ -64,7 +64,7 @@ class RayTokenRefused(EngramError):
 class SeveralRays(ConfigError):
     """More than one Ray runs on this machine and no --address says which to use."""
 
-    hint = "pick one with --address HOST:PORT (one of those listed)"
+    hint = "add one of the --address flags listed to the command"
 
 
 class NoLocalRay(RayUnreachable):
@@ -286,14 +286,11 @@ def pick_local_ray(rays: list[LocalRay]) -> LocalRay:
     """The Ray to use when no address is given: the only one running here. Refuses, listing
     them, when there are several (never picks one silently), and says so when there is none."""
     if not rays:
-        raise NoLocalRay(
-            "no Ray runs on this machine; start a cluster (`engram cluster up`) or give "
-            "--address HOST:PORT"
-        )
+        raise NoLocalRay("no Ray runs on this machine, and no --address says where one runs")
     if len(rays) > 1:
         listing = "\n".join(f"  --address {r.describe()}" for r in rays)
         raise SeveralRays(
-            f"{len(rays)} Rays run on this machine and no --address says which to use; give "
-            f"one of:\n{listing}"
+            f"{len(rays)} Rays run on this machine, and no --address says which one to use:\n"
+            f"{listing}"
         )
     return rays[0]

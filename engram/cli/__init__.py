@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def error_line(e: BaseException, args: argparse.Namespace | None = None) -> str:
-    """The one-line (a listing aside) message of a command that failed: what happened, and the
+    """The one-line message (a listing aside) of a command that failed: what happened, and the
     error class's hint unless the message says it already. A store that refused the call as
     unauthenticated is told apart by whether this command sent a token at all."""
     from engram_store.engine.errors import Unauthenticated
@@ -50,7 +50,8 @@ def error_line(e: BaseException, args: argparse.Namespace | None = None) -> str:
             else f"the store requires a token and none was sent: pass --token or set ${TOKEN_ENV}"
         )
     if hint and hint.lower() not in text.lower():
-        text = f"{text} (hint: {hint})"
+        # after a listing, the hint gets a line of its own
+        text = f"{text}\nhint: {hint}" if "\n" in text else f"{text} (hint: {hint})"
     return text
 
 
