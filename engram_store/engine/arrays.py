@@ -30,6 +30,7 @@ from engram_store.engine.errors import StoreFull
 from engram_store.engine.index import Index
 
 _NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform.startswith("linux") else 0)
+_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", None)
 CHUNK_BYTES = 16 << 20  # target bytes of one checkpoint chunk
 NEVER = -2  # chunk lsn: never written and empty
 
@@ -52,6 +53,13 @@ def reserve(shape: int | tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
     mm = mmap.mmap(
         -1, count * dt.itemsize, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _NORESERVE
     )
+    if _HUGEPAGE is not None and count * dt.itemsize >= 1 << 21:
+        # random rows of a big table: 2 MiB pages cut TLB misses (rows take offsets in order,
+        # so a huge page fills densely)
+        try:
+            mm.madvise(_HUGEPAGE)
+        except OSError:
+            pass
     return np.frombuffer(mm, dtype=dt, count=count).reshape(dims)
 
 
