@@ -61,3 +61,21 @@ def test_zeros_and_state():
     assert initial_state(adam, 2).shape == (2, 6) and not initial_state(adam, 2).any()
     sgd = TableConfig("t", num_rows=10, dim=3, optimizer=OptimizerConfig(kind="sgd"))
     assert initial_state(sgd, 2).shape == (2, 0)
+
+
+def test_normal_rows_follow_the_documented_box_muller_in_float64():
+    """The float32 polynomials against numpy's float64 log/cos/sin on the same hash bits."""
+    from engram_store.engine.init import _G, _G2, _seed_salt
+    from engram_store.engine.routing import fmix64
+
+    spec = TableConfig("t", num_rows=1 << 30, dim=10, seed=123, init_std=0.5)
+    ids = np.random.default_rng(0).integers(0, 1 << 30, 3000).astype(np.int64)
+    base = fmix64(ids.astype(np.uint64) * _G ^ _seed_salt(spec.seed))
+    h = fmix64(base[:, None] + np.arange(1, 6, dtype=np.uint64) * _G2)
+    u1 = ((h >> np.uint64(40)).astype(np.float64) + 1) * 2.0**-24
+    u2 = (h & np.uint64(0xFFFFFFFF)).astype(np.float32).astype(np.float64) * 2.0**-32 - 0.5
+    r = 0.5 * np.sqrt(-2 * np.log(u1))
+    want = np.empty((3000, 10))
+    want[:, 0::2] = r * np.cos(2 * np.pi * u2)
+    want[:, 1::2] = r * np.sin(2 * np.pi * u2)
+    np.testing.assert_allclose(initial_rows(spec, ids), want, rtol=0, atol=5e-7)
