@@ -8,6 +8,7 @@ coordinator and the protocol are described in engram_store/ops/snapshot.py.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import threading
 import time
@@ -33,12 +34,18 @@ _GATED = frozenset({"PushGradients", "ImportRows", "DeleteRows", "CreateTable", 
 _RECENT_S = 30.0  # how long a shard remembers that it applied a push sub-request
 WINDOW_S = 10.0  # default STATUS window: parts of one push arrive well within it
 _RECENT_MAX = 1 << 18
+# the suffix StoreClient.push gives each sub-request: /<shard>[.<chunk>]~<parts> on the first
+# routing, /<shard>[.<chunk>]@<map version> when re-sent after a stale map
+_SUB_REQUEST = re.compile(r"/\d+(?:\.\d+)?(?:~(?P<parts>\d+)|@\d+)\Z")
 
 
 def logical_id(request_id: str) -> str:
-    """The logical push id of a sub-request id (`<id>/<shard>[.<chunk>]~<parts>`, or
-    `<id>/<shard>[.<chunk>]@<map version>` when re-sent after a stale map)."""
-    return request_id.split("/", 1)[0]
+    """The logical push id of a sub-request id: everything before the client's last
+    `/<shard>[.<chunk>]~<parts>` (or `@<map version>`) suffix. The logical id may hold `/`
+    itself (the trainer's are `<run>/r<rank>/<split>/<step>/<layer>`); an id without that
+    suffix (a push sent to one shard directly) is its own logical id."""
+    m = _SUB_REQUEST.search(request_id)
+    return request_id[: m.start()] if m else request_id
 
 
 def half_applied(applied: list[str] | set[str], refused: set[str]) -> set[str]:
@@ -53,11 +60,10 @@ def half_applied(applied: list[str] | set[str], refused: set[str]) -> set[str]:
         if lid in refused:
             out.add(lid)
             continue
-        if any("@" in r for r in subs):
-            continue
-        counts = {
-            int(r.rsplit("~", 1)[1]) for r in subs if "~" in r and r.rsplit("~", 1)[1].isdigit()
-        }
+        suffixes = [_SUB_REQUEST.search(r) for r in subs]
+        if any(m is not None and m["parts"] is None for m in suffixes):
+            continue  # re-routed after a stale map
+        counts = {int(m["parts"]) for m in suffixes if m is not None}
         if counts and len(subs) < max(counts):
             out.add(lid)
     return out
@@ -195,9 +201,12 @@ class SnapshotGate(grpc.ServerInterceptor):
             return handler
 
         def wrap(behaviour):
+            if handler.request_streaming:
+                return streamed(behaviour)
+
             def gated(request, context):
                 try:
-                    self._enter(name, None if handler.request_streaming else request)
+                    self._enter(name, request)
                 except EngramError as e:
                     abort(context, e)
                 applied = False
@@ -207,6 +216,31 @@ class SnapshotGate(grpc.ServerInterceptor):
                     return resp
                 finally:
                     self._exit(request, applied)
+
+            return gated
+
+        def streamed(behaviour):
+            """A write that arrives as a stream (ImportRows) is admitted when its last message
+            has arrived: the servicer stages the stream and stores it only after that, so a slow
+            or idle stream is not a write in flight and never holds up a freeze. Frozen then:
+            refused (SnapshotInProgress, from the servicer's loop), nothing stored."""
+
+            def gated(requests, context):
+                entered = []
+
+                def admitted():
+                    yield from requests
+                    self._enter(name, None)
+                    entered.append(True)
+
+                applied = False
+                try:
+                    resp = behaviour(admitted(), context)
+                    applied = context.code() in (None, grpc.StatusCode.OK)
+                    return resp
+                finally:
+                    if entered:
+                        self._exit(None, applied)
 
             return gated
 

@@ -1,9 +1,11 @@
 """Shared-token authentication and TLS for shard servers and their clients.
 
 Server: `TokenAuthInterceptor` checks the `authorization: Bearer <token>` header of every call
-(health checks excepted, so load balancers and `grpc_health_probe` need no token). No or an unknown
-token -> Unauthenticated (UNAUTHENTICATED); a read token on a method that writes -> ReadOnly
-(PERMISSION_DENIED).
+(health checks excepted, so load balancers and `grpc_health_probe` need no token) from the call's
+headers alone: a refused call is answered without reading its request message, so a body sent
+without a valid token is never received, inflated or parsed. No token and an unknown token ->
+Unauthenticated (UNAUTHENTICATED, with different messages); a read token on a method that writes
+-> ReadOnly (PERMISSION_DENIED).
 `server_credentials(auth)` gives TLS credentials when a certificate is configured.
 
 Client: `open_channel(address, config, options)` opens a plaintext or TLS channel that sends the
@@ -14,6 +16,8 @@ from __future__ import annotations
 
 import collections
 import hmac
+import os
+import stat
 from collections.abc import Callable, Sequence
 
 import grpc
@@ -41,12 +45,19 @@ WRITE_METHODS = frozenset(
 def load_tokens_file(path: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(read tokens, write tokens) from a file of lines `read TOKEN` / `write TOKEN` (# comments).
 
-    Keeping tokens in a file (mode 600) keeps them out of `ps` output and shell history.
+    Keeping tokens in a file keeps them out of `ps` output and shell history; a file that users
+    other than its owner may read or write is refused (chmod 600 it).
     """
     read: list[str] = []
     write: list[str] = []
     try:
         with open(path) as f:
+            mode = os.fstat(f.fileno()).st_mode
+            if mode & (stat.S_IRWXG | stat.S_IRWXO):
+                raise ConfigError(
+                    f"tokens file {path} has mode {stat.S_IMODE(mode):o}: other users may read "
+                    f"or change its tokens; run `chmod 600 {path}`"
+                )
             lines = f.read().splitlines()
     except OSError as e:
         raise ConfigError(f"cannot read tokens file {path}: {e}") from None
@@ -80,6 +91,29 @@ def server_credentials(auth: AuthConfig) -> grpc.ServerCredentials | None:
     )
 
 
+def refusal_handler(handler: grpc.RpcMethodHandler, err: EngramError) -> grpc.RpcMethodHandler:
+    """A handler for `handler`'s method that ends the call with `err` without reading its
+    request: it is request-streaming whatever the method is (grpc receives a unary request
+    before calling the behaviour, a streaming one only when the behaviour iterates), so the
+    body of a refused call is neither received in full, nor decompressed, nor parsed."""
+
+    def refuse(_requests, context):
+        abort(context, err)
+
+    if handler.response_streaming:
+
+        def refuse_stream(requests, context):
+            abort(context, err)
+            yield  # a generator, as grpc expects of a response-streaming behaviour
+
+        return grpc.stream_stream_rpc_method_handler(
+            refuse_stream, response_serializer=handler.response_serializer
+        )
+    return grpc.stream_unary_rpc_method_handler(
+        refuse, response_serializer=handler.response_serializer
+    )
+
+
 def wrap_handler(
     handler: grpc.RpcMethodHandler, wrap: Callable[[Callable], Callable]
 ) -> grpc.RpcMethodHandler:
@@ -108,28 +142,36 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
         self._read = tuple(t.encode() for t in read_tokens)
         self._write = tuple(t.encode() for t in write_tokens)
 
-    def _role(self, metadata) -> str | None:
-        """'write', 'read' or None for the call's token (constant-time comparisons)."""
+    def role(self, metadata) -> str:
+        """'write', 'read', 'missing' (no bearer token sent) or 'wrong' (a token this server
+        does not know) for a call's metadata; tokens are compared in constant time."""
         header = next((v for k, v in metadata or () if k == "authorization"), None)
         if not isinstance(header, str) or not header.startswith("Bearer "):
-            return None
+            return "missing"
         token = header[len("Bearer ") :].strip().encode()
+        if not token:
+            return "missing"
         # compare against every token so timing does not reveal which list matched
         is_write = any([hmac.compare_digest(token, t) for t in self._write])
         is_read = any([hmac.compare_digest(token, t) for t in self._read])
-        return "write" if is_write else "read" if is_read else None
+        return "write" if is_write else "read" if is_read else "wrong"
 
     def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
         handler = continuation(handler_call_details)
         if handler is None or method.startswith(OPEN_PREFIXES):
             return handler
-        role = self._role(handler_call_details.invocation_metadata)
+        role = self.role(handler_call_details.invocation_metadata)
         err: EngramError
-        if role is None:
+        if role == "missing":
             err = Unauthenticated(
-                "this shard requires a token: send metadata `authorization: Bearer <token>` "
-                "(ClientConfig.token / --token)"
+                "this shard requires a token and the call sent none: send metadata "
+                "`authorization: Bearer <token>` (ClientConfig.token / --token)"
+            )
+        elif role == "wrong":
+            err = Unauthenticated(
+                "this shard requires a token and the one sent is not one of its tokens: check "
+                "--token against the shard's --read-token / --write-token / --tokens-file"
             )
         elif role == "read" and method in WRITE_METHODS:
             err = ReadOnly(
@@ -137,14 +179,7 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
             )
         else:
             return handler
-
-        def deny(_behaviour):
-            def refuse(request, context):
-                abort(context, err)
-
-            return refuse
-
-        return wrap_handler(handler, deny)
+        return refusal_handler(handler, err)
 
 
 def server_interceptors(auth: AuthConfig) -> list[grpc.ServerInterceptor]:

@@ -214,9 +214,13 @@ class StoreClient:
             if self._provider_has_newer_map():
                 # the shard may have been removed or moved while we were idle
                 raise WrongShard(f"shard {address} unreachable; the shard map changed") from None
-            raise type(e)(
-                f"shard {address} failed after {self.config.retries} retries: {e.code}: {e}"
-            ) from None
+            c = self.config
+            spent = (
+                f"{c.retries} retries"
+                if c.retries is not None
+                else f"retrying for {c.retry_budget_s:g} s (ClientConfig.retry_budget_s)"
+            )
+            raise type(e)(f"shard {address} failed after {spent}: {e.code}: {e}") from None
 
     def _provider_has_newer_map(self) -> bool:
         """Whether map_provider knows a newer map than ours (False without a provider)."""

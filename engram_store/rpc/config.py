@@ -55,6 +55,16 @@ class ServerConfig:
     workers: int = 8  # gRPC server threads
     auth: AuthConfig = field(default_factory=AuthConfig)
     metrics_port: int | None = None  # Prometheus /metrics on this port (0: any free); None: off
+    # Limits that keep hostile or stuck callers from holding the server (server.CallLimits):
+    # a call waiting longer than this for its next request message, or for the caller to take
+    # its next response message, is cancelled
+    message_timeout_s: float = 30.0
+    # calls admitted at once (more are refused RESOURCE_EXHAUSTED at once, never queued)
+    max_concurrent_rpcs: int = 256
+    max_streams_per_connection: int = 64  # HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS
+    # an ImportRows stream is staged whole before it is applied (all or nothing): its records
+    # may total at most this many bytes
+    max_import_bytes: int = 1 << 30
 
     def validate(self) -> None:
         self.shard.validate()
@@ -63,7 +73,14 @@ class ServerConfig:
             raise ConfigError(f"metrics port {self.metrics_port} must be in [0, 65535]")
         if not 0 <= self.port < 65536:
             raise ConfigError(f"port {self.port} must be in [0, 65535]")
-        for name in ("max_message_bytes", "workers"):
+        for name in (
+            "max_message_bytes",
+            "workers",
+            "message_timeout_s",
+            "max_concurrent_rpcs",
+            "max_streams_per_connection",
+            "max_import_bytes",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be > 0")
 
@@ -79,9 +96,14 @@ class ClientConfig:
     """How a client talks to the store."""
 
     timeout_s: float = 60.0
-    retries: int = 8  # attempts after the first for UNAVAILABLE / stale shard map
+    # attempts after the first for UNAVAILABLE / stale shard map (None: as many as the budget
+    # allows)
+    retries: int | None = None
     backoff_s: float = 0.05  # first retry delay; doubles up to backoff_max_s
     backoff_max_s: float = 2.0
+    # no retry starts later than this many seconds after the first attempt: long enough for a
+    # shard to restart on a loaded machine (open, replay its log, listen: 10-20 s measured)
+    retry_budget_s: float = 30.0
     wire_dtype: str = "float32"
     max_batch_rows: int = 1 << 20  # larger requests are split per shard into chunks of this size
     max_message_bytes: int = 512 << 20
@@ -92,5 +114,7 @@ class ClientConfig:
     def validate(self) -> None:
         if self.wire_dtype not in DTYPES:
             raise ConfigError(f"wire dtype {self.wire_dtype!r} is unknown; use one of {DTYPES}")
-        if self.timeout_s <= 0 or self.retries < 0 or self.backoff_s < 0:
-            raise ConfigError("timeout_s must be > 0, retries and backoff_s >= 0")
+        if self.timeout_s <= 0 or (self.retries is not None and self.retries < 0):
+            raise ConfigError("timeout_s must be > 0 and retries >= 0 (or None)")
+        if self.backoff_s < 0 or self.retry_budget_s <= 0:
+            raise ConfigError("backoff_s must be >= 0 and retry_budget_s > 0")

@@ -1,7 +1,9 @@
 """Prometheus metrics of shard servers and trainers, and a reader for `engram cluster status`.
 
 Shard server (`engram serve --metrics-port P`): `ServerMetrics` is a gRPC server interceptor plus a
-per-server registry, served at http://HOST:P/metrics:
+per-server registry, served at http://HOST:P/metrics (https:// when the server has a TLS
+certificate: the same one; when the server has tokens, /metrics asks for any of them as
+`Authorization: Bearer <token>` and answers 401 without):
 
     engram_requests_total{method,code}        calls by final status (OK, INVALID_ARGUMENT, ...)
     engram_request_seconds{method}            latency histogram (p50/p99 via histogram_quantile)
@@ -19,15 +21,19 @@ shows (requests, errors by code, p50/p99 per method, staleness p50/p99).
 
 from __future__ import annotations
 
+import hmac
 import math
+import ssl
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
-from wsgiref.simple_server import WSGIServer
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from engram_store.rpc.auth import wrap_handler
@@ -133,10 +139,30 @@ class ServerMetrics(grpc.ServerInterceptor):
         self._http: WSGIServer | None = None
         self.port: int | None = None
 
-    def serve(self, port: int, host: str = "127.0.0.1") -> int:
-        """Serve /metrics on host:port (0: any free port); returns the port."""
-        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
-        self.port = self._http.server_port
+    def serve(
+        self,
+        port: int,
+        host: str = "127.0.0.1",
+        tokens: tuple[str, ...] = (),
+        tls_cert: str = "",
+        tls_key: str = "",
+    ) -> int:
+        """Serve /metrics on host:port (0: any free port); returns the port. With `tokens`, a
+        scrape must send one of them (`Authorization: Bearer <token>`); with a certificate and
+        key, /metrics speaks HTTPS only."""
+        app = _token_app(make_wsgi_app(self.registry), tokens)
+        httpd = make_server(host, port, app, ThreadingWSGIServer, handler_class=_QuietHandler)
+        if tls_cert:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(tls_cert, tls_key)
+            # the handshake runs in the request's own thread (and under its timeout), so a
+            # client that connects and sends nothing cannot stop the accept loop
+            httpd.socket = context.wrap_socket(
+                httpd.socket, server_side=True, do_handshake_on_connect=False
+            )
+        threading.Thread(target=httpd.serve_forever, name="engram-metrics", daemon=True).start()
+        self._http = httpd
+        self.port = httpd.server_port
         return self.port
 
     def close(self) -> None:
@@ -218,6 +244,41 @@ class ServerMetrics(grpc.ServerInterceptor):
             return unary_out
 
         return wrap_handler(handler, wrap)
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """No access log on stderr; a connection that sends nothing is dropped after 10 s."""
+
+    timeout = 10
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (the base's name)
+        pass
+
+
+def _token_app(app: Callable, tokens: tuple[str, ...]) -> Callable:
+    """`app` behind a bearer-token check (no check without tokens). A missing and a wrong token
+    get different 401 messages."""
+    if not tokens:
+        return app
+    known = tuple(t.encode() for t in tokens)
+
+    def checked(environ, start_response):
+        header = environ.get("HTTP_AUTHORIZATION", "")
+        token = header[len("Bearer ") :].strip().encode() if header.startswith("Bearer ") else b""
+        if token and any([hmac.compare_digest(token, t) for t in known]):
+            return app(environ, start_response)
+        body = (
+            b"this shard's /metrics needs one of its tokens: send `Authorization: Bearer <token>`\n"
+            if not token
+            else b"the token sent is not one of this shard's tokens\n"
+        )
+        start_response(
+            "401 Unauthorized",
+            [("Content-Type", "text/plain"), ("WWW-Authenticate", "Bearer")],
+        )
+        return [body]
+
+    return checked
 
 
 def _counting(requests: Iterator, counted: list[int]) -> Iterator:

@@ -7,7 +7,7 @@ writes, a timeout) are retried after an exponential backoff; WrongShard means th
 map is stale, which a router fixes by refreshing the map and re-routing (StoreClient does);
 every other error is final.
 
-    policy = RetryPolicy.of(client_config)      # retries, backoff_s, backoff_max_s
+    policy = RetryPolicy.of(client_config)  # retries, backoff_s, backoff_max_s, retry_budget_s
     rows = policy.call(lambda: stub.Lookup(request, timeout=5.0))
 """
 
@@ -61,8 +61,9 @@ class RetryPolicy:
 
     @classmethod
     def of(cls, config: ClientConfig) -> RetryPolicy:
-        """The policy of a ClientConfig (its retries, backoff_s and backoff_max_s)."""
-        return cls(config.retries, config.backoff_s, config.backoff_max_s)
+        """The policy of a ClientConfig (its retries, backoff_s, backoff_max_s and
+        retry_budget_s as the deadline)."""
+        return cls(config.retries, config.backoff_s, config.backoff_max_s, config.retry_budget_s)
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait after failed attempt number `attempt` (0-based)."""

@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 SERVICE = "engram.v1.MemoryStore"
 _LATENCY_RING = 4096  # recent latencies kept per method for p50/p99
 MAX_RESPONSE_BYTES = 512 << 20  # ServerConfig.max_message_bytes' default
+MAX_IMPORT_BYTES = 1 << 30  # ServerConfig.max_import_bytes' default
+_MAX_STEP = 1 << 62  # the engine's bound on steps (Shard refuses [2**62, ...) and negatives)
 
 # A Lookup answer is built in a bytes object of its own, filled in place before anyone else sees
 # it: PyBytes_FromStringAndSize(NULL, n) is CPython's way to make a bytes object to be filled.
@@ -104,12 +106,15 @@ class MemoryStoreServicer:
         shard: Shard,
         config: ShardConfig,
         max_response_bytes: int = MAX_RESPONSE_BYTES,
+        max_import_bytes: int = MAX_IMPORT_BYTES,
     ):
         """`max_response_bytes`: the largest Lookup answer built (the server's message limit:
-        a larger one is refused before its rows are gathered)."""
+        a larger one is refused before its rows are gathered). `max_import_bytes`: the most
+        record bytes one ImportRows stream may stage."""
         self.shard = shard
         self.config = config
         self.max_response_bytes = max_response_bytes
+        self.max_import_bytes = max_import_bytes
         self.started = time.time()
         self._stats: dict[str, _MethodStats] = collections.defaultdict(_MethodStats)
         self._lock = threading.Lock()
@@ -285,20 +290,59 @@ class MemoryStoreServicer:
 
     @_rpc
     def ImportRows(self, request_iterator: Iterator[pb.RowBatch], context):
+        """Store a stream of row batches all or nothing: every batch is checked as it arrives
+        and staged in memory (at most max_import_bytes of records), and the whole stream is
+        stored by one Shard.import_rows once it has ended. A stream that breaks off or holds a
+        bad batch stores nothing, and a retry re-sends it whole. Staging (rather than storing
+        batch by batch and deleting on failure) is what makes that exact: an import overwrites
+        rows, and deleting them would lose the values they held before."""
         self._writable()
-        total = nbytes = 0
+        table = ""
+        step = nbytes = 0
+        ids_parts: list[np.ndarray] = []
+        rec_parts: list[np.ndarray] = []
         for batch in request_iterator:
             if isinstance(batch, _Malformed):
                 raise InvalidArgument(batch.message)
+            if not ids_parts:
+                table = batch.table
+                self.shard.table(table)  # TableNotFound before anything is staged
+            elif batch.table != table:
+                raise InvalidArgument(
+                    f"batch for table {batch.table!r} in an ImportRows stream of table "
+                    f"{table!r}; send one stream per table"
+                )
+            if not 0 <= batch.step < _MAX_STEP:
+                raise InvalidArgument(f"step={batch.step} must be in [0, 2**62)")
             ids = self._ids(batch.ids)
             if batch.record_bytes <= 0 or len(batch.records) != len(ids) * batch.record_bytes:
                 raise InvalidArgument(
                     f"records are {len(batch.records)} bytes for {len(ids)} ids of "
                     f"{batch.record_bytes} bytes each; send len(ids) * record_bytes bytes"
                 )
-            records = np.frombuffer(batch.records, np.uint8).reshape(len(ids), batch.record_bytes)
-            total += self.shard.import_rows(batch.table, ids, records, batch.step)
             nbytes += len(batch.records)
+            if nbytes > self.max_import_bytes:
+                raise BatchTooLarge(
+                    f"this ImportRows stream holds more than {self.max_import_bytes} bytes of "
+                    "records, the most a shard stages before storing them (all or nothing); "
+                    "send the rows in several streams or raise --max-import-bytes"
+                )
+            ids_parts.append(ids)
+            rec_parts.append(
+                np.frombuffer(batch.records, np.uint8).reshape(len(ids), batch.record_bytes)
+            )
+            step = max(step, batch.step)
+        if not ids_parts:
+            return pb.ImportRowsResponse(rows=0), 0, 0
+        widths = {r.shape[1] for r in rec_parts}
+        if len(widths) > 1:
+            raise InvalidArgument(
+                f"batches of one stream give record_bytes {sorted(widths)}; send one record size"
+            )
+        all_ids = np.concatenate(ids_parts)
+        records = np.concatenate(rec_parts)
+        del ids_parts, rec_parts
+        total = self.shard.import_rows(table, all_ids, records, step)
         return pb.ImportRowsResponse(rows=total), total, nbytes
 
     @_rpc

@@ -132,6 +132,7 @@ def test_non_loopback_without_tokens_is_refused(tmp_path):
 def test_tokens_file(tmp_path):
     p = tmp_path / "tokens"
     p.write_text("# who may do what\nread abc\nwrite def  # trainer\n\nread ghi\n")
+    p.chmod(0o600)
     assert load_tokens_file(str(p)) == (("abc", "ghi"), ("def",))
     p.write_text("admin xyz\n")
     with pytest.raises(ConfigError, match="read TOKEN"):
