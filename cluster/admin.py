@@ -134,17 +134,24 @@ class ShardAdmin:
         ).rows
 
 
-def shard_state(index: int, shard_map, frozen: bytes = b"") -> pb.ShardState:
+def shard_state(
+    index: int, shard_map, frozen: bytes = b"", receiving: bytes = b""
+) -> pb.ShardState:
     """The ShardState of shard `index` under `shard_map` (a routing.ShardMap), with `frozen` slots.
 
     `owned` is always the explicit num_slots mask (all zeros for a shard that owns nothing yet),
-    never empty: an empty mask would mean a standalone shard that owns every slot.
+    never empty: an empty mask would mean a standalone shard that owns every slot. `receiving`:
+    slots a reshard is copying to this shard, owned as well, since a shard takes rows (ImportRows)
+    of owned slots only; no client routes them here before the map that says so is published.
     """
+    owned = shard_map.owned_mask(index)
+    if receiving:
+        owned = bytes(a | b for a, b in zip(owned, receiving, strict=True))
     return pb.ShardState(
         shard_index=index,
         map_version=shard_map.version,
         num_slots=shard_map.num_slots,
-        owned=shard_map.owned_mask(index),
+        owned=owned,
         frozen=frozen or bytes(shard_map.num_slots),
         layout=shard_map.layout,
         shard_map_json=shard_map.to_json(),

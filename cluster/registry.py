@@ -111,6 +111,7 @@ class Registry:
         self._host_nodes: list[str] = []  # shard index -> Ray node id it is pinned to
         self._placement: dict[int, str] = {}  # shard index -> node IP (kept in cluster.json)
         self._frozen: dict[int, bytes] = {}
+        self._receiving: dict[int, bytes] = {}  # shard index -> slots being copied to it
         self._admins: dict[str, ShardAdmin] = {}
         self._tables: dict[str, dict] = {}
         self._layout = ""
@@ -357,14 +358,21 @@ class Registry:
         tables = [t.spec for t in source.list_tables()]
         for spec in tables:  # before the freeze: new shards may lack tables created since
             dest.create_table(spec)  # idempotent
+        self._receiving[dst] = mask.tobytes()
+        self._publish([dst])  # the destination takes the rows of these slots (ImportRows)
         t_frozen = time.monotonic()
         self._frozen[src] = mask.tobytes()
         self._publish([src])  # freeze: from here on pushes to these slots are refused
         rows = 0
-        for spec in tables:
-            rows += source.copy_rows_to(dest, spec.name, mask.tobytes())
+        try:
+            for spec in tables:
+                rows += source.copy_rows_to(dest, spec.name, mask.tobytes())
+        except BaseException:
+            self._receiving.pop(dst, None)  # the next publish takes them back
+            raise
         nxt = planning.moved(current, move)
         self._map = nxt  # clients may fetch it now: the destination gets it first
+        self._receiving.pop(dst, None)  # it owns them by the map now
         # The source last: once it has the new map it answers "stale map" for these slots, and
         # a client that then refreshes its map from any shard's Stats must find the new one.
         # The pause of pushes to these slots ends here, not after the delete.
@@ -399,7 +407,9 @@ class Registry:
         """Push the current ShardState to the shards `indices`, in that order."""
         m = self._map
         for i in indices:
-            self._admin(m.addresses[i]).set_state(shard_state(i, m, self._frozen.get(i, b"")))
+            self._admin(m.addresses[i]).set_state(
+                shard_state(i, m, self._frozen.get(i, b""), self._receiving.get(i, b""))
+            )
 
     # -- shard actors ------------------------------------------------------------------------
     def _host_mode(self) -> str:
