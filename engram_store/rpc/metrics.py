@@ -291,13 +291,21 @@ def _counting(requests: Iterator, counted: list[int]) -> Iterator:
 # ---- reading ----
 
 
-def scrape(url: str, timeout_s: float = 3.0) -> dict[str, list]:
+def scrape(
+    url: str, timeout_s: float = 3.0, token: str = "", tls_root_cert: str = ""
+) -> dict[str, list]:
     """Metric families of a /metrics endpoint ("host:port" or a URL): {name: [(labels, value)]}.
 
-    Sample names keep their suffixes (_total, _bucket, _sum, _count)."""
+    Sample names keep their suffixes (_total, _bucket, _sum, _count). `token` is sent as a
+    bearer token; with `tls_root_cert` (the CA, or the shard's self-signed certificate) a
+    "host:port" is fetched over https and the certificate checked against it."""
     if "://" not in url:
-        url = f"http://{url}/metrics"
-    with urllib.request.urlopen(url, timeout=timeout_s) as resp:  # noqa: S310 (http only)
+        url = f"{'https' if tls_root_cert else 'http'}://{url}/metrics"
+    request = urllib.request.Request(url)
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    context = ssl.create_default_context(cafile=tls_root_cert) if tls_root_cert else None
+    with urllib.request.urlopen(request, timeout=timeout_s, context=context) as resp:  # noqa: S310
         text = resp.read().decode()
     out: dict[str, list] = {}
     for fam in text_string_to_metric_families(text):

@@ -88,6 +88,9 @@ def _rpc(fn: Callable) -> Callable:
             if isinstance(request, _Malformed):
                 raise InvalidArgument(request.message)
             response, rows, nbytes = fn(self, request, context)
+        except grpc.RpcError:  # the call was cancelled (by its caller or CallLimits)
+            self._record(name, t0, rows, nbytes, True)
+            raise
         except Exception as e:  # every failure becomes a status; the server keeps serving
             failed = e
         self._record(name, t0, rows, nbytes, failed is not None)

@@ -50,10 +50,13 @@ class Pusher(threading.Thread):
     """Pushes gradient `magnitude` to every row (so every push spans every shard), one push at a
     time, counting pushes started and acknowledged."""
 
-    def __init__(self, address: str, magnitude: float):
+    def __init__(self, address: str, magnitude: float, run: str = ""):
+        """`run`: push with the trainer's request ids, `<run>/r0/train/<n>/0` (they hold `/`);
+        "" sends none (the client makes one per push)."""
         super().__init__(daemon=True)
         self.client = StoreClient(address, RETRYING)
         self.magnitude = magnitude
+        self.run_id = run
         self.started = self.acked = 0
         self.error: Exception | None = None
         self.stop = threading.Event()
@@ -64,7 +67,8 @@ class Pusher(threading.Thread):
         try:
             while not self.stop.is_set():
                 self.started += 1
-                self.client.push("sgd", ids, grads, step=1)
+                rid = f"{self.run_id}/r0/train/{self.started}/0" if self.run_id else None
+                self.client.push("sgd", ids, grads, step=1, request_id=rid)
                 self.acked += 1
         except Exception as e:  # reported by the test
             self.error = e
@@ -84,18 +88,22 @@ def snapshot_rows(directory: str, n: int, table: str, ids: np.ndarray) -> np.nda
     return out
 
 
-def test_snapshot_is_a_consistent_cut_under_concurrent_pushes(make_shard, tmp_path):
+@pytest.mark.parametrize("ids", ["client", "trainer"])
+def test_snapshot_is_a_consistent_cut_under_concurrent_pushes(make_shard, tmp_path, ids):
+    """Also with the trainer's request ids, which hold `/`: the shard's freeze must find the
+    logical push before the client's `/<shard>~<parts>` suffix, not before the first `/`."""
     shards = make_cluster(make_shard, 2)
     with StoreClient(shards[0].address, RETRYING) as c:
         c.create_table(SGD)
         c.create_table(ADAM)
         c.push("adam", np.arange(0, 4000, 7), np.ones((572, DIM)), step=3)
     # magnitudes 1 and 1024: a row's value -(n0 + 1024 n1) says which pushes of each it holds
-    pushers = [Pusher(shards[0].address, 1.0), Pusher(shards[1].address, 1024.0)]
+    run = "run-7f3a" if ids == "trainer" else ""
+    pushers = [Pusher(shards[0].address, 1.0, run), Pusher(shards[1].address, 1024.0, run + "b")]
     for p in pushers:
         p.start()
     try:
-        for k in range(4):
+        for k in range(8 if run else 4):
             time.sleep(0.3)
             before = [p.acked for p in pushers]
             path = snapshot(shards[0].address, str(tmp_path / f"snap{k}"))
