@@ -28,8 +28,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--address",
         default=None,
-        help="Ray address (head's host:port, or 'auto'); `up` without it starts a "
-        "local Ray and blocks until Ctrl-C",
+        help="Ray address (the head's host:port). Without it `up` starts a local Ray and blocks "
+        "until Ctrl-C; status/scale/down use the Ray of this machine if only one runs ('auto': "
+        "the same)",
     )
     p.add_argument("--name", default="engram", help="cluster name (registry actor name)")
     p.add_argument("--namespace", default="engram", help="Ray namespace")
