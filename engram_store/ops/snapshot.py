@@ -25,6 +25,7 @@ machine, or a shared filesystem); the manifest is written by the coordinator.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -54,16 +55,18 @@ FORMAT = "engram-snapshot/1"
 # ---- coordinator ----
 
 
-def _addresses(target) -> tuple[ShardMap, ClientConfig]:
-    """The shard map and client config of a StoreClient, a ShardMap, or an address (list)."""
+def _addresses(target, config: ClientConfig | None) -> tuple[ShardMap, ClientConfig]:
+    """The shard map and client config of a StoreClient, a ShardMap, or an address (list);
+    `config` (its token and TLS) is used to ask an address for the map."""
     from engram_store.rpc.client import StoreClient
 
     if isinstance(target, StoreClient):
-        return target.refresh_map(), target.config
+        return target.refresh_map(), config or target.config
     if isinstance(target, ShardMap):
-        return target, ClientConfig()
-    with StoreClient(target, ClientConfig(retries=2)) as c:
-        return c.shard_map, c.config
+        return target, config or ClientConfig()
+    cfg = config or ClientConfig()
+    with StoreClient(target, dataclasses.replace(cfg, retries=2)) as c:
+        return c.shard_map, cfg
 
 
 def snapshot(
@@ -83,8 +86,7 @@ def snapshot(
     wholly out. Raises ShardUnavailable when a shard cannot be reached or a half-applied push did
     not complete within timeout_s; every shard is thawed either way.
     """
-    m, cfg = _addresses(target)
-    cfg = config or cfg
+    m, cfg = _addresses(target, config)
     directory = os.path.abspath(directory)
     if os.path.exists(directory):
         raise ConfigError(f"{directory} exists; snapshot into a new directory")

@@ -264,7 +264,13 @@ class MemoryStoreServicer:
 
     @_rpc
     def SetShardState(self, request: pb.SetShardStateRequest, context):
-        self.shard.set_shard_state(wire.state_from_pb(request.state))
+        st = request.state
+        if st.num_slots < 0 or st.shard_index < 0:
+            raise InvalidArgument(
+                f"shard state with shard_index={st.shard_index}, num_slots={st.num_slots}: both "
+                "must be >= 0; nothing changed"
+            )
+        self.shard.set_shard_state(wire.state_from_pb(st))
         return pb.SetShardStateResponse(state=wire.state_to_pb(self.shard.shard_state())), 0, 0
 
     def ExportRows(self, request: pb.ExportRowsRequest, context) -> Iterator[pb.RowBatch]:
