@@ -18,6 +18,7 @@ limits that keep a hostile or stuck caller from holding it (CallLimits):
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import signal
 import threading
@@ -52,9 +53,9 @@ class CallLimits(grpc.ServerInterceptor):
     after its message), so the wait for the first request message is timed here like every later
     one; a response-streaming handler's wait for the caller to take each response is timed too.
     A wait longer than `message_timeout_s` cancels the call (the caller sees CANCELLED), which
-    frees its thread. `workers` calls at most run handler code at a time (a semaphore taken once
-    the request has arrived, and per response of a stream while it is computed), so a call
-    waiting on the network never takes a work slot from another."""
+    frees its thread. `workers` MemoryStore calls at most run handler code at a time (a
+    semaphore taken once the request has arrived, and per response of a stream while it is
+    computed), so a call waiting on the network never takes a work slot from another."""
 
     def __init__(self, message_timeout_s: float, workers: int) -> None:
         self.timeout_s = message_timeout_s
@@ -107,9 +108,14 @@ class CallLimits(grpc.ServerInterceptor):
                 self._disarm(key)
             yield request
 
-    def _responses(self, responses: Iterator, context: grpc.ServicerContext) -> Iterator:
+    def _responses(
+        self,
+        responses: Iterator,
+        context: grpc.ServicerContext,
+        slot: contextlib.AbstractContextManager,
+    ) -> Iterator:
         while True:
-            with self._work:
+            with slot:
                 try:
                     response = next(responses)
                 except StopIteration:
@@ -132,6 +138,9 @@ class CallLimits(grpc.ServerInterceptor):
             return None
         method = handler_call_details.method
         out, behaviour = handler.response_streaming, None
+        # the store's own calls take a work slot; StoreAdmin (a FREEZE waits for writes in
+        # flight, which need slots), health and reflection do not
+        slot = self._work if method.startswith(f"/{SERVICE}/") else contextlib.nullcontext()
         if handler.request_streaming:
             behaviour = handler.stream_stream if out else handler.stream_unary
 
@@ -147,7 +156,7 @@ class CallLimits(grpc.ServerInterceptor):
 
             def stream(requests, context):
                 request = take(requests, context)
-                yield from self._responses(iter(behaviour(request, context)), context)
+                yield from self._responses(iter(behaviour(request, context)), context, slot)
 
             return grpc.stream_stream_rpc_method_handler(
                 stream,
@@ -159,7 +168,7 @@ class CallLimits(grpc.ServerInterceptor):
             request = take(requests, context)
             if handler.request_streaming:
                 return behaviour(request, context)  # waits on the network: no work slot
-            with self._work:
+            with slot:
                 return behaviour(request, context)
 
         return grpc.stream_unary_rpc_method_handler(
