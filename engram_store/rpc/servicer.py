@@ -334,7 +334,7 @@ class MemoryStoreServicer:
                 raise BatchTooLarge(
                     f"this ImportRows stream holds more than {self.max_import_bytes} bytes of "
                     "records, the most a shard stages before storing them (all or nothing); "
-                    "send the rows in several streams or raise --max-import-bytes"
+                    "send the rows in several streams or raise ServerConfig.max_import_bytes"
                 )
             ids_parts.append(ids)
             rec_parts.append(
