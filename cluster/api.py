@@ -139,15 +139,19 @@ def _metrics_columns(s: ShardStatus) -> str:
 
     return (
         f"{m['requests']:>9} {m['errors']:>7} {ms('lookup_p99_ms'):>10} "
-        f"{ms('push_p99_ms'):>9}  http://{s.metrics_address}/metrics"
+        f"{ms('push_p99_ms'):>9}  {s.metrics_address}/metrics"
     )
 
 
-def read_shard_metrics(address: str, timeout_s: float = 2.0) -> dict:
-    """What `engram cluster status` shows of a shard's /metrics at "host:port": requests and
-    errors so far, p99 latency (ms) of Lookup and PushGradients; {"error": ...} if unreadable."""
+def read_shard_metrics(address: str, client: ClientConfig, timeout_s: float = 2.0) -> dict:
+    """What `engram cluster status` shows of a shard's /metrics at "host:port" (read with the
+    cluster client's token and TLS certificate): requests and errors so far, p99 latency (ms)
+    of Lookup and PushGradients; {"error": ...} if unreadable."""
     try:
-        summary = summarize(scrape(address, timeout_s=timeout_s))
+        families = scrape(
+            address, timeout_s=timeout_s, token=client.token, tls_root_cert=client.tls_root_cert
+        )
+        summary = summarize(families)
     except (OSError, ValueError) as e:  # refused, timed out, not Prometheus text
         return {"error": f"{type(e).__name__}: {e}"}
     methods = summary["methods"]
@@ -389,7 +393,7 @@ class EngramCluster:
                     map_version=b.get("map_version", 0),
                     error=b.get("error", ""),
                     metrics_address=info.get("metrics", ""),
-                    metrics=read_shard_metrics(info["metrics"])
+                    metrics=read_shard_metrics(info["metrics"], self.config.client)
                     if metrics and info.get("metrics")
                     else {},
                 )

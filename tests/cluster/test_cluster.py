@@ -319,6 +319,9 @@ def test_tokens_protect_the_shards(ray_cluster, tmp_path):
         with cluster.client() as c:
             c.push(spec.name, np.arange(8), np.ones((8, spec.dim), np.float32), step=1)
             assert c.lookup(spec.name, np.arange(8)).shape == (8, spec.dim)
+        # status reads each shard's /metrics, which asks for the token too
+        for shard in cluster.status(interval_s=0).shards:
+            assert shard.metrics.get("requests", 0) > 0, shard.metrics
         address = cluster.shard_map().addresses[0]
         with pytest.raises(EngramError, match="requires a token"):
             StoreClient(address, dataclasses.replace(config.client, token="", retries=0))
