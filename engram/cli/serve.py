@@ -72,7 +72,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"serving on {config.host}:{port}", flush=True)
         metrics_port = server.extras.metrics_port
         if metrics_port is not None:
-            print(f"metrics on http://{config.host}:{metrics_port}/metrics", flush=True)
+            scheme = "https" if config.auth.tls_cert else "http"  # /metrics shares the TLS cert
+            print(f"metrics on {scheme}://{config.host}:{metrics_port}/metrics", flush=True)
         while not done.wait(1.0):
             pass
     finally:
