@@ -130,7 +130,9 @@ def test_soak(server_process, tmp_path):
         "lmdb_used_mib": round(stats["used_bytes"] / 2**20, 1),
         "prometheus": {
             m: {k: round(v, 3) if isinstance(v, float) else v for k, v in d.items()}
-            for m, d in summarize(scrape(f"127.0.0.1:{metrics_port}"))["methods"].items()
+            for m, d in summarize(scrape(f"127.0.0.1:{metrics_port}", token=TOKEN))[
+                "methods"
+            ].items()
             if m in ("Lookup", "PushGradients")
         },
     }
