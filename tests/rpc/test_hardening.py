@@ -389,3 +389,20 @@ def test_a_wrong_token_is_told_apart_from_a_missing_one(make_shard):
             StoreClient(s.address, ClientConfig(token=token, retries=0))
         messages.append(str(e.value))
     assert "sent none" in messages[0] and "not one of its tokens" in messages[1]
+
+
+def test_calls_beyond_the_admitted_limit_are_refused_at_once(make_shard):
+    s = make_shard(message_timeout_s=1.0, max_concurrent_rpcs=4)
+    idle = [IdleCall(s.address, LOOKUP) for _ in range(4)]
+    try:
+        time.sleep(0.3)
+        stub = pb_grpc.MemoryStoreStub(grpc.insecure_channel(s.address))
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Stats(pb.StatsRequest(), timeout=10)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        for call in idle:
+            assert call.done.wait(20) and call.result == grpc.StatusCode.CANCELLED
+        stub.Stats(pb.StatsRequest(), timeout=10)  # admitted again once they are gone
+    finally:
+        for call in idle:
+            call.close()
