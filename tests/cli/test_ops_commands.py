@@ -38,6 +38,7 @@ def test_serve_refuses_the_network_without_tokens(tmp_path):
 def test_snapshot_restore_export_commands(server_process, tmp_path):
     tokens = tmp_path / "tokens"
     tokens.write_text("write w-secret\nread r-secret\n")
+    tokens.chmod(0o600)
     server = server_process(tmp_path / "d", "--tokens-file", str(tokens))
     with StoreClient(server.address, ClientConfig(token="w-secret")) as c:
         c.create_table(SPEC)
