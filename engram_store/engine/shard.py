@@ -264,6 +264,8 @@ class Shard:
         try:
             if self._loaded and not self.config.read_only and self._log_bytes:
                 self.checkpoint()
+        except StoreFull as e:  # the log still holds every write: the next open replays it
+            log.warning("final checkpoint skipped (%s); the next open replays the log", e)
         finally:
             self._closed = True
             if self._pool is not None:
@@ -1241,6 +1243,11 @@ class Shard:
                     f"shard state {name} has {len(v)} bytes; send num_slots="
                     f"{state.num_slots} bytes, or none"
                 )
+        if state.num_slots < 0 or state.shard_index < 0 or state.map_version < 0:
+            raise InvalidArgument(
+                f"shard state num_slots={state.num_slots}, shard_index={state.shard_index}, "
+                f"map_version={state.map_version} must all be >= 0"
+            )
         if (state.owned or state.frozen) and state.num_slots <= 0:
             raise InvalidArgument("shard state with owned/frozen slots needs num_slots > 0")
         if state.shard_map_json:
