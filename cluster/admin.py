@@ -17,6 +17,10 @@ from engram_store.rpc.proto import store_pb2_grpc as pb_grpc
 from engram_store.rpc.retry import RetryPolicy
 
 T = TypeVar("T")
+# one ImportRows stream of a reshard copy: below the destination's max_import_bytes (1 GiB) and
+# its max_batch_rows (1 M), as the destination stores a stream whole
+COPY_STREAM_BYTES = 256 << 20
+COPY_STREAM_ROWS = 1 << 18
 
 
 def _open_channel(address: str, client: ClientConfig, options: list) -> grpc.Channel:
@@ -121,9 +125,23 @@ class ShardAdmin:
         req = pb.ExportRowsRequest(table=table, slots=slots, batch_rows=batch_rows)
 
         def run() -> int:
-            # Generous deadline: a large slot group streams for a while.
-            stream = self._stub.ExportRows(req, timeout=self.timeout_s * 20)
-            return dst._stub.ImportRows(stream, timeout=self.timeout_s * 20).rows
+            # Generous deadline: a large slot group streams for a while. A destination stages an
+            # ImportRows stream in memory and stores it whole (all or nothing, bounded by its
+            # max_import_bytes), so the rows go in streams of at most COPY_STREAM_BYTES / _ROWS.
+            rows, part, size, count = 0, [], 0, 0
+            for batch in self._stub.ExportRows(req, timeout=self.timeout_s * 20):
+                n = len(batch.ids) // 8
+                if part and (
+                    size + len(batch.records) > COPY_STREAM_BYTES or count + n > COPY_STREAM_ROWS
+                ):
+                    rows += dst._stub.ImportRows(iter(part), timeout=self.timeout_s * 20).rows
+                    part, size, count = [], 0, 0
+                part.append(batch)
+                size += len(batch.records)
+                count += n
+            if part:
+                rows += dst._stub.ImportRows(iter(part), timeout=self.timeout_s * 20).rows
+            return rows
 
         return self._call(run, f"ExportRows->ImportRows({table}) to {dst.address}")
 

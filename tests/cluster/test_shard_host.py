@@ -37,3 +37,36 @@ def test_shard_host_reopens_its_directory_on_its_port(tmp_path):
 
     with pytest.raises(LayoutMismatch, match="belongs to cluster layout L1"):
         ShardHost(config, 0, layout="L2").start()
+
+
+def test_a_reshard_copy_goes_in_bounded_import_streams(make_shard, monkeypatch):
+    """copy_rows_to splits a slot group into several ImportRows streams (each one is staged
+    whole by the destination), and the destination ends with exactly the source's rows."""
+    import cluster.admin as admin_mod
+
+    src, dst = make_shard("src"), make_shard("dst")
+    spec = table_spec(num_rows=21_000)
+    ids = np.arange(0, 21_000, 7, dtype=np.int64)
+    with StoreClient(src.address) as c:
+        c.create_table(spec)
+        c.push(spec.name, ids, np.ones((ids.shape[0], spec.dim), np.float32), step=1)
+        want = c.lookup(spec.name, ids)
+    with StoreClient(dst.address) as c:
+        c.create_table(spec)
+    calls = []
+    real = ShardAdmin.copy_rows_to
+    monkeypatch.setattr(admin_mod, "COPY_STREAM_BYTES", 64 << 10)  # many small streams
+    monkeypatch.setattr(admin_mod, "COPY_STREAM_ROWS", 1000)
+    with ShardAdmin(src.address) as a, ShardAdmin(dst.address) as b:
+        orig = b._stub.ImportRows
+
+        def counted(stream, **kw):
+            calls.append(1)
+            return orig(stream, **kw)
+
+        b._stub.ImportRows = counted
+        n = real(a, b, spec.name, b"\1" * 1024, batch_rows=512)
+    assert n == ids.shape[0] and len(calls) > 3
+    with StoreClient(dst.address) as c:
+        np.testing.assert_array_equal(c.lookup(spec.name, ids), want)
+        assert c.table_info(spec.name).stored_rows == ids.shape[0]
