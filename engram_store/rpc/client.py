@@ -27,7 +27,7 @@ import numpy as np
 
 from engram_store.engine.config import DTYPES, FP8_BLOCK, TableConfig, row_bytes
 from engram_store.engine.errors import EngramError, InvalidArgument, ShardUnavailable, WrongShard
-from engram_store.engine.optimizers import coalesce
+from engram_store.engine.index import distinct
 from engram_store.engine.routing import ShardMap
 from engram_store.engine.types import PushResult, TableStats
 from engram_store.rpc import wire
@@ -54,11 +54,9 @@ SPLIT_INFLIGHT = 4
 
 def _coalesce(ids: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Distinct ids with their gradient rows summed (as the shard sums them), or the arrays
-    unchanged when the ids are already distinct (the common case: no copy of the gradients)."""
-    s = np.sort(ids)
-    if s.shape[0] < 2 or bool(np.all(s[1:] != s[:-1])):
-        return ids, grads
-    return coalesce(ids, grads)
+    unchanged when the ids are already distinct (the common case: no copy of the gradients).
+    One hashing pass (the engine's), no sort."""
+    return distinct(np.ascontiguousarray(ids, np.int64), grads)
 
 
 def _contiguous(pos: np.ndarray) -> bool:

@@ -70,7 +70,7 @@ def _size(msg: object) -> int:
 
 def _rows(msg: object) -> int:
     ids = getattr(msg, "ids", None)
-    return len(ids) // 8 if isinstance(ids, bytes) else 0
+    return len(ids) // 8 if isinstance(ids, (bytes, memoryview)) else 0
 
 
 class _ShardGauges:

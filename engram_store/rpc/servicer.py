@@ -228,7 +228,7 @@ class MemoryStoreServicer:
         self._writable()
         dtype = wire.dtype_name(request.grad_dtype, "grad_dtype")
         ids = self._ids(request.ids)
-        buf = request.grads  # each read of a bytes field copies it: read once
+        buf = request.grads  # a memoryview of the received bytes (wire.PushView)
         grads = wire.unpack_rows(
             buf, dtype, self.shard.table(request.table).dim, "grads"
         )  # (n, dim) float32
@@ -378,6 +378,14 @@ def _parser(cls: type[Message]) -> Callable[[bytes], object]:
     return parse
 
 
+def _parse_push(buf: bytes) -> object:
+    """PushGradients' requests, parsed without copying ids and gradients (wire.PushView)."""
+    try:
+        return wire.parse_push_request(buf)
+    except (ValueError, InvalidArgument) as e:
+        return _Malformed(pb.PushGradientsRequest, e)
+
+
 def _serializer(cls: type[Message]) -> Callable[[object], bytes]:
     """Serialize a response message; bytes are an already serialized one (see Lookup)."""
 
@@ -403,7 +411,7 @@ def add_servicer(servicer: MemoryStoreServicer, server: grpc.Server) -> None:
         make = kinds[(m.client_streaming, m.server_streaming)]
         handlers[m.name] = make(
             getattr(servicer, m.name),
-            request_deserializer=_parser(req_cls),
+            request_deserializer=_parse_push if m.name == "PushGradients" else _parser(req_cls),
             response_serializer=_serializer(resp_cls),
         )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))

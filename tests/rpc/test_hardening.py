@@ -334,8 +334,8 @@ def test_a_full_disk_is_resource_exhausted_naming_the_data_dir(make_shard, tmp_p
             assert str(data) in str(e.value) and "free" in str(e.value)
             assert type(e.value).code == "RESOURCE_EXHAUSTED"
             assert c.lookup("t", np.arange(4)).shape == (4, 64)  # reads still served
-        with pytest.raises(errors.StoreFull):  # closing writes too, and says so
-            s.stop()
+        # closing skips the final checkpoint it cannot write (the log replays at the next open)
+        s.stop()
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 

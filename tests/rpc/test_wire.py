@@ -134,3 +134,23 @@ def test_gradients_do_not_travel_as_fp8():
         wire.encode_push_request(
             "t", np.arange(2), np.zeros((2, 64), np.float32), "float8_e4m3", "", 1, 0
         )
+
+
+def test_the_copy_free_push_parser_reads_what_protobuf_reads():
+    """wire.parse_push_request against protobuf's own parse: every field, negative steps,
+    unknown fields skipped, the last occurrence winning; broken bytes refused."""
+
+    rng = np.random.default_rng(0)
+    for step in (0, 7, -3, 2**62):
+        ids = rng.integers(0, 1 << 40, 9).astype(np.int64)
+        g = rng.standard_normal((9, 4)).astype(np.float32)
+        raw = wire.encode_push_request("t", ids, g, "float32", "run/3/0~2", step, 11)
+        raw += pb.PushGradientsRequest(table="t2").SerializeToString()  # a later table wins
+        raw += b"\xf8\x07\x01"  # unknown varint field 127
+        v, m = wire.parse_push_request(raw), pb.PushGradientsRequest.FromString(raw)
+        got = (v.table, bytes(v.ids), bytes(v.grads), v.grad_dtype, v.request_id, v.step)
+        assert got == (m.table, m.ids, m.grads, m.grad_dtype, m.request_id, m.step)
+        assert v.map_version == m.map_version == 11
+    for bad in (b"\x0a\xff", b"\x12\x05ab", b"\x0b"):
+        with pytest.raises((ValueError, InvalidArgument)):
+            wire.parse_push_request(bad)
