@@ -227,7 +227,7 @@ class TokenDataset:
         if len(toks) < block_size + 1:
             raise ConfigError(
                 f"the {split} split has {len(toks)} tokens, fewer than block_size+1 = "
-                f"{block_size + 1}; use a larger corpus or a smaller block size"
+                f"{block_size + 1}; use a larger corpus or a smaller --seq-len"
             )
         return toks
 
@@ -272,7 +272,7 @@ class TokenDataset:
         if n_batches == 0:
             raise ConfigError(
                 f"the {split} split holds {n_windows} windows of {block_size} tokens, "
-                f"fewer than one batch of {batch_size}; lower batch or block size"
+                f"fewer than one batch of {batch_size}; lower --batch-size or --seq-len"
             )
         if max_batches is not None:
             n_batches = min(n_batches, max_batches)

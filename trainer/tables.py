@@ -7,7 +7,7 @@ import dataclasses
 from typing import TYPE_CHECKING
 
 from engram_store.engine.config import OptimizerConfig, TableConfig
-from engram_store.engine.errors import ConfigError, EngramError
+from engram_store.engine.errors import EngramError, ShardUnavailable
 from engram_store.rpc.config import ClientConfig
 from trainer.config import TrainConfig
 from trainer.hashing import NgramHasher
@@ -30,7 +30,8 @@ def table_specs(cfg: TrainConfig, hasher: NgramHasher) -> dict[int, TableConfig]
 def connect_store(
     addresses: tuple[str, ...] | list[str], token: str = "", timeout_s: float = 10.0
 ) -> StoreClient:
-    """A StoreClient to the shards; ConfigError at once if none answers."""
+    """A StoreClient to the shards; ShardUnavailable (a runtime error, not a usage one) at
+    once if none answers."""
     from engram_store.rpc.client import StoreClient
 
     try:
@@ -41,7 +42,7 @@ def connect_store(
         probe.close()
         return StoreClient(list(addresses), ClientConfig(token=token))
     except EngramError as e:
-        raise ConfigError(
+        raise ShardUnavailable(
             f"the memory store at {', '.join(addresses)} is unreachable ({e}); start it with "
             "`engram serve` / the cluster, or pass the right --store/--address"
         ) from None

@@ -98,7 +98,7 @@ def test_split_and_batches(small):
     assert (
         len(ev) == 3 and np.array_equal(ev[0][0], val[:17]) and np.array_equal(ev[0][1], val[16:33])
     )
-    with pytest.raises(ConfigError, match="block size"):
+    with pytest.raises(ConfigError, match="--seq-len"):
         ds.batch("val", 1, len(val) + 5)
     with pytest.raises(ConfigError, match="split"):
         ds.batch("test", 1, 4)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from engram_store.engine.errors import ConfigError
+from engram_store.engine.errors import ConfigError, ShardUnavailable
 from tests.trainer.store_helpers import assert_matches, reference_run, shard_servers, tiny_config
 from trainer.config import TrainConfig
 from trainer.loop import train_worker
@@ -68,7 +68,7 @@ def test_store_unreachable():
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()  # nothing listens there now
-    with pytest.raises(ConfigError, match="unreachable"):
+    with pytest.raises(ShardUnavailable, match="unreachable"):  # a runtime error: exit 1
         train_worker(tiny_config(store=(f"127.0.0.1:{port}",)))
 
 
