@@ -31,6 +31,10 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         workers=args.workers or d.workers,
         auth=options.auth_config(args),
         metrics_port=args.metrics_port,
+        message_timeout_s=args.message_timeout or d.message_timeout_s,
+        max_concurrent_rpcs=args.max_concurrent_rpcs or d.max_concurrent_rpcs,
+        max_streams_per_connection=args.max_streams_per_connection or d.max_streams_per_connection,
+        max_import_bytes=args.max_import_bytes or d.max_import_bytes,
     )
 
 
@@ -105,6 +109,21 @@ def add_commands(sub) -> None:
         help="RAM for the tables' rows and indexes, e.g. 32G (default 80%% of physical memory)",
     )
     p.add_argument("--workers", type=int, help="gRPC server threads (default 8)")
+    p.add_argument(
+        "--message-timeout",
+        type=float,
+        metavar="S",
+        help="cancel a call that waits longer than S seconds for its next message (default 30)",
+    )
+    p.add_argument("--max-concurrent-rpcs", type=int, help="calls admitted at once (default 256)")
+    p.add_argument(
+        "--max-streams-per-connection", type=int, help="HTTP/2 streams per connection (default 64)"
+    )
+    p.add_argument(
+        "--max-import-bytes",
+        type=options.size,
+        help="records one ImportRows stream may stage before it is stored (default 1G)",
+    )
     p.add_argument("--durable", action="store_true", help="fsync every commit")
     p.add_argument("--read-only", action="store_true", help="serve lookups only")
     options.add_serve_options(p)  # tokens, TLS, --insecure, --metrics-port
