@@ -612,9 +612,7 @@ class Shard:
         with t.lock.read():
             if t.dropped:
                 raise TableNotFound(f"table {table!r} was dropped; create it again")
-            hits = t.find(ids, offs)
-            # rows never stored gather row 0 here and are overwritten with initial rows below
-            kernels.gather(t.rows, offs if hits == n else np.maximum(offs, 0), dst)
+            hits = self._find_gather(t, ids, offs, dst)
         if hits < n:
             miss = np.flatnonzero(offs < 0)
             uniq, inv = np.unique(ids[miss], return_inverse=True)
@@ -623,6 +621,26 @@ class Shard:
         if not same:
             kernels.convert(dst, t.spec.dtype, dtype, dim, res)
         return res
+
+    def _find_gather(
+        self, t: TableArrays, ids: np.ndarray, offs: np.ndarray, dst: np.ndarray
+    ) -> int:
+        """Offsets of `ids` and their rows into `dst` (call under the table's read lock); the
+        halves of a large batch on two threads (random rows are memory-latency bound, and the
+        numba loops release the GIL). Rows never stored gather row 0 here; the caller
+        overwrites them with initial rows."""
+
+        def part(a: int, b: int) -> int:
+            h = t.find(ids[a:b], offs[a:b])
+            o = offs[a:b] if h == b - a else np.maximum(offs[a:b], 0)
+            kernels.gather(t.rows, o, dst[a:b])
+            return h
+
+        n = ids.shape[0]
+        if self._pool is None or n < _SPLIT_ROWS:
+            return part(0, n)
+        futs = [self._pool.submit(part, 0, n // 2), self._pool.submit(part, n // 2, n)]
+        return sum(f.result() for f in futs)
 
     def optimizer_state(self, table: str, ids: np.ndarray) -> np.ndarray:
         """float32 (n, state_floats) optimizer state of `ids`."""
