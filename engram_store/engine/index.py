@@ -22,13 +22,13 @@ _MUL = np.uint64(0x9E3779B97F4A7C15)
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _home(key: int, shift: int) -> int:
+def _home(key: int, shift: int) -> np.int64:
     """Fibonacci hashing: the top bits of key * golden ratio, a slot in [0, 2**(64 - shift))."""
     return np.int64((np.uint64(key) * _MUL) >> np.uint64(shift))
 
 
 @njit(nogil=True, cache=True)
-def _find(slots, shift, ids_of, keys, out):  # type: ignore[no-untyped-def]
+def _find(slots, shift, ids_of, keys, out):
     mask = slots.shape[0] - 1
     hits = 0
     for i in range(keys.shape[0]):
@@ -48,7 +48,7 @@ def _find(slots, shift, ids_of, keys, out):  # type: ignore[no-untyped-def]
 
 
 @njit(nogil=True, cache=True)
-def _insert(slots, shift, ids_of, offs):  # type: ignore[no-untyped-def]
+def _insert(slots, shift, ids_of, offs):
     """Insert offsets whose ids (ids_of[off]) are absent from the index."""
     mask = slots.shape[0] - 1
     for i in range(offs.shape[0]):
@@ -60,7 +60,7 @@ def _insert(slots, shift, ids_of, offs):  # type: ignore[no-untyped-def]
 
 
 @njit(nogil=True, cache=True)
-def _delete(slots, shift, ids_of, keys):  # type: ignore[no-untyped-def]
+def _delete(slots, shift, ids_of, keys):
     """Remove present keys (backward-shift deletion); returns how many were removed."""
     mask = np.int64(slots.shape[0] - 1)
     removed = 0
@@ -147,7 +147,7 @@ def _pow2(n: int) -> int:
 
 
 @njit(nogil=True, cache=True)
-def _groups(ids, slots, shift, group, first):  # type: ignore[no-untyped-def]
+def _groups(ids, slots, shift, group, first):
     mask = np.int64(slots.shape[0] - 1)
     m = 0
     for i in range(ids.shape[0]):
@@ -169,7 +169,7 @@ def _groups(ids, slots, shift, group, first):  # type: ignore[no-untyped-def]
 
 
 @njit(nogil=True, cache=True)
-def _sum_groups(grads, group, out):  # type: ignore[no-untyped-def]
+def _sum_groups(grads, group, out):
     for i in range(grads.shape[0]):
         o = out[group[i]]
         g = grads[i]

@@ -40,7 +40,7 @@ def _seed_salt(seed: int) -> np.uint64:
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _fmix(x):  # type: ignore[no-untyped-def]
+def _fmix(x):
     x ^= x >> _S33
     x *= _C1
     x ^= x >> _S33
@@ -50,7 +50,7 @@ def _fmix(x):  # type: ignore[no-untyped-def]
 
 
 @njit(nogil=True, cache=True, error_model="numpy")  # no zero-division branch: vectorises
-def _normal(ids, salt, std, dim, out):  # type: ignore[no-untyped-def]
+def _normal(ids, salt, std, dim, out):
     pairs = (dim + 1) // 2
     per = max(1, _BLOCK // pairs)  # rows per block: the math loops run over rows x pairs
     size = per * pairs

@@ -131,7 +131,7 @@ class Shard:
                 self._dir_fd = os.open(config.data_dir, os.O_RDONLY)
                 fcntl.flock(self._dir_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
-                if getattr(self, "_dir_fd", None) is not None:
+                if self._dir_fd is not None:
                     os.close(self._dir_fd)
                     self._dir_fd = None
                 self._lock_file.close()
@@ -277,8 +277,9 @@ class Shard:
             self._release_lock()
 
     def _release_lock(self) -> None:
-        if getattr(self, "_dir_fd", None) is not None:
-            os.close(self._dir_fd)  # closing drops the directory's flock
+        fd = getattr(self, "_dir_fd", None)
+        if fd is not None:
+            os.close(fd)  # closing drops the directory's flock
             self._dir_fd = None
         if self._lock_file is None or self._lock_file.closed:
             return
@@ -509,7 +510,7 @@ class Shard:
     def _delete_prefix(txn: lmdb.Transaction, db: lmdb._Database, prefix: bytes) -> None:
         cur = txn.cursor(db=db)
         ok = cur.set_range(prefix)
-        while ok and cur.key() and cur.key().startswith(prefix):
+        while ok and cur.key() and bytes(cur.key()).startswith(prefix):
             ok = cur.delete()
 
     def table(self, name: str) -> TableConfig:
@@ -831,7 +832,7 @@ class Shard:
                 psum,
                 request_id,
             ).pack()
-            e = _Entry(t, kind, seq, step, request_id, head, memoryview(payload), data, reserved)
+            e = _Entry(t, kind, seq, step, request_id, head, payload.data, data, reserved)
             self._queue.append(e)
             if request_id:
                 self._pending[(t.uid, request_id)] = e
@@ -1200,8 +1201,8 @@ class Shard:
         new_lsns: dict[int, np.ndarray] = {}
         for uid, (t, upd) in lsn_updates.items():
             arr = t.chunk_lsn[: t.n_chunks_used()].copy()
-            for c, v in upd.items():
-                arr[c] = max(arr[c], v)
+            for c, lsn in upd.items():
+                arr[c] = max(arr[c], lsn)
             new_lsns[uid] = arr
         trim = self._trim_point(new_lsns)
         try:
@@ -1244,7 +1245,7 @@ class Shard:
         trimmed = 0
         ok = cur.first()
         while ok and cur.key():  # after deleting the last entry the cursor has no key
-            seq, _part = records.key_seq(cur.key())
+            seq, _part = records.key_seq(bytes(cur.key()))
             if seq > upto:
                 break
             trimmed += self._log_sizes.pop(seq, 0)
