@@ -46,9 +46,14 @@ def make_cluster(make_shard, n: int) -> list[LocalShard]:
     return shards
 
 
+MAGNITUDE = 4096  # the second pusher's gradient: n0 < 4096 and n1 < 4096 decode exactly
+MAX_PUSHES = MAGNITUDE - 1
+
+
 class Pusher(threading.Thread):
     """Pushes gradient `magnitude` to every row (so every push spans every shard), one push at a
-    time, counting pushes started and acknowledged."""
+    time, counting pushes started and acknowledged; at most MAX_PUSHES, so that a row's value
+    (n0 + MAGNITUDE n1, exact in float32 below 2^24) still tells the two pushers' counts apart."""
 
     def __init__(self, address: str, magnitude: float, run: str = ""):
         """`run`: push with the trainer's request ids, `<run>/r0/train/<n>/0` (they hold `/`);
@@ -65,7 +70,7 @@ class Pusher(threading.Thread):
         ids = np.arange(ROWS)
         grads = np.full((ROWS, DIM), self.magnitude, np.float32)
         try:
-            while not self.stop.is_set():
+            while not self.stop.is_set() and self.started < MAX_PUSHES:
                 self.started += 1
                 rid = f"{self.run_id}/r0/train/{self.started}/0" if self.run_id else None
                 self.client.push("sgd", ids, grads, step=1, request_id=rid)
@@ -97,9 +102,12 @@ def test_snapshot_is_a_consistent_cut_under_concurrent_pushes(make_shard, tmp_pa
         c.create_table(SGD)
         c.create_table(ADAM)
         c.push("adam", np.arange(0, 4000, 7), np.ones((572, DIM)), step=3)
-    # magnitudes 1 and 1024: a row's value -(n0 + 1024 n1) says which pushes of each it holds
+    # magnitudes 1 and 4096: a row's value -(n0 + 4096 n1) says which pushes of each it holds
     run = "run-7f3a" if ids == "trainer" else ""
-    pushers = [Pusher(shards[0].address, 1.0, run), Pusher(shards[1].address, 1024.0, run + "b")]
+    pushers = [
+        Pusher(shards[0].address, 1.0, run),
+        Pusher(shards[1].address, float(MAGNITUDE), run + "b"),
+    ]
     for p in pushers:
         p.start()
     try:
@@ -112,7 +120,7 @@ def test_snapshot_is_a_consistent_cut_under_concurrent_pushes(make_shard, tmp_pa
             # all or nothing: every row holds the same pushes
             assert (rows == rows[0, 0]).all(), f"snapshot {k} split a push: {np.unique(rows)}"
             total = -int(rows[0, 0])
-            n0, n1 = total % 1024, total // 1024
+            n0, n1 = total % MAGNITUDE, total // MAGNITUDE
             assert before[0] <= n0 <= after[0] and before[1] <= n1 <= after[1], (
                 k,
                 before,
