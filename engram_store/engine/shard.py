@@ -915,16 +915,17 @@ class Shard:
                 txn.delete(cur.value(), db=self._req)
                 cur.delete()
 
+    def _skip_failed(self) -> int:
+        """Count the entries whose commit failed as applied (they changed nothing) where they are
+        next in line; returns the applied sequence. Call with self._turn held."""
+        while self._applied_seq + 1 in self._failed:
+            self._failed.discard(self._applied_seq + 1)
+            self._applied_seq += 1
+        return self._applied_seq
+
     def _apply_turn(self, e: _Entry) -> None:
         with self._turn:
-            while True:
-                nxt = self._applied_seq + 1
-                while nxt in self._failed:
-                    self._failed.discard(nxt)
-                    nxt += 1
-                    self._applied_seq = nxt - 1
-                if nxt == e.seq:
-                    break
+            while self._skip_failed() + 1 != e.seq:
                 self._turn.wait()
         try:
             self._apply_data(e.table, e.kind, e.seq, e.step, e.data, None)
@@ -1104,12 +1105,7 @@ class Shard:
             target = self._next_seq - 1
         try:
             with self._turn:
-                while self._applied_seq < target and not self._closed:
-                    nxt = self._applied_seq + 1
-                    if nxt in self._failed:
-                        self._failed.discard(nxt)
-                        self._applied_seq = nxt
-                        continue
+                while self._skip_failed() < target and not self._closed:
                     self._turn.wait(0.1)
             yield
         finally:
