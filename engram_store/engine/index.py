@@ -27,23 +27,26 @@ def _home(key: int, shift: int) -> np.int64:
     return np.int64((np.uint64(key) * _MUL) >> np.uint64(shift))
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _probe(slots, shift, ids_of, k):
+    """The slot holding key k (slots hold positions into ids_of), or the empty slot that ends
+    its probe sequence."""
+    mask = np.int64(slots.shape[0] - 1)
+    h = _home(k, shift)
+    while True:
+        v = slots[h]
+        if v < 0 or ids_of[v] == k:
+            return h
+        h = (h + 1) & mask
+
+
 @njit(nogil=True, cache=True)
 def _find(slots, shift, ids_of, keys, out):
-    mask = slots.shape[0] - 1
     hits = 0
     for i in range(keys.shape[0]):
-        k = keys[i]
-        h = _home(k, shift)
-        while True:
-            v = slots[h]
-            if v < 0:
-                out[i] = -1
-                break
-            if ids_of[v] == k:
-                out[i] = v
-                hits += 1
-                break
-            h = (h + 1) & mask
+        v = slots[_probe(slots, shift, ids_of, keys[i])]
+        out[i] = v
+        hits += v >= 0
     return hits
 
 
@@ -65,15 +68,7 @@ def _delete(slots, shift, ids_of, keys):
     mask = np.int64(slots.shape[0] - 1)
     removed = 0
     for i in range(keys.shape[0]):
-        k = keys[i]
-        h = _home(k, shift)
-        while True:
-            v = slots[h]
-            if v < 0:
-                break
-            if ids_of[v] == k:
-                break
-            h = (h + 1) & mask
+        h = _probe(slots, shift, ids_of, keys[i])
         if slots[h] < 0:
             continue
         removed += 1
@@ -148,23 +143,17 @@ def _pow2(n: int) -> int:
 
 @njit(nogil=True, cache=True)
 def _groups(ids, slots, shift, group, first):
-    mask = np.int64(slots.shape[0] - 1)
     m = 0
     for i in range(ids.shape[0]):
-        k = ids[i]
-        h = _home(k, shift)
-        while True:
-            v = slots[h]
-            if v < 0:
-                slots[h] = i
-                group[i] = m
-                first[m] = i
-                m += 1
-                break
-            if ids[v] == k:
-                group[i] = group[v]
-                break
-            h = (h + 1) & mask
+        h = _probe(slots, shift, ids, ids[i])  # slots hold positions into ids itself
+        v = slots[h]
+        if v < 0:
+            slots[h] = i
+            group[i] = m
+            first[m] = i
+            m += 1
+        else:
+            group[i] = group[v]
     return m
 
 
