@@ -174,23 +174,11 @@ def apply(
         return sgd(opt, rows, grads, out_rows), out_state
     if opt.kind == "adagrad":
         return adagrad(opt, rows, state, grads, step, out_rows, out_state)
-    if opt.kind == "adam":
-        new_rows, _, _ = adam(
-            opt,
-            rows,
-            state[:, :dim],
-            state[:, dim:],
-            grads,
-            step,
-            out_rows,
-            out_state[:, :dim],
-            out_state[:, dim:],
-        )
-        return new_rows, out_state
     if opt.kind == "rowwise_adagrad":
         return rowwise_adagrad(opt, rows, state, grads, step, out_rows, out_state)
-    if opt.kind == "rowwise_adam":
-        new_rows, _, _ = rowwise_adam(
+    if opt.kind in ("adam", "rowwise_adam"):
+        # state = first moment (dim), then the second (dim, or one per row)
+        new_rows, _, _ = (adam if opt.kind == "adam" else rowwise_adam)(
             opt,
             rows,
             state[:, :dim],
