@@ -11,6 +11,7 @@ import torch
 from engram_store.engine import kernels, optimizers
 from engram_store.engine.config import OptimizerConfig, TableConfig, row_bytes
 from engram_store.engine.errors import InvalidArgument
+from tests.engine.torch_ref import torch_optimizer
 
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse invariant checks")
 
@@ -29,22 +30,6 @@ def _arrays(spec: TableConfig, rng, cap: int = CAP):
     rows = kernels.encode(x, spec.dtype)
     state = np.abs(rng.standard_normal((cap, spec.state_floats))).astype(np.float32) * 0.1
     return rows, state
-
-
-def _torch_opt(opt: OptimizerConfig, params):
-    if opt.kind == "sgd":
-        return torch.optim.SGD(params, lr=opt.lr)
-    if opt.kind == "adagrad":
-        return torch.optim.Adagrad(
-            params,
-            lr=opt.lr,
-            lr_decay=opt.lr_decay,
-            initial_accumulator_value=opt.initial_accumulator_value,
-            eps=opt.resolved_eps,
-        )
-    return torch.optim.SparseAdam(
-        params, lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.resolved_eps
-    )
 
 
 def _torch_state(opt: OptimizerConfig, topt, weight) -> np.ndarray:
@@ -83,7 +68,7 @@ def test_float32_step_matches_reference_and_torch(opt):
     emb = torch.nn.Embedding(ROWS, DIM, sparse=True)
     with torch.no_grad():
         emb.weight.copy_(torch.from_numpy(init))
-    topt = _torch_opt(opt, emb.parameters())
+    topt = torch_optimizer(opt, emb.parameters())
     for step in range(1, STEPS + 1):
         ids = rng.permutation(ROWS)[: 100 + 30 * step].astype(np.int64)
         grads = rng.standard_normal((ids.shape[0], DIM)).astype(np.float32)

@@ -10,25 +10,10 @@ from engram_store.engine.config import OptimizerConfig, ShardConfig, TableConfig
 from engram_store.engine.init import initial_rows, initial_state
 from engram_store.engine.optimizers import coalesce
 from engram_store.engine.shard import Shard
+from tests.engine.torch_ref import torch_optimizer
 
 ROWS, DIM, STEPS = 300, 8, 6
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse invariant checks")
-
-
-def _torch_opt(opt: OptimizerConfig, params):
-    if opt.kind == "sgd":
-        return torch.optim.SGD(params, lr=opt.lr)
-    if opt.kind == "adagrad":
-        return torch.optim.Adagrad(
-            params,
-            lr=opt.lr,
-            lr_decay=opt.lr_decay,
-            initial_accumulator_value=opt.initial_accumulator_value,
-            eps=opt.resolved_eps,
-        )
-    return torch.optim.SparseAdam(
-        params, lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.resolved_eps
-    )
 
 
 def _torch_state(opt: OptimizerConfig, topt, weight) -> np.ndarray:
@@ -60,7 +45,7 @@ def test_push_matches_torch(tmp_path, opt, reopen):
     emb = torch.nn.Embedding(ROWS, DIM, sparse=True)
     with torch.no_grad():
         emb.weight.copy_(torch.from_numpy(initial_rows(spec, all_ids)))
-    topt = _torch_opt(opt, emb.parameters())
+    topt = torch_optimizer(opt, emb.parameters())
     rng = np.random.default_rng(0)
     cfg = ShardConfig(data_dir=str(tmp_path / "s"), map_size=64 << 20)
     shard = Shard(cfg)
