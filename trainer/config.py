@@ -242,9 +242,15 @@ class TrainConfig:
     # Prometheus /metrics of the trainer (trainer.metrics.TrainerMetrics) on 127.0.0.1: rank r
     # serves on metrics_port + r (0: any free port each); None: off
     metrics_port: int | None = None
+    # a named model geometry (trainer/presets.py): its hashing, base tokenizer and full-height
+    # tables in its training format; "" = the run's own tokenizer and tables
+    preset: str = ""
+    # the shards' Prometheus /metrics "host:port"s: the summary reads their RAM (memory_bytes)
+    store_metrics: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "store", tuple(self.store))
+        object.__setattr__(self, "store_metrics", tuple(self.store_metrics))
 
     def to_dict(self) -> dict:
         """Plain data (nested dicts for model and prefetch): picklable, JSON-able."""
@@ -311,6 +317,31 @@ class TrainConfig:
             raise ConfigError(
                 "the local (in-process) table backend supports one trainer; "
                 "use the store for several"
+            )
+        if self.preset:
+            self._check_preset()
+
+    def _check_preset(self) -> None:
+        """A preset run trains the preset's hashing against its full-height store tables."""
+        from trainer.presets import get
+
+        preset = get(self.preset)  # ConfigError naming the known presets
+        if self.backend != "store":
+            raise ConfigError(
+                f"--preset {self.preset}: its tables are full height ({sum(preset.heights.values()):,}"
+                " rows); the local backend would allocate them whole; train against the store"
+            )
+        if self.corpus == "synthetic":
+            raise ConfigError(
+                f"--preset {self.preset} hashes the {preset.tokenizer} tokenizer's ids; a "
+                "synthetic corpus has none: use --corpus builtin or a text file/folder"
+            )
+        if self.model.hash_config(preset.hash.pad_id) != preset.hash:
+            raise ConfigError(
+                f"--preset {self.preset} fixes the Engram layers {preset.hash.layers}, orders "
+                f"2..{preset.hash.max_ngram}, {preset.hash.heads} heads and memory width "
+                f"{preset.hash.n_embed_per_ngram}; drop --engram-layers, --max-ngram, "
+                "--hash-heads, --memory-width, --table-size and --no-engram"
             )
 
 

@@ -31,14 +31,15 @@ from engram_store.engine.errors import ConfigError
 from trainer.allreduce import allreduce_sparse, owned
 from trainer.checkpoint import check_resume, save_checkpoint
 from trainer.config import PrefetchConfig, TrainConfig
-from trainer.corpus import Corpus, load_corpus, worker_batches
+from trainer.corpus import Corpus, worker_batches
 from trainer.fetch import Fetcher, LocalFetcher
 from trainer.hashing import NgramHasher
 from trainer.metrics import TrainerMetrics
 from trainer.model import GPT, param_split
 from trainer.prefetch import Fetched, Prefetcher
-from trainer.summary import Meter, build_summary
-from trainer.tables import connect_store, table_specs
+from trainer.preset_data import run_corpus
+from trainer.summary import DistinctRows, Meter, build_summary, store_summary
+from trainer.tables import connect_store, open_tables, store_memory_bytes, table_specs
 
 if TYPE_CHECKING:
     from engram_store.rpc.client import StoreClient
@@ -99,6 +100,7 @@ class Worker:
     # Push request ids must be unique per run: a store remembers them (exactly-once retries), so
     # reusing ids of an earlier run on the same store would drop this run's pushes as duplicates.
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    touched: DistinctRows = field(default_factory=DistinctRows)  # rows pushed, per layer
     fetcher: Fetcher = field(init=False)
 
     def row_source(self, split: str, batches: Iterator, pcfg: PrefetchConfig) -> Fetcher:
@@ -136,7 +138,7 @@ def build_worker(
     model = GPT(mcfg).to(device)
     hasher = NgramHasher(mcfg.hash, corpus.lookup, corpus.compressed_vocab) if mcfg.hash else None
     specs = table_specs(cfg, hasher) if hasher else {}
-    store = _open_store(cfg, specs, rank, world)
+    store, specs = _open_store(cfg, specs, rank, world)
     opt = torch.optim.AdamW(
         model.parameters(),
         lr=cfg.lr,
@@ -163,17 +165,28 @@ def build_worker(
 
 def _open_store(
     cfg: TrainConfig, specs: dict[int, TableConfig], rank: int, world: int
-) -> StoreClient | None:
-    """A client of the store with the run's tables created, or None without store tables."""
+) -> tuple[StoreClient | None, dict[int, TableConfig]]:
+    """A client of the store with the run's tables created (None without store tables), and
+    the tables as the store holds them: a preset run trains tables the store already has at
+    the preset's geometry (imported ones) in their stored format (trainer.tables.open_tables)."""
     if not specs or cfg.backend != "store":
-        return None
+        return None, specs
     store = connect_store(cfg.store, cfg.store_token)
     if rank == 0:
-        for spec in specs.values():
-            store.create_table(spec)  # idempotent for the same spec
+        specs = open_tables(store, specs, adopt=bool(cfg.preset))
     if world > 1:
         dist.barrier()  # tables exist before anyone looks rows up
-    return store
+        specs = {layer: store.table_info(s.name).spec for layer, s in specs.items()}
+    return store, specs
+
+
+def _store_summary(w: Worker) -> dict:
+    """The store after the run (rows touched and stored, bytes per parameter), {} without one."""
+    if w.store is None:
+        return {}
+    tables = {layer: s.name for layer, s in w.specs.items()}
+    memory = store_memory_bytes(w.cfg.store_metrics, w.cfg.store_token)
+    return store_summary(w.store.stats(), tables, w.touched.counts(), memory)
 
 
 @torch.no_grad()
@@ -210,9 +223,13 @@ def _push(w: Worker, step: int, updates: dict) -> None:
     """This step's table gradients: pushed as they are (one worker), or averaged over the
     workers, each pushing the rows it owns (sync: acknowledged by all before the next step)."""
     if w.world == 1:
+        for layer, (ids, _) in updates.items():
+            w.touched.add(layer, ids)
         w.fetcher.push(step, updates)
         return
     union = allreduce_sparse(updates, w.world)
+    for layer, (ids, _) in union.items():
+        w.touched.add(layer, ids)
     w.fetcher.push(step, owned(union, w.rank, w.world), pushed_ids={})  # patches: after barrier
     if w.cfg.prefetch.update == "sync":
         dist.barrier()  # every worker's part of the step is acknowledged
@@ -241,10 +258,11 @@ def _run_steps(
     Time spent in periodic evaluation goes to meter.eval_s (it is not training time)."""
     cfg = w.cfg
     for step in range(w.start + 1, cfg.steps + 1):
+        t_step = time.perf_counter()
         f, loss = train_step(w, step)
         if metrics is not None:
             metrics.observe_stats(w.fetcher.stats)
-        m = meter.add(step, f.x.numel(), float(loss.detach()))
+        m = meter.add(step, f.x.numel(), float(loss.detach()), time.perf_counter() - t_step)
         if m is None:
             continue
         late = bool(cfg.max_minutes) and _out_of_time(t_start, cfg.max_minutes, w.world, w.device)
@@ -289,7 +307,7 @@ def train_worker(
     cfg.validate()
     device = device or resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    corpus = corpus or load_corpus(cfg)
+    corpus = corpus or run_corpus(cfg)
     w = build_worker(cfg, corpus, rank, world, device)
     served = _serve_metrics(cfg, rank) if metrics is None else None
     metrics = metrics or served
@@ -324,6 +342,8 @@ def train_worker(
             val_after=val_after,
             params=param_split(w.model, w.model.config.hash),
             tables={layer: s.name for layer, s in w.specs.items()},
+            meter=meter,
+            store=_store_summary(w),
         )
         if rank == 0:
             summary["checkpoint"] = save_checkpoint(

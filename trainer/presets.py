@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from engram_store.engine.config import DTYPES, OptimizerConfig, TableConfig
 from engram_store.engine.errors import ConfigError
@@ -26,7 +26,19 @@ from trainer.hashing import HashConfig, NgramHasher, compress_tokenizer, head_pr
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
-    from trainer.config import ArchConfig
+    from trainer.config import ArchConfig, TrainConfig
+
+#: what a preset run is unless told otherwise: a small backbone for a few CPU steps against the
+#: full-height tables (a smoke run that shows rows touched, bytes per parameter and step time)
+TRAIN_DEFAULTS: dict[str, int | float] = {
+    "n_embd": 64,
+    "n_head": 4,
+    "steps": 20,
+    "batch_size": 4,
+    "seq_len": 64,
+    "eval_batches": 2,
+    "log_every": 5,
+}
 
 
 @dataclass(frozen=True)
@@ -175,6 +187,26 @@ class Preset:
             table_base_size=sizes.pop(),
             hash_seed=self.hash.seed,
         )
+
+    def train_config(
+        self, n_layer: int = 0, n_head: int = 0, n_embd: int = 0, **fields: Any
+    ) -> TrainConfig:
+        """A TrainConfig that trains this preset: arch_config() (a small backbone by default,
+        TRAIN_DEFAULTS), the preset's tokenizer and tables (TrainConfig.preset), the rest of
+        TRAIN_DEFAULTS unless `fields` say otherwise. Give `store` (shard addresses) to run it:
+
+            cfg = presets.get("deepseek-v4.1-flash").train_config(store=("127.0.0.1:50051",))
+            summary = trainer.launch.train(cfg)
+        """
+        from trainer.config import TrainConfig
+
+        model = self.arch_config(
+            n_layer,
+            n_head or int(TRAIN_DEFAULTS["n_head"]),
+            n_embd or int(TRAIN_DEFAULTS["n_embd"]),
+        )
+        top = {k: v for k, v in TRAIN_DEFAULTS.items() if k not in ("n_head", "n_embd")}
+        return TrainConfig(model=model, preset=self.name, **{**top, **fields})
 
 
 _PRESETS: dict[str, Preset] = {

@@ -4,10 +4,13 @@ and the summary at the end. Torch-free."""
 from __future__ import annotations
 
 import math
+import statistics
 import sys
 import time
 from collections.abc import Callable
 from typing import Any, TextIO
+
+import numpy as np
 
 from trainer.config import TrainConfig
 
@@ -50,14 +53,22 @@ class Meter:
                 total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True
             )
         self.loss_ema: float | None = None
+        self.first_loss = self.last_loss = math.nan  # of the first and last step of this run
+        self.step_s: list[float] = []  # each step's wall time (train_step: fetch to push)
         self.tokens_trained = 0
         self.eval_s = 0.0
         self._t, self._tokens, self._stall = time.perf_counter(), 0, stats.stall_s
 
-    def add(self, step: int, tokens: int, loss: float) -> dict | None:
-        """Count a step of this worker; at a logging step, the window's metrics (in history)."""
+    def add(self, step: int, tokens: int, loss: float, seconds: float | None = None) -> dict | None:
+        """Count a step of this worker (`seconds`: its wall time); at a logging step, the
+        window's metrics (in history)."""
         self._tokens += tokens
         self.tokens_trained += tokens
+        if self.tokens_trained == tokens:  # the run's first step
+            self.first_loss = loss
+        self.last_loss = loss
+        if seconds is not None:
+            self.step_s.append(seconds)
         self.loss_ema = loss if self.loss_ema is None else 0.9 * self.loss_ema + 0.1 * loss
         if step % self.log_every and step != self.steps:
             if self.bar is not None and step > self.bar.n:
@@ -120,14 +131,19 @@ def build_summary(
     val_after: float,
     params: dict,
     tables: dict[int, str],
+    meter: Meter | None = None,
+    store: dict | None = None,
 ) -> dict:
     """The run's summary: steps, throughput, stall, cache, losses, parameter split, tables.
 
     `stats` is the training row source's PrefetchStats; `last` the last step trained;
     `tokens_trained` this worker's training tokens and `train_s` the training time, both without
     evaluation (`eval_s`: periodic evaluation during training), so tokens/s is training's own.
+    `meter` adds the median step time and the first and last step's loss; `store` is
+    store_summary()'s (rows touched and stored per table, bytes per parameter on the store).
     """
     steps_done = last - start
+    step_s = meter.step_s if meter is not None else []
     return {
         "steps": last,
         "steps_run": steps_done,
@@ -147,6 +163,10 @@ def build_summary(
         "cache_hit_rate": stats.cache_hit_rate,
         "rows_refetched": stats.rows_refetched,
         "final_loss": history[-1]["loss"] if history else math.nan,
+        "step_s_median": statistics.median(step_s) if step_s else math.nan,
+        "loss_first": meter.first_loss if meter is not None else math.nan,
+        "loss_last": meter.last_loss if meter is not None else math.nan,
+        "store": store or {},
         "val_loss_before": val_before,
         "val_loss_after": val_after,
         "params": params,
@@ -172,4 +192,99 @@ def print_summary(summary: dict, file: TextIO | None = None) -> None:
         f"{p['total']:,})",
         f"checkpoint  {summary.get('checkpoint', '-')}",
     ]
+    if summary.get("store"):
+        lines[2:2] = store_lines(summary)
     print("\n".join(lines), file=file or sys.stdout)
+
+
+def store_lines(summary: dict) -> list[str]:
+    """The summary's store part: rows touched / stored per table, bytes per parameter on the
+    store, median step time, tokens/s and the first and last step's loss."""
+    st = summary["store"]
+    tables = "; ".join(
+        f"{name} {t['touched_rows']:,} touched, {t['stored_rows']:,} stored of {t['num_rows']:,}"
+        for name, t in st["tables"].items()
+    )
+    ram = (
+        f"; RAM {st['memory_bytes'] / 2**20:.1f} MiB = {st['memory_bytes_per_param']:.2f} B/param"
+        if st.get("memory_bytes") is not None
+        else ""
+    )
+    return [
+        f"rows        {tables}",
+        f"store       {st['stored_params']:,} params stored, {st['stored_bytes'] / 2**20:.1f} MiB "
+        f"of records = {st['bytes_per_param']:.2f} B/param (rows + optimizer state){ram}",
+        f"step time   median {summary['step_s_median']:.3f} s/step, "
+        f"{summary['tokens_per_s']:.0f} tokens/s; loss {summary['loss_first']:.4f} (first step) "
+        f"-> {summary['loss_last']:.4f} (last)",
+    ]
+
+
+class DistinctRows:
+    """The distinct row ids a run pushed, per layer: what it touched on the store. Ids are
+    buffered and folded into a sorted array every `fold` ids, so memory stays near the number
+    of distinct rows."""
+
+    def __init__(self, fold: int = 1 << 22) -> None:
+        self.fold = fold
+        self._seen: dict[int, np.ndarray] = {}
+        self._buf: dict[int, list[np.ndarray]] = {}
+        self._buffered = 0
+
+    def add(self, layer: int, ids: np.ndarray) -> None:
+        """Count the row ids of one push of `layer`."""
+        self._buf.setdefault(layer, []).append(np.asarray(ids, np.int64).ravel())
+        self._buffered += len(ids)
+        if self._buffered >= self.fold:
+            self._fold()
+
+    def _fold(self) -> None:
+        for layer, parts in self._buf.items():
+            seen = self._seen.get(layer, np.empty(0, np.int64))
+            self._seen[layer] = np.unique(np.concatenate([seen, *parts]))
+        self._buf, self._buffered = {}, 0
+
+    def counts(self) -> dict[int, int]:
+        """{layer: distinct rows pushed so far}."""
+        self._fold()
+        return {layer: len(ids) for layer, ids in self._seen.items()}
+
+
+def store_summary(
+    shard_stats: list[dict],
+    tables: dict[int, str],
+    touched: dict[int, int],
+    memory_bytes: int | None = None,
+) -> dict:
+    """What the store holds after a run, from its shards' stats (StoreClient.stats()): per table
+    of the run its height, the rows this run touched and the rows stored, their record bytes;
+    bytes per parameter of the stored records, and of the shards' RAM (`memory_bytes`, the
+    engine's arrays and indexes, read from /metrics; None when unread) over every stored
+    parameter of the store."""
+    merged: dict[str, dict] = {}
+    for shard in shard_stats:
+        for t in shard["tables"]:
+            m = merged.setdefault(
+                t["name"],
+                {"num_rows": t["num_rows"], "dim": t["dim"], "stored_rows": 0, "stored_bytes": 0},
+            )
+            m["stored_rows"] += t["stored_rows"]
+            m["stored_bytes"] += t["stored_bytes"]
+    ours = {}
+    for layer, name in tables.items():
+        m = merged.get(name, {"num_rows": 0, "dim": 0, "stored_rows": 0, "stored_bytes": 0})
+        ours[name] = {**m, "layer": layer, "touched_rows": touched.get(layer, 0)}
+    params = sum(t["stored_rows"] * t["dim"] for t in ours.values())
+    nbytes = sum(t["stored_bytes"] for t in ours.values())
+    all_params = sum(t["stored_rows"] * t["dim"] for t in merged.values())
+    return {
+        "tables": ours,
+        "stored_rows": sum(t["stored_rows"] for t in ours.values()),
+        "stored_params": params,
+        "stored_bytes": nbytes,
+        "bytes_per_param": nbytes / params if params else math.nan,
+        "memory_bytes": memory_bytes,
+        "memory_bytes_per_param": (
+            memory_bytes / all_params if memory_bytes is not None and all_params else math.nan
+        ),
+    }

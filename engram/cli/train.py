@@ -9,6 +9,11 @@ Every flag is checked, and the corpus loaded and checked against --seq-len / --b
 anything starts (Ray, the store, the run directory). The run's store cluster is its own: named
 train-<run>-<id>, so no `engram cluster` command aimed at another cluster can stop it.
 `engram runs list | clean` shows and removes old run directories.
+
+`engram train --preset deepseek-v4.1-flash` trains a real model's Engram geometry instead: its
+hashing and base tokenizer, its two full-height tables (384 M rows each, created lazily on the
+store, or the ones `engram import --preset` put there) in its training format, a small backbone
+for 20 steps; the summary says the rows touched, the store's bytes per parameter and step time.
 """
 
 from __future__ import annotations
@@ -80,30 +85,40 @@ def add_commands(subparsers) -> None:
     )
     g.add_argument("--out", default="", help="run directory (default runs/<timestamp>)")
     g.add_argument("--resume", default="", help="checkpoint (or run directory) to continue")
+    # The flags a --preset sets differently or fixes default to None here; train_config()
+    # fills in TrainConfig's defaults (or the preset's), so it can tell a flag that was given.
     m = p.add_argument_group("model")
-    m.add_argument("--layers", type=int, default=dm.n_layer, help="transformer blocks")
-    m.add_argument("--width", type=int, default=dm.n_embd, help="model width")
-    m.add_argument("--heads", type=int, default=dm.n_head, help="attention heads")
+    m.add_argument(
+        "--preset",
+        default="",
+        metavar="NAME",
+        help="train a real model's Engram geometry (deepseek-v4.1-flash): its hashing, base "
+        "tokenizer and full-height tables in its training format, with a small backbone for a "
+        "few steps unless told otherwise; fixes the Engram and vocabulary flags",
+    )
+    m.add_argument("--layers", type=int, default=None, help=f"transformer blocks ({dm.n_layer})")
+    m.add_argument("--width", type=int, default=None, help=f"model width ({dm.n_embd})")
+    m.add_argument("--heads", type=int, default=None, help=f"attention heads ({dm.n_head})")
     m.add_argument(
         "--engram-layers",
         type=_layers,
-        default=dm.engram_layers,
+        default=None,
         metavar="1[,3]",
         help="0-based blocks carrying an Engram",
     )
     m.add_argument("--no-engram", action="store_true", help="the baseline: no Engram, no store")
-    m.add_argument("--max-ngram", type=int, default=dm.max_ngram, help="largest n-gram order N")
-    m.add_argument("--hash-heads", type=int, default=dm.hash_heads, help="hash heads K per order")
+    m.add_argument("--max-ngram", type=int, default=None, help="largest n-gram order N")
+    m.add_argument("--hash-heads", type=int, default=None, help="hash heads K per order")
     m.add_argument(
         "--memory-width",
         type=int,
-        default=dm.n_embed_per_ngram,
+        default=None,
         help="memory width per n-gram order (d_head = this / hash heads)",
     )
     m.add_argument(
         "--table-size",
         type=int,
-        default=dm.table_base_size,
+        default=None,
         help="rows per hash head (a prime just above)",
     )
     t = p.add_argument_group("training")
@@ -112,16 +127,21 @@ def add_commands(subparsers) -> None:
         default=d.corpus,
         help="builtin (Python's docstrings), a .txt/.jsonl/.parquet file or folder, or synthetic",
     )
-    t.add_argument("--vocab-size", type=int, default=d.vocab_size)
-    t.add_argument("--steps", type=int, default=d.steps)
+    t.add_argument("--vocab-size", type=int, default=None, help=f"({d.vocab_size})")
+    t.add_argument("--steps", type=int, default=None, help=f"({d.steps}; --preset: 20)")
     t.add_argument(
         "--minutes",
         type=float,
         default=4.0,
         help="stop early after this many minutes of training (0 = run every step)",
     )
-    t.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per trainer")
-    t.add_argument("--seq-len", type=int, default=d.seq_len)
+    t.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help=f"sequences per trainer ({d.batch_size}; --preset: 4)",
+    )
+    t.add_argument("--seq-len", type=int, default=None, help=f"({d.seq_len}; --preset: 64)")
     t.add_argument(
         "--lr",
         type=float,
@@ -165,7 +185,9 @@ def add_commands(subparsers) -> None:
         help="async: keep rows this trainer pushed in the cache until they are stale "
         "(by default a push evicts them)",
     )
-    t.add_argument("--eval-batches", type=int, default=d.eval_batches)
+    t.add_argument(
+        "--eval-batches", type=int, default=None, help=f"({d.eval_batches}; --preset: 2)"
+    )
     t.add_argument("--eval-every", type=int, default=d.eval_every)
     t.add_argument("--seed", type=int, default=d.seed)
     t.add_argument("--json", action="store_true", help="print the summary as JSON too")
@@ -202,20 +224,61 @@ def _add_unavailable(subparsers) -> None:
     p.set_defaults(func=lambda args: options.require("trainer", "train"))
 
 
+def _or(value, default):
+    """A flag's value, or the default when it was not given (its parser default is None)."""
+    return default if value is None else value
+
+
+#: the flags a --preset fixes: its hashing and its tokenizer's vocabulary
+_PRESET_FIXED = (
+    ("engram_layers", "--engram-layers"),
+    ("max_ngram", "--max-ngram"),
+    ("hash_heads", "--hash-heads"),
+    ("memory_width", "--memory-width"),
+    ("table_size", "--table-size"),
+    ("vocab_size", "--vocab-size"),
+)
+
+
+def _base_config(args: argparse.Namespace):
+    """The TrainConfig the flags start from: TrainConfig's defaults with the model flags, or
+    with --preset the preset's (Preset.train_config: its hashing, a small backbone, few steps).
+    A flag that the preset fixes is a ConfigError naming it."""
+    from trainer.config import ArchConfig, TrainConfig
+
+    if args.preset:
+        from engram_store.engine.errors import ConfigError
+        from trainer.presets import get
+
+        given = [flag for name, flag in _PRESET_FIXED if getattr(args, name) is not None]
+        given += ["--no-engram"] if args.no_engram else []
+        if given:
+            raise ConfigError(
+                f"--preset {args.preset} fixes the Engram geometry and the tokenizer; "
+                f"drop {', '.join(given)}"
+            )
+        return get(args.preset).train_config(
+            n_layer=args.layers or 0, n_head=args.heads or 0, n_embd=args.width or 0
+        )
+    d, dm = TrainConfig(), ArchConfig()
+    model = ArchConfig(
+        n_layer=_or(args.layers, dm.n_layer),
+        n_head=_or(args.heads, dm.n_head),
+        n_embd=_or(args.width, dm.n_embd),
+        engram_layers=() if args.no_engram else _or(args.engram_layers, dm.engram_layers),
+        max_ngram=_or(args.max_ngram, dm.max_ngram),
+        hash_heads=_or(args.hash_heads, dm.hash_heads),
+        n_embed_per_ngram=_or(args.memory_width, dm.n_embed_per_ngram),
+        table_base_size=_or(args.table_size, dm.table_base_size),
+    )
+    return dataclasses.replace(d, model=model, vocab_size=_or(args.vocab_size, d.vocab_size))
+
+
 def train_config(args: argparse.Namespace):
     """The TrainConfig that `engram train` flags describe (store addresses filled in later)."""
-    from trainer.config import ArchConfig, PrefetchConfig, TrainConfig, default_out
+    from trainer.config import PrefetchConfig, default_out
 
-    model = ArchConfig(
-        n_layer=args.layers,
-        n_head=args.heads,
-        n_embd=args.width,
-        engram_layers=() if args.no_engram else args.engram_layers,
-        max_ngram=args.max_ngram,
-        hash_heads=args.hash_heads,
-        n_embed_per_ngram=args.memory_width,
-        table_base_size=args.table_size,
-    )
+    base = _base_config(args)
     prefetch = PrefetchConfig(
         depth=args.prefetch_depth,
         update=args.update,
@@ -224,22 +287,21 @@ def train_config(args: argparse.Namespace):
         cache_staleness=args.cache_staleness,
         cache_drop_pushed=not args.cache_keep_pushed,
     )
-    return TrainConfig(
-        model=model,
+    return dataclasses.replace(
+        base,
         prefetch=prefetch,
         corpus=args.corpus,
-        vocab_size=args.vocab_size,
-        seq_len=args.seq_len,
-        batch_size=args.batch_size,
+        seq_len=_or(args.seq_len, base.seq_len),
+        batch_size=_or(args.batch_size, base.batch_size),
         seed=args.seed,
-        steps=args.steps,
+        steps=_or(args.steps, base.steps),
         max_minutes=args.minutes,
         lr=args.lr,
         trainers=args.trainers,
         ray_train=args.ray_train or args.address is not None,
         device=args.device,
         trainer_resource=args.trainer_resource,
-        eval_batches=args.eval_batches,
+        eval_batches=_or(args.eval_batches, base.eval_batches),
         eval_every=args.eval_every,
         out=str(pathlib.Path(args.out or default_out()).resolve()),
         resume=args.resume,
@@ -336,9 +398,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from engram_store.ops.layout import lock_data_root
     from trainer.checkpoint import check_resume
-    from trainer.corpus import load_corpus
     from trainer.launch import train
     from trainer.loop import check_corpus, train_worker
+    from trainer.preset_data import run_corpus
     from trainer.summary import print_summary
     from trainer.tables import table_specs
 
@@ -346,7 +408,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     _check_flags(args, cfg)
     if cfg.model.engram_layers:
         _probe_store(args, cfg)
-    corpus = load_corpus(cfg)
+    corpus = run_corpus(cfg)
     check_corpus(cfg, corpus)
     check_resume(cfg, corpus)
     # Checked: from here on things start. The lock tells `engram runs clean` the run is live.
@@ -371,15 +433,21 @@ def cmd_train(args: argparse.Namespace) -> int:
             ccfg = ClusterConfig(
                 num_shards=args.shards, data_root=data_root, name=_store_cluster_name(cfg.out)
             )
-            cluster = EngramCluster.up(ccfg, address=None, tables=specs)
+            # a preset run's tables may be on the data root already (imported, in another row
+            # format): the trainer creates or adopts them (trainer.tables.open_tables)
+            cluster = EngramCluster.up(ccfg, address=None, tables=[] if cfg.preset else specs)
             print(
                 f"[engram] store cluster {ccfg.name}: {args.shards} shards (data {data_root}) "
                 f"in Ray namespace {ccfg.namespace} at {cluster.ray_address}",
                 file=sys.stderr,
                 flush=True,
             )
+            shards = cluster.status(interval_s=0, metrics=False).shards
             cfg = dataclasses.replace(
-                cfg, store=tuple(cluster.shard_map().addresses), store_data_root=data_root
+                cfg,
+                store=tuple(cluster.shard_map().addresses),
+                store_data_root=data_root,
+                store_metrics=tuple(s.metrics_address for s in shards if s.metrics_address),
             )
         elif cfg.ray_train or cfg.trainers > 1:
             started_ray = _start_ray(args, cfg)
