@@ -16,7 +16,7 @@ import numpy as np
 
 from trainer.config import TrainConfig
 
-SPLIT_IDS = {"train": 0, "val": 1}
+SPLIT_IDS = {"train": 0, "val": 1, "tune": 2}
 
 
 @dataclass

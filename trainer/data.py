@@ -1,8 +1,14 @@
 """Text corpus -> tokens -> deterministic (B, T+1) batches.
 
 The default corpus needs no download: the docstrings of the Python standard library that ships
-with the interpreter, plus pydoc's topic pages (about 2 MB of English technical prose). A user
-corpus is a .txt / .jsonl ("text" field) / .parquet ("text" column) file or a folder of them.
+with the interpreter, plus pydoc's topic pages (about 2 MB of English technical prose). A second
+built-in corpus, "libdocs", is the docstrings of numpy, networkx and sympy (installed with the
+trainer's torch; about 8 MB). A user corpus is a .txt / .jsonl ("text" field) / .parquet ("text"
+column) file or a folder of them.
+
+Splits are made by source document before any chunking (a .txt file cut into pieces keeps every
+piece in one split), by a hash of the source's name, and the tokenizer is trained on the training
+split only: no validation text is seen by the tokenizer or the model.
 
 Batches are a pure function of (split, batch size, block size, seed, rank, step), so a prefetcher
 can compute the token ids of batches ahead of the one being trained on, and a resumed run sees the
@@ -30,28 +36,35 @@ from trainer.tokenizer import EOT_ID, atomic_write_bytes, load_or_train_tokenize
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val")
+SPLITS = ("train", "val", "tune")  # tune: held apart for choosing recipes, never reported
 CORPUS_SUFFIXES = (".txt", ".jsonl", ".parquet")
 _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
 _TXT_DOC_CHARS = 16_000  # a .txt file is cut into documents of about this size at blank lines
+LIBDOCS_PACKAGES = ("numpy", "networkx", "sympy")
+_LIB_SKIP_DIRS = _SKIP_DIRS | {"testing", "_vendor", "vendor", "benchmarks"}
 
 
 @dataclass(frozen=True)
 class Document:
     name: str  # where it came from, e.g. "json/decoder.py" or "data.jsonl:17"
     text: str
+    source: str = ""  # the source document it was cut from (a .txt file); "" = name
+
+    @property
+    def origin(self) -> str:
+        """The unit a split keeps whole: the source document, else the document itself."""
+        return self.source or self.name
 
 
 # ---------------------------------------------------------------- corpora
 
 
-def stdlib_documents() -> list[Document]:
-    """One document per stdlib module (its module, class and function docstrings) and one per
-    pydoc topic page; sorted walk, so the same interpreter always yields the same corpus."""
-    root = Path(sysconfig.get_paths()["stdlib"])
+def _docstring_documents(root: Path, prefix: str, skip: set[str]) -> list[Document]:
+    """One document per .py file under root: its module, class and function docstrings, in a
+    sorted walk (the same files always give the same corpus)."""
     docs = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS)
+        dirnames[:] = sorted(d for d in dirnames if d not in skip)
         for fn in sorted(filenames):
             if not fn.endswith(".py"):
                 continue
@@ -71,7 +84,14 @@ def stdlib_documents() -> list[Document]:
             ]
             text = "\n\n".join(p for p in parts if p)
             if text.strip():
-                docs.append(Document(path.relative_to(root).as_posix(), text))
+                docs.append(Document(prefix + path.relative_to(root).as_posix(), text))
+    return docs
+
+
+def stdlib_documents() -> list[Document]:
+    """One document per stdlib module (its module, class and function docstrings) and one per
+    pydoc topic page; sorted walk, so the same interpreter always yields the same corpus."""
+    docs = _docstring_documents(Path(sysconfig.get_paths()["stdlib"]), "", _SKIP_DIRS)
     try:
         from pydoc_data.topics import topics
     except ImportError:  # some distributions strip pydoc_data
@@ -83,6 +103,24 @@ def stdlib_documents() -> list[Document]:
     return docs
 
 
+def libdocs_documents(packages: tuple[str, ...] = LIBDOCS_PACKAGES) -> list[Document]:
+    """One document per module of the given installed packages (their docstrings; tests and
+    vendored code skipped): technical prose written by those projects, not by this one."""
+    import importlib.util
+
+    docs = []
+    for pkg in packages:
+        spec = importlib.util.find_spec(pkg)
+        if spec is None or not spec.submodule_search_locations:
+            raise ConfigError(
+                f"corpus libdocs needs the package {pkg!r} installed (it comes with "
+                "`pip install engram[train]`); or give --corpus PATH"
+            )
+        root = Path(next(iter(spec.submodule_search_locations)))
+        docs.extend(_docstring_documents(root, f"{pkg}/", _LIB_SKIP_DIRS))
+    return docs
+
+
 def _txt_documents(path: Path, name: str) -> Iterator[Document]:
     buf: list[str] = []
     size = part = 0
@@ -90,10 +128,10 @@ def _txt_documents(path: Path, name: str) -> Iterator[Document]:
         buf.append(para)
         size += len(para)
         if size >= _TXT_DOC_CHARS:
-            yield Document(f"{name}#{part}", "\n\n".join(buf))
+            yield Document(f"{name}#{part}", "\n\n".join(buf), source=name)
             buf, size, part = [], 0, part + 1
     if "".join(buf).strip():
-        yield Document(f"{name}#{part}", "\n\n".join(buf))
+        yield Document(f"{name}#{part}", "\n\n".join(buf), source=name)
 
 
 def _jsonl_documents(path: Path, name: str) -> Iterator[Document]:
@@ -154,10 +192,19 @@ def load_documents(path: str | os.PathLike) -> list[Document]:
     return docs
 
 
+BUILTIN_CORPORA = {
+    "stdlib": "Python standard library docstrings + pydoc topics",
+    "libdocs": "docstrings of " + ", ".join(LIBDOCS_PACKAGES),
+}
+
+
 def load_corpus(corpus: str | os.PathLike | None = None) -> list[Document]:
-    """The user's corpus at `corpus`, or the stdlib documentation when None or "stdlib"."""
+    """The user's corpus at `corpus`, or a built-in one: the stdlib documentation when None or
+    "stdlib", the numpy/networkx/sympy docstrings for "libdocs"."""
     if corpus is None or str(corpus) == "stdlib":
         return stdlib_documents()
+    if str(corpus) == "libdocs":
+        return libdocs_documents()
     return load_documents(corpus)
 
 
@@ -171,19 +218,83 @@ def corpus_fingerprint(docs: Iterable[Document]) -> str:
     return h.hexdigest()
 
 
+def _rank(origin: str) -> float:
+    """A uniform number in [0, 1) fixed by the source's name."""
+    h = hashlib.sha256(origin.encode("utf-8", errors="surrogatepass")).digest()
+    return int.from_bytes(h[:8], "big") / 2.0**64
+
+
+def split_sources(
+    docs: list[Document], val_fraction: float = 0.05, tune_fraction: float = 0.0
+) -> dict[str, list[Document]]:
+    """{"train", "val", "tune"} documents, split by source document (Document.origin) before any
+    use: every piece of one source lands in one split. Sources are ranked by a hash of their name
+    mapped to [0, 1): below val_fraction is validation, below val_fraction + tune_fraction the
+    tuning split, the rest training. So the splits span the whole corpus, not its alphabetical
+    tail, their sizes are the fractions in expectation, and adding a file moves no other. A split
+    that comes out empty on a tiny corpus takes the source with the lowest hash.
+
+    A corpus of a single source (one .txt file) cannot be split by source: its pieces are split in
+    contiguous runs instead (validation the last pieces, tuning the ones before), with a warning.
+    """
+    for name, f in (("val_fraction", val_fraction), ("tune_fraction", tune_fraction)):
+        if not 0.0 <= f < 1.0 or (name == "val_fraction" and f == 0.0):
+            raise ConfigError(
+                f"{name}={f} must lie in {'(0, 1)' if name == 'val_fraction' else '[0, 1)'}"
+            )
+    if val_fraction + tune_fraction >= 1.0:
+        raise ConfigError(
+            f"val_fraction + tune_fraction = {val_fraction + tune_fraction} leaves no training text"
+        )
+    n_splits = 3 if tune_fraction else 2
+    if len(docs) < n_splits:
+        raise ConfigError(
+            f"the corpus needs at least {n_splits} documents to hold out "
+            f"{'validation and tuning splits' if tune_fraction else 'a validation split'}"
+        )
+    origins = sorted({d.origin for d in docs}, key=_rank)
+    if len(origins) >= n_splits:
+        # a source's split is fixed by its hash alone, so adding a file moves no other
+        where = {}
+        for o in origins:
+            u = _rank(o)
+            where[o] = (
+                "val"
+                if u < val_fraction
+                else "tune"
+                if u < val_fraction + tune_fraction
+                else "train"
+            )
+        # tiny corpora: make sure no asked-for split is empty (lowest / next hashes)
+        wanted = ["val"] + (["tune"] if tune_fraction else [])
+        for i, split in enumerate(wanted):
+            if split not in where.values():
+                where[origins[i]] = split
+        if "train" not in where.values():
+            where[origins[-1]] = "train"
+        out: dict[str, list[Document]] = {"train": [], "val": [], "tune": []}
+        for d in docs:
+            out[where[d.origin]].append(d)
+        return out
+    log.warning(
+        "the corpus has %d source document(s): splitting its %d pieces in contiguous runs "
+        "(give a folder of several files to split by document)",
+        len(origins),
+        len(docs),
+    )
+    n = len(docs)
+    n_val = max(1, round(val_fraction * n))
+    n_tune = max(1, round(tune_fraction * n)) if tune_fraction else 0
+    cut = n - n_val - n_tune
+    return {"train": docs[:cut], "tune": docs[cut : cut + n_tune], "val": docs[cut + n_tune :]}
+
+
 def split_documents(
     docs: list[Document], val_fraction: float = 0.05
 ) -> tuple[list[Document], list[Document]]:
-    """(train, val): every round(1/val_fraction)-th document goes to validation, so both splits
-    span the whole corpus rather than its alphabetical tail."""
-    if not 0.0 < val_fraction < 1.0:
-        raise ConfigError(f"val_fraction={val_fraction} must lie in (0, 1)")
-    if len(docs) < 2:
-        raise ConfigError("the corpus needs at least 2 documents to hold out a validation split")
-    every = max(2, round(1 / val_fraction))
-    val = [d for i, d in enumerate(docs) if i % every == every - 1]
-    train = [d for i, d in enumerate(docs) if i % every != every - 1]
-    return train, val
+    """(train, val) by source document: split_sources without a tuning split."""
+    s = split_sources(docs, val_fraction)
+    return s["train"], s["val"]
 
 
 # ---------------------------------------------------------------- tokens and batches
@@ -192,34 +303,62 @@ def split_documents(
 class TokenDataset:
     """Token streams of the train and val splits (documents joined by EOT_ID), and batches of them."""
 
-    def __init__(self, train: np.ndarray, val: np.ndarray, vocab_size: int):
+    def __init__(
+        self,
+        train: np.ndarray,
+        val: np.ndarray,
+        vocab_size: int,
+        tune: np.ndarray | None = None,
+        doc_starts: dict[str, np.ndarray] | None = None,
+    ):
         self.split_tokens = {"train": train, "val": val}
+        if tune is not None:
+            self.split_tokens["tune"] = tune
         self.vocab_size = vocab_size
+        # {split: (n_docs,) stream offset of each document's first token}
+        self.doc_starts = doc_starts or {}
 
     @classmethod
-    def build(cls, docs: list[Document], tokenizer, val_fraction: float = 0.05) -> TokenDataset:
-        train, val = split_documents(docs, val_fraction)
+    def build(
+        cls,
+        docs: list[Document],
+        tokenizer,
+        val_fraction: float = 0.05,
+        tune_fraction: float = 0.0,
+        splits: dict[str, list[Document]] | None = None,
+    ) -> TokenDataset:
+        s = splits or split_sources(docs, val_fraction, tune_fraction)
         vocab = tokenizer.get_vocab_size(with_added_tokens=True)
-        return cls(_encode(train, tokenizer, vocab), _encode(val, tokenizer, vocab), vocab)
+        enc = {k: _encode(v, tokenizer, vocab) for k, v in s.items() if v or k != "tune"}
+        return cls(
+            enc["train"][0],
+            enc["val"][0],
+            vocab,
+            enc["tune"][0] if "tune" in enc else None,
+            {k: v[1] for k, v in enc.items()},
+        )
 
     def save(self, path: Path) -> None:
         buf = io.BytesIO()
-        np.savez(
-            buf,
-            train=self.split_tokens["train"],
-            val=self.split_tokens["val"],
-            vocab_size=np.int64(self.vocab_size),
-        )
+        arrays = {k: v for k, v in self.split_tokens.items()}
+        arrays.update({f"starts_{k}": v for k, v in self.doc_starts.items()})
+        np.savez(buf, vocab_size=np.int64(self.vocab_size), **arrays)
         atomic_write_bytes(path, buf.getvalue())
 
     @classmethod
     def load(cls, path: Path) -> TokenDataset:
         with np.load(path) as z:
-            return cls(z["train"], z["val"], int(z["vocab_size"]))
+            starts = {k[7:]: z[k] for k in z.files if k.startswith("starts_")}
+            tune = z["tune"] if "tune" in z.files else None
+            return cls(z["train"], z["val"], int(z["vocab_size"]), tune, starts)
 
     def tokens(self, split: str) -> np.ndarray:
         if split not in SPLITS:
             raise ConfigError(f"split {split!r} is unknown; use one of {SPLITS}")
+        if split not in self.split_tokens:
+            raise ConfigError(
+                f"this dataset has no {split!r} split; prepare it with tune_fraction > 0"
+            )
         return self.split_tokens[split]
 
     def _check(self, split: str, block_size: int) -> np.ndarray:
@@ -262,10 +401,17 @@ class TokenDataset:
             yield self.batch(split, batch_size, block_size, seed, step, rank)
             step += 1
 
+    def eval_windows(self, split: str, batch_size: int, block_size: int) -> int:
+        """How many batches eval_batches yields over the whole split."""
+        return ((len(self._check(split, block_size)) - 1) // block_size) // batch_size
+
     def eval_batches(
         self, split: str, batch_size: int, block_size: int, max_batches: int | None = None
     ) -> Iterator[np.ndarray]:
-        """Consecutive non-overlapping (B, T+1) windows from the start of the split; finite."""
+        """The split's non-overlapping (B, T+1) windows, interleaved: batch b holds windows b,
+        b + n, b + 2n, ... (n = batches over the whole split), so any prefix of the batches is a
+        fixed sample spread across every document, not the split's first documents. Finite; all
+        batches together cover the split (but for its last partial batch of windows)."""
         toks = self._check(split, block_size)
         n_windows = (len(toks) - 1) // block_size
         n_batches = n_windows // batch_size
@@ -274,22 +420,38 @@ class TokenDataset:
                 f"the {split} split holds {n_windows} windows of {block_size} tokens, "
                 f"fewer than one batch of {batch_size}; lower --batch-size or --seq-len"
             )
+        n_all = n_batches
         if max_batches is not None:
             n_batches = min(n_batches, max_batches)
         offs = np.arange(block_size + 1)
         for b in range(n_batches):
-            starts = (b * batch_size + np.arange(batch_size)) * block_size  # (B,)
+            starts = (b + n_all * np.arange(batch_size)) * block_size  # (B,)
             yield toks[starts[:, None] + offs].astype(np.int64)  # (B, T+1)
 
+    def eval_positions(
+        self, split: str, batch_size: int, block_size: int, max_batches: int | None = None
+    ) -> np.ndarray:
+        """(n_batches * B * T,) stream position of every target eval_batches yields, in its
+        order (target t of window w is the token at w * T + t + 1)."""
+        toks = self._check(split, block_size)
+        n_all = ((len(toks) - 1) // block_size) // batch_size
+        n = n_all if max_batches is None else min(n_all, max_batches)
+        b = np.arange(n)[:, None] + n_all * np.arange(batch_size)[None, :]  # (n, B) windows
+        return (b[..., None] * block_size + np.arange(1, block_size + 1)).reshape(-1)
 
-def _encode(docs: list[Document], tokenizer, vocab_size: int) -> np.ndarray:
+
+def _encode(docs: list[Document], tokenizer, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(stream, doc_starts): the documents' tokens each followed by EOT_ID, and where each starts."""
     dtype = np.uint16 if vocab_size <= 1 << 16 else np.int32
     encs = tokenizer.encode_batch([d.text for d in docs], add_special_tokens=False)
-    parts = []
+    parts, lengths = [], []
     for enc in encs:
         parts.append(np.asarray(enc.ids, dtype=dtype))
         parts.append(np.array([EOT_ID], dtype=dtype))  # the document boundary
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+        lengths.append(len(enc.ids) + 1)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64) if lengths else None
+    stream = np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+    return stream, starts if starts is not None else np.zeros(0, np.int64)
 
 
 T_ = TypeVar("T_")
@@ -341,20 +503,27 @@ def prepare_data(
     cache_dir: str | os.PathLike | None = None,
     val_fraction: float = 0.05,
     docs: list[Document] | None = None,
+    tune_fraction: float = 0.0,
 ) -> PreparedData:
-    """Load the corpus, load or train its tokenizer, load or encode its token splits.
+    """Load the corpus, split it by source document, load or train the tokenizer on the training
+    split only, load or encode the token splits.
 
     Everything derived is cached under cache_dir (default ~/.cache/engram) in a folder keyed by
-    the corpus fingerprint and vocab size. `docs` overrides `corpus` (tests, slices).
+    the training split's fingerprint and vocab size. `docs` overrides `corpus` (tests, slices).
     """
     docs = docs if docs is not None else load_corpus(corpus)
-    fp = corpus_fingerprint(docs)
-    tok, trained = load_or_train_tokenizer((d.text for d in docs), fp, vocab_size, cache_dir)
+    splits = split_sources(docs, val_fraction, tune_fraction)
+    # the key covers the held-apart splits too: the token cache depends on them
+    fp = corpus_fingerprint(splits["train"])
+    held = corpus_fingerprint(splits["val"] + splits["tune"])[:12]
+    tok, trained = load_or_train_tokenizer(
+        (d.text for d in splits["train"]), fp, vocab_size, cache_dir
+    )
     folder = tokenizer_dir(cache_dir, fp, vocab_size)
-    tokens_path = folder / f"tokens-val{val_fraction:g}.npz"
+    tokens_path = folder / f"tokens-v2-{held}-val{val_fraction:g}-tune{tune_fraction:g}.npz"
     if tokens_path.exists() and not trained:
         dataset = TokenDataset.load(tokens_path)
     else:
-        dataset = TokenDataset.build(docs, tok, val_fraction)
+        dataset = TokenDataset.build(docs, tok, splits=splits)
         dataset.save(tokens_path)
     return PreparedData(tok, dataset, fp, folder, trained)

@@ -62,9 +62,10 @@ class Block(nn.Module):
         self.engram = None
         if layer in config.engram_layers:
             assert config.hash is not None
-            self.engram = EngramModule.from_hash_config(
-                config.n_embd, config.hash, config.hc_mult, config.kernel_size
-            )
+            with torch.random.fork_rng(devices=[]):  # draws nothing from the backbone's stream
+                self.engram = EngramModule.from_hash_config(
+                    config.n_embd, config.hash, config.hc_mult, config.kernel_size
+                )
         self.ln_1 = nn.RMSNorm(config.n_embd)
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.RMSNorm(config.n_embd)
@@ -90,10 +91,30 @@ class GPT(nn.Module):
         self.ln_f = nn.RMSNorm(config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # weight tying, as GPT-2
-        self.apply(self._init_weights)
+        # The backbone draws its init from the global RNG exactly as the model without Engram
+        # does, so an Engram model and its baseline built after the same torch.manual_seed start
+        # from identical backbone weights (a paired comparison). The Engram modules draw from
+        # their own generator, seeded from the same seed and the layer.
+        seed = torch.initial_seed()
+        self._apply_backbone(self, self._init_weights)
         for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):  # GPT-2: scale residual projections by depth
+            if name.endswith("c_proj.weight") and ".engram." not in name:
+                # GPT-2: scale residual projections by depth
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        for block in self.blocks:
+            if block.engram is not None:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed((seed * 1_000_003 + 7919 * (block.layer + 1)) % 2**63)
+                    block.engram.apply(self._init_weights)
+                    nn.init.zeros_(block.engram.short_conv.conv.weight)  # the paper's zero conv
+
+    @staticmethod
+    def _apply_backbone(module: nn.Module, fn) -> None:
+        """module.apply(fn) skipping Engram submodules (same visiting order as nn.Module.apply)."""
+        for child in module.children():
+            if not isinstance(child, EngramModule):
+                GPT._apply_backbone(child, fn)
+        fn(module)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:

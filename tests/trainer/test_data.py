@@ -17,6 +17,7 @@ from trainer.data import (
     load_documents,
     prepare_data,
     split_documents,
+    split_sources,
     stdlib_documents,
 )
 from trainer.hashing import HashConfig, NgramHasher, compress_tokenizer
@@ -95,8 +96,22 @@ def test_split_and_batches(small):
     resumed = ds.batches("train", 4, 32, seed=7, start_step=5)
     assert np.array_equal(next(resumed), seq[5]) and np.array_equal(next(resumed), seq[6])
     ev = list(ds.eval_batches("val", 2, 16, max_batches=3))
+    n_all = ((len(val) - 1) // 16) // 2  # batches over the whole split
+    # interleaved: batch 0 holds windows 0 and n_all, so a prefix spans the whole split
+    w1 = n_all * 16
     assert (
-        len(ev) == 3 and np.array_equal(ev[0][0], val[:17]) and np.array_equal(ev[0][1], val[16:33])
+        len(ev) == 3
+        and np.array_equal(ev[0][0], val[:17])
+        and np.array_equal(ev[0][1], val[w1 : w1 + 17])
+        and np.array_equal(ev[1][0], val[16:33])
+    )
+    full = np.concatenate(list(ds.eval_batches("val", 2, 16)))  # (2 * n_all, 17)
+    assert len(full) == 2 * n_all
+    pos = ds.eval_positions("val", 2, 16)
+    assert pos.shape == (2 * n_all * 16,)
+    assert np.array_equal(np.sort(pos), np.arange(1, 2 * n_all * 16 + 1))
+    assert np.array_equal(
+        val[pos], np.concatenate([b[:, 1:] for b in ds.eval_batches("val", 2, 16)]).reshape(-1)
     )
     with pytest.raises(ConfigError, match="--seq-len"):
         ds.batch("val", 1, len(val) + 5)
@@ -126,12 +141,74 @@ def test_lookahead():
 
 
 def test_split_documents_spreads_val():
-    docs = [Document(str(i), f"doc {i}") for i in range(100)]
+    docs = [Document(f"{i:03d}", f"doc {i}") for i in range(400)]
     train, val = split_documents(docs, 0.05)
-    assert len(val) == 5 and len(train) == 95
-    assert [d.name for d in val] == ["19", "39", "59", "79", "99"]
+    assert 8 <= len(val) <= 35 and len(train) + len(val) == 400  # 20 expected
+    assert {d.name for d in val}.isdisjoint(d.name for d in train)
+    # hash-ranked, not the alphabetical tail: validation names spread over the range
+    assert max(int(d.name) for d in val) - min(int(d.name) for d in val) > 30
+    # stable: adding documents moves none of the old ones between splits
+    more = docs + [Document(f"x{i}", "more") for i in range(20)]
+    s2 = split_sources(more, 0.05)
+    old_val = {d.name for d in val}
+    assert all(d.name not in old_val for d in s2["train"] if not d.name.startswith("x"))
     with pytest.raises(ConfigError, match="val_fraction"):
         split_documents(docs, 0.0)
+    with pytest.raises(ConfigError, match="no training text"):
+        split_sources(docs, 0.5, 0.5)
+
+
+def test_split_keeps_every_piece_of_a_source_together(tmp_path):
+    """A .txt file cut into ~16 k-character pieces is one source: no file has pieces in two
+    splits (the leak issue 13 found: 71% of validation text from files also in training)."""
+    para = "A paragraph about topic {f}, sentence {p}. " * 40
+    for f in range(30):
+        body = "\n\n".join(para.format(f=f, p=p) for p in range(60))  # ~100 k chars: 6+ pieces
+        (tmp_path / f"file{f:02d}.txt").write_text(body)
+    docs = load_corpus(tmp_path)
+    assert len(docs) > 30 * 5
+    s = split_sources(docs, 0.1, 0.1)
+    where = {}
+    for split, ds in s.items():
+        for d in ds:
+            assert where.setdefault(d.source, split) == split, d.name
+    assert all(s[k] for k in ("val", "tune", "train"))
+    assert sum(len({d.source for d in s[k]}) for k in s) == 30
+
+
+def test_single_source_splits_contiguously(tmp_path, caplog):
+    (tmp_path / "one.txt").write_text("\n\n".join(f"para {i} " * 2000 for i in range(40)))
+    docs = load_corpus(tmp_path)
+    s = split_sources(docs, 0.1)
+    names = [d.name for d in docs]
+    assert [d.name for d in s["val"]] == names[-len(s["val"]) :]
+    assert "contiguous" in caplog.text
+
+
+def test_tokenizer_sees_only_the_training_split(tmp_path):
+    """A word that occurs only in validation documents never becomes a tokenizer merge."""
+    docs = [Document(f"d{i}", "the common words of training " * 50) for i in range(40)]
+    val_names = {d.name for d in split_sources(docs, 0.05)["val"]}
+    docs = [Document(d.name, "qqxyzzyqq " * 300) if d.name in val_names else d for d in docs]
+    prepared = prepare_data(docs=docs, vocab_size=300, cache_dir=tmp_path / "c")
+    vocab = prepared.tokenizer.get_vocab()
+    assert not any("xyzzy" in t for t in vocab)
+    assert len(prepared.tokenizer.encode("qqxyzzyqq").ids) > 3
+
+
+def test_prepare_with_tune_split(small):
+    docs = small.docs
+    prepared = prepare_data(
+        docs=docs, vocab_size=512, cache_dir=small.cache_dir.parent, tune_fraction=0.05
+    )
+    ds = prepared.dataset
+    assert len(ds.tokens("tune")) > 1000 and len(ds.tokens("val")) > 1000
+    # the three splits are disjoint by document
+    s = split_sources(docs, 0.05, 0.05)
+    assert {d.name for d in s["tune"]}.isdisjoint(d.name for d in s["val"])
+    assert ds.doc_starts["val"][0] == 0 and len(ds.doc_starts["val"]) == len(s["val"])
+    with pytest.raises(ConfigError, match="tune"):
+        small.dataset.tokens("tune")
 
 
 def test_user_corpus_files(tmp_path):

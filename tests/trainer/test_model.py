@@ -116,3 +116,29 @@ def test_ngram_order_below_two_names_the_field():
 def test_default_hash_config_follows_engram_layers():
     cfg = ModelConfig(n_layer=4, engram_layers=(1, 3))
     assert cfg.hash.layers == (1, 3) and cfg.hash.base_sizes == (646400, 646400)
+
+
+def test_engram_and_baseline_share_the_backbone_init():
+    """Issue 13: after the same manual_seed the Engram model's backbone weights equal the
+    baseline's (the Engram modules draw from their own generator), so a comparison is paired."""
+    cfg = CFG
+    base = dataclasses.replace(cfg, engram_layers=(), hash=None)
+    torch.manual_seed(11)
+    e = GPT(cfg)
+    torch.manual_seed(11)
+    b = GPT(base)
+    bp = dict(b.named_parameters())
+    shared = [n for n, _ in e.named_parameters() if ".engram." not in n]
+    assert set(shared) == set(bp)
+    assert all(torch.equal(p, bp[n]) for n, p in e.named_parameters() if n in bp)
+    # the Engram modules are still initialised (not zeros), reproducibly, and differ by seed
+    torch.manual_seed(11)
+    again = GPT(cfg)
+    torch.manual_seed(12)
+    other = GPT(cfg)
+    ev = dict(e.named_parameters())
+    for n, p in again.named_parameters():
+        assert torch.equal(p, ev[n])
+    w = [n for n in ev if n.endswith("value_proj.weight")][0]
+    assert 0.015 < float(ev[w].detach().std()) < 0.025
+    assert not torch.equal(ev[w], dict(other.named_parameters())[w])
