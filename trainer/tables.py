@@ -56,10 +56,9 @@ def open_tables(
     whatever its row format and optimizer; one of another geometry is a ConfigError."""
     held = {t.spec.name: t.spec for t in store.list_tables()} if adopt else {}
     out = {}
-    for layer, spec in specs.items():
+    for layer, spec in specs.items():  # every table checked before any is created
         have = held.get(spec.name)
         if have is None:
-            store.create_table(spec)
             out[layer] = spec
         elif (
             have.dim == spec.dim
@@ -74,6 +73,9 @@ def open_tables(
                 f"{tuple(spec.head_rows)[:2]}...: drop it (`engram table drop`), or give this "
                 "run another store (--data) or table prefix"
             )
+    for spec in out.values():
+        if spec.name not in held:
+            store.create_table(spec)  # idempotent for the same spec
     return out
 
 

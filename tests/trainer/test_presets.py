@@ -94,3 +94,84 @@ def test_arch_config_is_the_trainers_piece():
 def test_unknown_preset_names_the_known_ones():
     with pytest.raises(ConfigError, match="deepseek-v4.1-flash"):
         presets.get("deepseek-v5")
+
+
+# ---- training at the preset (engram train --preset; tests/cli/test_train_preset.py runs it) ----
+
+
+def test_train_config_is_the_preset_with_a_small_backbone():
+    cfg = P.train_config(store=("127.0.0.1:1",))
+    cfg.validate()
+    assert cfg.preset == P.name and cfg.model.hash_config(P.hash.pad_id) == P.hash
+    assert cfg.model.n_layer == 15 and cfg.model.n_embd == presets.TRAIN_DEFAULTS["n_embd"]
+    assert cfg.steps == presets.TRAIN_DEFAULTS["steps"]
+    assert P.train_config(n_layer=16, steps=3).model.n_layer == 16
+
+
+def test_a_preset_run_keeps_the_presets_hashing():
+    import dataclasses
+
+    cfg = P.train_config(store=("127.0.0.1:1",))
+    with pytest.raises(ConfigError, match="--max-ngram"):
+        dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, max_ngram=3)).validate()
+    with pytest.raises(ConfigError, match="local backend"):
+        dataclasses.replace(cfg, backend="local").validate()
+    with pytest.raises(ConfigError, match="--corpus"):
+        dataclasses.replace(cfg, corpus="synthetic").validate()
+
+
+def test_the_presets_tables_are_its_training_format():
+    from trainer.tables import table_specs
+
+    cfg = P.train_config(store=("127.0.0.1:1",))
+    specs = table_specs(cfg, P.hasher())
+    assert {layer: s.num_rows for layer, s in specs.items()} == dict(P.heights)
+    assert all(
+        s.dtype == P.train_dtype and s.optimizer == P.train_optimizer for s in specs.values()
+    )
+
+
+def test_the_preset_corpus_is_the_builtin_corpus_in_the_preset_tokenizer():
+    from trainer.preset_data import preset_corpus
+
+    corpus = preset_corpus(P.name)
+    assert corpus.vocab_size == 129_280 and corpus.pad_id == P.hash.pad_id == 2
+    hasher = P.hasher()
+    assert np.array_equal(corpus.lookup, hasher.lookup)
+    assert corpus.compressed_vocab == hasher.compressed_vocab_size
+    x, y = next(corpus.batches("train", 2, 64, seed=0))
+    assert x.shape == y.shape == (2, 64) and np.array_equal(x[:, 1:], y[:, :-1])
+    assert 0 <= x.min() and x.max() < 129_280
+    tok = P.load_tokenizer()
+    eos = tok.token_to_id("<｜end▁of▁sentence｜>")
+    val = corpus.batches("val", 8, 256, seed=0)  # the split's windows, cycled: all of it
+    toks = np.concatenate([next(val)[0].ravel() for _ in range(30)])
+    assert (toks == eos).any()  # documents are joined by the end-of-sentence id
+    assert tok.decode(x[0].tolist())  # ids of the DeepSeek vocabulary
+
+
+def test_distinct_rows_counts_each_row_once_across_folds():
+    from trainer.summary import DistinctRows
+
+    d = DistinctRows(fold=5)
+    d.add(1, np.array([3, 1, 3]))
+    d.add(1, np.array([1, 7, 9, 11]))  # past `fold`: folded
+    d.add(14, np.array([2, 2]))
+    d.add(1, np.array([7, 12]))
+    assert d.counts() == {1: 6, 14: 1}
+
+
+def test_store_summary_sums_the_shards_and_divides_by_stored_params():
+    from trainer.summary import store_summary
+
+    def table(name, rows):
+        return {"name": name, "num_rows": 1000, "dim": 4, "stored_rows": rows,
+                "stored_bytes": rows * 12}  # fmt: skip
+
+    shards = [{"tables": [table("engram_l1", 3), table("other", 5)]},
+              {"tables": [table("engram_l1", 2)]}]  # fmt: skip
+    s = store_summary(shards, {1: "engram_l1"}, {1: 5}, memory_bytes=400)
+    assert s["tables"]["engram_l1"]["stored_rows"] == 5 == s["tables"]["engram_l1"]["touched_rows"]
+    assert s["stored_params"] == 20 and s["bytes_per_param"] == 3.0
+    assert s["memory_bytes_per_param"] == 400 / (10 * 4)  # RAM over every table's params
+    assert np.isnan(store_summary(shards, {1: "engram_l1"}, {})["memory_bytes_per_param"])
