@@ -1,4 +1,5 @@
-"""The benchmarks' own logic on tiny real inputs: wire economy and the Redis baseline's Adam.
+"""The benchmarks' own logic on tiny real inputs: wire economy and the Redis baseline's Adam
+(quality.py's own logic: tests/benchmarks/test_quality.py).
 
 No timing assertions: these check that the numbers the benchmarks report mean what they say.
 """
@@ -39,9 +40,11 @@ def _real_docs() -> list:
 
 @pytest.fixture(scope="module")
 def tiny_corpus(tmp_path_factory):
+    """The trainer's Corpus of quality.load_data's Data (tokenizer trained on the train split)."""
     d = quality.load_data(
         None, 512, docs=_real_docs(), cache_dir=str(tmp_path_factory.mktemp("tok"))
     )
+    assert d.docs["train"] and d.docs["tune"] and d.docs["val"]
     return d.corpus
 
 
@@ -72,19 +75,6 @@ def test_wire_dedup_and_cache_send_fewer_rows_than_naive(tiny_corpus):
     )
     assert cached["lookup_ratio_vs_naive"] <= dedup["lookup_ratio_vs_naive"]
     assert cached["lookup_ratio_vs_naive"] < 1
-
-
-def test_frequent_words_mark_non_first_tokens(tiny_corpus):
-    tok = tiny_corpus.tokenizer
-    texts = quality._token_texts(tok, tiny_corpus.vocab_size)
-    ids = np.array(tok.encode(" subprocess subprocess, json").ids, np.int64)
-    words = quality.frequent_words(ids, texts, 10)
-    starts, lengths = quality.word_runs(ids, texts)
-    mask = quality.phrase_mask(ids, texts, {w for w, _ in words})
-    assert mask.any()  # ' subprocess' is cut into >= 2 tokens by a 512-token vocabulary
-    for s, n in zip(starts.tolist(), lengths.tolist(), strict=True):
-        if n >= 2 and tuple(ids[s : s + n].tolist()) in {w for w, _ in words}:
-            assert not mask[s] and mask[s + 1 : s + n].all()
 
 
 # ------------------------------------------------------------------------------ Redis baseline

@@ -1,0 +1,413 @@
+"""benchmarks/quality.py's own logic on tiny real inputs: the baselines it names, a paired run,
+and the analysis that turns runs into the reported ratios, intervals, curves and token classes.
+
+The text is real (the Python documentation's pydoc topic pages that ship with the interpreter),
+split by quality.load_data into train / tune / val; models are 2 layers, width 32, a few steps.
+No timing assertions. main() end to end is left to the benchmark itself (minutes).
+"""
+
+import dataclasses
+import math
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import quality  # noqa: E402
+import quality_stats as qs  # noqa: E402
+
+from trainer.data import Document, stdlib_documents  # noqa: E402
+
+VOCAB = 384
+B, T = 4, 32
+RECIPE = quality.Recipe(table_base_size=257)
+
+
+def _real_docs() -> list[Document]:
+    """60 pydoc topic pages (the Python reference's own prose), or stdlib docstrings where this
+    Python ships without pydoc_data."""
+    try:
+        from pydoc_data import topics as pages
+
+        text = dict(pages.topics)
+    except ImportError:
+        text = {}
+    docs = [Document(f"pydoc_data/topics:{k}", text[k]) for k in sorted(text)[:60]]
+    return docs if len(docs) >= 40 else stdlib_documents()[:120]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> quality.Data:
+    d = quality.load_data(
+        None, VOCAB, docs=_real_docs(), cache_dir=str(tmp_path_factory.mktemp("c"))
+    )
+    return d
+
+
+def tiny_cfg(recipe: quality.Recipe = RECIPE, steps: int = 8):
+    """base_config's Engram arm shrunk: 2 layers, 2 heads, width 32, tables of ~257 rows a head."""
+    cfg = quality.base_config("quick", recipe, steps * B * T)
+    return dataclasses.replace(
+        cfg,
+        vocab_size=VOCAB,
+        seq_len=T,
+        batch_size=B,
+        steps=steps,
+        model=dataclasses.replace(
+            cfg.model, n_layer=2, n_head=2, n_embd=32, hash_heads=2, n_embed_per_ngram=16
+        ),
+    )
+
+
+def test_load_data_splits_by_document_and_trains_the_tokenizer_on_train(tiny_data):
+    d = tiny_data
+    assert d.name == "stdlib"
+    assert all(d.docs[k] > 0 for k in ("train", "tune", "val"))
+    assert d.docs["train"] > d.docs["val"] + d.docs["tune"]
+    assert sum(d.docs.values()) == len(_real_docs())
+    for k, toks in d.tokens.items():
+        assert toks.dtype == np.int64 and len(toks) == len(d.dataset.tokens(k))
+        assert int(toks.max()) < d.corpus.vocab_size
+    assert d.corpus.vocab_size == VOCAB
+
+
+# ------------------------------------------------------------------------------ the baselines
+
+
+def test_widen_returns_the_narrowest_width_reaching_the_target(tiny_data):
+    V, pad = tiny_data.corpus.vocab_size, tiny_data.corpus.pad_id
+    dense = quality.dense_of(tiny_cfg())
+    step = dense.model.n_head
+    at40 = quality.measure(quality.with_width(dense, 40), V, pad)
+    f40, p40 = at40["forward_flops_per_token"], at40["params"]["total"]
+    assert quality.widen(dense, V, pad, "flops", f40).model.n_embd == 40  # equal counts
+    assert quality.widen(dense, V, pad, "flops", f40 - 1).model.n_embd == 40
+    assert quality.widen(dense, V, pad, "flops", f40 + 1).model.n_embd == 40 + step
+    assert quality.widen(dense, V, pad, "params", p40).model.n_embd == 40
+    assert quality.widen(dense, V, pad, "params", p40 + 1).model.n_embd == 40 + step
+    # never narrower than the model it starts from
+    assert quality.widen(dense, V, pad, "flops", 0).model.n_embd == dense.model.n_embd
+
+
+def test_arm_configs_name_fair_baselines(tiny_data):
+    V, pad = tiny_data.corpus.vocab_size, tiny_data.corpus.pad_id
+    cfg = tiny_cfg()
+    arms = quality.arm_configs(cfg, V, pad, isoparam=True)
+    assert set(arms) == {"engram", "dense", "dense_isoflop", "dense_isoparam"}
+    assert arms["engram"] is cfg
+    m = {a: quality.measure(c, V, pad) for a, c in arms.items()}
+    e = m["engram"]
+    # dense: the same backbone without Engram
+    assert (
+        arms["dense"].model.n_embd == cfg.model.n_embd and arms["dense"].model.engram_layers == ()
+    )
+    assert m["dense"]["params"]["backbone"] == e["params"]["backbone"]
+    assert m["dense"]["params"]["engram_tables"] == 0 < e["params"]["engram_tables"]
+    assert m["dense"]["forward_flops_per_token"] < e["forward_flops_per_token"]
+    for arm, key, target in (
+        ("dense_isoflop", "forward_flops_per_token", e["forward_flops_per_token"]),
+        ("dense_isoparam", "total", e["params"]["total"]),
+    ):
+        c = arms[arm]
+        assert c.model.engram_layers == ()
+
+        def value(x, key=key):
+            return x[key] if key in x else x["params"][key]
+
+        assert value(m[arm]) >= target  # the baseline never gets less than Engram ...
+        narrower = quality.with_width(c, c.model.n_embd - c.model.n_head)
+        assert value(quality.measure(narrower, V, pad)) < target  # ... and no more than needed
+    # the train step counts 3x the forward
+    assert e["train_flops_per_token"] == pytest.approx(3 * e["forward_flops_per_token"])
+
+
+def test_table_rows_cost_parameters_not_flops(tiny_data):
+    """What sweep (b) relies on: growing the tables holds FLOPs per token fixed."""
+    V, pad = tiny_data.corpus.vocab_size, tiny_data.corpus.pad_id
+    small = quality.measure(tiny_cfg(), V, pad)
+    big = quality.measure(tiny_cfg(dataclasses.replace(RECIPE, table_base_size=1021)), V, pad)
+    assert big["forward_flops_per_token"] == small["forward_flops_per_token"]
+    assert big["params"]["engram_tables"] > 3 * small["params"]["engram_tables"]
+    assert big["params"]["backbone"] == small["params"]["backbone"]
+
+
+def test_sweep_fixed_params_holds_the_total_near_the_budget(tiny_data):
+    V, pad = tiny_data.corpus.vocab_size, tiny_data.corpus.pad_id
+    cfg = tiny_cfg()
+    budget = quality.measure(cfg, V, pad)["params"]["total"]
+    pts = quality.sweep_fixed_params(cfg, V, pad, budget, [0.0, 0.25, 0.5])
+    assert [r for r, _ in pts] == [0.0, 0.25, 0.5]
+    fractions = []
+    for r, c in pts:
+        m = quality.measure(c, V, pad)["params"]
+        step = c.model.n_head
+        if r == 0:  # all in the backbone: the narrowest dense model at the budget or above
+            assert c.model.engram_layers == () and m["total"] >= budget
+            continue
+        # the table share asked for (primes lie just above the rows per head) ...
+        assert m["engram_tables"] == pytest.approx(r * budget, rel=0.05)
+        fractions.append(m["table_fraction"])
+        # ... and the width whose total is nearest the budget
+        for w in (c.model.n_embd - step, c.model.n_embd + step):
+            other = quality.measure(quality.with_width(c, w), V, pad)["params"]["total"]
+            assert abs(m["total"] - budget) <= abs(other - budget)
+    assert fractions == sorted(fractions)
+
+
+# ------------------------------------------------------------------------------- a paired run
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_data):
+    """engram and dense at seed 3 (validation, 5 batches), engram at seed 3 again, dense at seed
+    4 on the whole tuning split: run_job over the tiny Data (cached_data would load the 2 MB
+    built-in corpus)."""
+    cfg = tiny_cfg()
+    arms = quality.arm_configs(cfg, tiny_data.corpus.vocab_size, tiny_data.corpus.pad_id, False)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(quality, "cached_data", lambda corpus, vocab: tiny_data)
+
+        def job(arm, seed, split="val", cap=5):
+            return quality.run_job(
+                quality.Job(
+                    "tiny", arm, arms[arm], RECIPE, seed, split, curve_points=4, max_val_batches=cap
+                )
+            )
+
+        return {
+            "engram": job("engram", 3),
+            "dense": job("dense", 3),
+            "engram_again": job("engram", 3),
+            "dense_tune": job("dense", 4, "tune", None),
+            "isoflop": job("dense_isoflop", 3),
+        }
+
+
+def test_run_job_pairs_the_backbone_init_by_seed(runs):
+    assert runs["engram"]["init_sha"] == runs["dense"]["init_sha"]  # same weights, not just seed
+    assert runs["dense_tune"]["init_sha"] != runs["dense"]["init_sha"]  # another seed
+    assert runs["isoflop"]["init_sha"] != runs["dense"]["init_sha"]  # another width
+
+
+def test_run_job_is_deterministic(runs):
+    a, b = runs["engram"], runs["engram_again"]
+    np.testing.assert_array_equal(a["token_losses"], b["token_losses"])
+    np.testing.assert_array_equal(a["gates"], b["gates"])
+    assert a["curve"] == b["curve"]
+    # and the memory changes the model's predictions
+    assert not np.array_equal(a["token_losses"], runs["dense"]["token_losses"])
+
+
+def test_run_job_reports_losses_on_the_evaluated_targets(runs, tiny_data):
+    ds = tiny_data.dataset
+    for name in ("engram", "dense", "isoflop"):
+        r = runs[name]
+        assert r["split"] == "val" and r["seed"] == 3
+        n = 5 * B * T  # max_val_batches windows of B x T targets
+        assert r["token_losses"].shape == (n,) and r["positions"].shape == (n,)
+        assert np.isfinite(r["token_losses"]).all() and (r["token_losses"] > 0).all()
+        assert r["val_loss"] == pytest.approx(float(r["token_losses"].mean()), rel=1e-6)
+        assert r["tokens"] == 8 * B * T
+    # the positions are the stream positions of the targets the losses belong to, in order
+    ys = np.concatenate([b[:, 1:].reshape(-1) for b in ds.eval_batches("val", B, T, 5)])
+    np.testing.assert_array_equal(tiny_data.tokens["val"][runs["engram"]["positions"]], ys)
+    # no cap: the whole split
+    r = runs["dense_tune"]
+    assert r["split"] == "tune"
+    assert len(r["token_losses"]) == len(r["positions"]) == ds.eval_windows("tune", B, T) * B * T
+
+
+def test_run_job_gates_and_curves(runs):
+    g = runs["engram"]["gates"]
+    assert g is not None and g.shape == runs["engram"]["token_losses"].shape
+    assert ((g > 0) & (g < 1)).all()  # sigmoid gates of the first Engram layer
+    assert runs["dense"]["gates"] is None and runs["isoflop"]["gates"] is None
+    for name in ("engram", "dense", "isoflop", "dense_tune"):
+        r = runs[name]
+        xs = [x for x, _ in r["curve"]]
+        assert len(xs) == 4 and xs == sorted(set(xs))  # 8 steps, every 2
+        assert xs[-1] == r["tokens"]
+        assert all(math.isfinite(y) for _, y in r["curve"])
+        assert r["curve"][-1][1] < r["curve"][0][1]  # it learns, even in 8 steps
+        assert math.isfinite(r["train_loss_last"]) and r["train_s"] > 0
+
+
+# ----------------------------------------------------------------------------- the analysis
+
+
+def _res(arm, seed, loss, **kw):
+    return {"arm": arm, "seed": seed, "val_loss": loss, **kw}
+
+
+def test_paired_matches_arms_by_seed():
+    results = [
+        _res("dense", 2, 4.0),
+        _res("engram", 0, 3.0),
+        _res("dense", 0, 3.2),
+        _res("engram", 2, 3.9),
+        _res("dense", 1, 5.0),  # no engram run at seed 1: left out
+        _res("dense_isoflop", 1, 1.0),  # another arm
+        _res("engram", 3, 2.0),  # no dense run at seed 3: left out
+    ]
+    out = quality.paired(results, "engram", "dense")
+    assert out["seeds"] == [0, 2]
+    assert out["ratios"] == pytest.approx([3.0 / 3.2, 3.9 / 4.0])
+    ref = qs.paired_interval([3.0 / 3.2, 3.9 / 4.0])
+    assert out["n"] == 2 and out["mean"] == pytest.approx(ref["mean"])
+    assert out["lo"] == pytest.approx(ref["lo"]) and out["hi"] == pytest.approx(ref["hi"])
+    one = quality.paired(results, "engram", "dense_isoflop")
+    assert one == {"n": 0, "ratios": [], "seeds": []}  # dense_isoflop's seed 1 has no engram
+
+
+def test_spread_is_the_sample_sd_over_seeds():
+    results = [_res("dense", s, v) for s, v in enumerate((3.0, 3.2, 3.4))] + [_res("engram", 0, 2)]
+    s = quality.spread(results, "dense")
+    assert s["n"] == 3 and s["mean"] == pytest.approx(3.2)
+    assert s["sd"] == pytest.approx(0.2) and s["sd_pct"] == pytest.approx(100 * 0.2 / 3.2)
+    one = quality.spread(results, "engram")
+    assert one == {"mean": 2.0, "sd": None, "sd_pct": None, "n": 1}
+    assert quality.spread(results, "nope")["n"] == 0
+
+
+def test_mean_curve_means_and_bands_over_seeds():
+    results = [
+        _res("engram", 0, 0, curve=[(10, 5.0), (20, 4.0), (30, 3.0)]),
+        _res("engram", 1, 0, curve=[(10, 6.0), (20, 3.0)]),  # shorter: the curves are cut to it
+        _res("dense", 0, 0, curve=[(10, 9.0), (20, 9.0)]),
+    ]
+    mean, band = quality.mean_curve(results, "engram")
+    assert mean == [(10, 5.5), (20, 3.5)]
+    assert band == [(10, 5.0, 6.0), (20, 3.0, 4.0)]
+    assert quality.mean_curve(results, "nope") == ([], [])
+
+
+def test_lr_factor_warms_up_then_decays_to_a_tenth():
+    assert all(quality.lr_factor("constant", s, 100) == 1.0 for s in (1, 50, 100))
+    f = [quality.lr_factor("cosine", s, 1000) for s in range(1, 1001)]
+    warm = 1000 // 50
+    assert f[:warm] == pytest.approx([s / warm for s in range(1, warm + 1)])  # linear to 1
+    assert f[warm - 1] == 1.0 and f[-1] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(f[warm - 1 :], f[warm:], strict=False))  # then down
+    assert quality.lr_factor("cosine", warm + (1000 - warm) // 2, 1000) == pytest.approx(0.55)
+    assert quality.lr_factor("cosine", 1, 10) == 1.0  # a short run: one warmup step
+
+
+def _brute_classes(train: np.ndarray, ev: np.ndarray, positions: np.ndarray) -> dict:
+    out = {}
+    for n in (2, 3):
+        counts = Counter(tuple(train[i : i + n].tolist()) for i in range(len(train) - n + 1))
+        c = np.array(
+            [
+                counts.get(tuple(ev[p - n : p].tolist()), 0) if p - n >= 0 else 0
+                for p in positions.tolist()
+            ]
+        )  # the target at p is predicted at input p - 1: the n-gram ev[p-n .. p-1]
+        out[f"frequent_{n}gram"] = c >= quality.FREQUENT
+        out[f"rare_{n}gram"] = (c >= 1) & (c < quality.FREQUENT)
+        out[f"unseen_{n}gram"] = c == 0
+    return out
+
+
+def test_token_classes_match_a_brute_force_count(tiny_data):
+    pos = tiny_data.dataset.eval_positions("val", B, T)
+    got = quality.token_classes(tiny_data, "val", pos)
+    want = _brute_classes(tiny_data.tokens["train"], tiny_data.tokens["val"], pos)
+    assert set(got) == set(want)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+        assert got[k].any(), f"class {k} is empty: the test would not check it"
+    for n in (2, 3):  # the three classes partition the tokens
+        total = sum(got[f"{c}_{n}gram"].astype(int) for c in ("frequent", "rare", "unseen"))
+        assert (total == 1).all()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="quality.token_classes counts n-grams of raw token ids, but the Engram lookup hashes "
+    "compressed ids (corpus.lookup, docs/algorithm.md step 1), so its classes are not 'what the "
+    "lookup sees' as its docstring says; on the built-in corpus 10% of validation tokens change "
+    "frequent_2gram class (44% raw vs 54% compressed). Fix: classify d.corpus.lookup[tokens]; "
+    "then test_token_classes_match_a_brute_force_count compares compressed streams too.",
+)
+def test_token_classes_count_the_ngrams_the_lookup_hashes(tiny_data):
+    lookup = tiny_data.corpus.lookup
+    assert tiny_data.corpus.compressed_vocab < tiny_data.corpus.vocab_size  # some ids merge
+    pos = tiny_data.dataset.eval_positions("val", B, T)
+    got = quality.token_classes(tiny_data, "val", pos)
+    want = _brute_classes(lookup[tiny_data.tokens["train"]], lookup[tiny_data.tokens["val"]], pos)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+def test_token_classes_look_at_the_input_token_not_the_target():
+    """A hand-made stream: bigram (5, 6) is frequent in training, (6, 7) never occurs."""
+    train = np.array([5, 6] * 20 + [1], np.int64)
+    ev = np.array([0, 5, 6, 7, 1], np.int64)
+    d = quality.Data(None, "hand", {"train": train, "val": ev}, {}, None)
+    got = quality.token_classes(d, "val", np.array([1, 2, 3, 4]))
+    # target ev[3] = 7 is predicted at input ev[2] = 6, whose bigram (5, 6) is frequent
+    assert got["frequent_2gram"].tolist() == [False, False, True, False]
+    assert got["unseen_2gram"].tolist() == [True, True, False, True]
+    assert got["frequent_3gram"].tolist() == [False, False, False, False]
+
+
+def test_class_report_pairs_class_losses_and_gates_by_seed(tiny_data):
+    pos = tiny_data.dataset.eval_positions("val", B, T, 3)
+    rng = np.random.default_rng(0)
+    n = len(pos)
+    results = []
+    for s in (0, 1):
+        for arm in ("engram", "dense_isoflop", "dense"):
+            results.append(
+                {
+                    "arm": arm,
+                    "seed": s,
+                    "split": "val",
+                    "positions": pos,
+                    "token_losses": rng.uniform(1, 6, n).astype(np.float32),
+                    "gates": rng.uniform(0, 1, n).astype(np.float32) if arm == "engram" else None,
+                }
+            )
+    results.append(dict(results[0], seed=7))  # an engram seed without a baseline: not paired
+    rep = quality.class_report(tiny_data, results, "engram", "dense_isoflop")
+    classes = quality.token_classes(tiny_data, "val", pos)
+    by = {(r["arm"], r["seed"]): r for r in results}
+    assert set(rep["classes"]) == {"all", *classes}
+    assert set(rep["gate_mean"]) == set(classes)
+    for k, masks in {"all": np.ones(n, bool), **classes}.items():
+        c = rep["classes"][k]
+        assert c["tokens"] == int(masks.sum()) and c["share"] == pytest.approx(masks.mean())
+        e = [float(by[("engram", s)]["token_losses"][masks].mean()) for s in (0, 1)]
+        b = [float(by[("dense_isoflop", s)]["token_losses"][masks].mean()) for s in (0, 1)]
+        assert c["engram_loss"] == pytest.approx(np.mean(e))
+        assert c["dense_isoflop_loss"] == pytest.approx(np.mean(b))
+        ratio = [x / y for x, y in zip(e, b, strict=True)]
+        assert c["ratio"]["n"] == 2 and c["ratio"]["mean"] == pytest.approx(np.mean(ratio))
+        if k != "all":
+            g = [float(by[("engram", s)]["gates"][masks].mean()) for s in (0, 1)]
+            assert rep["gate_mean"][k] == pytest.approx(np.mean(g))
+    assert quality.class_report(tiny_data, results, "engram", "dense_isoparam") == {}
+
+
+# --------------------------------------------------------------------------------- the study
+
+
+def test_study_varies_one_thing_at_a_time_around_the_default():
+    default = quality.Recipe()
+    grid = [r for _, r in quality.study_grid(default)]
+    assert default in grid  # the paper's 5x is one point of the grid, not the only one
+    assert len(set(grid)) == 9 and len({r.table_lr_mult for r in grid}) == 3
+    fields = [f.name for f in dataclasses.fields(quality.Recipe)]
+    for name, r in quality.study_around(default):
+        changed = [f for f in fields if getattr(r, f) != getattr(default, f)]
+        assert len(changed) == 1, (name, changed)
+    labels = {r.label() for r in grid}
+    assert len(labels) == 9  # the label tells variants apart
+    dup = quality.dedup_variants([("a", default), ("b", grid[1]), ("c", default)])
+    assert grid[1] != default
+    assert dup == [("a", default), ("b", grid[1])]
