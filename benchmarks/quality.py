@@ -1,47 +1,67 @@
-"""Does the memory help? Dense baseline vs Engram at equal backbone compute, plus an allocation sweep.
+"""Does the memory help? Engram against named dense baselines, paired by seed, on held-apart text.
 
-    python benchmarks/quality.py [--corpus PATH] [--quick] [--steps N] [--curves FILE]
+    python benchmarks/quality.py [--corpus stdlib,libdocs,PATH] [--quick | --budget] [--seeds 3]
+                                 [--study] [--sweep] [--store-check] [--jobs 2] [--out DIR]
 
-1. Baseline vs Engram: the same backbone (layers, width, heads), the same tokens in the same order,
-   the same steps and seed; the Engram model adds one Engram layer (block 1) whose tables live
-   in-process (trainer.fetch.LocalFetcher: nn.Embedding(sparse) + SparseAdam at table_lr_mult x lr,
-   the trainer's local backend). Reported: validation loss of both over the whole validation split
-   (capped by --val-batches) and the ratio engram / baseline (target <= 0.97). A third run,
-   "engram_tuned", differs only in the table learning rate (--tuned-table-lr-mult x lr instead of
-   the paper's 5x): in a few hundred steps a table row is updated a handful of times, so at this
-   scale the paper's multiplier leaves the tables close to their random init.
-2. Per-token loss on frequent multi-token names and phrases: (a) words of the training split that
-   the tokenizer cuts into >= 2 tokens (e.g. " IPv|6"), the --top-words most frequent (BPE merges
-   every very frequent word into one token, so these are mid-frequency names); (b) the
-   --top-trigrams most frequent token trigrams. The loss on their non-first tokens (what an
-   n-gram lookup can recall) vs every other token, both models.
-3. Allocation sweep: a fixed total parameter budget (the baseline's parameters at --sweep-width)
-   split between backbone width and Engram table rows at --ratios of the total in tables; same
-   steps and tokens for every point (table lr: the tuned multiplier when given). The paper found a
-   U shape with its optimum at 20-25%.
+Method (issue 13):
+- Each corpus is split by source document before any chunking (trainer.data.split_sources): a
+  training split, a tuning split (recipes are chosen on it, never on the reported numbers) and the
+  reported validation split. The tokenizer is trained on the training split only. Validation is
+  read in full (or, past --val-tokens, a fixed sample of windows spread over every document).
+- Arms, all trained on the same tokens in the same order for the same number of tokens:
+    engram          the backbone plus Engram layer(s), tables in-process (nn.Embedding(sparse) +
+                    SparseAdam: the trainer's local backend, the reference the store is held to)
+    dense           the same backbone without Engram; its initial weights are identical to the
+                    Engram arm's backbone (checked: a hash of the weights is compared per seed)
+    dense_isoflop   the dense model widened to the Engram model's FLOPs per token (the baseline
+                    the target is judged on)
+    dense_isoparam  (--isoparam) widened to the Engram model's total parameters, tables included
+  FLOPs per token are counted by torch's FlopCounterMode on one forward (table gathers are 0).
+- Every reported ratio is the mean over seeds of the per-seed ratio Engram / baseline with a
+  Student-t 95% interval; the dense arms' own seed spread is printed beside it.
+- Where the gain is: loss by token class (the n-gram that ends at the input token, which is what
+  the Engram lookup sees, was frequent / rare / unseen in the training split), and the mean gate
+  value of the Engram layer on each class.
+- --study: the recipe study on the tuning split (table lr, its schedule, init scale, rows per head,
+  which layers), one factor at a time from the default recipe, paired against dense_isoflop.
+- --sweep: allocation sweeps, >= 2 seeds a point: (a) a fixed total parameter budget split
+  between backbone width and table rows; (b) a fixed backbone (fixed FLOPs) with table sizes
+  growing. With a dense backbone and tied embeddings both cannot be held at once: every backbone
+  parameter costs FLOPs, so (a) reports each point's FLOPs and (b) each point's parameters.
+- --store-check: the Engram arm trained once through the real store (a shard server on
+  127.0.0.1, gRPC, server-side Adam) beside the local run: both curves in the JSON.
 
-Writes the loss curves (train loss per step, validation loss every --eval-every steps, per model
-and per sweep point) to --curves; prints progress to stderr and one JSON object as the last line.
+Modes: --quick (~0.5 M tokens a run, for a smoke run), default (2 M tokens), --budget (10.5 M
+tokens a run, width 128, about 35-45 min a run on one core; two runs at a time with --jobs 2).
+Writes <out>/quality_<corpus>.svg (validation loss vs tokens, mean of seeds with min/max bands)
+and <out>/quality_curves.json; prints progress to stderr and one JSON object as the last line.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures as cf
 import dataclasses
+import functools
+import hashlib
 import json
 import math
+import multiprocessing as mp
 import os
 import platform
 import sys
 import time
-from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import quality_stats as qs  # noqa: E402
 
 from trainer import data  # noqa: E402
 from trainer.config import ArchConfig, TrainConfig  # noqa: E402
@@ -53,6 +73,8 @@ from trainer.tables import table_specs  # noqa: E402
 
 TARGET_RATIO = 0.97
 PAPER_OPTIMUM = (0.20, 0.25)
+VAL_FRACTION = TUNE_FRACTION = 0.05
+FREQUENT = 16  # an n-gram seen >= this many times in training is "frequent"
 
 
 def log(msg: str) -> None:
@@ -64,511 +86,917 @@ def log(msg: str) -> None:
 
 @dataclasses.dataclass
 class Data:
-    """The trainer's Corpus plus the token streams the phrase analysis needs."""
+    """A corpus prepared for the benchmark: the trainer's Corpus plus the raw token streams."""
 
     corpus: Corpus
-    train_tokens: np.ndarray  # (N,) the training split, documents joined by EOT
-    val_tokens: np.ndarray
     name: str
+    tokens: dict[str, np.ndarray]  # {"train", "tune", "val"}: (N,) documents joined by EOT
+    docs: dict[str, int]  # documents per split
+    dataset: Any  # trainer.data.TokenDataset
 
 
 def load_data(
     corpus: str | None, vocab_size: int, docs: list | None = None, cache_dir: str | None = None
 ) -> Data:
-    """Tokenize (cached) and wrap as trainer.corpus.Corpus: the batches trainer.corpus.load_corpus
-    yields (train: ds.batches; val: consecutive eval windows), from one prepare_data call.
-    `docs` (trainer.data.Document list) replaces the corpus, e.g. for tests."""
-    prep = data.prepare_data(corpus, vocab_size, cache_dir=cache_dir, docs=docs)
+    """Split by source document, tokenizer on the training split, token streams (cached)."""
+    prep = data.prepare_data(
+        None if corpus in (None, "builtin", "stdlib") else corpus,
+        vocab_size,
+        cache_dir=cache_dir,
+        docs=docs,
+        val_fraction=VAL_FRACTION,
+        tune_fraction=TUNE_FRACTION,
+    )
     ds = prep.dataset
-    c = corpus_from_prepared(prep)
     return Data(
-        c,
-        np.asarray(ds.tokens("train"), np.int64),
-        np.asarray(ds.tokens("val"), np.int64),
-        corpus or "builtin (stdlib docstrings + pydoc topics)",
+        corpus_from_prepared(prep),
+        corpus or "stdlib",
+        {k: np.asarray(v, np.int64) for k, v in ds.split_tokens.items()},
+        {k: len(v) for k, v in ds.doc_starts.items()},
+        ds,
     )
 
 
-# ------------------------------------------------------------------- frequent multi-token words
+@functools.lru_cache(maxsize=4)
+def cached_data(corpus: str, vocab_size: int) -> Data:
+    return load_data(corpus, vocab_size)
 
 
-def _token_texts(tokenizer, vocab: int) -> list[str]:
-    return [tokenizer.decode([i], skip_special_tokens=False) for i in range(vocab)]
+# ---------------------------------------------------------------------------------- recipes
 
 
-def word_runs(tokens: np.ndarray, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(start, length) of every word: a maximal run of tokens where each token after the first
-    starts with a letter/digit and its predecessor ends with one (no space or punctuation between)."""
-    vocab = len(texts)
-    first_alnum = np.array([bool(t) and t[0].isalnum() for t in texts], bool)
-    last_alnum = np.array([bool(t) and t[-1].isalnum() for t in texts], bool)
-    tok = np.clip(tokens, 0, vocab - 1)
-    cont = np.zeros(len(tokens), bool)
-    cont[1:] = first_alnum[tok[1:]] & last_alnum[tok[:-1]]
-    starts = np.flatnonzero(~cont)
-    lengths = np.diff(np.r_[starts, len(tokens)])
-    return starts, lengths
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """What the study varies. The backbone's own optimizer and schedule are the same in all arms."""
 
+    table_lr_mult: float = 5.0  # table lr = this x the backbone's peak lr (the paper: 5)
+    table_schedule: str = "constant"  # "constant" or "follow" (the backbone's warmup + cosine)
+    table_init_std: float = 1.0  # std of the tables' initial rows (the store's default: 1.0)
+    table_base_size: int = 20_000  # rows per head (the primes start here)
+    engram_layers: tuple[int, ...] = (1,)
 
-def frequent_words(
-    train: np.ndarray, texts: list[str], top: int
-) -> list[tuple[tuple[int, ...], int]]:
-    """The `top` most frequent words of >= 2 tokens whose text is a name (letters/digits/_)."""
-    starts, lengths = word_runs(train, texts)
-    multi = lengths >= 2
-    counts: Counter = Counter()
-    for s, n in zip(starts[multi].tolist(), lengths[multi].tolist(), strict=True):
-        counts[tuple(train[s : s + n].tolist())] += 1
-    out = []
-    for key, c in counts.most_common():
-        word = "".join(texts[t] for t in key).strip()
-        if word.replace("_", "").isalnum() and c >= 2:
-            out.append((key, c))
-            if len(out) == top:
-                break
-    return out
-
-
-def phrase_mask(tokens: np.ndarray, texts: list[str], words: set[tuple[int, ...]]) -> np.ndarray:
-    """True at every non-first token of an occurrence of one of `words` in `tokens`."""
-    starts, lengths = word_runs(tokens, texts)
-    mask = np.zeros(len(tokens), bool)
-    for s, n in zip(starts[lengths >= 2].tolist(), lengths[lengths >= 2].tolist(), strict=True):
-        if tuple(tokens[s : s + n].tolist()) in words:
-            mask[s + 1 : s + n] = True
-    return mask
-
-
-def frequent_trigrams(train: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
-    """The `top` most frequent token trigrams of the training split: (trigrams (k, 3), counts)."""
-    t = train.astype(np.int64)
-    v = int(t.max()) + 1
-    keys = (t[:-2] * v + t[1:-1]) * v + t[2:]
-    uniq, counts = np.unique(keys, return_counts=True)
-    order = np.argsort(-counts, kind="stable")[:top]
-    k = uniq[order]
-    return np.stack([k // (v * v), (k // v) % v, k % v], axis=1), counts[order]
-
-
-def trigram_mask(tokens: np.ndarray, grams: np.ndarray) -> np.ndarray:
-    """True at the 2nd and 3rd token of every occurrence of one of `grams` (k, 3) in `tokens`."""
-    mask = np.zeros(len(tokens), bool)
-    if not len(grams) or len(tokens) < 3:
-        return mask
-    v = int(max(tokens.max(), grams.max())) + 1
-    t = tokens.astype(np.int64)
-    keys = (t[:-2] * v + t[1:-1]) * v + t[2:]
-    gk = (grams[:, 0] * v + grams[:, 1]) * v + grams[:, 2]
-    hit = np.flatnonzero(np.isin(keys, gk))
-    mask[hit + 1] = True
-    mask[hit + 2] = True
-    return mask
-
-
-def split_losses(mask: np.ndarray, *runs: RunResult) -> dict:
-    """Mean loss of each run on masked tokens vs the rest; ratios of each run to the baseline
-    (`loss_ratio` for "engram", `loss_ratio_<name>` for the others)."""
-    out: dict = {"val_tokens": int(mask.sum()), "val_other_tokens": int((~mask).sum())}
-    for r in runs:
-        out[r.name] = {
-            "loss": float(r.token_losses[mask].mean()) if mask.any() else None,
-            "other_loss": float(r.token_losses[~mask].mean()),
-        }
-    base = out.get("baseline")
-    if mask.any() and base:
-        for r in runs:
-            if r.name == "baseline":
-                continue
-            sfx = "" if r.name == "engram" else "_" + r.name.removeprefix("engram_")
-            out["loss_ratio" + sfx] = out[r.name]["loss"] / base["loss"]
-            out["other_loss_ratio" + sfx] = out[r.name]["other_loss"] / base["other_loss"]
-    return out
-
-
-# ----------------------------------------------------------------------------- train / eval
-
-
-@dataclasses.dataclass
-class RunResult:
-    name: str
-    val_loss: float
-    params: dict
-    train_s: float
-    steps: list[int]
-    train_loss: list[float]
-    val_steps: list[int]
-    val_curve: list[float]
-    token_losses: np.ndarray  # (n,) per-token validation loss, in stream order of the val targets
-    n_embd: int
-    table_base_size: int
-
-
-class Trained:
-    """A model with its in-process tables (LocalFetcher), for evaluation."""
-
-    def __init__(self, cfg: TrainConfig, d: Data) -> None:
-        torch.manual_seed(cfg.seed)
-        c = d.corpus
-        self.cfg = cfg
-        self.mcfg = cfg.model_config(c.vocab_size, c.pad_id)
-        self.model = GPT(self.mcfg)
-        h = self.mcfg.hash
-        self.hasher = NgramHasher(h, c.lookup, c.compressed_vocab) if h else None
-        self.specs = table_specs(cfg, self.hasher) if self.hasher else {}
-        self.fetcher = LocalFetcher(
-            self.hasher,
-            self.specs,
-            h,
-            c.batches("train", cfg.batch_size, cfg.seq_len, cfg.seed),
-            torch.device("cpu"),
+    def label(self) -> str:
+        return (
+            f"lr{self.table_lr_mult:g}x-{self.table_schedule}-init{self.table_init_std:g}-"
+            f"rows{self.table_base_size}-L{','.join(map(str, self.engram_layers))}"
         )
 
-    @torch.no_grad()
-    def token_losses(self, windows: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
-        """Per-token cross-entropy over the given (x, y) batches, flattened in batch order."""
-        self.model.eval()
-        out = []
-        for x, y in windows:
-            mem = self.fetcher.memory(self.hasher.global_ids(x)) if self.hasher else None
-            logits, _ = self.model(torch.from_numpy(x), mem)
-            loss = F.cross_entropy(
-                logits.flatten(0, 1), torch.from_numpy(y).reshape(-1), reduction="none"
-            )
-            out.append(loss.numpy())
-        self.model.train()
-        return np.concatenate(out)
 
-
-def val_windows(d: Data, cfg: TrainConfig, max_batches: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The validation split's consecutive non-overlapping windows (the trainer's eval batches)."""
-    it = d.corpus.batches("val", cfg.batch_size, cfg.seq_len, cfg.seed)
-    n_windows = (len(d.val_tokens) - 1) // cfg.seq_len
-    n = max(1, min(max_batches, n_windows // cfg.batch_size))
-    return [next(it) for _ in range(n)]
-
-
-def train_run(
-    name: str, cfg: TrainConfig, d: Data, windows: list, eval_every: int, curve_batches: int
-) -> RunResult:
-    """Train `cfg` with the trainer's local backend; evaluate on `windows`."""
-    t = Trained(cfg, d)
-    model, fetcher = t.model, t.fetcher
-    opt = torch.optim.AdamW(
-        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95)
-    )  # as trainer.loop.train_worker
-    steps, losses, vsteps, vcurve = [], [], [], []
-    t0 = time.perf_counter()
-    for step in range(1, cfg.steps + 1):
-        f = fetcher.next()
-        _, loss = model(f.x, f.memory, f.y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        fetcher.push(step, {})  # SparseAdam step on the tables' rows used this step
-        steps.append(step)
-        losses.append(float(loss.detach()))
-        if eval_every and (step % eval_every == 0 or step == cfg.steps):
-            vsteps.append(step)
-            vcurve.append(float(t.token_losses(windows[:curve_batches]).mean()))
-    train_s = time.perf_counter() - t0
-    tl = t.token_losses(windows)
-    split = param_split(model, t.mcfg.hash)
-    split.pop("table_rows", None)
-    log(
-        f"  {name}: width {cfg.model.n_embd}, tables {split['engram_tables']:,} "
-        f"({100 * split['table_fraction']:.0f}%), val loss {tl.mean():.4f}, {train_s:.0f} s"
-    )
-    return RunResult(
-        name,
-        float(tl.mean()),
-        split,
-        train_s,
-        steps,
-        losses,
-        vsteps,
-        vcurve,
-        tl,
-        cfg.model.n_embd,
-        cfg.model.table_base_size if cfg.model.engram_layers else 0,
-    )
-
-
-# ---------------------------------------------------------------------------- allocation sweep
-
-
-def count_params(cfg: TrainConfig, d: Data) -> dict:
-    """param_split of the model `cfg` builds (on the meta device: no memory, no init cost)."""
-    mcfg = cfg.model_config(d.corpus.vocab_size, d.corpus.pad_id)
-    with torch.device("meta"):
-        model = GPT(mcfg)
-    return param_split(model, mcfg.hash)
-
-
-def sweep_configs(
-    base: TrainConfig, d: Data, budget: int, ratios: list[float]
-) -> list[tuple[float, TrainConfig]]:
-    """For each ratio r: tables hold ~r*budget parameters (rows per head = table_base_size) and
-    the backbone width is the multiple of n_head that brings the total closest to the budget."""
-    out = []
-    m = base.model
-    heads = m.hash_heads * (m.max_ngram - 1)
-    d_head = m.n_embed_per_ngram // m.hash_heads
-    for r in ratios:
-        if r <= 0:
-            layers, rows_per_head = (), m.table_base_size
-        else:
-            layers = m.engram_layers or (1,)
-            rows_per_head = max(16, round(r * budget / (heads * d_head)))
-        best = None
-        for w in range(m.n_head * 2, 4096, m.n_head):
-            cfg = dataclasses.replace(
-                base,
-                model=dataclasses.replace(
-                    m, n_embd=w, engram_layers=layers, table_base_size=rows_per_head
-                ),
-            )
-            p = count_params(cfg, d)
-            dense = p["backbone"] + p["engram_dense"]
-            if best is None or abs(p["total"] - budget) < best[0]:
-                best = (abs(p["total"] - budget), cfg)
-            if dense > budget:
-                break
-        out.append((r, best[1]))
-    return out
-
-
-# ------------------------------------------------------------------------------------- main
-
-
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--corpus", default=None, help="text file/folder (default: built-in corpus)")
-    ap.add_argument("--quick", action="store_true", help="small model, few steps (~5 min, 2 CPUs)")
-    ap.add_argument("--steps", type=int, default=None, help="training steps per run")
-    ap.add_argument("--sweep-steps", type=int, default=None, help="steps per sweep point")
-    ap.add_argument(
-        "--ratios",
-        default="0,0.1,0.25,0.5,0.75",
-        help="fractions of the parameter budget in tables, '' = no sweep",
-    )
-    ap.add_argument("--width", type=int, default=None, help="backbone width of the main pair")
-    ap.add_argument(
-        "--sweep-width",
-        type=int,
-        default=None,
-        help="the budget: the baseline's parameters at this width",
-    )
-    ap.add_argument("--lr", type=float, default=None, help="backbone learning rate")
-    ap.add_argument(
-        "--table-lr-mult",
-        type=float,
-        default=5.0,
-        help="table lr = this x backbone lr (the paper: 5)",
-    )
-    ap.add_argument(
-        "--tuned-table-lr-mult",
-        type=float,
-        default=25.0,
-        help="a third run (and the sweep) with this table lr multiplier; 0 = none. "
-        "At a few hundred steps a table row sees few updates, so 5x barely "
-        "moves the tables",
-    )
-    ap.add_argument("--top-words", type=int, default=2000, help="frequent multi-token words")
-    ap.add_argument("--top-trigrams", type=int, default=1000, help="frequent token trigrams")
-    ap.add_argument("--val-batches", type=int, default=64, help="validation batches (cap)")
-    ap.add_argument("--curves", default="results/quality_curves.json", help="loss curves out")
-    ap.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch threads (0 = torch default); 1 by default: on a shared machine "
-        "torch's spinning OpenMP threads run 10x slower than one thread",
-    )
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    q = args.quick
-    base = TrainConfig(
+def base_config(mode: str, recipe: Recipe, tokens: int) -> TrainConfig:
+    """The Engram arm's TrainConfig for a mode and recipe, `tokens` tokens of training."""
+    width, seq = (128, 128) if mode == "budget" else (96, 64)
+    batch = 16
+    steps = max(1, round(tokens / (batch * seq)))
+    return TrainConfig(
         backend="local",
-        corpus=args.corpus or "builtin",
+        corpus="builtin",
         vocab_size=4096,
         model=ArchConfig(
             n_layer=4,
             n_head=4,
-            n_embd=args.width or (96 if q else 256),
-            engram_layers=(1,),
+            n_embd=width,
+            engram_layers=recipe.engram_layers,
             max_ngram=3,
             hash_heads=4,
-            n_embed_per_ngram=64 if q else 128,
-            table_base_size=20_000 if q else 50_000,
+            n_embed_per_ngram=64,
+            table_base_size=recipe.table_base_size,
         ),
-        seq_len=64 if q else 128,
-        batch_size=16,
+        seq_len=seq,
+        batch_size=batch,
         seed=1337,
-        steps=args.steps or (500 if q else 2000),
-        lr=args.lr or (2e-3 if q else 1e-3),
-        table_lr_mult=args.table_lr_mult,
+        steps=steps,
+        lr=2e-3 if mode != "budget" else 1.5e-3,
+        table_lr_mult=recipe.table_lr_mult,
         progress=False,
     )
-    sweep_steps = args.sweep_steps or (200 if q else 1000)
-    sweep_width = args.sweep_width or (96 if q else 192)
-    t_all = time.perf_counter()
-    d = load_data(args.corpus, base.vocab_size)
-    log(
-        f"corpus {d.name}: {len(d.train_tokens):,} train / {len(d.val_tokens):,} val tokens, "
-        f"vocab {d.corpus.vocab_size}"
-    )
-    windows = val_windows(d, base, args.val_batches)
-    eval_every = max(1, base.steps // 20)
-    curve_batches = 4
 
-    # 1. baseline vs Engram, same backbone, tokens, steps, seed
-    log("baseline vs Engram:")
-    pairs = [("baseline", dataclasses.replace(base, model=base.model.baseline())), ("engram", base)]
-    tuned = dataclasses.replace(base, table_lr_mult=args.tuned_table_lr_mult)
-    if args.tuned_table_lr_mult:
-        pairs.append(("engram_tuned", tuned))
-    runs = {
-        name: train_run(name, cfg, d, windows, eval_every, curve_batches) for name, cfg in pairs
-    }
-    b, e = runs["baseline"], runs["engram"]
-    ratio = e.val_loss / b.val_loss
-    et = runs.get("engram_tuned")
 
-    # 2. frequent multi-token words and frequent token trigrams
-    texts = _token_texts(d.corpus.tokenizer, d.corpus.vocab_size)
-    words = frequent_words(d.train_tokens, texts, args.top_words)
-    grams = frequent_trigrams(d.train_tokens, args.top_trigrams)
-    # the windows are consecutive from the split's start: target j is val stream position j + 1
-    n = len(b.token_losses)
-    phrases = {
-        "words": {
-            "top": len(words),
-            "min_count": words[-1][1] if words else None,
-            "examples": ["|".join(texts[t] for t in w) for w, _ in words[:12]],
-            **split_losses(
-                phrase_mask(d.val_tokens, texts, {w for w, _ in words})[1 : 1 + n], *runs.values()
-            ),
-        },
-        "trigrams": {
-            "top": len(grams[0]),
-            "min_count": int(grams[1][-1]) if len(grams[0]) else None,
-            "examples": ["|".join(texts[t] for t in g) for g in grams[0][:12].tolist()],
-            **split_losses(trigram_mask(d.val_tokens, grams[0])[1 : 1 + n], *runs.values()),
-        },
+def with_width(cfg: TrainConfig, width: int) -> TrainConfig:
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, n_embd=width))
+
+
+def dense_of(cfg: TrainConfig) -> TrainConfig:
+    return dataclasses.replace(cfg, model=cfg.model.baseline())
+
+
+def measure(cfg: TrainConfig, vocab: int, pad: int) -> dict:
+    """Parameters (param_split) and FLOPs per token (one forward of one sequence) of cfg's model."""
+    mcfg = cfg.model_config(vocab, pad)
+    torch.manual_seed(0)
+    model = GPT(mcfg)
+    T = cfg.seq_len
+    idx = torch.zeros(1, T, dtype=torch.long)
+    mem = None
+    if mcfg.hash is not None:
+        h = mcfg.hash
+        heads = (h.max_ngram - 1) * h.heads
+        mem = {layer: torch.zeros(1, T, heads, h.d_head) for layer in mcfg.engram_layers}
+    fl = qs.flops_per_token(model, lambda: model(idx, mem), T)
+    p = param_split(model, mcfg.hash)
+    p.pop("table_rows", None)
+    return {
+        "params": p,
+        "forward_flops_per_token": fl["forward_flops_per_token"],
+        "train_flops_per_token": fl["train_flops_per_token"],
     }
 
-    # 3. allocation sweep at a fixed parameter budget
-    sweep = []
-    ratios = [float(x) for x in args.ratios.split(",") if x.strip()]
-    if ratios:
-        src = tuned if args.tuned_table_lr_mult else base
-        sbase = dataclasses.replace(
-            src, model=dataclasses.replace(src.model, n_embd=sweep_width), steps=sweep_steps
-        )
-        budget = count_params(dataclasses.replace(sbase, model=sbase.model.baseline()), d)["total"]
-        log(f"allocation sweep, budget {budget:,} parameters, {sweep_steps} steps each:")
-        for r, cfg in sweep_configs(sbase, d, budget, ratios):
-            res = train_run(
-                f"sweep{r:g}", cfg, d, windows, max(1, sweep_steps // 10), curve_batches
+
+def widen(cfg: TrainConfig, vocab: int, pad: int, key: str, target: float) -> TrainConfig:
+    """The narrowest dense model (a multiple of n_head wide, from cfg's width up) whose `key`
+    ("flops": forward FLOPs per token, or "params": total parameters) is at least `target`: the
+    baseline never gets less than the model it is compared with."""
+    n_head = cfg.model.n_head
+    w = cfg.model.n_embd
+    while w < 8192:
+        c = with_width(cfg, w)
+        m = measure(c, vocab, pad)
+        v = m["forward_flops_per_token"] if key == "flops" else m["params"]["total"]
+        if v >= target:
+            return c
+        w += n_head
+    raise ValueError(f"no width below 8192 reaches {key} {target:g}")
+
+
+# ----------------------------------------------------------------------------------- a run
+
+
+def lr_factor(schedule: str, step: int, steps: int) -> float:
+    """Multiplier of the peak lr at `step` (1-based): constant, or 2% linear warmup then cosine
+    to 10% ("cosine")."""
+    if schedule == "constant":
+        return 1.0
+    warm = max(1, steps // 50)
+    if step <= warm:
+        return step / warm
+    t = (step - warm) / max(1, steps - warm)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def backbone_sha(model: GPT) -> str:
+    """sha256 of the backbone's initial weights (names sorted), to check that arms are paired."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters()):
+        if ".engram." not in name:
+            h.update(name.encode())
+            h.update(p.detach().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@dataclasses.dataclass
+class Job:
+    corpus: str
+    arm: str
+    cfg: TrainConfig
+    recipe: Recipe
+    seed: int
+    split: str  # the split evaluated: "val" (reported) or "tune" (recipe study)
+    curve_points: int = 16
+    curve_batches: int = 4
+    max_val_batches: int | None = None
+    tag: str = ""
+
+
+def run_job(job: Job) -> dict:
+    """Train one arm on the training split; evaluate it on job.split. Runs in a worker process."""
+    torch.set_num_threads(1)
+    d = cached_data(job.corpus, job.cfg.vocab_size)
+    c = d.corpus
+    cfg = dataclasses.replace(job.cfg, seed=job.seed)
+    mcfg = cfg.model_config(c.vocab_size, c.pad_id)
+    torch.manual_seed(cfg.seed)
+    model = GPT(mcfg)
+    init_sha = backbone_sha(model)
+    h = mcfg.hash
+    hasher = NgramHasher(h, c.lookup, c.compressed_vocab) if h else None
+    specs = table_specs(cfg, hasher) if hasher else {}
+    specs = {
+        k: dataclasses.replace(s, init_std=job.recipe.table_init_std) for k, s in specs.items()
+    }
+    train_batches = c.batches("train", cfg.batch_size, cfg.seq_len, cfg.seed)
+    fetcher = LocalFetcher(hasher, specs, h, train_batches, torch.device("cpu"))
+    ds = d.dataset
+    n_all = ds.eval_windows(job.split, cfg.batch_size, cfg.seq_len)
+    n_eval = n_all if job.max_val_batches is None else min(n_all, job.max_val_batches)
+    windows = [
+        (b[:, :-1], b[:, 1:])
+        for b in ds.eval_batches(job.split, cfg.batch_size, cfg.seq_len, n_eval)
+    ]
+    positions = ds.eval_positions(job.split, cfg.batch_size, cfg.seq_len, n_eval)
+
+    def evaluate(ws: list, gates: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        model.eval()
+        losses, gate_out = [], []
+        engrams = [b.engram for b in model.blocks if b.engram is not None]
+        for m in engrams:
+            m.record_gates = gates
+        with torch.no_grad():
+            for x, y in ws:
+                mem = fetcher.memory(hasher.global_ids(x)) if hasher else None
+                logits, _ = model(torch.from_numpy(x), mem)
+                loss = F.cross_entropy(
+                    logits.flatten(0, 1), torch.from_numpy(y).reshape(-1), reduction="none"
+                )
+                losses.append(loss.numpy().astype(np.float32))
+                if gates and engrams:  # the first Engram layer's gate, (B, T)
+                    gate_out.append(engrams[0].gates[..., 0].reshape(-1).numpy().astype(np.float32))
+        for m in engrams:
+            m.record_gates = False
+        model.train()
+        return np.concatenate(losses), (np.concatenate(gate_out) if gate_out else None)
+
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95)
+    )  # as trainer.loop.train_worker
+    schedule = "cosine"
+    table_lr = cfg.lr * job.recipe.table_lr_mult
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    every = max(1, cfg.steps // job.curve_points)
+    curve: list[tuple[int, float]] = []
+    train_loss: list[float] = []
+    t0 = time.perf_counter()
+    eval_s = 0.0
+    for step in range(1, cfg.steps + 1):
+        f = lr_factor(schedule, step, cfg.steps)
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * f
+        if fetcher.opt is not None:
+            tf = f if job.recipe.table_schedule == "follow" else 1.0
+            for g in fetcher.opt.param_groups:
+                g["lr"] = table_lr * tf
+        b = fetcher.next()
+        _, loss = model(b.x, b.memory, b.y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        fetcher.push(step, {})  # SparseAdam on the rows this step used
+        train_loss.append(float(loss.detach()))
+        if step % every == 0 or step == cfg.steps:
+            te = time.perf_counter()
+            curve.append(
+                (step * tokens_per_step, float(evaluate(windows[: job.curve_batches])[0].mean()))
             )
-            sweep.append(
+            eval_s += time.perf_counter() - te
+    train_s = time.perf_counter() - t0 - eval_s
+    token_losses, gates = evaluate(windows, gates=True)
+    return {
+        "corpus": job.corpus,
+        "arm": job.arm,
+        "seed": job.seed,
+        "split": job.split,
+        "tag": job.tag,
+        "recipe": dataclasses.asdict(job.recipe),
+        "n_embd": cfg.model.n_embd,
+        "seq_len": cfg.seq_len,
+        "val_loss": float(token_losses.mean()),
+        "token_losses": token_losses,
+        "positions": positions,
+        "gates": gates,
+        "curve": curve,
+        "train_loss_last": float(np.mean(train_loss[-max(1, len(train_loss) // 20) :])),
+        "train_s": train_s,
+        "tokens": cfg.steps * tokens_per_step,
+        "tokens_per_s": cfg.steps * tokens_per_step / train_s,
+        "init_sha": init_sha,
+    }
+
+
+def run_jobs(jobs: list[Job], workers: int) -> list[dict]:
+    """Every job, `workers` at a time in spawned processes (one torch thread each)."""
+    if workers <= 1:
+        out = []
+        for j in jobs:
+            out.append(run_job(j))
+            _done(out[-1], len(out), len(jobs))
+        return out
+    results: list[dict | None] = [None] * len(jobs)
+    ctx = mp.get_context("spawn")
+    with cf.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        futs = {pool.submit(run_job, j): i for i, j in enumerate(jobs)}
+        for k, fut in enumerate(cf.as_completed(futs), 1):
+            results[futs[fut]] = r = fut.result()
+            _done(r, k, len(jobs))
+    return [r for r in results if r is not None]
+
+
+def _done(r: dict, k: int, n: int) -> None:
+    log(
+        f"  [{k}/{n}] {r['corpus']} {r['tag'] or r['arm']} seed {r['seed']}: {r['split']} loss "
+        f"{r['val_loss']:.4f}, width {r['n_embd']}, {r['tokens'] / 1e6:.2f} M tokens in "
+        f"{r['train_s']:.0f} s ({r['tokens_per_s']:,.0f} tok/s)"
+    )
+
+
+# ------------------------------------------------------------------------------- analysis
+
+
+def paired(results: list[dict], arm: str, base: str) -> dict:
+    """Per-seed ratio arm / base (same seed) with its interval."""
+    by = {(r["arm"], r["seed"]): r["val_loss"] for r in results}
+    seeds = sorted(s for a, s in by if a == arm and (base, s) in by)
+    ratios = [by[(arm, s)] / by[(base, s)] for s in seeds]
+    out = qs.paired_interval(ratios) if ratios else {"n": 0}
+    out["ratios"] = ratios
+    out["seeds"] = seeds
+    return out
+
+
+def spread(results: list[dict], arm: str) -> dict:
+    v = [r["val_loss"] for r in results if r["arm"] == arm]
+    return {
+        "mean": float(np.mean(v)) if v else None,
+        "sd": float(np.std(v, ddof=1)) if len(v) > 1 else None,
+        "sd_pct": float(100 * np.std(v, ddof=1) / np.mean(v)) if len(v) > 1 else None,
+        "n": len(v),
+    }
+
+
+def token_classes(
+    d: Data, split: str, positions: np.ndarray, seq_len: int
+) -> dict[str, np.ndarray]:
+    """Classes of each evaluated target by the n-gram ending at its input token, counted in the
+    training split over compressed ids (what the hasher hashes, docs/algorithm.md step 1). The
+    target at stream position p is predicted from the input at p - 1, whose Engram lookup sees
+    the n-grams ending there; within n - 1 tokens of a window's start the lookup sees pad instead
+    of the stream, so those targets are a class of their own ("window_start") and in no other."""
+    lk = d.corpus.lookup
+    train, ev = lk[d.tokens["train"]], lk[d.tokens[split]]
+    inp = positions - 1
+    offset = inp % seq_len  # the input's place in its window (windows start at multiples of T)
+    out = {}
+    for n in (2, 3):
+        inside = offset >= n - 1
+        freq = qs.ngram_classes(train, ev, n, FREQUENT)[inp] & inside
+        seen = qs.ngram_seen(train, ev, n)[inp] & inside
+        out[f"frequent_{n}gram"] = freq
+        out[f"rare_{n}gram"] = seen & ~freq
+        out[f"unseen_{n}gram"] = ~seen & inside
+    out["window_start"] = offset < 2
+    return out
+
+
+def class_report(d: Data, results: list[dict], arm: str, base: str) -> dict:
+    """Per class: mean loss of arm and base over seeds, and the mean per-seed ratio."""
+    by = {(r["arm"], r["seed"]): r for r in results}
+    seeds = sorted(s for a, s in by if a == arm and (base, s) in by)
+    if not seeds:
+        return {}
+    first = by[(arm, seeds[0])]
+    classes = token_classes(d, first["split"], first["positions"], first["seq_len"])
+    per_class: dict[str, dict] = {}
+    for s in seeds:
+        e = qs.class_losses(by[(arm, s)]["token_losses"], classes)
+        b = qs.class_losses(by[(base, s)]["token_losses"], classes)
+        ratio = qs.class_ratio(e, b)
+        for k in e:
+            pc = per_class.setdefault(
+                k, {"tokens": e[k]["tokens"], "engram_loss": [], "base_loss": [], "ratio": []}
+            )
+            pc["engram_loss"].append(e[k]["mean_loss"])
+            pc["base_loss"].append(b[k]["mean_loss"])
+            pc["ratio"].append(ratio[k])
+    out = {}
+    for k, pc in per_class.items():
+        rs = [x for x in pc["ratio"] if x is not None]
+        out[k] = {
+            "tokens": pc["tokens"],
+            "share": pc["tokens"] / len(first["token_losses"]),
+            "engram_loss": float(np.mean([x for x in pc["engram_loss"] if x is not None]))
+            if rs
+            else None,
+            f"{base}_loss": float(np.mean([x for x in pc["base_loss"] if x is not None]))
+            if rs
+            else None,
+            "ratio": qs.paired_interval(rs) if rs else None,
+        }
+    gates = {}
+    for s in seeds:
+        g = by[(arm, s)]["gates"]
+        if g is None:
+            continue
+        for k, m in classes.items():
+            gates.setdefault(k, []).append(qs.gate_probe(g, m)["masked_mean"])
+    return {
+        "classes": out,
+        "gate_mean": {
+            k: float(np.mean([x for x in v if x is not None]))
+            if any(x is not None for x in v)
+            else None
+            for k, v in gates.items()
+        },
+    }
+
+
+def mean_curve(results: list[dict], arm: str) -> tuple[list, list]:
+    """(mean curve [(tokens, loss)], band [(tokens, min, max)]) over the arm's seeds."""
+    curves = [r["curve"] for r in results if r["arm"] == arm]
+    if not curves:
+        return [], []
+    n = min(len(c) for c in curves)
+    xs = [curves[0][i][0] for i in range(n)]
+    ys = np.array([[c[i][1] for i in range(n)] for c in curves])
+    return (
+        list(zip(xs, ys.mean(0).tolist(), strict=True)),
+        list(zip(xs, ys.min(0).tolist(), ys.max(0).tolist(), strict=True)),
+    )
+
+
+# ------------------------------------------------------------------------------ the studies
+
+
+def study_grid(default: Recipe) -> list[tuple[str, Recipe]]:
+    """Stage 1: table lr x table init scale (the two that interact: Adam's steps are lr-sized
+    whatever the rows' scale, so the init sets how long the rows stay noise)."""
+    return [
+        (
+            f"table lr {lr:g}x, init std {std:g}",
+            dataclasses.replace(default, table_lr_mult=lr, table_init_std=std),
+        )
+        for lr in (5.0, 25.0, 100.0)
+        for std in (1.0, 0.1, 0.01)
+    ]
+
+
+def study_around(best: Recipe) -> list[tuple[str, Recipe]]:
+    """Stage 2: one factor at a time from stage 1's best."""
+    r = dataclasses.replace
+    return [
+        ("table lr follows the cosine", r(best, table_schedule="follow")),
+        ("rows per head / 4", r(best, table_base_size=best.table_base_size // 4)),
+        ("rows per head x 4", r(best, table_base_size=best.table_base_size * 4)),
+        ("Engram at block 0", r(best, engram_layers=(0,))),
+        ("Engram at blocks 1 and 2", r(best, engram_layers=(1, 2))),
+    ]
+
+
+def dedup_variants(variants: list[tuple[str, Recipe]]) -> list[tuple[str, Recipe]]:
+    seen: dict[Recipe, str] = {}
+    out = []
+    for name, rec in variants:
+        if rec in seen:
+            continue
+        seen[rec] = name
+        out.append((name, rec))
+    return out
+
+
+def sweep_fixed_params(
+    cfg: TrainConfig, vocab: int, pad: int, budget: int, ratios: list[float]
+) -> list[tuple[float, TrainConfig]]:
+    """For each fraction r of `budget` in tables: table rows per head for r * budget and the
+    width that brings the total nearest the budget."""
+    m = cfg.model
+    heads = m.hash_heads * (m.max_ngram - 1) * len(m.engram_layers or (1,))
+    d_head = m.n_embed_per_ngram // m.hash_heads
+    out = []
+    for r in ratios:
+        if r <= 0:
+            c = dense_of(cfg)
+            out.append((r, widen(c, vocab, pad, "params", budget)))
+            continue
+        rows = max(16, round(r * budget / (heads * d_head)))
+        c = dataclasses.replace(cfg, model=dataclasses.replace(m, table_base_size=rows))
+        best = None
+        w = 2 * m.n_head
+        while w < 4096:
+            cw = with_width(c, w)
+            total = measure(cw, vocab, pad)["params"]["total"]
+            if best is None or abs(total - budget) < best[0]:
+                best = (abs(total - budget), cw)
+            if total > budget:
+                break
+            w += m.n_head
+        assert best is not None
+        out.append((r, best[1]))
+    return out
+
+
+def run_study(args, datas: dict, name: str, mode: str, recipe: Recipe, tokens: int) -> dict:
+    """Stage 1 (study_grid) then stage 2 (study_around its best) on `name`'s tuning split, each
+    Engram run paired with the dense arms of the same seed; the best by tuning loss is chosen."""
+    d = datas[name]
+    st = int(args.study_tokens or tokens // 4)
+    seeds = list(range(args.study_seeds))
+    cfg0 = base_config(mode, recipe, st)
+    arms = arm_configs(cfg0, d.corpus.vocab_size, d.corpus.pad_id, False)
+    dense_jobs = [
+        Job(name, a, arms[a], recipe, s, "tune", tag=a)
+        for a in ("dense", "dense_isoflop")
+        for s in seeds
+    ]
+    rows: list[dict] = []
+    chosen: dict[str, Recipe] = {}
+
+    def stage(variants: list[tuple[str, Recipe]], extra: list[Job]) -> None:
+        jobs = [
+            Job(name, "engram", base_config(mode, rec, st), rec, s, "tune", tag=label)
+            for label, rec in variants
+            for s in seeds
+        ]
+        log(
+            f"recipe study on {name}'s tuning split: {len(jobs) + len(extra)} runs of {st / 1e6:.2f} M tokens"
+        )
+        res = run_jobs(extra + jobs, args.jobs)
+        dense.update({(r["tag"], r["seed"]): r["val_loss"] for r in res if r["tag"] in arms})
+        for label, rec in variants:
+            rr = [r for r in res if r["tag"] == label]
+            chosen[label] = rec
+            rows.append(
                 {
-                    "target_fraction": r,
-                    "table_fraction": res.params["table_fraction"],
-                    "n_embd": cfg.model.n_embd,
-                    "table_base_size": res.table_base_size,
-                    "params": res.params,
-                    "val_loss": res.val_loss,
-                    "train_s": res.train_s,
-                    "val_steps": res.val_steps,
-                    "val_curve": res.val_curve,
+                    "variant": label,
+                    "recipe": rec.label(),
+                    "tune_loss": float(np.mean([r["val_loss"] for r in rr])),
+                    "ratio_vs_dense": float(
+                        np.mean([r["val_loss"] / dense[("dense", r["seed"])] for r in rr])
+                    ),
+                    "ratio_vs_dense_isoflop": float(
+                        np.mean([r["val_loss"] / dense[("dense_isoflop", r["seed"])] for r in rr])
+                    ),
+                    "tokens_per_s": float(np.mean([r["tokens_per_s"] for r in rr])),
                 }
             )
-    best = min(sweep, key=lambda s: s["val_loss"]) if sweep else None
 
-    curves = {
-        name: {
-            "step": r.steps,
-            "train_loss": r.train_loss,
-            "val_step": r.val_steps,
-            "val_loss": r.val_curve,
-        }
-        for name, r in runs.items()
-    }
-    curves["sweep"] = [
-        {
-            k: s[k]
-            for k in (
-                "target_fraction",
-                "table_fraction",
-                "n_embd",
-                "val_loss",
-                "val_steps",
-                "val_curve",
+    dense: dict[tuple[str, int], float] = {}
+    stage(study_grid(recipe), dense_jobs)
+    for _ in range(2):  # extend the grid while its best lies on the edge (largest lr, least init)
+        best1 = min(rows, key=lambda r: r["tune_loss"])
+        b = chosen[best1["variant"]]
+        lrs = {r.table_lr_mult for r in chosen.values()}
+        stds = {r.table_init_std for r in chosen.values()}
+        if b.table_lr_mult < max(lrs) and b.table_init_std > min(stds):
+            break
+        ext = [
+            (
+                f"table lr {lr:g}x, init std {std:g}",
+                dataclasses.replace(b, table_lr_mult=lr, table_init_std=std),
             )
-        }
-        for s in sweep
-    ]
-    if args.curves:
-        Path(args.curves).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.curves).write_text(json.dumps(curves))
-
-    run_keys = (
-        "vocab_size",
-        "seq_len",
-        "batch_size",
-        "steps",
-        "lr",
-        "table_lr_mult",
-        "weight_decay",
-        "seed",
+            for lr in sorted({b.table_lr_mult, b.table_lr_mult * 4})
+            for std in sorted({b.table_init_std, b.table_init_std / 10})
+        ]
+        ext = [(k, v) for k, v in ext if v not in chosen.values()]
+        stage(ext, [])
+    best1 = min(rows, key=lambda r: r["tune_loss"])
+    stage(study_around(chosen[best1["variant"]]), [])
+    best = min(rows, key=lambda r: r["tune_loss"])
+    table = qs.ascii_table(
+        rows, ["variant", "tune_loss", "ratio_vs_dense", "ratio_vs_dense_isoflop"]
     )
-    result = {
-        "benchmark": "quality",
-        "quick": q,
-        "corpus": d.name,
-        "train_tokens": int(len(d.train_tokens)),
-        "val_tokens_evaluated": int(len(b.token_losses)),
-        "tokens_trained": base.steps * base.batch_size * base.seq_len,
-        "config": {**dataclasses.asdict(base.model), **{k: getattr(base, k) for k in run_keys}},
-        "baseline": {"val_loss": b.val_loss, "params": b.params, "train_s": b.train_s},
-        "engram": {"val_loss": e.val_loss, "params": e.params, "train_s": e.train_s},
-        "val_loss_ratio": ratio,
-        "target_ratio": TARGET_RATIO,
-        "meets_target": ratio <= TARGET_RATIO,
-        "engram_tuned": {
-            "table_lr_mult": tuned.table_lr_mult,
-            "val_loss": et.val_loss,
-            "train_s": et.train_s,
-        }
-        if et
-        else None,
-        "val_loss_ratio_tuned": et.val_loss / b.val_loss if et else None,
-        "meets_target_tuned": et.val_loss / b.val_loss <= TARGET_RATIO if et else None,
-        "sweep_table_lr_mult": sbase.table_lr_mult if ratios else None,
-        "phrases": phrases,
-        "sweep": [
-            {k: v for k, v in s.items() if k not in ("val_steps", "val_curve")} for s in sweep
-        ],
-        "sweep_budget_params": budget if ratios else None,
-        "sweep_steps": sweep_steps,
-        "sweep_best_fraction": best["table_fraction"] if best else None,
-        "sweep_best_target_fraction": best["target_fraction"] if best else None,
-        "paper_optimum_fraction": list(PAPER_OPTIMUM),
-        "curves": args.curves,
-        "wall_s": time.perf_counter() - t_all,
-        "cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
+    log(table)
+    log(f"chosen on the tuning split: {best['variant']} ({chosen[best['variant']].label()})")
+    return {
+        "corpus": name,
+        "split": "tune",
+        "tokens_per_run": st,
+        "seeds": args.study_seeds,
+        "dense_tune_loss": float(np.mean([v for (a, _), v in dense.items() if a == "dense"])),
+        "dense_isoflop_tune_loss": float(
+            np.mean([v for (a, _), v in dense.items() if a == "dense_isoflop"])
+        ),
+        "rows": rows,
+        "stage1_best": best1["variant"],
+        "best": best["variant"],
+        "chosen": dataclasses.asdict(chosen[best["variant"]]),
+        "table": table,
     }
-    print(
-        json.dumps(
-            result, default=lambda o: None if isinstance(o, float) and math.isnan(o) else str(o)
-        )
+
+
+# ------------------------------------------------------------------------------------ main
+
+
+def arm_configs(cfg: TrainConfig, vocab: int, pad: int, isoparam: bool) -> dict[str, TrainConfig]:
+    e = measure(cfg, vocab, pad)
+    arms = {"engram": cfg, "dense": dense_of(cfg)}
+    arms["dense_isoflop"] = widen(dense_of(cfg), vocab, pad, "flops", e["forward_flops_per_token"])
+    if isoparam:
+        arms["dense_isoparam"] = widen(dense_of(cfg), vocab, pad, "params", e["params"]["total"])
+    return arms
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--corpus",
+        default="stdlib,libdocs",
+        help="comma-separated corpora: stdlib, libdocs (built in) or a text file/folder",
     )
+    g = ap.add_mutually_exclusive_group()
+    g.add_argument("--quick", action="store_true", help="~0.5 M tokens a run (a smoke run)")
+    g.add_argument("--budget", action="store_true", help=">= 10 M tokens a run, width 128")
+    ap.add_argument("--tokens", type=float, default=None, help="tokens per run (overrides mode)")
+    ap.add_argument("--seeds", type=int, default=3, help="seeds per arm (>= 3 for an interval)")
+    ap.add_argument("--isoparam", action="store_true", help="also run dense_isoparam")
+    ap.add_argument("--study", action="store_true", help="the recipe study on the tuning split")
+    ap.add_argument("--study-tokens", type=float, default=None, help="tokens per study run")
+    ap.add_argument("--study-seeds", type=int, default=1)
+    ap.add_argument("--no-main", action="store_true", help="skip the reported comparison")
+    ap.add_argument("--sweep", action="store_true", help="the allocation sweeps (2 seeds a point)")
+    ap.add_argument("--sweep-tokens", type=float, default=None)
+    ap.add_argument("--ratios", default="0,0.25,0.5,0.75", help="sweep (a): fractions in tables")
+    ap.add_argument("--table-lr-mult", type=float, default=None, help="default recipe's table lr")
+    ap.add_argument("--table-init-std", type=float, default=None)
+    ap.add_argument("--table-schedule", choices=("constant", "follow"), default=None)
+    ap.add_argument("--table-base-size", type=int, default=None, help="rows per head")
+    ap.add_argument("--engram-layers", default=None, help="blocks carrying Engram, e.g. 1 or 1,2")
+    ap.add_argument(
+        "--store-check", action="store_true", help="one Engram run through a real shard server"
+    )
+    ap.add_argument("--val-tokens", type=float, default=2e6, help="cap on validation tokens read")
+    ap.add_argument("--jobs", type=int, default=max(1, min(2, os.cpu_count() or 1)))
+    ap.add_argument("--out", default="results", help="folder for the SVG plots and curves")
+    args = ap.parse_args()
+
+    t_all = time.perf_counter()
+    load0 = os.getloadavg()
+    mode = "budget" if args.budget else "quick" if args.quick else "default"
+    tokens = int(args.tokens or {"budget": 10.5e6, "quick": 0.5e6, "default": 2e6}[mode])
+    recipe = Recipe()  # the documented default (README "Quality"), changed only from a study
+    recipe = dataclasses.replace(
+        recipe,
+        **{
+            k: v
+            for k, v in (
+                ("table_lr_mult", args.table_lr_mult),
+                ("table_init_std", args.table_init_std),
+                ("table_schedule", args.table_schedule),
+                ("table_base_size", args.table_base_size),
+                (
+                    "engram_layers",
+                    tuple(int(x) for x in args.engram_layers.split(","))
+                    if args.engram_layers
+                    else None,
+                ),
+            )
+            if v is not None
+        },
+    )
+    corpora = [c.strip() for c in args.corpus.split(",") if c.strip()]
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {"benchmark": "quality", "mode": mode, "corpora": {}}
+
+    datas = {}
+    for name in corpora:
+        d = cached_data(name, 4096)
+        datas[name] = d
+        log(
+            f"corpus {name}: documents train/tune/val {d.docs.get('train')}/{d.docs.get('tune')}/"
+            f"{d.docs.get('val')}, tokens {len(d.tokens['train']):,}/{len(d.tokens['tune']):,}/"
+            f"{len(d.tokens['val']):,}, vocab {d.corpus.vocab_size}"
+        )
+
+    # 1. the recipe study, on the first corpus's tuning split
+    if args.study:
+        report["study"] = run_study(args, datas, corpora[0], mode, recipe, tokens)
+        recipe = Recipe(
+            **{
+                **report["study"]["chosen"],
+                "engram_layers": tuple(report["study"]["chosen"]["engram_layers"]),
+            }
+        )
+    report["recipe"] = {**dataclasses.asdict(recipe), "label": recipe.label()}
+
+    # 2. the reported comparison, every corpus, paired by seed
+    all_curves: dict[str, Any] = {}
+    if not args.no_main:
+        jobs = []
+        arm_cfgs = {}
+        for name in corpora:
+            d = datas[name]
+            cfg = base_config(mode, recipe, tokens)
+            arms = arm_configs(cfg, d.corpus.vocab_size, d.corpus.pad_id, args.isoparam)
+            arm_cfgs[name] = arms
+            ev_cap = max(1, int(args.val_tokens // (cfg.batch_size * cfg.seq_len)))
+            for s in range(args.seeds):
+                for arm, c in arms.items():
+                    jobs.append(Job(name, arm, c, recipe, s, "val", max_val_batches=ev_cap))
+        log(f"reported comparison: {len(jobs)} runs of {tokens / 1e6:.2f} M tokens")
+        res = run_jobs(jobs, args.jobs)
+        for name in corpora:
+            d = datas[name]
+            rs = [r for r in res if r["corpus"] == name]
+            arms = arm_cfgs[name]
+            models = {
+                arm: {"n_embd": c.model.n_embd, **measure(c, d.corpus.vocab_size, d.corpus.pad_id)}
+                for arm, c in arms.items()
+            }
+            paired_init = all(
+                next(r["init_sha"] for r in rs if r["arm"] == "engram" and r["seed"] == s)
+                == next(r["init_sha"] for r in rs if r["arm"] == "dense" and r["seed"] == s)
+                for s in range(args.seeds)
+            )
+            vs_iso = paired(rs, "engram", "dense_isoflop")
+            vs_same = paired(rs, "engram", "dense")
+            entry = {
+                "documents": d.docs,
+                "tokens": {k: int(len(v)) for k, v in d.tokens.items()},
+                "val_tokens_evaluated": int(len(rs[0]["token_losses"])),
+                "tokens_per_run": tokens,
+                "seeds": args.seeds,
+                "models": models,
+                "val_loss": {arm: spread(rs, arm) for arm in arms},
+                "ratio_vs_dense_isoflop": vs_iso,
+                "ratio_vs_dense": vs_same,
+                "ratio_vs_dense_isoparam": paired(rs, "engram", "dense_isoparam")
+                if "dense_isoparam" in arms
+                else None,
+                "meets_target": bool(
+                    vs_iso.get("mean") is not None
+                    and vs_iso["mean"] <= TARGET_RATIO
+                    and vs_iso.get("hi") is not None
+                    and vs_iso["hi"] < 1.0
+                ),
+                "backbone_init_identical": paired_init,
+                "where": class_report(d, rs, "engram", "dense_isoflop"),
+                "tokens_per_s": {
+                    arm: float(np.mean([r["tokens_per_s"] for r in rs if r["arm"] == arm]))
+                    for arm in arms
+                },
+                "train_s_per_run": {
+                    arm: float(np.mean([r["train_s"] for r in rs if r["arm"] == arm]))
+                    for arm in arms
+                },
+            }
+            series, bands = {}, {}
+            for arm in arms:
+                series[arm], bands[arm] = mean_curve(rs, arm)
+            all_curves[name] = {
+                arm: [{"seed": r["seed"], "curve": r["curve"]} for r in rs if r["arm"] == arm]
+                for arm in arms
+            }
+            svg = out_dir / f"quality_{Path(name).name}.svg"
+            qs.svg_curves(
+                series,
+                svg,
+                f"{name}: validation loss (mean of {args.seeds} seeds, min-max band)",
+                bands=bands,
+            )
+            entry["plot"] = str(svg)
+            report["corpora"][name] = entry
+            ci = vs_iso
+            log(
+                f"{name}: engram / dense_isoflop = {ci.get('mean', float('nan')):.4f} "
+                f"[{ci.get('lo')}, {ci.get('hi')}] over {ci.get('n')} seeds; engram / dense = "
+                f"{vs_same.get('mean', float('nan')):.4f}"
+            )
+
+    # 3. the allocation sweeps
+    if args.sweep:
+        name = corpora[0]
+        d = datas[name]
+        V, pad = d.corpus.vocab_size, d.corpus.pad_id
+        stoks = int(args.sweep_tokens or tokens // 4)
+        cfg = base_config(mode, recipe, stoks)
+        budget = measure(cfg, V, pad)["params"]["total"]
+        ratios = [float(x) for x in args.ratios.split(",") if x.strip()]
+        pts = [("params", r, c) for r, c in sweep_fixed_params(cfg, V, pad, budget, ratios)]
+        for f in (0.25, 1.0, 4.0):
+            rows = max(16, int(recipe.table_base_size * f))
+            c = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, table_base_size=rows))
+            pts.append(("flops", f, c))
+        pts.append(("flops", 0.0, dense_of(cfg)))
+        jobs = [
+            Job(name, f"{kind}:{x:g}", c, recipe, s, "tune", tag=f"sweep {kind} {x:g}")
+            for kind, x, c in pts
+            for s in range(2)
+        ]
+        log(f"allocation sweeps on {name}'s tuning split: {len(jobs)} runs of {stoks / 1e6:.2f} M")
+        res = run_jobs(jobs, args.jobs)
+        rows = []
+        for kind, x, c in pts:
+            rr = [r for r in res if r["arm"] == f"{kind}:{x:g}"]
+            m = measure(c, V, pad)
+            rows.append(
+                {
+                    "held_fixed": "total parameters" if kind == "params" else "FLOPs (backbone)",
+                    "point": x,
+                    "n_embd": c.model.n_embd,
+                    "table_base_size": c.model.table_base_size if c.model.engram_layers else 0,
+                    "table_fraction": m["params"]["table_fraction"],
+                    "params_total": m["params"]["total"],
+                    "forward_flops_per_token": m["forward_flops_per_token"],
+                    "tune_loss": float(np.mean([r["val_loss"] for r in rr])),
+                    "tune_loss_seeds": [r["val_loss"] for r in rr],
+                }
+            )
+        report["sweep"] = {
+            "corpus": name,
+            "split": "tune",
+            "tokens_per_run": stoks,
+            "budget_params": budget,
+            "rows": rows,
+            "paper_optimum_fraction": list(PAPER_OPTIMUM),
+            "table": qs.ascii_table(
+                rows,
+                [
+                    "held_fixed",
+                    "point",
+                    "n_embd",
+                    "table_fraction",
+                    "params_total",
+                    "forward_flops_per_token",
+                    "tune_loss",
+                ],
+            ),
+        }
+        log(report["sweep"]["table"])
+
+    # 4. one run through the real store beside the local one
+    if args.store_check:
+        report["store_check"] = store_check(datas[corpora[0]], corpora[0], recipe, mode)
+
+    (out_dir / "quality_curves.json").write_text(json.dumps(all_curves))
+    ent = list(report["corpora"].values())
+    report.update(
+        {
+            "target_ratio": TARGET_RATIO,
+            "meets_target": bool(ent) and all(e["meets_target"] for e in ent),
+            "wall_s": time.perf_counter() - t_all,
+            "loadavg_before": load0,
+            "loadavg_after": os.getloadavg(),
+            "cpus": os.cpu_count(),
+            "jobs": args.jobs,
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+        }
+    )
+    print(json.dumps(report, default=_json_default))
     return 0
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.ndarray):
+        return None  # per-token arrays stay out of the JSON
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    return str(o)
+
+
+# ------------------------------------------------------------------------------ store check
+
+
+def store_check(d: Data, corpus: str, recipe: Recipe, mode: str, steps: int = 300) -> dict:
+    """The Engram arm for `steps` steps twice: through the trainer's store backend (one shard
+    server on 127.0.0.1, gRPC lookups and pushes, server-side Adam) and through the local
+    backend, same seed and batches; their train-loss curves and validation losses."""
+    import tempfile
+
+    from engram_store.engine.config import ShardConfig
+    from engram_store.rpc.config import ServerConfig
+    from engram_store.rpc.server import create_server, stop_server
+    from trainer.loop import train_worker
+
+    torch.set_num_threads(1)
+    cfg = base_config(mode, recipe, 1)
+    cfg = dataclasses.replace(
+        cfg,
+        steps=steps,
+        table_init_std=recipe.table_init_std,
+    )
+    cfg = dataclasses.replace(
+        cfg,
+        corpus="builtin" if corpus in ("stdlib", "builtin") else corpus,
+        eval_batches=8,
+        eval_every=max(5, (cfg.steps // 10) // 5 * 5),
+        log_every=5,
+        prefetch=dataclasses.replace(cfg.prefetch, depth=1, update="sync"),
+    )
+    out: dict[str, Any] = {"steps": cfg.steps, "table_lr_mult": cfg.table_lr_mult}
+    with tempfile.TemporaryDirectory() as tmp:
+        server, port, shard = create_server(
+            ServerConfig(ShardConfig(data_dir=f"{tmp}/shard"), workers=4)
+        )
+        try:
+            runs = {
+                "store": dataclasses.replace(
+                    cfg, backend="store", store=(f"127.0.0.1:{port}",), out=f"{tmp}/s"
+                ),
+                "local": dataclasses.replace(cfg, backend="local", out=f"{tmp}/l"),
+            }
+            for name, c in runs.items():
+                t0 = time.perf_counter()
+                s = train_worker(c)
+                out[name] = {
+                    "val_loss_before": s.get("val_loss_before"),
+                    "val_loss_after": s.get("val_loss_after"),
+                    "train_loss_last": s.get("loss_last"),
+                    "train_curve": [(h["step"], h["loss"]) for h in s["history"]],
+                    "val_curve": [
+                        (h["step"], h["val_loss"]) for h in s["history"] if "val_loss" in h
+                    ],
+                    "wall_s": time.perf_counter() - t0,
+                }
+                log(f"  store check, {name} backend: {out[name]}")
+        finally:
+            stop_server(server, shard, grace_s=1.0)
+    a, b = out["store"]["val_loss_after"], out["local"]["val_loss_after"]
+    out["val_loss_diff"] = None if a is None or b is None else a - b
+    ts, tl = dict(out["store"]["train_curve"]), dict(out["local"]["train_curve"])
+    common = sorted(set(ts) & set(tl))
+    out["train_loss_max_abs_diff"] = max((abs(ts[k] - tl[k]) for k in common), default=None)
+    vs, vl = dict(out["store"]["val_curve"]), dict(out["local"]["val_curve"])
+    out["val_curve_max_abs_diff"] = max(
+        (abs(vs[k] - vl[k]) for k in set(vs) & set(vl)), default=None
+    )
+    return out
 
 
 if __name__ == "__main__":

@@ -219,7 +219,10 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.1
     adam_eps: float = 1e-8  # dense AdamW eps
-    table_lr_mult: float = 5.0  # the paper: tables learn at 5x the backbone lr, no weight decay
+    # the tables' recipe (benchmarks/quality.py --study, README "Quality"): Adam at
+    # table_lr_mult x lr, no weight decay, rows initialised N(0, table_init_std^2)
+    table_lr_mult: float = 5.0
+    table_init_std: float = 1.0
     # store and prefetch
     backend: str = "store"  # "store" (remote tables) or "local" (LocalMemory + SparseAdam)
     store: tuple[str, ...] = ()  # shard addresses host:port; any shard publishes the others
@@ -307,6 +310,10 @@ class TrainConfig:
             raise ConfigError(f"--minutes {self.max_minutes} must be >= 0 (0 = no time limit)")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"--lr {self.lr} must be a positive number")
+        if not (self.table_lr_mult > 0 and math.isfinite(self.table_lr_mult)):
+            raise ConfigError(f"--table-lr-mult {self.table_lr_mult} must be a positive number")
+        if not (0 <= self.table_init_std <= 100 and math.isfinite(self.table_init_std)):
+            raise ConfigError(f"--table-init-std {self.table_init_std} must lie in [0, 100]")
         if self.metrics_port is not None and not 0 <= self.metrics_port + self.trainers - 1 < 65536:
             raise ConfigError(
                 f"--metrics-port {self.metrics_port}: rank r serves on that port + r, so it must "

@@ -289,6 +289,39 @@ def split_sources(
     return {"train": docs[:cut], "tune": docs[cut : cut + n_tune], "val": docs[cut + n_tune :]}
 
 
+_MIN_PARAGRAPH = 40  # shorter paragraphs ("Returns", "Example:") are not counted as duplicates
+
+
+def drop_seen_paragraphs(
+    held: list[Document], train: list[Document]
+) -> tuple[list[Document], dict[str, int]]:
+    """The held-apart documents without the paragraphs (blank-line separated, >= 40 characters,
+    compared with surrounding whitespace stripped) that occur verbatim in a training document:
+    corpora repeat text across documents (a docstring copied into a topic page, a licence), and a
+    repeat is training text, whatever document it sits in. Documents left empty are dropped.
+    Returns (documents, {"paragraphs": dropped, "chars": dropped characters})."""
+
+    def paragraphs(text: str) -> list[str]:
+        return text.split("\n\n")
+
+    seen = {
+        p.strip() for d in train for p in paragraphs(d.text) if len(p.strip()) >= _MIN_PARAGRAPH
+    }
+    out, n_par, n_chars = [], 0, 0
+    for d in held:
+        keep = []
+        for p in paragraphs(d.text):
+            if len(p.strip()) >= _MIN_PARAGRAPH and p.strip() in seen:
+                n_par += 1
+                n_chars += len(p)
+            else:
+                keep.append(p)
+        text = "\n\n".join(keep)
+        if text.strip():
+            out.append(Document(d.name, text, d.source))
+    return out, {"paragraphs": n_par, "chars": n_chars}
+
+
 def split_documents(
     docs: list[Document], val_fraction: float = 0.05
 ) -> tuple[list[Document], list[Document]]:
@@ -495,6 +528,7 @@ class PreparedData:
     fingerprint: str
     cache_dir: Path
     trained_tokenizer: bool  # False: the tokenizer came from the cache
+    dropped: dict | None = None  # {split: paragraphs and characters seen verbatim in training}
 
 
 def prepare_data(
@@ -505,14 +539,20 @@ def prepare_data(
     docs: list[Document] | None = None,
     tune_fraction: float = 0.0,
 ) -> PreparedData:
-    """Load the corpus, split it by source document, load or train the tokenizer on the training
-    split only, load or encode the token splits.
+    """Load the corpus, split it by source document, drop from the held-apart splits the
+    paragraphs that occur verbatim in training, load or train the tokenizer on the training split
+    only, load or encode the token splits.
 
     Everything derived is cached under cache_dir (default ~/.cache/engram) in a folder keyed by
     the training split's fingerprint and vocab size. `docs` overrides `corpus` (tests, slices).
     """
     docs = docs if docs is not None else load_corpus(corpus)
     splits = split_sources(docs, val_fraction, tune_fraction)
+    dropped = {}
+    for k in ("val", "tune"):
+        if splits[k]:
+            kept, dropped[k] = drop_seen_paragraphs(splits[k], splits["train"])
+            splits[k] = kept or splits[k][:1]  # never empty: a corpus of pure repeats keeps one
     # the key covers the held-apart splits too: the token cache depends on them
     fp = corpus_fingerprint(splits["train"])
     held = corpus_fingerprint(splits["val"] + splits["tune"])[:12]
@@ -526,4 +566,4 @@ def prepare_data(
     else:
         dataset = TokenDataset.build(docs, tok, splits=splits)
         dataset.save(tokens_path)
-    return PreparedData(tok, dataset, fp, folder, trained)
+    return PreparedData(tok, dataset, fp, folder, trained, dropped)

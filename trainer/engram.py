@@ -76,6 +76,8 @@ class EngramModule(nn.Module):
         self.norm_q = nn.ModuleList(nn.RMSNorm(n_embd) for _ in range(hc_mult))
         # dilation N: the conv mixes positions t, t-N, t-2N, ... (docs/algorithm.md step 6)
         self.short_conv = ShortConv(n_embd, hc_mult, kernel_size, dilation=max_ngram)
+        self.record_gates = False  # when True, forward keeps its gates in self.gates (probes)
+        self.gates: torch.Tensor | None = None  # (B, T, M) of the last forward
 
     @classmethod
     def from_hash_config(
@@ -104,6 +106,8 @@ class EngramModule(nn.Module):
             s = s.abs().clamp_min(1e-6).sqrt() * s.sign()  # keeps the sign, tames the scale
             gates.append(s.sigmoid())
         alpha = torch.stack(gates, dim=2).unsqueeze(-1)  # (B, T, M, 1)
+        if self.record_gates:
+            self.gates = alpha.detach().squeeze(-1)  # (B, T, M)
         v = alpha * self.value_proj(e_flat).unsqueeze(2)  # (B, T, M, D)
         y = v + self.short_conv(v)  # (B, T, M, D)
         return y.squeeze(2) if single else y

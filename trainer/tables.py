@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 
 
 def table_specs(cfg: TrainConfig, hasher: NgramHasher) -> dict[int, TableConfig]:
-    """One table per Engram layer: the layer's primes as heads, Adam at table_lr, no decay.
+    """One table per Engram layer: the layer's primes as heads, Adam at table_lr, no decay,
+    rows initialised with std table_init_std.
 
     With cfg.preset: the preset's full-height tables in its training format (train_dtype rows,
     train_optimizer), checked to hold the rows the hasher addresses."""
@@ -41,7 +42,8 @@ def table_specs(cfg: TrainConfig, hasher: NgramHasher) -> dict[int, TableConfig]
     opt = OptimizerConfig(kind="adam", lr=cfg.table_lr)
     return {
         layer: dataclasses.replace(
-            hasher.table_spec(layer, optimizer=opt), name=cfg.table_prefix + f"engram_l{layer}"
+            hasher.table_spec(layer, optimizer=opt, init_std=cfg.table_init_std),
+            name=cfg.table_prefix + f"engram_l{layer}",
         )
         for layer in cfg.model.engram_layers
     }

@@ -146,7 +146,20 @@ def add_commands(subparsers) -> None:
         "--lr",
         type=float,
         default=d.lr,
-        help=f"backbone lr; tables learn at {d.table_lr_mult:g}x (server-side Adam)",
+        help=f"backbone lr ({d.lr:g}); tables learn at --table-lr-mult x this (server-side Adam)",
+    )
+    t.add_argument(
+        "--table-lr-mult",
+        type=float,
+        default=d.table_lr_mult,
+        help=f"table lr / backbone lr ({d.table_lr_mult:g}: benchmarks/quality.py's study; "
+        "the paper's is 5)",
+    )
+    t.add_argument(
+        "--table-init-std",
+        type=float,
+        default=d.table_init_std,
+        help=f"std of the tables' initial rows ({d.table_init_std:g})",
     )
     t.add_argument(
         "--update",
@@ -297,6 +310,8 @@ def train_config(args: argparse.Namespace):
         steps=_or(args.steps, base.steps),
         max_minutes=args.minutes,
         lr=args.lr,
+        table_lr_mult=args.table_lr_mult,
+        table_init_std=args.table_init_std,
         trainers=args.trainers,
         ray_train=args.ray_train or args.address is not None,
         device=args.device,

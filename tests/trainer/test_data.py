@@ -13,6 +13,7 @@ from trainer.data import (
     Document,
     Lookahead,
     corpus_fingerprint,
+    drop_seen_paragraphs,
     load_corpus,
     load_documents,
     prepare_data,
@@ -261,3 +262,25 @@ def test_bad_corpus(tmp_path):
         load_corpus(tmp_path / "bad.jsonl")
     with pytest.raises(ConfigError, match="vocab_size"):
         tokenizer_mod.train_tokenizer(["abc"], vocab_size=100)
+
+
+def test_held_apart_splits_drop_paragraphs_seen_in_training(tmp_path):
+    """A paragraph repeated verbatim across documents is training text wherever it sits: it is
+    removed from validation and tuning documents (short lines such as "Returns" are kept)."""
+    shared = "This paragraph is copied into many documents, verbatim, as licences are."
+    docs = [
+        Document(f"d{i:02d}", f"Document {i} says something of its own, at length.\n\n{shared}")
+        for i in range(60)
+    ]
+    s = split_sources(docs, 0.1, 0.1)
+    kept, dropped = drop_seen_paragraphs(s["val"] + s["tune"], s["train"])
+    assert dropped["paragraphs"] == len(s["val"]) + len(s["tune"]) > 0
+    assert all(shared not in d.text and "of its own" in d.text for d in kept)
+    prepared = prepare_data(
+        docs=docs, vocab_size=300, cache_dir=tmp_path, val_fraction=0.1, tune_fraction=0.1
+    )
+    assert prepared.dropped["val"]["paragraphs"] == len(s["val"])
+    val_text = prepared.tokenizer.decode(prepared.dataset.tokens("val").tolist())
+    assert "licences" not in val_text and "of its own" in val_text
+    short = [Document("x", "Returns\n\nsomething")]
+    assert drop_seen_paragraphs(short, short)[1]["paragraphs"] == 0

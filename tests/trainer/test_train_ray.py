@@ -44,4 +44,9 @@ def test_two_trainers_sync_equal_single_process(tmp_path, local_ray):
         summary = run_ray_train(cfg)
         assert summary["trainers"] == 2 and summary["steps_run"] == cfg.steps
         # the single process sees the global batch: 2 workers x 2 sequences
-        assert_matches(summary["checkpoint"], addresses, cfg, reference_run(cfg, world=2))
+        # DDP sums the two workers' dense grads in another order than one process does: float32
+        # rounding (1e-7 relative) grows over 20 steps to ~1e-5 on rows of scale 1 (it depends
+        # on the exact initial weights; 1e-5 was at the edge), so 3e-5 here
+        assert_matches(
+            summary["checkpoint"], addresses, cfg, reference_run(cfg, world=2), atol=3e-5
+        )
