@@ -8,7 +8,8 @@
 Each benchmark runs as a subprocess with a timeout; the last stdout line that parses as a JSON
 object becomes results/<name>.json. A benchmark that is missing, fails, times out or prints no JSON
 is written as {"status": ...} and listed as such in the table. Logs go to results/tmp/ (git-ignored).
-Figures: quality_loss.png (loss curves, baseline vs Engram, and the allocation sweep),
+Figures: quality_loss.png (validation loss vs tokens per corpus, Engram vs the dense arms, mean of
+seeds with min-max bands, and the allocation sweeps),
 lookup_vs_batch.png (store / raw gRPC / Redis), prefetch_stall.png (stall vs prefetch depth).
 """
 
@@ -58,7 +59,7 @@ BENCHES = (
     Bench("prefetch", "bench_prefetch.py", timeout_s=360),
     Bench("redis", "bench_redis.py", timeout_s=360),
     Bench("wire", "bench_wire.py", timeout_s=300),
-    Bench("quality", "quality.py", timeout_s=900),
+    Bench("quality", "quality.py", timeout_s=1500),
 )
 
 
@@ -92,13 +93,8 @@ def run_bench(b: Bench, out: Path, quick: bool) -> dict:
         (out / f"{b.name}.json").write_text(json.dumps({"status": "missing", "script": rel}) + "\n")
         return rec
     args = list(b.extra_args)
-    if b.name == "quality":
-        args += [
-            "--curves",
-            str((out / "quality_curves.json").relative_to(ROOT))
-            if out.is_relative_to(ROOT)
-            else str(out / "quality_curves.json"),
-        ]
+    if b.name == "quality":  # its SVGs and quality_curves.json go beside its JSON
+        args += ["--out", str(out.relative_to(ROOT)) if out.is_relative_to(ROOT) else str(out)]
     if quick:
         args = (["--quick"] if _supports_quick(path) else list(b.fallback_args)) + args
     cmd = [sys.executable, rel, *args]
@@ -171,69 +167,107 @@ def _plt():
     return plt
 
 
-def _ema(xs: list[float], a: float = 0.05) -> list[float]:
-    out, m = [], None
-    for x in xs:
-        m = x if m is None else (1 - a) * m + a * x
-        out.append(m)
+_ARM_COLORS = {
+    "engram": "tab:blue",
+    "dense": "tab:gray",
+    "dense_isoflop": "black",
+    "dense_isoparam": "tab:green",
+}
+
+
+def _curve_sets(c: object) -> dict[str, dict[str, list[list[list[float]]]]]:
+    """{corpus: {arm: [curve per seed]}} from quality_curves.json's
+    {corpus: {arm: [{seed, curve: [[tokens, loss], ...]}]}}; anything else (an older file) is
+    dropped, so the result may be empty."""
+    out: dict[str, dict[str, list[list[list[float]]]]] = {}
+    if not isinstance(c, dict):
+        return out
+    for corpus, arms in c.items():
+        if not isinstance(arms, dict):
+            continue
+        per_arm = {}
+        for arm, runs in arms.items():
+            if not isinstance(runs, list):
+                continue
+            curves = [
+                r["curve"]
+                for r in runs
+                if isinstance(r, dict) and isinstance(r.get("curve"), list) and r["curve"]
+            ]
+            if curves:
+                per_arm[arm] = curves
+        if per_arm:
+            out[corpus] = per_arm
     return out
 
 
 def plot_quality(out: Path) -> str | None:
+    """quality_loss.png: validation loss vs training tokens, one panel per corpus, each arm's
+    mean over seeds with a min-max band (from quality_curves.json), and the allocation sweep
+    when quality.json has one; None when there is nothing to draw."""
     path = out / "quality_curves.json"
     if not path.exists():
         return None
-    c = json.loads(path.read_text())
+    try:
+        sets = _curve_sets(json.loads(path.read_text()))
+    except json.JSONDecodeError:
+        return None
+    sw = (_load(out, "quality") or {}).get("sweep")
+    sweep = [
+        s
+        for s in (sw.get("rows") or [] if isinstance(sw, dict) else [])
+        if isinstance(s, dict) and s.get("tune_loss") is not None
+    ]
+    if not sets:
+        return None
     plt = _plt()
-    sweep = c.get("sweep") or []
-    fig, axes = plt.subplots(1, 2 if sweep else 1, figsize=(11 if sweep else 6, 4))
-    ax = axes[0] if sweep else axes
-    for name, color in (
-        ("baseline", "tab:gray"),
-        ("engram", "tab:blue"),
-        ("engram_tuned", "tab:purple"),
-    ):
-        r = c.get(name)
-        if not r:
-            continue
-        ax.plot(
-            r["step"],
-            _ema(r["train_loss"]),
-            color=color,
-            alpha=0.5,
-            lw=1,
-            label=f"{name} train (EMA)",
-        )
-        if r.get("val_step"):
-            ax.plot(
-                r["val_step"],
-                r["val_loss"],
-                color=color,
-                marker="o",
-                ms=3,
-                lw=1.5,
-                label=f"{name} validation",
-            )
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.set_title("Dense baseline vs Engram, same backbone and tokens")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    n = len(sets) + (1 if sweep else 0)
+    fig, axes = plt.subplots(1, n, figsize=(5.5 * n, 4), squeeze=False)
+    for ax, (corpus, arms) in zip(axes[0], sets.items(), strict=False):
+        seeds = 0
+        for arm, curves in arms.items():
+            k = min(len(cv) for cv in curves)
+            xs = [cv_pt[0] for cv_pt in curves[0][:k]]
+            ys = [[cv[i][1] for cv in curves] for i in range(k)]
+            color = _ARM_COLORS.get(arm)
+            mean = [sum(y) / len(y) for y in ys]
+            ax.plot(xs, mean, color=color, lw=1.5, marker="o", ms=2.5, label=arm)
+            if len(curves) > 1:
+                ax.fill_between(
+                    xs, [min(y) for y in ys], [max(y) for y in ys], color=color, alpha=0.15, lw=0
+                )
+            seeds = max(seeds, len(curves))
+        ax.set_xlabel("training tokens")
+        ax.set_ylabel("validation loss (nats/token)")
+        ax.set_title(f"{Path(corpus).name}: mean of {seeds} seed(s), min-max band", fontsize=10)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
     if sweep:
-        ax2 = axes[1]
-        xs = [100 * s["table_fraction"] for s in sweep]
-        ys = [s["val_loss"] for s in sweep]
-        ax2.plot(xs, ys, marker="o", color="tab:green")
-        for s, x, y in zip(sweep, xs, ys, strict=True):
-            ax2.annotate(
-                f"w={s['n_embd']}", (x, y), fontsize=7, textcoords="offset points", xytext=(3, 4)
+        ax = axes[0][-1]
+        for kind, color in (("total parameters", "tab:green"), ("FLOPs (backbone)", "tab:purple")):
+            pts = sorted(
+                (s for s in sweep if s.get("held_fixed") == kind),
+                key=lambda s: s.get("table_fraction", 0.0),
             )
-        ax2.axvspan(20, 25, color="tab:orange", alpha=0.15, label="paper optimum (20-25%)")
-        ax2.set_xlabel("% of parameters in Engram tables (fixed total)")
-        ax2.set_ylabel("validation loss")
-        ax2.set_title("Allocation sweep")
-        ax2.legend(fontsize=8)
-        ax2.grid(alpha=0.3)
+            if not pts:
+                continue
+            xs = [100 * s.get("table_fraction", 0.0) for s in pts]
+            ys = [s["tune_loss"] for s in pts]
+            ax.plot(xs, ys, marker="o", color=color, label=f"{kind} held fixed")
+            for s, x, y in zip(pts, xs, ys, strict=True):
+                ax.annotate(
+                    f"w={s.get('n_embd')}",
+                    (x, y),
+                    fontsize=7,
+                    textcoords="offset points",
+                    xytext=(3, 4),
+                )
+        ax.axvspan(20, 25, color="tab:orange", alpha=0.15, label="paper optimum (20-25%)")
+        ax.set_xlabel("% of parameters in Engram tables")
+        ax.set_ylabel("tuning-split loss")
+        ax.set_title("Allocation sweeps (tuning split)", fontsize=10)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out / "quality_loss.png", dpi=110)
     plt.close(fig)
@@ -241,8 +275,8 @@ def plot_quality(out: Path) -> str | None:
 
 
 def plot_lookup(out: Path) -> str | None:
-    r = _load(out, "redis")
-    sweep = (r or {}).get("batch_sweep")
+    r = _load(out, "redis") or {}
+    sweep = r.get("batch_sweep")
     if not sweep:
         return None
     plt = _plt()
@@ -548,59 +582,158 @@ def rows_wire(r: dict) -> list[Row]:
     return out
 
 
+OLD_QUALITY = (
+    "quality.json predates the per-corpus format (no 'corpora'): rerun benchmarks/quality.py "
+    "--quick --out results (or run_all.py --only quality)"
+)
+
+
+def _quality_corpora(r: dict) -> dict[str, dict] | None:
+    """quality.json's {corpus: entry}, or None for a JSON in the old single-run format."""
+    c = r.get("corpora") if isinstance(r, dict) else None
+    if not isinstance(c, dict):
+        return None
+    return {k: v for k, v in c.items() if isinstance(v, dict)}
+
+
+def _interval(ci: dict | None, digits: int = 3) -> str:
+    """'mean [lo, hi]' of a quality_stats.paired_interval dict ('mean' alone with one seed)."""
+    if not ci or ci.get("mean") is None:
+        return "—"
+    s = f"{ci['mean']:.{digits}f}"
+    if ci.get("lo") is not None and ci.get("hi") is not None:
+        s += f" [{ci['lo']:.{digits}f}, {ci['hi']:.{digits}f}]"
+    return s
+
+
 def rows_quality(r: dict) -> list[Row]:
+    corpora = _quality_corpora(r)
+    if corpora is None:
+        return [("Engram / dense validation loss", "—", "—", f"SKIPPED: {OLD_QUALITY}")]
     t = r.get("target_ratio", 0.97)
-    b, e = r.get("baseline", {}), r.get("engram", {})
-    out = [
-        (
-            f"validation loss Engram / baseline ({_fmt(e.get('val_loss'))} vs "
-            f"{_fmt(b.get('val_loss'))})",
-            _fmt(r.get("val_loss_ratio")),
-            f"<= {t}",
-            _check(r.get("val_loss_ratio"), "<=", t),
-        )
-    ]
-    if r.get("val_loss_ratio_tuned") is not None:
-        tl = r["engram_tuned"]
+    out: list[Row] = []
+    for name, e in corpora.items():
+        label = Path(name).name
+        vl = e.get("val_loss") or {}
+        iso = e.get("ratio_vs_dense_isoflop") or {}
+        n = iso.get("n", 0)
+        conf = round(100 * iso.get("confidence", 0.95))
+        status = "PASS" if e.get("meets_target") else "MISS"
+        if n < 2:
+            status += " (one seed: no interval)"
         out.append(
             (
-                f"same, Engram with table lr {tl['table_lr_mult']:g}x instead of 5x "
-                f"({_fmt(tl['val_loss'])} vs {_fmt(b.get('val_loss'))})",
-                _fmt(r["val_loss_ratio_tuned"]),
-                f"<= {t}",
-                _check(r["val_loss_ratio_tuned"], "<=", t),
+                f"{label}: validation loss Engram / dense_isoflop, mean of {n} seeds "
+                f"[{conf}% lo, hi] ({_fmt((vl.get('engram') or {}).get('mean'))} vs "
+                f"{_fmt((vl.get('dense_isoflop') or {}).get('mean'))})",
+                _interval(iso),
+                f"<= {t}, upper end < 1.0",
+                status,
             )
         )
-    ph = r.get("phrases") or {}
-    for key, what in (("words", "frequent multi-token words"), ("trigrams", "frequent trigrams")):
-        p = ph.get(key) or {}
-        if p.get("loss_ratio") is not None:
-            for sfx, label in (("", "Engram"), ("_tuned", "Engram tuned lr")):
-                if p.get("loss_ratio" + sfx) is None:
-                    continue
-                out.append(
-                    (
-                        f"loss on non-first tokens of {p['top']} {what} "
-                        f"({p['val_tokens']:,} val tokens), {label} / baseline",
-                        _fmt(p["loss_ratio" + sfx]),
-                        "—",
-                        "info",
-                    )
-                )
-                out.append(
-                    (
-                        f"loss on all other tokens ({what} split), {label} / baseline",
-                        _fmt(p["other_loss_ratio" + sfx]),
-                        "—",
-                        "info",
-                    )
-                )
-    if r.get("sweep"):
+        same = e.get("ratio_vs_dense") or {}
         out.append(
             (
-                "allocation sweep: best % of parameters in tables",
-                f"{100 * r['sweep_best_fraction']:.0f}%",
+                f"{label}: same, vs dense with the same backbone (no widening; backbone init "
+                f"identical: {e.get('backbone_init_identical')})",
+                _interval(same),
+                "—",
+                "info",
+            )
+        )
+        isop = e.get("ratio_vs_dense_isoparam")
+        if isop:
+            out.append(
+                (
+                    f"{label}: same, vs dense_isoparam (widened to the total parameters)",
+                    _interval(isop),
+                    "—",
+                    "info",
+                )
+            )
+        spreads = [
+            (arm, s)
+            for arm, s in vl.items()
+            if arm != "engram" and isinstance(s, dict) and s.get("sd_pct") is not None
+        ]
+        if spreads:
+            out.append(
+                (
+                    f"{label}: dense arms' seed spread, sd % of mean val loss ("
+                    + " / ".join(arm for arm, _ in spreads)
+                    + ")",
+                    " / ".join(f"{s['sd_pct']:.2f}%" for _, s in spreads),
+                    "—",
+                    "info",
+                )
+            )
+        where = e.get("where") or {}
+        classes = where.get("classes") or {}
+        for cls, what in (
+            ("frequent_2gram", "a frequent 2-gram"),
+            ("unseen_2gram", "a 2-gram unseen in training"),
+        ):
+            c = classes.get(cls)
+            if not c:
+                continue
+            out.append(
+                (
+                    f"{label}: same ratio on targets after {what} ({_fmt(c.get('tokens'))} "
+                    f"tokens, {100 * (c.get('share') or 0):.0f}%)",
+                    _interval(c.get("ratio")),
+                    "—",
+                    "info",
+                )
+            )
+        gates = where.get("gate_mean") or {}
+        if gates.get("frequent_2gram") is not None or gates.get("unseen_2gram") is not None:
+            out.append(
+                (
+                    f"{label}: mean Engram gate, after a frequent vs an unseen 2-gram",
+                    f"{_fmt(gates.get('frequent_2gram'))} vs {_fmt(gates.get('unseen_2gram'))}",
+                    "—",
+                    "info",
+                )
+            )
+    st = r.get("study")
+    if isinstance(st, dict) and st.get("best"):
+        row: dict = next((x for x in st.get("rows", []) if x.get("variant") == st["best"]), {})
+        out.append(
+            (
+                f"recipe chosen on {st.get('corpus')}'s tuning split ({len(st.get('rows', []))} "
+                f"variants): {st['best']} (tuning ratio vs dense_isoflop "
+                f"{_fmt(row.get('ratio_vs_dense_isoflop'))})",
+                str((r.get("recipe") or {}).get("label", "—")),
+                "—",
+                "info",
+            )
+        )
+    sw = r.get("sweep")
+    if isinstance(sw, dict) and sw.get("rows"):
+        best = []
+        for kind in dict.fromkeys(x.get("held_fixed") for x in sw["rows"]):
+            pts = [x for x in sw["rows"] if x.get("held_fixed") == kind]
+            b = min(pts, key=lambda x: x.get("tune_loss", float("inf")))
+            best.append(
+                f"{kind} fixed: {100 * b.get('table_fraction', 0):.0f}% in tables, "
+                f"w={b.get('n_embd')}, loss {_fmt(b.get('tune_loss'))}"
+            )
+        out.append(
+            (
+                f"allocation sweeps: best point (tuning loss, {_fmt(sw.get('tokens_per_run'))} "
+                "tokens a run)",
+                "; ".join(best),
                 "paper: 20-25%",
+                "info",
+            )
+        )
+    sc = r.get("store_check")
+    if isinstance(sc, dict) and sc.get("val_loss_diff") is not None:
+        out.append(
+            (
+                f"store check: val loss through the store - local ({sc.get('steps')} steps)",
+                f"{sc['val_loss_diff']:+.4f}",
+                "—",
                 "info",
             )
         )
@@ -741,30 +874,89 @@ def write_report(out: Path, meta: dict) -> str:
     return text
 
 
+def _quality_notes(q: dict) -> list[str]:
+    """The setup lines of quality.json: data per split, tokens and seeds, the models."""
+    corpora = _quality_corpora(q)
+    if corpora is None:
+        return [f"- quality: {OLD_QUALITY}."]
+    rec = q.get("recipe") or {}
+    notes = [
+        f"- quality: {q.get('mode', '?')} mode, recipe {rec.get('label', '?')}, "
+        f"--jobs {q.get('jobs', '?')}, {_fmt(q.get('wall_s'))} s in all; each ratio is "
+        "the mean over seeds of the per-seed ratio Engram / baseline (same seed) with a "
+        f"Student-t interval; target: mean <= {q.get('target_ratio', 0.97)} and upper end < 1.0."
+    ]
+    for name, e in corpora.items():
+        docs = e.get("documents") or {}
+        toks = e.get("tokens") or {}
+        splits = [s for s in ("train", "tune", "val") if s in docs or s in toks]
+        models = []
+        for arm, m in (e.get("models") or {}).items():
+            p = m.get("params") or {}
+            tables = p.get("engram_tables")
+            models.append(
+                f"{arm} width {m.get('n_embd')}, {_fmt(p.get('total'))} parameters"
+                + (f" ({_fmt(tables)} in tables)" if tables else "")
+                + f", {_fmt(m.get('forward_flops_per_token'))} forward FLOPs/token"
+            )
+        notes.append(
+            f"- quality, {name}: documents {'/'.join(splits)} "
+            + "/".join(_fmt(docs.get(s)) for s in splits)
+            + ", tokens "
+            + "/".join(_fmt(toks.get(s)) for s in splits)
+            + f"; {_fmt(e.get('tokens_per_run'))} training tokens a run, {e.get('seeds')} seeds, "
+            f"validation on {_fmt(e.get('val_tokens_evaluated'))} tokens; "
+            + "; ".join(models)
+            + "."
+        )
+    return notes
+
+
+def _quality_why(q: dict) -> list[str]:
+    """Why a corpus missed the quality target, from its numbers."""
+    lines = []
+    for name, e in (_quality_corpora(q) or {}).items():
+        if e.get("meets_target") is not False:
+            continue
+        iso = e.get("ratio_vs_dense_isoflop") or {}
+        t = q.get("target_ratio", 0.97)
+        if iso.get("mean") is None:
+            continue
+        why = []
+        if iso["mean"] > t:
+            why.append(f"the mean is above {t}")
+        if iso.get("hi") is None:
+            why.append("one seed gives no interval")
+        elif iso["hi"] >= 1.0:
+            why.append(
+                f"the interval reaches {iso['hi']:.3f}, so no gain is shown at {iso['n']} seeds"
+            )
+        classes = (e.get("where") or {}).get("classes") or {}
+        fr = (classes.get("frequent_2gram") or {}).get("ratio")
+        un = (classes.get("unseen_2gram") or {}).get("ratio")
+        spread = ((e.get("val_loss") or {}).get("dense_isoflop") or {}).get("sd_pct")
+        lines.append(
+            f"- quality, {Path(name).name}: Engram / dense_isoflop {_interval(iso)} at "
+            f"{_fmt(e.get('tokens_per_run'))} tokens a run: "
+            + ("; ".join(why) or "see the rows above")
+            + (
+                f". After a frequent 2-gram the ratio is {_interval(fr)}, after an unseen one "
+                f"{_interval(un)}"
+                if fr or un
+                else ""
+            )
+            + (f"; dense_isoflop's own seed spread is {spread:.2f}%" if spread is not None else "")
+            + "."
+        )
+    return lines
+
+
 def _notes(out: Path) -> list[str]:
     """A few lines per benchmark that say why a figure is what it is."""
     notes = []
     q = _load(out, "quality")
     if q and q.get("benchmark") == "quality":
-        c = q["config"]
-        notes.append(
-            f"- quality: {c['n_layer']} layers, width {c['n_embd']}, vocab {c['vocab_size']}, "
-            f"{c['steps']} steps x {c['batch_size']}x{c['seq_len']} tokens "
-            f"({q['tokens_trained']:,} tokens), corpus {q['corpus']}; Engram at block(s) "
-            f"{c['engram_layers']} with {q['engram']['params']['engram_tables']:,} table "
-            f"parameters; validation on {q['val_tokens_evaluated']:,} tokens."
-        )
-        if q.get("sweep"):
-            pts = ", ".join(
-                f"{100 * s['table_fraction']:.0f}% (w={s['n_embd']}): {s['val_loss']:.3f}"
-                for s in q["sweep"]
-            )
-            notes.append(
-                f"- allocation sweep at {q['sweep_budget_params']:,} parameters, "
-                f"{q['sweep_steps']} steps each, table lr "
-                f"{q.get('sweep_table_lr_mult') or 5:g}x: {pts}. Fixed parameters, not "
-                "fixed FLOPs: a narrower backbone also computes less per token."
-            )
+        notes += _quality_notes(q)
     w = _load(out, "wire")
     if w and w.get("benchmark") == "wire":
         keep = [x for x in w.get("runs", []) if x.get("cache_drop_pushed") is False]
@@ -864,29 +1056,7 @@ def _why(out: Path) -> list[str]:
         )
     q = _load(out, "quality")
     if q and q.get("benchmark") == "quality":
-        if q.get("meets_target") is False:
-            c = q["config"]
-            lines.append(
-                f"- quality: with the paper's {c['table_lr_mult']:g}x table learning rate, "
-                f"{c['steps']} steps are too few for the tables to leave their random init "
-                "(each row is updated only when its n-gram occurs); with "
-                + (
-                    f"{q['engram_tuned']['table_lr_mult']:g}x the ratio is "
-                    f"{q['val_loss_ratio_tuned']:.3f}. "
-                    if q.get("engram_tuned")
-                    else ""
-                )
-                + "The gain concentrates on tokens an n-gram predicts (frequent-trigram rows "
-                "above)."
-            )
-        if q.get("sweep") and q.get("sweep_best_fraction", 1) < 0.05:
-            lines.append(
-                "- allocation sweep: no U shape at this size: with a budget under a million "
-                "parameters the tables hold a few thousand rows per head (heavy hash collisions) "
-                f"and see {q['sweep_steps']} steps, so every parameter moved from the backbone "
-                "costs more than the rows return; the paper's optimum is a billion-parameter "
-                "result."
-            )
+        lines += _quality_why(q)
     return (["", "## Why the misses", ""] + lines) if lines else []
 
 
