@@ -616,8 +616,22 @@ def run_study(args, datas: dict, name: str, mode: str, recipe: Recipe, tokens: i
             )
 
     dense: dict[tuple[str, int], float] = {}
-    stage(study_grid(recipe), dense_jobs)
-    for _ in range(2):  # extend the grid while its best lies on the edge (largest lr, least init)
+    if args.study_grid:  # a given grid only: no extension, no stage 2
+        grid = []
+        for item in args.study_grid.split(","):
+            lr, std = (float(x) for x in item.split(":"))
+            grid.append(
+                (
+                    f"table lr {lr:g}x, init std {std:g}",
+                    dataclasses.replace(recipe, table_lr_mult=lr, table_init_std=std),
+                )
+            )
+        stage(grid, dense_jobs)
+    else:
+        stage(study_grid(recipe), dense_jobs)
+    for _ in range(
+        0 if args.study_grid else 2
+    ):  # extend the grid while its best lies on the edge (largest lr, least init)
         best1 = min(rows, key=lambda r: r["tune_loss"])
         b = chosen[best1["variant"]]
         lrs = {r.table_lr_mult for r in chosen.values()}
@@ -635,7 +649,8 @@ def run_study(args, datas: dict, name: str, mode: str, recipe: Recipe, tokens: i
         ext = [(k, v) for k, v in ext if v not in chosen.values()]
         stage(ext, [])
     best1 = min(rows, key=lambda r: r["tune_loss"])
-    stage(study_around(chosen[best1["variant"]]), [])
+    if not args.study_grid:
+        stage(study_around(chosen[best1["variant"]]), [])
     best = min(rows, key=lambda r: r["tune_loss"])
     table = qs.ascii_table(
         rows, ["variant", "tune_loss", "ratio_vs_dense", "ratio_vs_dense_isoflop"]
@@ -687,6 +702,12 @@ def main() -> int:
     ap.add_argument("--study", action="store_true", help="the recipe study on the tuning split")
     ap.add_argument("--study-tokens", type=float, default=None, help="tokens per study run")
     ap.add_argument("--study-seeds", type=int, default=1)
+    ap.add_argument(
+        "--study-grid",
+        default="",
+        metavar="LR:STD,...",
+        help="study only these (table lr mult, init std) points, e.g. 5:0.01,25:0.01",
+    )
     ap.add_argument("--no-main", action="store_true", help="skip the reported comparison")
     ap.add_argument("--sweep", action="store_true", help="the allocation sweeps (2 seeds a point)")
     ap.add_argument("--sweep-tokens", type=float, default=None)

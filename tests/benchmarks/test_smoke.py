@@ -50,7 +50,7 @@ def tiny_corpus(tmp_path_factory):
 
 def test_wire_dedup_and_cache_send_fewer_rows_than_naive(tiny_corpus):
     cfg = TrainConfig(
-        model=ArchConfig(table_base_size=1000),
+        model=ArchConfig(table_base_size=1000, engram_layers=(1,)),
         backend="local",
         batch_size=4,
         seq_len=64,

@@ -80,6 +80,7 @@ def nested() -> TrainConfig:
         batch_size=4,
         lr=3e-4,
         adam_eps=1e-6,
+        table_lr_mult=5.0,
         store=("127.0.0.1:1",),
         eval_batches=0,
         progress=False,
