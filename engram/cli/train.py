@@ -104,7 +104,8 @@ def add_commands(subparsers) -> None:
         type=_layers,
         default=None,
         metavar="1[,3]",
-        help="0-based blocks carrying an Engram",
+        help=f"0-based blocks carrying an Engram ({','.join(map(str, dm.engram_layers))}; "
+        "those of them that a smaller --layers keeps)",
     )
     m.add_argument("--no-engram", action="store_true", help="the baseline: no Engram, no store")
     m.add_argument("--max-ngram", type=int, default=None, help="largest n-gram order N")
@@ -274,11 +275,17 @@ def _base_config(args: argparse.Namespace):
             n_layer=args.layers or 0, n_head=args.heads or 0, n_embd=args.width or 0
         )
     d, dm = TrainConfig(), ArchConfig()
+    n_layer = _or(args.layers, dm.n_layer)
+    # the default Engram blocks that the backbone has (--layers 2 keeps block 1 only); blocks
+    # given with --engram-layers are checked as given
+    default_layers = tuple(x for x in dm.engram_layers if x < n_layer) or (
+        max(0, min(1, n_layer - 1)),
+    )
     model = ArchConfig(
-        n_layer=_or(args.layers, dm.n_layer),
+        n_layer=n_layer,
         n_head=_or(args.heads, dm.n_head),
         n_embd=_or(args.width, dm.n_embd),
-        engram_layers=() if args.no_engram else _or(args.engram_layers, dm.engram_layers),
+        engram_layers=() if args.no_engram else _or(args.engram_layers, default_layers),
         max_ngram=_or(args.max_ngram, dm.max_ngram),
         hash_heads=_or(args.hash_heads, dm.hash_heads),
         n_embed_per_ngram=_or(args.memory_width, dm.n_embed_per_ngram),

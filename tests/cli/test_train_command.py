@@ -207,3 +207,26 @@ def test_metrics_port_0_prints_the_port_it_bound(capsys, tmp_path):
     err = capsys.readouterr().err
     found = re.search(r"trainer metrics \(rank 0\) on http://127\.0\.0\.1:(\d+)/metrics", err)
     assert found and int(found.group(1)) > 0, err
+
+
+@pytest.mark.parametrize(
+    "flags, layers",
+    [
+        ([], (1, 2)),  # the default recipe: blocks 1 and 2
+        (["--layers", "2"], (1,)),  # a smaller backbone keeps the default blocks it has
+        (["--layers", "1"], (0,)),
+        (["--layers", "2", "--engram-layers", "0"], (0,)),
+        (["--no-engram"], ()),
+    ],
+)
+def test_default_engram_blocks_follow_the_backbone(flags, layers):
+    import argparse
+    import dataclasses
+
+    from engram.cli import train as train_cli
+
+    p = argparse.ArgumentParser()
+    train_cli.add_commands(p.add_subparsers(dest="command"))
+    cfg = train_cli.train_config(p.parse_args(["train", *flags]))
+    assert cfg.model.engram_layers == layers
+    dataclasses.replace(cfg, store=("127.0.0.1:1",)).validate()  # a config the run accepts
