@@ -74,26 +74,32 @@ def _load_corpus(corpus: str, vocab_size: int) -> Corpus:
 
 
 def corpus_from_prepared(prep: Any) -> Corpus:
-    """A Corpus over trainer.data.prepare_data's result: train batches from the seeded sampler,
-    validation as the split's consecutive windows, cycled."""
-    from trainer.hashing import compress_tokenizer
+    """A Corpus over trainer.data.prepare_data's result (its tokenizer trained on the corpus)."""
     from trainer.tokenizer import PAD_ID
 
-    ds = prep.dataset
     vocab = prep.tokenizer.get_vocab_size(with_added_tokens=True)
-    lookup, compressed = compress_tokenizer(prep.tokenizer)
+    return corpus_over(prep.dataset, prep.tokenizer, vocab, PAD_ID)
+
+
+def corpus_over(ds: Any, tokenizer: Any, vocab_size: int, pad_id: int) -> Corpus:
+    """A Corpus over a trainer.data.TokenDataset and the tokenizer that encoded it: train
+    batches from the seeded sampler, validation as the split's interleaved eval windows, cycled;
+    the hash's lookup is the tokenizer's compression."""
+    from trainer.hashing import compress_tokenizer
+
+    lookup, compressed = compress_tokenizer(tokenizer)
 
     def batches(split: str, batch_size: int, seq_len: int, seed: int, start_step: int = 0):
         if split == "train":
             for b in ds.batches("train", batch_size, seq_len, seed, start_step=start_step):
                 yield b[:, :-1], b[:, 1:]  # (B, T) inputs, (B, T) targets
             return
-        while True:  # validation: the split's consecutive windows, from the start, cycled
+        while True:  # validation: the split's eval windows (interleaved over it), cycled
             for b in ds.eval_batches(split, batch_size, seq_len):
                 yield b[:, :-1], b[:, 1:]
 
-    fingerprint = hashlib.sha256(prep.tokenizer.to_str().encode()).hexdigest()[:16]
-    return Corpus(vocab, PAD_ID, fingerprint, lookup, compressed, batches, prep.tokenizer)
+    fingerprint = hashlib.sha256(tokenizer.to_str().encode()).hexdigest()[:16]
+    return Corpus(vocab_size, pad_id, fingerprint, lookup, compressed, batches, tokenizer)
 
 
 def worker_batches(

@@ -362,7 +362,7 @@ class TokenDataset:
     ) -> TokenDataset:
         s = splits or split_sources(docs, val_fraction, tune_fraction)
         vocab = tokenizer.get_vocab_size(with_added_tokens=True)
-        enc = {k: _encode(v, tokenizer, vocab) for k, v in s.items() if v or k != "tune"}
+        enc = {k: encode_documents(v, tokenizer, vocab) for k, v in s.items() if v or k != "tune"}
         return cls(
             enc["train"][0],
             enc["val"][0],
@@ -473,14 +473,17 @@ class TokenDataset:
         return (b[..., None] * block_size + np.arange(1, block_size + 1)).reshape(-1)
 
 
-def _encode(docs: list[Document], tokenizer, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(stream, doc_starts): the documents' tokens each followed by EOT_ID, and where each starts."""
+def encode_documents(
+    docs: list[Document], tokenizer, vocab_size: int, eos: int = EOT_ID
+) -> tuple[np.ndarray, np.ndarray]:
+    """(stream, doc_starts): the documents' tokens each followed by `eos` (uint16 when the
+    vocabulary fits, else int32), and where each document starts."""
     dtype = np.uint16 if vocab_size <= 1 << 16 else np.int32
     encs = tokenizer.encode_batch([d.text for d in docs], add_special_tokens=False)
     parts, lengths = [], []
     for enc in encs:
         parts.append(np.asarray(enc.ids, dtype=dtype))
-        parts.append(np.array([EOT_ID], dtype=dtype))  # the document boundary
+        parts.append(np.array([eos], dtype=dtype))  # the document boundary
         lengths.append(len(enc.ids) + 1)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64) if lengths else None
     stream = np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)

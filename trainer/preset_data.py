@@ -8,13 +8,10 @@ preset's tables were trained with. Torch-free.
 from __future__ import annotations
 
 import functools
-import hashlib
-
-import numpy as np
 
 from trainer.config import TrainConfig
-from trainer.corpus import Corpus, load_corpus
-from trainer.data import Document, TokenDataset, split_documents
+from trainer.corpus import Corpus, corpus_over, load_corpus
+from trainer.data import TokenDataset, encode_documents, split_documents
 
 #: the document separator of a preset corpus: the base tokenizer's end-of-sequence token
 _EOS_TOKENS = ("<｜end▁of▁sentence｜>", "</s>", "<|endoftext|>")
@@ -34,7 +31,6 @@ def preset_corpus(name: str, corpus: str = "builtin", val_fraction: float = 0.05
     hash's lookup is that tokenizer's compression (Preset.hasher's), its pad id the preset's.
     Cached per process (the tokenizer's compression takes about a second)."""
     from trainer import data
-    from trainer.hashing import compress_tokenizer
     from trainer.presets import get
 
     preset = get(name)
@@ -42,29 +38,9 @@ def preset_corpus(name: str, corpus: str = "builtin", val_fraction: float = 0.05
     docs = data.load_corpus(None if corpus in ("builtin", "") else corpus)
     train, val = split_documents(docs, val_fraction)
     eos = next((i for i in map(tok.token_to_id, _EOS_TOKENS) if i is not None), 0)
-    dataset = TokenDataset(_encode(train, tok, eos), _encode(val, tok, eos), preset.vocab_size)
-    lookup, compressed = compress_tokenizer(tok)
-
-    def batches(split: str, batch_size: int, seq_len: int, seed: int, start_step: int = 0):
-        if split == "train":
-            for b in dataset.batches("train", batch_size, seq_len, seed, start_step=start_step):
-                yield b[:, :-1], b[:, 1:]  # (B, T) inputs, (B, T) targets
-            return
-        while True:  # validation: the split's consecutive windows, from the start, cycled
-            for b in dataset.eval_batches(split, batch_size, seq_len):
-                yield b[:, :-1], b[:, 1:]
-
-    fingerprint = hashlib.sha256(tok.to_str().encode()).hexdigest()[:16]
-    return Corpus(
-        preset.vocab_size, preset.hash.pad_id, fingerprint, lookup, compressed, batches, tok
+    dataset = TokenDataset(
+        encode_documents(train, tok, preset.vocab_size, eos)[0],
+        encode_documents(val, tok, preset.vocab_size, eos)[0],
+        preset.vocab_size,
     )
-
-
-def _encode(docs: list[Document], tokenizer, eos: int) -> np.ndarray:
-    """The documents' token ids (int32: the vocabulary exceeds uint16), each followed by eos."""
-    encs = tokenizer.encode_batch([d.text for d in docs], add_special_tokens=False)
-    parts = []
-    for enc in encs:
-        parts.append(np.asarray(enc.ids, dtype=np.int32))
-        parts.append(np.array([eos], dtype=np.int32))
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
+    return corpus_over(dataset, tok, preset.vocab_size, preset.hash.pad_id)
