@@ -44,17 +44,6 @@ def test_train_against_running_shards_needs_no_cluster_extra(monkeypatch, capsys
 # ---- every flag checked before anything starts ----
 
 
-@pytest.fixture
-def no_ray_start(monkeypatch):
-    """Fail the test if the command starts or joins a Ray (it must refuse before that)."""
-    ray = pytest.importorskip("ray")
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the command started Ray before refusing its flags")
-
-    monkeypatch.setattr(ray, "init", refuse)
-
-
 def _small_corpus(root) -> str:
     """Six short text files: a corpus whose validation split (~5% of documents) is empty."""
     root.mkdir()

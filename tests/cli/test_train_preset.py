@@ -115,17 +115,6 @@ def test_a_store_table_of_another_geometry_is_refused(tmp_path):
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
-@pytest.fixture
-def no_ray_start(monkeypatch):
-    """Fail the test if the command starts or joins a Ray (it must refuse before that)."""
-    ray = pytest.importorskip("ray")
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the command started Ray before refusing its flags")
-
-    monkeypatch.setattr(ray, "init", refuse)
-
-
 @pytest.mark.parametrize(
     ("flags", "named"),
     [
