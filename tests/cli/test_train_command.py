@@ -69,6 +69,10 @@ def test_a_corpus_too_small_names_seq_len_before_anything_starts(no_ray_start, c
         (["--store", "no-port-here"], "--store"),
         (["--metrics-port", "70000"], "--metrics-port"),
         (["--timeout", "0"], "--timeout"),
+        (["--table-lr-mult", "0"], "--table-lr-mult"),
+        (["--table-lr-mult", "nan"], "--table-lr-mult"),
+        (["--table-init-std", "-1"], "--table-init-std"),
+        (["--table-init-std", "inf"], "--table-init-std"),
     ],
 )
 def test_bad_flags_are_named_before_anything_starts(no_ray_start, capsys, tmp_path, flags, named):
