@@ -31,8 +31,14 @@ Method (issue 13):
 - --store-check: the Engram arm trained once through the real store (a shard server on
   127.0.0.1, gRPC, server-side Adam) beside the local run: both curves in the JSON.
 
+- The recipe (Recipe's defaults, the same as `engram train`'s): table lr 100x the backbone's,
+  rows initialised N(0, 0.01^2), Engram at blocks 1 and 2, and rows per head by the size rule
+  (trainer.config.rows_per_head): one per 1,000 tokens of the corpus's training split, divided by
+  the passes a run makes over it. The rule is applied per corpus; --table-base-size fixes a size.
+
 Modes: --quick (~0.5 M tokens a run, for a smoke run), default (2 M tokens), --budget (10.5 M
-tokens a run, width 128, about 35-45 min a run on one core; two runs at a time with --jobs 2).
+tokens a run, width 128, about 30-35 min an Engram run on one core; two runs at a time with
+--jobs 2; --no-dense leaves out the same-width dense arm, a third of the time).
 Writes <out>/quality_<corpus>.svg (validation loss vs tokens, mean of seeds with min/max bands)
 and <out>/quality_curves.json; prints progress to stderr and one JSON object as the last line.
 """
@@ -64,7 +70,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality_stats as qs  # noqa: E402
 
 from trainer import data  # noqa: E402
-from trainer.config import ArchConfig, TrainConfig  # noqa: E402
+from trainer.config import MIN_TABLE_ROWS, ArchConfig, TrainConfig, rows_per_head  # noqa: E402
 from trainer.corpus import Corpus, corpus_from_prepared  # noqa: E402
 from trainer.fetch import LocalFetcher  # noqa: E402
 from trainer.hashing import NgramHasher  # noqa: E402
@@ -127,25 +133,40 @@ def cached_data(corpus: str, vocab_size: int) -> Data:
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-    """What the study varies. The backbone's own optimizer and schedule are the same in all arms."""
+    """What the study varies. The backbone's own optimizer and schedule are the same in all arms.
+    The defaults are the documented recipe (README "Quality"), chosen on the tuning splits."""
 
-    table_lr_mult: float = 5.0  # table lr = this x the backbone's peak lr (the paper: 5)
+    table_lr_mult: float = 100.0  # table lr = this x the backbone's peak lr (the paper: 5)
     table_schedule: str = "constant"  # "constant" or "follow" (the backbone's warmup + cosine)
-    table_init_std: float = 1.0  # std of the tables' initial rows (the store's default: 1.0)
-    table_base_size: int = 20_000  # rows per head (the primes start here)
-    engram_layers: tuple[int, ...] = (1,)
+    table_init_std: float = 0.01  # std of the tables' initial rows (the store's default: 1.0)
+    table_base_size: int = 0  # rows per head (the primes start here); 0: rows_per_head's rule
+    engram_layers: tuple[int, ...] = (1, 2)
 
     def label(self) -> str:
+        rows = self.table_base_size or "auto"
         return (
             f"lr{self.table_lr_mult:g}x-{self.table_schedule}-init{self.table_init_std:g}-"
-            f"rows{self.table_base_size}-L{','.join(map(str, self.engram_layers))}"
+            f"rows{rows}-L{','.join(map(str, self.engram_layers))}"
         )
+
+    def sized(self, train_tokens: int, run_tokens: int) -> Recipe:
+        """This recipe with the rule's rows per head filled in (a given size is kept)."""
+        if self.table_base_size:
+            return self
+        return dataclasses.replace(self, table_base_size=rows_per_head(train_tokens, run_tokens))
+
+
+def shape(mode: str) -> tuple[int, int, int]:
+    """(width, sequence length, batch size) of a mode's Engram arm."""
+    return (128, 128, 16) if mode == "budget" else (96, 64, 16)
 
 
 def base_config(mode: str, recipe: Recipe, tokens: int) -> TrainConfig:
-    """The Engram arm's TrainConfig for a mode and recipe, `tokens` tokens of training."""
-    width, seq = (128, 128) if mode == "budget" else (96, 64)
-    batch = 16
+    """The Engram arm's TrainConfig for a mode and a sized recipe (Recipe.sized), `tokens` tokens
+    of training."""
+    if not recipe.table_base_size:
+        raise ValueError("size the recipe for its corpus first (Recipe.sized)")
+    width, seq, batch = shape(mode)
     steps = max(1, round(tokens / (batch * seq)))
     return TrainConfig(
         backend="local",
@@ -516,27 +537,21 @@ def study_grid(default: Recipe) -> list[tuple[str, Recipe]]:
     ]
 
 
-def study_around(best: Recipe) -> list[tuple[str, Recipe]]:
-    """Stage 2: one factor at a time from stage 1's best."""
+def study_around(best: Recipe, rows: int) -> list[tuple[str, Recipe]]:
+    """Stage 2: one factor at a time from stage 1's best, whose tables have `rows` rows a head
+    on the corpus studied (its own size, or the size rule's)."""
     r = dataclasses.replace
+    layers = [
+        (f"Engram at block{'s' if len(ls) > 1 else ''} {' and '.join(map(str, ls))}", ls)
+        for ls in ((0,), (1,), (1, 2))
+        if ls != best.engram_layers
+    ]
     return [
         ("table lr follows the cosine", r(best, table_schedule="follow")),
-        ("rows per head / 4", r(best, table_base_size=best.table_base_size // 4)),
-        ("rows per head x 4", r(best, table_base_size=best.table_base_size * 4)),
-        ("Engram at block 0", r(best, engram_layers=(0,))),
-        ("Engram at blocks 1 and 2", r(best, engram_layers=(1, 2))),
+        ("rows per head / 4", r(best, table_base_size=max(MIN_TABLE_ROWS, rows // 4))),
+        ("rows per head x 4", r(best, table_base_size=rows * 4)),
+        *((name, r(best, engram_layers=ls)) for name, ls in layers),
     ]
-
-
-def dedup_variants(variants: list[tuple[str, Recipe]]) -> list[tuple[str, Recipe]]:
-    seen: dict[Recipe, str] = {}
-    out = []
-    for name, rec in variants:
-        if rec in seen:
-            continue
-        seen[rec] = name
-        out.append((name, rec))
-    return out
 
 
 def sweep_fixed_params(
@@ -576,6 +591,8 @@ def run_study(args, datas: dict, name: str, mode: str, recipe: Recipe, tokens: i
     d = datas[name]
     st = int(args.study_tokens or tokens // 4)
     seeds = list(range(args.study_seeds))
+    n_train = len(d.tokens["train"])
+    recipe = recipe.sized(n_train, st)
     cfg0 = base_config(mode, recipe, st)
     arms = arm_configs(cfg0, d.corpus.vocab_size, d.corpus.pad_id, False)
     dense_jobs = [
@@ -589,7 +606,7 @@ def run_study(args, datas: dict, name: str, mode: str, recipe: Recipe, tokens: i
     def stage(variants: list[tuple[str, Recipe]], extra: list[Job]) -> None:
         jobs = [
             Job(name, "engram", base_config(mode, rec, st), rec, s, "tune", tag=label)
-            for label, rec in variants
+            for label, rec in ((lab, r.sized(n_train, st)) for lab, r in variants)
             for s in seeds
         ]
         log(
@@ -619,11 +636,17 @@ def run_study(args, datas: dict, name: str, mode: str, recipe: Recipe, tokens: i
     if args.study_grid:  # a given grid only: no extension, no stage 2
         grid = []
         for item in args.study_grid.split(","):
-            lr, std = (float(x) for x in item.split(":"))
+            lr, std, *rest = (float(x) for x in item.split(":"))
+            n_rows = int(rest[0]) if rest else recipe.table_base_size
+            label = f"table lr {lr:g}x, init std {std:g}"
+            if rest:
+                label += f", {n_rows} rows a head"
             grid.append(
                 (
-                    f"table lr {lr:g}x, init std {std:g}",
-                    dataclasses.replace(recipe, table_lr_mult=lr, table_init_std=std),
+                    label,
+                    dataclasses.replace(
+                        recipe, table_lr_mult=lr, table_init_std=std, table_base_size=n_rows
+                    ),
                 )
             )
         stage(grid, dense_jobs)
@@ -650,7 +673,8 @@ def run_study(args, datas: dict, name: str, mode: str, recipe: Recipe, tokens: i
         stage(ext, [])
     best1 = min(rows, key=lambda r: r["tune_loss"])
     if not args.study_grid:
-        stage(study_around(chosen[best1["variant"]]), [])
+        b1 = chosen[best1["variant"]]
+        stage(study_around(b1, b1.sized(n_train, st).table_base_size), [])
     best = min(rows, key=lambda r: r["tune_loss"])
     table = qs.ascii_table(
         rows, ["variant", "tune_loss", "ratio_vs_dense", "ratio_vs_dense_isoflop"]
@@ -699,14 +723,20 @@ def main() -> int:
     ap.add_argument("--tokens", type=float, default=None, help="tokens per run (overrides mode)")
     ap.add_argument("--seeds", type=int, default=3, help="seeds per arm (>= 3 for an interval)")
     ap.add_argument("--isoparam", action="store_true", help="also run dense_isoparam")
+    ap.add_argument(
+        "--no-dense",
+        action="store_true",
+        help="skip the same-width dense arm (the target is judged on dense_isoflop)",
+    )
     ap.add_argument("--study", action="store_true", help="the recipe study on the tuning split")
     ap.add_argument("--study-tokens", type=float, default=None, help="tokens per study run")
     ap.add_argument("--study-seeds", type=int, default=1)
     ap.add_argument(
         "--study-grid",
         default="",
-        metavar="LR:STD,...",
-        help="study only these (table lr mult, init std) points, e.g. 5:0.01,25:0.01",
+        metavar="LR:STD[:ROWS],...",
+        help="study only these (table lr mult, init std[, rows a head]) points, e.g. "
+        "5:0.01,25:0.01:2500",
     )
     ap.add_argument("--no-main", action="store_true", help="skip the reported comparison")
     ap.add_argument("--sweep", action="store_true", help="the allocation sweeps (2 seeds a point)")
@@ -782,13 +812,16 @@ def main() -> int:
         arm_cfgs = {}
         for name in corpora:
             d = datas[name]
-            cfg = base_config(mode, recipe, tokens)
+            rec = recipe.sized(len(d.tokens["train"]), tokens)
+            cfg = base_config(mode, rec, tokens)
             arms = arm_configs(cfg, d.corpus.vocab_size, d.corpus.pad_id, args.isoparam)
+            if args.no_dense:
+                del arms["dense"]
             arm_cfgs[name] = arms
             ev_cap = max(1, int(args.val_tokens // (cfg.batch_size * cfg.seq_len)))
             for s in range(args.seeds):
                 for arm, c in arms.items():
-                    jobs.append(Job(name, arm, c, recipe, s, "val", max_val_batches=ev_cap))
+                    jobs.append(Job(name, arm, c, rec, s, "val", max_val_batches=ev_cap))
         log(f"reported comparison: {len(jobs)} runs of {tokens / 1e6:.2f} M tokens")
         res = run_jobs(jobs, args.jobs)
         for name in corpora:
@@ -799,14 +832,20 @@ def main() -> int:
                 arm: {"n_embd": c.model.n_embd, **measure(c, d.corpus.vocab_size, d.corpus.pad_id)}
                 for arm, c in arms.items()
             }
-            paired_init = all(
-                next(r["init_sha"] for r in rs if r["arm"] == "engram" and r["seed"] == s)
-                == next(r["init_sha"] for r in rs if r["arm"] == "dense" and r["seed"] == s)
-                for s in range(args.seeds)
+            paired_init = (
+                all(
+                    next(r["init_sha"] for r in rs if r["arm"] == "engram" and r["seed"] == s)
+                    == next(r["init_sha"] for r in rs if r["arm"] == "dense" and r["seed"] == s)
+                    for s in range(args.seeds)
+                )
+                if "dense" in arms
+                else None
             )
             vs_iso = paired(rs, "engram", "dense_isoflop")
             vs_same = paired(rs, "engram", "dense")
+            rec = recipe.sized(len(d.tokens["train"]), tokens)
             entry = {
+                "recipe": {**dataclasses.asdict(rec), "label": rec.label()},
                 "documents": d.docs,
                 "tokens": {k: int(len(v)) for k, v in d.tokens.items()},
                 "val_tokens_evaluated": int(len(rs[0]["token_losses"])),
@@ -865,13 +904,16 @@ def main() -> int:
         d = datas[name]
         V, pad = d.corpus.vocab_size, d.corpus.pad_id
         stoks = int(args.sweep_tokens or tokens // 4)
+        recipe = recipe.sized(len(d.tokens["train"]), stoks)
         cfg = base_config(mode, recipe, stoks)
         budget = measure(cfg, V, pad)["params"]["total"]
         ratios = [float(x) for x in args.ratios.split(",") if x.strip()]
         pts = [("params", r, c) for r, c in sweep_fixed_params(cfg, V, pad, budget, ratios)]
         for f in (0.25, 1.0, 4.0):
-            rows = max(16, int(recipe.table_base_size * f))
-            c = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, table_base_size=rows))
+            n_rows = max(16, int(recipe.table_base_size * f))
+            c = dataclasses.replace(
+                cfg, model=dataclasses.replace(cfg.model, table_base_size=n_rows)
+            )
             pts.append(("flops", f, c))
         pts.append(("flops", 0.0, dense_of(cfg)))
         jobs = [
@@ -966,6 +1008,8 @@ def store_check(d: Data, corpus: str, recipe: Recipe, mode: str, steps: int = 30
     from trainer.loop import train_worker
 
     torch.set_num_threads(1)
+    _, seq, batch = shape(mode)
+    recipe = recipe.sized(len(d.tokens["train"]), steps * seq * batch)
     cfg = base_config(mode, recipe, 1)
     cfg = dataclasses.replace(
         cfg,

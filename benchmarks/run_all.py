@@ -589,11 +589,18 @@ OLD_QUALITY = (
 
 
 def _quality_corpora(r: dict) -> dict[str, dict] | None:
-    """quality.json's {corpus: entry}, or None for a JSON in the old single-run format."""
+    """quality.json's {corpus: entry} (a merged --budget run's as "<corpus> --budget"), or None
+    for a JSON in the old single-run format."""
     c = r.get("corpora") if isinstance(r, dict) else None
     if not isinstance(c, dict):
         return None
-    return {k: v for k, v in c.items() if isinstance(v, dict)}
+    out = {k: v for k, v in c.items() if isinstance(v, dict)}
+    budget = r.get("budget")  # a --budget run's report, merged in (README "Quality")
+    if isinstance(budget, dict) and isinstance(budget.get("corpora"), dict):
+        out.update(
+            {f"{k} --budget": v for k, v in budget["corpora"].items() if isinstance(v, dict)}
+        )
+    return out
 
 
 def _interval(ci: dict | None, digits: int = 3) -> str:

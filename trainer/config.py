@@ -19,8 +19,29 @@ from engram_store.engine.errors import ConfigError
 from trainer.hashing import HashConfig
 
 DEVICES = ("auto", "cpu", "cuda")
+# The table size rule (README "Quality", benchmarks/quality.py's study on the tuning splits):
+# one row per hash head for every TOKENS_PER_ROW tokens of the training split, divided by the
+# passes a run makes over it when it reads it more than once, never below MIN_TABLE_ROWS.
+TOKENS_PER_ROW = 1000
+MIN_TABLE_ROWS = 64
 BACKENDS = ("store", "local")
 UPDATES = ("sync", "async")
+
+
+def rows_per_head(train_tokens: int | None, run_tokens: int) -> int:
+    """Rows per hash head for a run of `run_tokens` tokens over a training split of
+    `train_tokens` distinct tokens (None: an endless stream, never repeated).
+
+    A row that sees the same text again and again memorises it: on a corpus read 2.6 times,
+    tables of 20,000 rows a head lost to the dense model and 156-625 won; on one read 0.6 times,
+    20,000 won most. So the rows follow the distinct text and shrink with the passes over it."""
+    if run_tokens <= 0:
+        raise ConfigError(f"a run of {run_tokens} tokens: steps, batch and seq_len must be >= 1")
+    distinct = run_tokens if train_tokens is None else train_tokens
+    if distinct <= 0:
+        raise ConfigError(f"the training split has {train_tokens} tokens; give a larger corpus")
+    passes = max(1.0, run_tokens / distinct)
+    return max(MIN_TABLE_ROWS, round(distinct / (TOKENS_PER_ROW * passes)))
 
 
 @dataclass(frozen=True)
@@ -138,7 +159,9 @@ class ArchConfig:
     max_ngram: int = 3
     hash_heads: int = 4  # K heads per n-gram order
     n_embed_per_ngram: int = 128  # d_head = n_embed_per_ngram / hash_heads
-    table_base_size: int = 50_000  # rows per head ~ this (a prime just above)
+    # rows per head ~ this (a prime just above); 0 = "auto": TrainConfig.sized fills in the size
+    # rule (rows_per_head) once the corpus is known, as `engram train` does by default
+    table_base_size: int = 50_000
     hash_seed: int = 0
 
     def __post_init__(self) -> None:
@@ -148,6 +171,11 @@ class ArchConfig:
         """The n-gram hashing for a tokenizer with this pad id; None for the baseline."""
         if not self.engram_layers:
             return None
+        if not self.table_base_size:
+            raise ConfigError(
+                "table_base_size 0 (auto) is not sized yet: TrainConfig.sized(train_tokens) "
+                "fills it in from the corpus"
+            )
         return HashConfig(
             layers=self.engram_layers,
             max_ngram=self.max_ngram,
@@ -185,8 +213,14 @@ class ArchConfig:
         for name in ("n_layer", "n_head", "n_embd"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
-        if self.engram_layers:
-            self.hash_config(0)  # HashConfig.validate: heads, widths, base sizes
+        if self.table_base_size < 0:
+            raise ConfigError(
+                f"--table-size {self.table_base_size}: give rows per head >= 2, or auto"
+            )
+        if self.engram_layers:  # HashConfig.validate: heads, widths, base sizes (auto: later)
+            dataclasses.replace(
+                self, table_base_size=self.table_base_size or MIN_TABLE_ROWS
+            ).hash_config(0)
 
     def baseline(self) -> ArchConfig:
         """The same backbone without Engram."""
@@ -280,6 +314,27 @@ class TrainConfig:
             model=ArchConfig(**model),
             prefetch=PrefetchConfig(**prefetch),
             **{k: v for k, v in rest.items() if k in top},
+        )
+
+    @property
+    def run_tokens(self) -> int:
+        """Training tokens the run reads: steps x the global batch x seq_len."""
+        return self.steps * self.batch_size * self.trainers * self.seq_len
+
+    def sized(
+        self, train_tokens: int | None, resumed: Mapping[str, Any] | None = None
+    ) -> TrainConfig:
+        """This config with an auto table size (0) filled in: the resumed checkpoint's config
+        (its tables exist at their size), else rows_per_head for a training split of
+        `train_tokens` tokens (None: an endless stream). A given size is kept."""
+        if self.model.table_base_size or not self.model.engram_layers:
+            return self
+        rows = 0
+        if resumed is not None:
+            rows = int(TrainConfig.from_dict(resumed).model.table_base_size)
+        rows = rows or rows_per_head(train_tokens, self.run_tokens)
+        return dataclasses.replace(
+            self, model=dataclasses.replace(self.model, table_base_size=rows)
         )
 
     @property

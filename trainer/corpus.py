@@ -31,6 +31,7 @@ class Corpus:
     batches: Callable[..., Iterator[tuple[np.ndarray, np.ndarray]]]
     # batches(split, batch_size, seq_len, seed, start_step) -> endless (x, y) int64 (B, T)
     tokenizer: Any = None
+    train_tokens: int | None = None  # the training split's size; None: an endless stream
 
 
 def synthetic_corpus(vocab_size: int) -> Corpus:
@@ -99,7 +100,16 @@ def corpus_over(ds: Any, tokenizer: Any, vocab_size: int, pad_id: int) -> Corpus
                 yield b[:, :-1], b[:, 1:]
 
     fingerprint = hashlib.sha256(tokenizer.to_str().encode()).hexdigest()[:16]
-    return Corpus(vocab_size, pad_id, fingerprint, lookup, compressed, batches, tokenizer)
+    return Corpus(
+        vocab_size,
+        pad_id,
+        fingerprint,
+        lookup,
+        compressed,
+        batches,
+        tokenizer,
+        train_tokens=int(len(ds.split_tokens["train"])),
+    )
 
 
 def worker_batches(

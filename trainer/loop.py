@@ -291,6 +291,15 @@ def _serve_metrics(cfg: TrainConfig, rank: int) -> TrainerMetrics | None:
     return metrics
 
 
+def sized_for(cfg: TrainConfig, corpus: Corpus) -> TrainConfig:
+    """cfg with an auto table size filled in for this corpus (TrainConfig.sized); a resumed
+    run keeps its checkpoint's size."""
+    if cfg.model.table_base_size or not cfg.model.engram_layers:
+        return cfg
+    ckpt = check_resume(cfg, corpus)
+    return cfg.sized(corpus.train_tokens, ckpt["config"] if ckpt is not None else None)
+
+
 def train_worker(
     cfg: TrainConfig,
     rank: int = 0,
@@ -308,6 +317,7 @@ def train_worker(
     device = device or resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     corpus = corpus or run_corpus(cfg)
+    cfg = sized_for(cfg, corpus)
     w = build_worker(cfg, corpus, rank, world, device)
     served = _serve_metrics(cfg, rank) if metrics is None else None
     metrics = metrics or served

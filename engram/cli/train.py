@@ -118,9 +118,10 @@ def add_commands(subparsers) -> None:
     )
     m.add_argument(
         "--table-size",
-        type=int,
+        type=_table_size,
         default=None,
-        help="rows per hash head (a prime just above)",
+        help="rows per hash head (a prime just above), or auto (the default): one row per 1000 "
+        'training tokens, divided by the passes over them (README "Quality")',
     )
     t = p.add_argument_group("training")
     t.add_argument(
@@ -238,6 +239,21 @@ def _add_unavailable(subparsers) -> None:
     p.set_defaults(func=lambda args: options.require("trainer", "train"))
 
 
+def _table_size(text: str) -> int:
+    """--table-size: "auto" (0: sized from the corpus) or rows per head >= 2."""
+    if text.strip().lower() == "auto":
+        return 0
+    try:
+        rows = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give rows per head (an integer >= 2) or auto"
+        ) from None
+    if rows < 2:
+        raise argparse.ArgumentTypeError(f"{rows}: rows per head must be >= 2 (or auto)")
+    return rows
+
+
 def _or(value, default):
     """A flag's value, or the default when it was not given (its parser default is None)."""
     return default if value is None else value
@@ -289,7 +305,7 @@ def _base_config(args: argparse.Namespace):
         max_ngram=_or(args.max_ngram, dm.max_ngram),
         hash_heads=_or(args.hash_heads, dm.hash_heads),
         n_embed_per_ngram=_or(args.memory_width, dm.n_embed_per_ngram),
-        table_base_size=_or(args.table_size, dm.table_base_size),
+        table_base_size=_or(args.table_size, 0),  # 0: auto, sized once the corpus is read
     )
     return dataclasses.replace(d, model=model, vocab_size=_or(args.vocab_size, d.vocab_size))
 
@@ -421,7 +437,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from engram_store.ops.layout import lock_data_root
     from trainer.checkpoint import check_resume
     from trainer.launch import train
-    from trainer.loop import check_corpus, train_worker
+    from trainer.loop import check_corpus, sized_for, train_worker
     from trainer.preset_data import run_corpus
     from trainer.summary import print_summary
     from trainer.tables import table_specs
@@ -433,6 +449,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     corpus = run_corpus(cfg)
     check_corpus(cfg, corpus)
     check_resume(cfg, corpus)
+    if cfg.model.engram_layers and not cfg.model.table_base_size:
+        cfg = sized_for(cfg, corpus)
+        print(
+            f"[engram] tables: {cfg.model.table_base_size:,} rows a hash head (--table-size "
+            f"auto: {corpus.train_tokens or cfg.run_tokens:,} training tokens, "
+            f"{cfg.run_tokens:,} read)",
+            file=sys.stderr,
+        )
     # Checked: from here on things start. The lock tells `engram runs clean` the run is live.
     print(f"[engram] run directory {cfg.out}", file=sys.stderr)
     run_lock = lock_data_root(cfg.out, {"train": cfg.out})

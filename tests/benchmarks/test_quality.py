@@ -26,7 +26,7 @@ from trainer.data import Document, stdlib_documents  # noqa: E402
 
 VOCAB = 384
 B, T = 4, 32
-RECIPE = quality.Recipe(table_base_size=257)
+RECIPE = quality.Recipe(table_base_size=257, engram_layers=(1,))  # the tiny model has 2 blocks
 
 
 def _real_docs() -> list[Document]:
@@ -394,11 +394,31 @@ def test_study_varies_one_thing_at_a_time_around_the_default():
     assert default in grid  # the paper's 5x is one point of the grid, not the only one
     assert len(set(grid)) == 9 and len({r.table_lr_mult for r in grid}) == 3
     fields = [f.name for f in dataclasses.fields(quality.Recipe)]
-    for name, r in quality.study_around(default):
+    around = quality.study_around(default, 2_000)
+    for name, r in around:
         changed = [f for f in fields if getattr(r, f) != getattr(default, f)]
         assert len(changed) == 1, (name, changed)
+    sizes = {r.table_base_size for _, r in around} - {default.table_base_size}
+    assert sizes == {500, 8_000}  # / 4 and x 4 around the size the rule gave on that corpus
+    layers = {r.engram_layers for _, r in around} - {default.engram_layers}
+    assert default.engram_layers not in layers and len(layers) == 2
     labels = {r.label() for r in grid}
     assert len(labels) == 9  # the label tells variants apart
-    dup = quality.dedup_variants([("a", default), ("b", grid[1]), ("c", default)])
-    assert grid[1] != default
-    assert dup == [("a", default), ("b", grid[1])]
+
+
+# ------------------------------------------------------------------------------- the size rule
+
+
+def test_recipe_is_sized_per_corpus_and_a_given_size_is_kept():
+    auto = quality.Recipe()
+    assert auto.table_base_size == 0 and "rowsauto" in auto.label()
+    with pytest.raises(ValueError, match="sized"):
+        quality.base_config("quick", auto, 1_000)
+    small = auto.sized(600_000, 1_500_000)
+    big = auto.sized(2_500_000, 1_500_000)
+    assert small.table_base_size == quality.rows_per_head(600_000, 1_500_000)
+    assert big.table_base_size == 2_500 and small.table_base_size < big.table_base_size
+    cfg = quality.base_config("quick", big, 1_000_000)
+    assert cfg.model.table_base_size == 2_500
+    fixed = dataclasses.replace(auto, table_base_size=777)
+    assert fixed.sized(600_000, 1_500_000) is fixed

@@ -143,3 +143,22 @@ def test_readme_results_block_is_replaced_in_place(tmp_path):
     assert text.startswith("# project\n\ntext\n")
     assert text.count(run_all.START) == text.count(run_all.END) == 1
     assert "| b |" in text and "| a |" not in text
+
+
+def test_a_merged_budget_run_gets_its_own_quality_rows():
+    import run_all
+
+    def entry(mean: float, hi: float) -> dict:
+        ci = {"mean": mean, "lo": mean - 0.01, "hi": hi, "n": 3, "confidence": 0.95}
+        return {"ratio_vs_dense_isoflop": ci, "meets_target": mean <= 0.97 and hi < 1.0}
+
+    report = {
+        "benchmark": "quality",
+        "corpora": {"stdlib": entry(0.99, 1.01)},
+        "budget": {"mode": "budget", "corpora": {"libdocs": entry(0.90, 0.92)}},
+    }
+    rows = run_all.rows_quality(report)
+    budget = [r for r in rows if r[0].startswith("libdocs --budget: validation loss")]
+    assert len(budget) == 1 and budget[0][1] == "0.900 [0.890, 0.920]" and budget[0][3] == "PASS"
+    assert any(r[0].startswith("stdlib: validation loss") and r[3] == "MISS" for r in rows)
+    assert "budget" not in run_all.rows_quality({"corpora": {"stdlib": entry(0.9, 0.95)}})[0][0]

@@ -223,3 +223,30 @@ def test_default_engram_blocks_follow_the_backbone(flags, layers):
     cfg = train_cli.train_config(p.parse_args(["train", *flags]))
     assert cfg.model.engram_layers == layers
     dataclasses.replace(cfg, store=("127.0.0.1:1",)).validate()  # a config the run accepts
+
+
+@pytest.mark.parametrize("value", ["1", "-5", "lots"])
+def test_a_bad_table_size_is_a_usage_error(capsys, tmp_path, value):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--corpus", "synthetic", "--out", str(out), "--table-size", value])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--table-size" in err and "auto" in err and not out.exists(), err
+
+
+@pytest.mark.parametrize(
+    "flags, rows", [([], 0), (["--table-size", "auto"], 0), (["--table-size", "3000"], 3000)]
+)
+def test_table_size_is_auto_unless_given(flags, rows):
+    """auto (0) is sized from the corpus once it is read (trainer.config.rows_per_head)."""
+    import argparse
+    import dataclasses
+
+    from engram.cli import train as train_cli
+
+    p = argparse.ArgumentParser()
+    train_cli.add_commands(p.add_subparsers(dest="command"))
+    cfg = train_cli.train_config(p.parse_args(["train", *flags]))
+    assert cfg.model.table_base_size == rows
+    dataclasses.replace(cfg, store=("127.0.0.1:1",)).validate()

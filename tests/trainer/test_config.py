@@ -160,3 +160,65 @@ def test_train_without_the_trainer_layer_names_the_extra():
     )
     assert r.returncode == 2
     assert "pip install 'engram[train]'" in r.stderr and "unrecognized" not in r.stderr
+
+
+# ---- the table size rule (--table-size auto) ----
+
+
+def test_rows_per_head_follows_the_split_and_the_passes_over_it():
+    from trainer.config import MIN_TABLE_ROWS, TOKENS_PER_ROW, rows_per_head
+
+    k = TOKENS_PER_ROW
+    assert rows_per_head(2_500_000, 1_500_000) == 2_500_000 // k  # under one pass: the split
+    assert rows_per_head(2_500_000, 2_500_000) == rows_per_head(2_500_000, 100)
+    assert rows_per_head(2_500_000, 10_000_000) == round(2_500_000 / (4 * k))  # read 4 times
+    assert rows_per_head(None, 3_000_000) == 3_000_000 // k  # an endless stream never repeats
+    assert rows_per_head(1_000, 10**9) == MIN_TABLE_ROWS  # never below the floor
+    with pytest.raises(ConfigError, match="training split has 0 tokens"):
+        rows_per_head(0, 10)
+    with pytest.raises(ConfigError, match="steps, batch and seq_len"):
+        rows_per_head(100, 0)
+
+
+def test_sized_fills_an_auto_size_and_keeps_a_given_or_resumed_one():
+    from trainer.config import rows_per_head
+
+    auto = dataclasses.replace(
+        nested(), model=dataclasses.replace(nested().model, table_base_size=0), steps=400
+    )
+    auto.validate()  # auto is a valid setting before the corpus is known...
+    with pytest.raises(ConfigError, match="not sized yet"):
+        auto.model_config(vocab_size=64, pad_id=0)  # ...but no model is built from it
+    assert auto.run_tokens == 400 * 4 * 16
+    sized = auto.sized(2_000_000)
+    assert sized.model.table_base_size == rows_per_head(2_000_000, auto.run_tokens) == 2_000
+    assert sized.model_config(vocab_size=64, pad_id=0).hash.base_sizes == (2_000, 2_000)
+    assert sized.sized(10) is sized
+    given = nested()
+    assert given.sized(2_000_000).model.table_base_size == 500  # a given size is kept
+    # a resumed run keeps the size its tables were created with, whatever its new --steps
+    ckpt = dataclasses.replace(given, steps=10).to_dict()
+    assert auto.sized(2_000_000, resumed=ckpt).model.table_base_size == 500
+    with pytest.raises(ConfigError, match="--table-size -3"):
+        dataclasses.replace(nested(), model=ArchConfig(table_base_size=-3)).validate()
+
+
+def test_train_worker_sizes_auto_tables_from_the_corpus(tmp_path):
+    """An auto size reaches the model and the checkpoint as a number (what a resume reads)."""
+    torch = pytest.importorskip("torch")
+    from trainer.config import rows_per_head
+    from trainer.loop import train_worker
+
+    cfg = TrainConfig(
+        model=ArchConfig(
+            n_layer=1, n_head=2, n_embd=32, engram_layers=(0,), hash_heads=2,
+            n_embed_per_ngram=16, table_base_size=0,
+        ),
+        corpus="synthetic", vocab_size=256, seq_len=16, batch_size=4, steps=3,
+        eval_batches=1, backend="local", progress=False, out=str(tmp_path / "run"),
+    )  # fmt: skip
+    summary = train_worker(cfg)
+    assert summary["steps"] == 3
+    saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["config"]
+    want = rows_per_head(None, 3 * 4 * 16)
+    assert TrainConfig.from_dict(saved).model.table_base_size == want
