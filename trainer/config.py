@@ -19,9 +19,11 @@ from engram_store.engine.errors import ConfigError
 from trainer.hashing import HashConfig
 
 DEVICES = ("auto", "cpu", "cuda")
-# The table size rule (README "Quality", benchmarks/quality.py's study on the tuning splits):
-# one row per hash head for every TOKENS_PER_ROW tokens of the training split, divided by the
-# passes a run makes over it when it reads it more than once, never below MIN_TABLE_ROWS.
+# The table size rule (README "Quality", benchmarks/quality.py's table-size study on the tuning
+# splits). A run that reads its training split at most once: one row per hash head for every
+# TOKENS_PER_ROW_ONCE tokens it reads. A run that reads it p > 1 times: one row per
+# TOKENS_PER_ROW tokens of the split, divided by p. Never below MIN_TABLE_ROWS.
+TOKENS_PER_ROW_ONCE = 32
 TOKENS_PER_ROW = 1000
 MIN_TABLE_ROWS = 64
 BACKENDS = ("store", "local")
@@ -32,16 +34,22 @@ def rows_per_head(train_tokens: int | None, run_tokens: int) -> int:
     """Rows per hash head for a run of `run_tokens` tokens over a training split of
     `train_tokens` distinct tokens (None: an endless stream, never repeated).
 
-    A row that sees the same text again and again memorises it: on a corpus read 2.6 times,
-    tables of 20,000 rows a head lost to the dense model and 156-625 won; on one read 0.6 times,
-    20,000 won most. So the rows follow the distinct text and shrink with the passes over it."""
+    Two regimes, both measured on the tuning splits: text read once cannot be memorised, and
+    more rows help while each still gets a few dozen updates (best near 15-75 tokens read per
+    row); text read again is memorised by the rows, which then must be few (on a split read
+    2.6 times 20,000 rows a head lost to dense and 156-625, about one per 1,000 split tokens
+    divided by the passes, won)."""
     if run_tokens <= 0:
         raise ConfigError(f"a run of {run_tokens} tokens: steps, batch and seq_len must be >= 1")
     distinct = run_tokens if train_tokens is None else train_tokens
     if distinct <= 0:
         raise ConfigError(f"the training split has {train_tokens} tokens; give a larger corpus")
-    passes = max(1.0, run_tokens / distinct)
-    return max(MIN_TABLE_ROWS, round(distinct / (TOKENS_PER_ROW * passes)))
+    passes = run_tokens / distinct
+    if passes <= 1.0:
+        rows = run_tokens / TOKENS_PER_ROW_ONCE
+    else:
+        rows = distinct / (TOKENS_PER_ROW * passes)
+    return max(MIN_TABLE_ROWS, round(rows))
 
 
 @dataclass(frozen=True)

@@ -120,8 +120,9 @@ def add_commands(subparsers) -> None:
         "--table-size",
         type=_table_size,
         default=None,
-        help="rows per hash head (a prime just above), or auto (the default): one row per 1000 "
-        'training tokens, divided by the passes over them (README "Quality")',
+        help="rows per hash head (a prime just above), or auto (the default): a row per 32 "
+        "tokens read while the run reads its corpus at most once, else a row per 1000 corpus "
+        'tokens divided by the passes (README "Quality")',
     )
     t = p.add_argument_group("training")
     t.add_argument(

@@ -414,11 +414,11 @@ def test_recipe_is_sized_per_corpus_and_a_given_size_is_kept():
     assert auto.table_base_size == 0 and "rowsauto" in auto.label()
     with pytest.raises(ValueError, match="sized"):
         quality.base_config("quick", auto, 1_000)
-    small = auto.sized(600_000, 1_500_000)
-    big = auto.sized(2_500_000, 1_500_000)
-    assert small.table_base_size == quality.rows_per_head(600_000, 1_500_000)
-    assert big.table_base_size == 2_500 and small.table_base_size < big.table_base_size
+    small = auto.sized(600_000, 1_500_000)  # read 2.5 times
+    big = auto.sized(2_500_000, 1_500_000)  # read 0.6 times
+    assert small.table_base_size == quality.rows_per_head(600_000, 1_500_000) == 240
+    assert big.table_base_size == 1_500_000 // 32 and small.table_base_size < big.table_base_size
     cfg = quality.base_config("quick", big, 1_000_000)
-    assert cfg.model.table_base_size == 2_500
+    assert cfg.model.table_base_size == 1_500_000 // 32
     fixed = dataclasses.replace(auto, table_base_size=777)
     assert fixed.sized(600_000, 1_500_000) is fixed

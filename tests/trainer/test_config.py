@@ -165,14 +165,18 @@ def test_train_without_the_trainer_layer_names_the_extra():
 # ---- the table size rule (--table-size auto) ----
 
 
-def test_rows_per_head_follows_the_split_and_the_passes_over_it():
-    from trainer.config import MIN_TABLE_ROWS, TOKENS_PER_ROW, rows_per_head
+def test_rows_per_head_grows_with_text_read_once_and_shrinks_with_passes():
+    from trainer.config import MIN_TABLE_ROWS, TOKENS_PER_ROW, TOKENS_PER_ROW_ONCE, rows_per_head
 
-    k = TOKENS_PER_ROW
-    assert rows_per_head(2_500_000, 1_500_000) == 2_500_000 // k  # under one pass: the split
-    assert rows_per_head(2_500_000, 2_500_000) == rows_per_head(2_500_000, 100)
-    assert rows_per_head(2_500_000, 10_000_000) == round(2_500_000 / (4 * k))  # read 4 times
-    assert rows_per_head(None, 3_000_000) == 3_000_000 // k  # an endless stream never repeats
+    once, again = TOKENS_PER_ROW_ONCE, TOKENS_PER_ROW
+    # read at most once: a row per `once` tokens read, whatever the split's size
+    assert rows_per_head(2_500_000, 1_500_000) == 1_500_000 // once
+    assert rows_per_head(2_500_000, 2_500_000) == round(2_500_000 / once)
+    assert rows_per_head(None, 3_200_000) == 3_200_000 // once  # an endless stream never repeats
+    # read 4 times: a row per `again` split tokens, divided by the passes
+    assert rows_per_head(2_500_000, 10_000_000) == round(2_500_000 / (4 * again))
+    assert rows_per_head(600_000, 1_500_000) == 240  # 2.5 passes
+    assert rows_per_head(600_000, 1_500_000) < rows_per_head(600_000, 600_000)
     assert rows_per_head(1_000, 10**9) == MIN_TABLE_ROWS  # never below the floor
     with pytest.raises(ConfigError, match="training split has 0 tokens"):
         rows_per_head(0, 10)
@@ -190,9 +194,9 @@ def test_sized_fills_an_auto_size_and_keeps_a_given_or_resumed_one():
     with pytest.raises(ConfigError, match="not sized yet"):
         auto.model_config(vocab_size=64, pad_id=0)  # ...but no model is built from it
     assert auto.run_tokens == 400 * 4 * 16
-    sized = auto.sized(2_000_000)
-    assert sized.model.table_base_size == rows_per_head(2_000_000, auto.run_tokens) == 2_000
-    assert sized.model_config(vocab_size=64, pad_id=0).hash.base_sizes == (2_000, 2_000)
+    sized = auto.sized(2_000_000)  # under one pass: a row per 32 tokens read
+    assert sized.model.table_base_size == rows_per_head(2_000_000, auto.run_tokens) == 800
+    assert sized.model_config(vocab_size=64, pad_id=0).hash.base_sizes == (800, 800)
     assert sized.sized(10) is sized
     given = nested()
     assert given.sized(2_000_000).model.table_base_size == 500  # a given size is kept
