@@ -38,8 +38,9 @@ Method (issue 13):
   corpus; --table-base-size fixes a size.
 
 Modes: --quick (~0.5 M tokens a run, for a smoke run), default (2 M tokens), --budget (10.5 M
-tokens a run, width 128, about 30-35 min an Engram run on one core; two runs at a time with
---jobs 2; --no-dense leaves out the same-width dense arm, a third of the time).
+tokens a run, width 128, about 40 min a run with two at a time, --jobs 2; --no-dense leaves out
+the same-width dense arm, a third of the time; --runs-dir DIR keeps every finished run, so a
+stopped budget resumes where it was).
 Writes <out>/quality_<corpus>.svg (validation loss vs tokens, mean of seeds with min/max bands)
 and <out>/quality_curves.json; prints progress to stderr and one JSON object as the last line.
 """
@@ -55,6 +56,7 @@ import json
 import math
 import multiprocessing as mp
 import os
+import pickle
 import platform
 import sys
 import time
@@ -382,21 +384,56 @@ def run_job(job: Job) -> dict:
     }
 
 
-def run_jobs(jobs: list[Job], workers: int) -> list[dict]:
-    """Every job, `workers` at a time in spawned processes (one torch thread each)."""
-    if workers <= 1:
-        out = []
-        for j in jobs:
-            out.append(run_job(j))
-            _done(out[-1], len(out), len(jobs))
-        return out
+RUN_FORMAT = 1  # bump when a run's result changes shape: older kept runs are then not reused
+
+
+def run_path(runs_dir: Path, job: Job) -> Path:
+    """Where a finished job's result is kept: named by a hash of everything the job is (its
+    config, recipe, seed, split and evaluation), so any change makes a new file."""
+    key = hashlib.sha256(f"{RUN_FORMAT}:{job!r}".encode()).hexdigest()[:20]
+    return runs_dir / f"{job.corpus.replace('/', '_')}-{job.tag or job.arm}-s{job.seed}-{key}.pkl"
+
+
+def _keep(runs_dir: Path | None, job: Job, result: dict) -> None:
+    if runs_dir is None:
+        return
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    path = run_path(runs_dir, job)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(pickle.dumps(result))
+    os.replace(tmp, path)  # whole or absent: a run stopped mid-write leaves no half file
+
+
+def run_jobs(jobs: list[Job], workers: int, runs_dir: Path | None = None) -> list[dict]:
+    """Every job, `workers` at a time in spawned processes (one torch thread each). With
+    runs_dir, each result is kept there as soon as its run finishes, and a job whose result is
+    already there (the same job: run_path) is not run again: a stopped run resumes."""
     results: list[dict | None] = [None] * len(jobs)
+    todo = []
+    for i, j in enumerate(jobs):
+        kept = run_path(runs_dir, j) if runs_dir is not None else None
+        if kept is not None and kept.exists():
+            results[i] = pickle.loads(kept.read_bytes())  # our own files (--runs-dir)
+            log(f"  kept: {kept.name}")
+        else:
+            todo.append(i)
+    done = len(jobs) - len(todo)
+    if workers <= 1:
+        for i in todo:
+            results[i] = r = run_job(jobs[i])
+            _keep(runs_dir, jobs[i], r)
+            done += 1
+            _done(r, done, len(jobs))
+        return [r for r in results if r is not None]
     ctx = mp.get_context("spawn")
     with cf.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-        futs = {pool.submit(run_job, j): i for i, j in enumerate(jobs)}
-        for k, fut in enumerate(cf.as_completed(futs), 1):
-            results[futs[fut]] = r = fut.result()
-            _done(r, k, len(jobs))
+        futs = {pool.submit(run_job, jobs[i]): i for i in todo}
+        for fut in cf.as_completed(futs):
+            i = futs[fut]
+            results[i] = r = fut.result()
+            _keep(runs_dir, jobs[i], r)
+            done += 1
+            _done(r, done, len(jobs))
     return [r for r in results if r is not None]
 
 
@@ -613,7 +650,7 @@ def run_study(args, datas: dict, name: str, mode: str, recipe: Recipe, tokens: i
         log(
             f"recipe study on {name}'s tuning split: {len(jobs) + len(extra)} runs of {st / 1e6:.2f} M tokens"
         )
-        res = run_jobs(extra + jobs, args.jobs)
+        res = run_jobs(extra + jobs, args.jobs, args.runs_dir)
         dense.update({(r["tag"], r["seed"]): r["val_loss"] for r in res if r["tag"] in arms})
         for label, rec in variants:
             rr = [r for r in res if r["tag"] == label]
@@ -754,6 +791,13 @@ def main() -> int:
     ap.add_argument("--val-tokens", type=float, default=2e6, help="cap on validation tokens read")
     ap.add_argument("--jobs", type=int, default=max(1, min(2, os.cpu_count() or 1)))
     ap.add_argument("--out", default="results", help="folder for the SVG plots and curves")
+    ap.add_argument(
+        "--runs-dir",
+        type=Path,
+        default=None,
+        help="keep each run's result here as it finishes; rerunning with the same folder skips "
+        "the runs already there (resume a stopped --budget)",
+    )
     args = ap.parse_args()
 
     t_all = time.perf_counter()
@@ -824,7 +868,7 @@ def main() -> int:
                 for arm, c in arms.items():
                     jobs.append(Job(name, arm, c, rec, s, "val", max_val_batches=ev_cap))
         log(f"reported comparison: {len(jobs)} runs of {tokens / 1e6:.2f} M tokens")
-        res = run_jobs(jobs, args.jobs)
+        res = run_jobs(jobs, args.jobs, args.runs_dir)
         for name in corpora:
             d = datas[name]
             rs = [r for r in res if r["corpus"] == name]
@@ -923,7 +967,7 @@ def main() -> int:
             for s in range(2)
         ]
         log(f"allocation sweeps on {name}'s tuning split: {len(jobs)} runs of {stoks / 1e6:.2f} M")
-        res = run_jobs(jobs, args.jobs)
+        res = run_jobs(jobs, args.jobs, args.runs_dir)
         rows = []
         for kind, x, c in pts:
             rr = [r for r in res if r["arm"] == f"{kind}:{x:g}"]

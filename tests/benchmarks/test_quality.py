@@ -422,3 +422,25 @@ def test_recipe_is_sized_per_corpus_and_a_given_size_is_kept():
     assert cfg.model.table_base_size == 1_500_000 // 32
     fixed = dataclasses.replace(auto, table_base_size=777)
     assert fixed.sized(600_000, 1_500_000) is fixed
+
+
+def test_run_jobs_keeps_each_run_and_resumes_from_them(tiny_data, tmp_path, monkeypatch):
+    """--runs-dir: a finished run is kept as it ends; the same job is then read back, not run
+    again (its measured train_s comes back exactly), while a changed job runs."""
+    monkeypatch.setattr(quality, "cached_data", lambda corpus, vocab: tiny_data)
+    arms = quality.arm_configs(
+        tiny_cfg(), tiny_data.corpus.vocab_size, tiny_data.corpus.pad_id, False
+    )
+
+    def job(seed: int) -> quality.Job:
+        return quality.Job("tiny", "engram", arms["engram"], RECIPE, seed, "val", max_val_batches=2)
+
+    runs = tmp_path / "runs"
+    (first,) = quality.run_jobs([job(0)], 1, runs)
+    assert [p.name for p in runs.iterdir()] == [quality.run_path(runs, job(0)).name]
+    again, other = quality.run_jobs([job(0), job(1)], 1, runs)
+    assert again["train_s"] == first["train_s"]  # read back, not retrained
+    np.testing.assert_array_equal(again["token_losses"], first["token_losses"])
+    assert other["seed"] == 1 and other["train_s"] != first["train_s"]
+    assert len(list(runs.glob("*.pkl"))) == 2 and not list(runs.glob("*.tmp"))
+    assert quality.run_path(runs, job(0)) != quality.run_path(runs, job(1))
