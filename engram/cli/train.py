@@ -438,7 +438,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from engram_store.ops.layout import lock_data_root
     from trainer.checkpoint import check_resume
     from trainer.launch import train
-    from trainer.loop import check_corpus, sized_for, train_worker
+    from trainer.loop import check_corpus, train_worker
     from trainer.preset_data import run_corpus
     from trainer.summary import print_summary
     from trainer.tables import table_specs
@@ -449,9 +449,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         _probe_store(args, cfg)
     corpus = run_corpus(cfg)
     check_corpus(cfg, corpus)
-    check_resume(cfg, corpus)
+    ckpt = check_resume(cfg, corpus)
     if cfg.model.engram_layers and not cfg.model.table_base_size:
-        cfg = sized_for(cfg, corpus)
+        cfg = cfg.sized(corpus.train_tokens, ckpt["config"] if ckpt is not None else None)
         print(
             f"[engram] tables: {cfg.model.table_base_size:,} rows a hash head (--table-size "
             f"auto: {corpus.train_tokens or cfg.run_tokens:,} training tokens, "
