@@ -418,22 +418,23 @@ def run_jobs(jobs: list[Job], workers: int, runs_dir: Path | None = None) -> lis
         else:
             todo.append(i)
     done = len(jobs) - len(todo)
+
+    def finish(i: int, r: dict) -> None:
+        nonlocal done
+        results[i] = r
+        _keep(runs_dir, jobs[i], r)
+        done += 1
+        _done(r, done, len(jobs))
+
     if workers <= 1:
         for i in todo:
-            results[i] = r = run_job(jobs[i])
-            _keep(runs_dir, jobs[i], r)
-            done += 1
-            _done(r, done, len(jobs))
-        return [r for r in results if r is not None]
-    ctx = mp.get_context("spawn")
-    with cf.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-        futs = {pool.submit(run_job, jobs[i]): i for i in todo}
-        for fut in cf.as_completed(futs):
-            i = futs[fut]
-            results[i] = r = fut.result()
-            _keep(runs_dir, jobs[i], r)
-            done += 1
-            _done(r, done, len(jobs))
+            finish(i, run_job(jobs[i]))
+    else:
+        ctx = mp.get_context("spawn")
+        with cf.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            futs = {pool.submit(run_job, jobs[i]): i for i in todo}
+            for fut in cf.as_completed(futs):
+                finish(futs[fut], fut.result())
     return [r for r in results if r is not None]
 
 
@@ -630,11 +631,13 @@ def run_study(args, datas: dict, name: str, mode: str, recipe: Recipe, tokens: i
     st = int(args.study_tokens or tokens // 4)
     seeds = list(range(args.study_seeds))
     n_train = len(d.tokens["train"])
-    recipe = recipe.sized(n_train, st)
-    cfg0 = base_config(mode, recipe, st)
+    # the variants keep an auto size unsized (the chosen recipe is sized again per corpus by the
+    # reported comparison); each job is sized for this corpus
+    sized = recipe.sized(n_train, st)
+    cfg0 = base_config(mode, sized, st)
     arms = arm_configs(cfg0, d.corpus.vocab_size, d.corpus.pad_id, False)
     dense_jobs = [
-        Job(name, a, arms[a], recipe, s, "tune", tag=a)
+        Job(name, a, arms[a], sized, s, "tune", tag=a)
         for a in ("dense", "dense_isoflop")
         for s in seeds
     ]
