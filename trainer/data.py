@@ -3,7 +3,9 @@
 The default corpus needs no download: the docstrings of the Python standard library that ships
 with the interpreter, plus pydoc's topic pages (about 2 MB of English technical prose). A second
 built-in corpus, "libdocs", is the docstrings of numpy, networkx and sympy (installed with the
-trainer's torch; about 8 MB). A user corpus is a .txt / .jsonl ("text" field) / .parquet ("text"
+trainer's torch; about 8 MB). A third, "debdocs", is the Linux kernel's and Python's
+documentation read from two Debian packages (trainer.debdocs; about 50 MB, 10 M tokens), the one
+a 10 M-token run reads only once. A user corpus is a .txt / .jsonl ("text" field) / .parquet ("text"
 column) file or a folder of them.
 
 Splits are made by source document before any chunking (a .txt file cut into pieces keeps every
@@ -122,9 +124,15 @@ def libdocs_documents(packages: tuple[str, ...] = LIBDOCS_PACKAGES) -> list[Docu
 
 
 def _txt_documents(path: Path, name: str) -> Iterator[Document]:
+    return _text_pieces(path.read_text(encoding="utf-8", errors="replace"), name)
+
+
+def _text_pieces(text: str, name: str) -> Iterator[Document]:
+    """One text file's documents: pieces of about _TXT_DOC_CHARS cut at blank lines, each with
+    the file as its source (so a split keeps them together)."""
     buf: list[str] = []
     size = part = 0
-    for para in path.read_text(encoding="utf-8", errors="replace").split("\n\n"):
+    for para in text.split("\n\n"):
         buf.append(para)
         size += len(para)
         if size >= _TXT_DOC_CHARS:
@@ -195,16 +203,32 @@ def load_documents(path: str | os.PathLike) -> list[Document]:
 BUILTIN_CORPORA = {
     "stdlib": "Python standard library docstrings + pydoc topics",
     "libdocs": "docstrings of " + ", ".join(LIBDOCS_PACKAGES),
+    "debdocs": "the Linux kernel and Python documentation (Debian's linux-doc-6.1, python3.11-doc)",
 }
+
+
+def debdocs_documents(folder: str | os.PathLike | None = None) -> list[Document]:
+    """The "debdocs" corpus (trainer.debdocs): each text file of the two packages cut into
+    pieces as a .txt file of a folder corpus is, so the documents equal a folder's of them."""
+    from trainer.debdocs import debdocs_texts
+
+    return [
+        doc
+        for name, text in debdocs_texts(Path(folder) if folder else None)
+        for doc in _text_pieces(text, name)
+    ]
 
 
 def load_corpus(corpus: str | os.PathLike | None = None) -> list[Document]:
     """The user's corpus at `corpus`, or a built-in one: the stdlib documentation when None or
-    "stdlib", the numpy/networkx/sympy docstrings for "libdocs"."""
+    "stdlib", the numpy/networkx/sympy docstrings for "libdocs", the kernel and Python
+    documentation for "debdocs"."""
     if corpus is None or str(corpus) == "stdlib":
         return stdlib_documents()
     if str(corpus) == "libdocs":
         return libdocs_documents()
+    if str(corpus) == "debdocs":
+        return debdocs_documents()
     return load_documents(corpus)
 
 

@@ -1,0 +1,138 @@
+"""The debdocs corpus read from real .deb archives (ar + data.tar.xz, built here as dpkg-deb
+lays them out): the documents equal those of a folder holding the same text files."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from engram_store.engine.errors import ConfigError
+from trainer import data
+from trainer.debdocs import DEBDOCS_PACKAGES, find_deb, package_texts
+
+KDOC = "usr/share/doc/linux-doc-6.1/Documentation/"
+PYDOC = "usr/share/doc/python3.11/html/_sources/"
+
+
+def _tar_xz(files: dict[str, bytes], links: dict[str, str] | None = None) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:xz") as tar:
+        for name, body in files.items():
+            info = tarfile.TarInfo("./" + name)
+            info.size = len(body)
+            tar.addfile(info, io.BytesIO(body))
+        for name, target in (links or {}).items():
+            info = tarfile.TarInfo("./" + name)
+            info.type, info.linkname = tarfile.SYMTYPE, target
+            tar.addfile(info)
+    return buf.getvalue()
+
+
+def _ar(members: list[tuple[str, bytes]]) -> bytes:
+    out = [b"!<arch>\n"]
+    for name, body in members:
+        head = f"{name + '/':<16}{0:<12}{0:<6}{0:<6}{100644:<8}{len(body):<10}`\n"
+        out += [head.encode("ascii"), body, b"\n" if len(body) % 2 else b""]
+    return b"".join(out)
+
+
+def _deb(path: Path, files: dict[str, bytes], links: dict[str, str] | None = None) -> Path:
+    path.write_bytes(
+        _ar(
+            [
+                ("debian-binary", b"2.0\n"),
+                ("control.tar.xz", _tar_xz({"control": b"Package: x\n"})),
+                ("data.tar.xz", _tar_xz(files, links)),
+            ]
+        )
+    )
+    return path
+
+
+def _para(topic: str, n: int) -> str:
+    return "\n\n".join(
+        f"The {topic} driver handles request {i} on the bus. " * 12 for i in range(n)
+    )
+
+
+@pytest.fixture
+def debs(tmp_path):
+    kernel = {
+        KDOC + "PCI/sysfs-pci.rst.gz": gzip.compress(_para("pci", 60).encode()),  # > 16 k chars
+        KDOC + "atomic_t.txt.gz": gzip.compress(_para("atomic", 3).encode()),
+        KDOC + "PCIe.rst.gz": gzip.compress(_para("pcie", 2).encode()),
+        KDOC + "devicetree/bindings/x.yaml.gz": gzip.compress(b"compatible: foo\n"),
+        KDOC + "translations/zh_CN/index.rst.gz": gzip.compress("内核文档".encode()),
+        "usr/share/doc/linux-doc-6.1/changelog.gz": gzip.compress(b"not under the root"),
+    }
+    python = {
+        PYDOC + "library/os.rst.txt": _para("os module", 4).encode(),
+        PYDOC + "howto/logging.rst.txt": _para("logging", 2).encode(),
+        "usr/share/doc/python3.11/html/library/os.html": b"<html>left out</html>",
+    }
+    folder = tmp_path / "debs"
+    folder.mkdir()
+    _deb(folder / "linux-doc-6.1_6.1.1-1_all.deb", kernel)
+    _deb(
+        folder / "python3.11-doc_3.11.2-1_all.deb",
+        python,
+        links={PYDOC + "library/ospath.rst.txt": "os.rst.txt"},
+    )
+    return folder
+
+
+def test_debdocs_equals_the_folder_of_its_text_files(debs, tmp_path):
+    docs = data.debdocs_documents(debs)
+    # the same texts laid out as a folder corpus (the names the module documents)
+    tree = tmp_path / "tree"
+    expect = {
+        "linux/PCI/sysfs-pci.rst.txt": _para("pci", 60),
+        "linux/atomic_t.txt": _para("atomic", 3),
+        "linux/PCIe.rst.txt": _para("pcie", 2),
+        "python/library/os.rst.txt": _para("os module", 4),
+        "python/library/ospath.rst.txt": _para("os module", 4),  # a symlink, resolved
+        "python/howto/logging.rst.txt": _para("logging", 2),
+    }
+    for name, text in expect.items():
+        (tree / name).parent.mkdir(parents=True, exist_ok=True)
+        (tree / name).write_text(text)
+    folder_docs = data.load_corpus(tree)
+    assert docs == folder_docs
+    assert data.corpus_fingerprint(docs) == data.corpus_fingerprint(folder_docs)
+    assert {d.origin for d in docs} == set(expect)  # no yaml, no translation, nothing off-root
+    assert sum(d.origin == "linux/PCI/sysfs-pci.rst.txt" for d in docs) >= 2  # cut into pieces
+
+
+def test_package_texts_rejects_a_damaged_package(tmp_path):
+    pkg = DEBDOCS_PACKAGES[1]
+    bad = tmp_path / "python3.11-doc_1_all.deb"
+    bad.write_bytes(b"PK\x03\x04 this is a zip")
+    with pytest.raises(ConfigError, match="not a Debian package"):
+        list(package_texts(bad, pkg))
+    good = _deb(tmp_path / "ok.deb", {PYDOC + "a.rst.txt": b"text"})
+    raw = good.read_bytes()
+    bad.write_bytes(raw[: len(raw) - 40])  # the data member cut short
+    with pytest.raises(ConfigError, match="truncated|damaged"):
+        list(package_texts(bad, pkg))
+    empty = _deb(tmp_path / "empty.deb", {"usr/share/doc/other/a.txt": b"text"})
+    with pytest.raises(ConfigError, match="no .txt files under"):
+        list(package_texts(empty, pkg))
+
+
+def test_missing_package_names_the_command(tmp_path):
+    with pytest.raises(ConfigError, match="apt-get download linux-doc-6.1"):
+        find_deb(tmp_path, "linux-doc-6.1", fetch=False)
+    (tmp_path / "linux-doc-6.1_6.1.1-1_all.deb").write_bytes(b"x")
+    (tmp_path / "linux-doc-6.1_6.1.2-1_all.deb").write_bytes(b"x")
+    assert find_deb(tmp_path, "linux-doc-6.1", fetch=False).name == "linux-doc-6.1_6.1.2-1_all.deb"
+
+
+def test_load_corpus_debdocs_reads_the_folder_in_the_environment(debs, monkeypatch):
+    monkeypatch.setenv("ENGRAM_DEBDOCS_DIR", str(debs))
+    docs = data.load_corpus("debdocs")
+    assert docs == data.debdocs_documents(debs)
+    assert docs[0].origin == "linux/PCI/sysfs-pci.rst.txt"  # linux/ before python/, path order
