@@ -676,11 +676,10 @@ def run_study(args, datas: dict, name: str, mode: str, recipe: Recipe, tokens: i
     dense: dict[tuple[str, int], float] = {}
     if args.study_grid:  # a given grid only: no extension, no stage 2
         grid = []
-        for item in args.study_grid.split(","):
-            lr, std, *rest = (float(x) for x in item.split(":"))
-            n_rows = int(rest[0]) if rest else recipe.table_base_size
+        for lr, std, given_rows in args.study_grid:
+            n_rows = given_rows if given_rows is not None else recipe.table_base_size
             label = f"table lr {lr:g}x, init std {std:g}"
-            if rest:
+            if given_rows is not None:
                 label += f", {n_rows} rows a head"
             grid.append(
                 (
@@ -742,6 +741,28 @@ def run_study(args, datas: dict, name: str, mode: str, recipe: Recipe, tokens: i
 # ------------------------------------------------------------------------------------ main
 
 
+def grid_points(text: str) -> list[tuple[float, float, int | None]]:
+    """--study-grid: "LR:STD[:ROWS],..." as (table lr mult, init std, rows a head or None)."""
+    points = []
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        parts = item.split(":")
+        try:
+            if len(parts) not in (2, 3):
+                raise ValueError("want LR:STD or LR:STD:ROWS")
+            lr, std = float(parts[0]), float(parts[1])
+            n_rows = int(parts[2]) if len(parts) == 3 else None
+            if not (math.isfinite(lr) and lr > 0 and math.isfinite(std) and std > 0):
+                raise ValueError("LR and STD must be positive numbers")
+            if n_rows is not None and n_rows < 2:
+                raise ValueError("ROWS must be an integer >= 2")
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"bad point {item!r}: {e}") from None
+        points.append((lr, std, n_rows))
+    return points
+
+
 def arm_configs(cfg: TrainConfig, vocab: int, pad: int, isoparam: bool) -> dict[str, TrainConfig]:
     e = measure(cfg, vocab, pad)
     arms = {"engram": cfg, "dense": dense_of(cfg)}
@@ -774,7 +795,8 @@ def main() -> int:
     ap.add_argument("--study-seeds", type=int, default=1)
     ap.add_argument(
         "--study-grid",
-        default="",
+        type=grid_points,
+        default=[],
         metavar="LR:STD[:ROWS],...",
         help="study only these (table lr mult, init std[, rows a head]) points, e.g. "
         "5:0.01,25:0.01:2500",
@@ -802,6 +824,8 @@ def main() -> int:
         "the runs already there (resume a stopped --budget)",
     )
     args = ap.parse_args()
+    if args.runs_dir is not None and args.runs_dir.exists() and not args.runs_dir.is_dir():
+        ap.error(f"--runs-dir {args.runs_dir}: not a folder (give a folder, new or existing)")
 
     t_all = time.perf_counter()
     load0 = os.getloadavg()

@@ -444,3 +444,25 @@ def test_run_jobs_keeps_each_run_and_resumes_from_them(tiny_data, tmp_path, monk
     assert other["seed"] == 1 and other["train_s"] != first["train_s"]
     assert len(list(runs.glob("*.pkl"))) == 2 and not list(runs.glob("*.tmp"))
     assert quality.run_path(runs, job(0)) != quality.run_path(runs, job(1))
+
+
+def test_study_grid_points_parse_and_bad_ones_name_the_point():
+    assert quality.grid_points("5:0.01, 100:0.02:2500,") == [(5.0, 0.01, None), (100.0, 0.02, 2500)]
+    for bad in ("5", "5:0.01:2500:1", "x:0.01", "5:-1", "5:0.01:1", "5:0.01:2.5", "nan:0.01"):
+        with pytest.raises(quality.argparse.ArgumentTypeError, match="bad point"):
+            quality.grid_points(bad)
+
+
+def test_main_refuses_bad_flags_before_reading_a_corpus(tmp_path, monkeypatch, capsys):
+    not_a_dir = tmp_path / "runs"
+    not_a_dir.write_text("a file")
+    for argv, said in (
+        (["--runs-dir", str(not_a_dir)], "not a folder"),
+        (["--study", "--study-grid", "5"], "bad point '5'"),
+    ):
+        monkeypatch.setattr(sys, "argv", ["quality.py", *argv])
+        with pytest.raises(SystemExit) as e:
+            quality.main()
+        assert e.value.code == 2
+        assert said in capsys.readouterr().err
+    assert not_a_dir.read_text() == "a file"
