@@ -466,3 +466,59 @@ def test_main_refuses_bad_flags_before_reading_a_corpus(tmp_path, monkeypatch, c
         assert e.value.code == 2
         assert said in capsys.readouterr().err
     assert not_a_dir.read_text() == "a file"
+
+
+def test_run_study_pairs_each_point_with_its_seeds_dense_runs_and_keeps_auto_unsized(
+    tiny_data, monkeypatch
+):
+    """run_study over a given grid on the tuning split: one row per point, each ratio against the
+    dense runs of its seed, the best by tuning loss chosen, and a point left at the auto size
+    chosen unsized (so the reported comparison sizes it per corpus)."""
+    monkeypatch.setattr(quality, "cached_data", lambda corpus, vocab: tiny_data)
+    real = quality.base_config
+
+    def tiny_base(mode, recipe, tokens):  # tiny_cfg's shape for the study's sized recipes
+        cfg = real("quick", recipe, tokens)
+        return dataclasses.replace(
+            cfg,
+            vocab_size=VOCAB,
+            seq_len=T,
+            batch_size=B,
+            steps=max(1, tokens // (B * T)),
+            model=dataclasses.replace(
+                cfg.model, n_layer=2, n_head=2, n_embd=32, hash_heads=2, n_embed_per_ngram=16
+            ),
+        )
+
+    monkeypatch.setattr(quality, "base_config", tiny_base)
+    recipe = dataclasses.replace(quality.Recipe(), engram_layers=(1,))  # rows: auto
+    args = types.SimpleNamespace(
+        study_tokens=6 * B * T,
+        study_seeds=1,
+        study_grid=[(100.0, 0.01, None), (25.0, 0.1, None), (5.0, 1.0, 257)],
+        jobs=1,
+        runs_dir=None,
+    )
+    out = quality.run_study(args, {"tiny": tiny_data}, "tiny", "quick", recipe, 6 * B * T)
+    rows = {r["variant"]: r for r in out["rows"]}
+    assert set(rows) == {
+        "table lr 100x, init std 0.01",
+        "table lr 25x, init std 0.1",
+        "table lr 5x, init std 1, 257 rows a head",
+    }
+    assert out["split"] == "tune" and out["seeds"] == 1
+    assert out["dense_tune_loss"] != out["dense_isoflop_tune_loss"]  # two baselines, both run
+    for r in rows.values():
+        assert math.isfinite(r["tune_loss"])
+        assert r["ratio_vs_dense"] == pytest.approx(r["tune_loss"] / out["dense_tune_loss"])
+        assert r["ratio_vs_dense_isoflop"] == pytest.approx(
+            r["tune_loss"] / out["dense_isoflop_tune_loss"]
+        )
+    best = min(rows.values(), key=lambda r: r["tune_loss"])
+    assert out["best"] == best["variant"]
+    assert rows["table lr 100x, init std 0.01"]["recipe"].startswith(
+        "lr100x-constant-init0.01-rowsauto"
+    )
+    lr = float(out["best"].split()[2].rstrip("x,"))
+    assert out["chosen"]["table_lr_mult"] == lr
+    assert out["chosen"]["table_base_size"] == (257 if lr == 5.0 else 0)  # auto stays auto
