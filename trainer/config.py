@@ -21,10 +21,12 @@ from trainer.hashing import HashConfig
 DEVICES = ("auto", "cpu", "cuda")
 # The table size rule (README "Quality", benchmarks/quality.py's table-size study on the tuning
 # splits). A run that reads its training split at most once: one row per hash head for every
-# TOKENS_PER_ROW_ONCE tokens it reads. A run that reads it p > 1 times: one row per
-# TOKENS_PER_ROW tokens of the split, divided by p. Never below MIN_TABLE_ROWS.
+# TOKENS_PER_ROW_ONCE tokens it reads. A run that reads it p >= PASSES_REPEATED times: one row
+# per TOKENS_PER_ROW tokens of the split, divided by p. In between (unmeasured), geometric
+# interpolation in p between the two, so the size never jumps. Never below MIN_TABLE_ROWS.
 TOKENS_PER_ROW_ONCE = 32
 TOKENS_PER_ROW = 1000
+PASSES_REPEATED = 2.5
 MIN_TABLE_ROWS = 64
 BACKENDS = ("store", "local")
 UPDATES = ("sync", "async")
@@ -38,7 +40,9 @@ def rows_per_head(train_tokens: int | None, run_tokens: int) -> int:
     more rows help while each still gets a few dozen updates (best near 15-75 tokens read per
     row); text read again is memorised by the rows, which then must be few (on a split read
     2.6 times 20,000 rows a head lost to dense and 156-625, about one per 1,000 split tokens
-    divided by the passes, won)."""
+    divided by the passes, won). Between one pass and PASSES_REPEATED nothing was measured: the
+    size falls geometrically in the passes from the one regime's to the other's, instead of
+    jumping 30-fold when a run reads a few more tokens than its split holds."""
     if run_tokens <= 0:
         raise ConfigError(f"a run of {run_tokens} tokens: steps, batch and seq_len must be >= 1")
     distinct = run_tokens if train_tokens is None else train_tokens
@@ -47,6 +51,10 @@ def rows_per_head(train_tokens: int | None, run_tokens: int) -> int:
     passes = run_tokens / distinct
     if passes <= 1.0:
         rows = run_tokens / TOKENS_PER_ROW_ONCE
+    elif passes < PASSES_REPEATED:
+        once = distinct / TOKENS_PER_ROW_ONCE  # the one-pass size at exactly one pass
+        repeated = distinct / (TOKENS_PER_ROW * PASSES_REPEATED)
+        rows = once * (repeated / once) ** (math.log(passes) / math.log(PASSES_REPEATED))
     else:
         rows = distinct / (TOKENS_PER_ROW * passes)
     return max(MIN_TABLE_ROWS, round(rows))

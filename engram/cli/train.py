@@ -121,8 +121,9 @@ def add_commands(subparsers) -> None:
         type=_table_size,
         default=None,
         help="rows per hash head (a prime just above), or auto (the default): a row per 32 "
-        "tokens read while the run reads its corpus at most once, else a row per 1000 corpus "
-        'tokens divided by the passes (README "Quality")',
+        "tokens read while the run reads its corpus at most once, a row per 1000 corpus tokens "
+        "divided by the passes from 2.5 passes on, geometrically between the two in between "
+        '(README "Quality")',
     )
     t = p.add_argument_group("training")
     t.add_argument(

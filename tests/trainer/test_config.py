@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import subprocess
 import sys
 
@@ -182,6 +183,24 @@ def test_rows_per_head_grows_with_text_read_once_and_shrinks_with_passes():
         rows_per_head(0, 10)
     with pytest.raises(ConfigError, match="steps, batch and seq_len"):
         rows_per_head(100, 0)
+
+
+def test_rows_per_head_falls_geometrically_between_one_pass_and_repeated_reading():
+    """No jump at one pass: from one pass to PASSES_REPEATED the size is the geometric
+    interpolation in the passes, written here from the formula, meeting both regimes at the ends."""
+    from trainer.config import PASSES_REPEATED, TOKENS_PER_ROW, TOKENS_PER_ROW_ONCE, rows_per_head
+
+    n = 10_000_000
+    once, repeated = n / TOKENS_PER_ROW_ONCE, n / (TOKENS_PER_ROW * PASSES_REPEATED)
+    sizes = []
+    for p in (1.0, 1.001, 1.05, 1.2, 1.5, 2.0, 2.4, 2.499, PASSES_REPEATED):
+        want = once * (repeated / once) ** (math.log(p) / math.log(PASSES_REPEATED))
+        got = rows_per_head(n, round(p * n))
+        assert got == pytest.approx(want, rel=1e-3, abs=1), p
+        sizes.append(got)
+    assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == len(sizes)
+    assert sizes[0] == round(once) and sizes[-1] == round(repeated)
+    assert rows_per_head(n, n + 1000) > 0.99 * rows_per_head(n, n)  # a few tokens more: no cliff
 
 
 def test_sized_fills_an_auto_size_and_keeps_a_given_or_resumed_one():
