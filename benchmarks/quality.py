@@ -38,8 +38,8 @@ Method (issue 13):
   a geometric interpolation in the passes (unmeasured). The rule is applied per
   corpus; --table-base-size fixes a size.
 
-Modes: --quick (~0.5 M tokens a run, for a smoke run), default (2 M tokens), --budget (10.5 M
-tokens a run, width 128, about 40 min a run with two at a time, --jobs 2; --no-dense leaves out
+Modes: --quick (~0.5 M tokens a run, for a smoke run), default (2 M tokens), --budget (10 M
+tokens a run, width 128, 29-34 min a run with two at a time, --jobs 2; --no-dense leaves out
 the same-width dense arm, a third of the time; --runs-dir DIR keeps every finished run, so a
 stopped budget resumes where it was).
 Writes <out>/quality_<corpus>.svg (validation loss vs tokens, mean of seeds with min/max bands)
@@ -831,7 +831,7 @@ def main() -> int:
     t_all = time.perf_counter()
     load0 = os.getloadavg()
     mode = "budget" if args.budget else "quick" if args.quick else "default"
-    tokens = int(args.tokens or {"budget": 10.5e6, "quick": 0.5e6, "default": 2e6}[mode])
+    tokens = int(args.tokens or {"budget": 10e6, "quick": 0.5e6, "default": 2e6}[mode])
     recipe = Recipe()  # the documented default (README "Quality"), changed only from a study
     recipe = dataclasses.replace(
         recipe,

@@ -639,15 +639,16 @@ def rows_quality(r: dict) -> list[Row]:
             )
         )
         same = e.get("ratio_vs_dense") or {}
-        out.append(
-            (
-                f"{label}: same, vs dense with the same backbone (no widening; backbone init "
-                f"identical: {e.get('backbone_init_identical')})",
-                _interval(same),
-                "—",
-                "info",
+        if same.get("n"):  # a --no-dense run has no same-width arm
+            out.append(
+                (
+                    f"{label}: same, vs dense with the same backbone (no widening; backbone init "
+                    f"identical: {e.get('backbone_init_identical')})",
+                    _interval(same),
+                    "—",
+                    "info",
+                )
             )
-        )
         isop = e.get("ratio_vs_dense_isoparam")
         if isop:
             out.append(

@@ -162,3 +162,8 @@ def test_a_merged_budget_run_gets_its_own_quality_rows():
     assert len(budget) == 1 and budget[0][1] == "0.900 [0.890, 0.920]" and budget[0][3] == "PASS"
     assert any(r[0].startswith("stdlib: validation loss") and r[3] == "MISS" for r in rows)
     assert "budget" not in run_all.rows_quality({"corpora": {"stdlib": entry(0.9, 0.95)}})[0][0]
+    # a --no-dense run (no same-width arm: n = 0) gets no "vs dense" row; a run with it does
+    assert not any("same backbone" in r[0] for r in rows)
+    with_dense = {**entry(0.9, 0.95), "ratio_vs_dense": entry(0.95, 0.96)["ratio_vs_dense_isoflop"]}
+    rows = run_all.rows_quality({"corpora": {"stdlib": with_dense}})
+    assert [r[1] for r in rows if "same backbone" in r[0]] == ["0.950 [0.940, 0.960]"]
