@@ -34,7 +34,7 @@ Method (issue 13):
 - The recipe (Recipe's defaults, the same as `engram train`'s): table lr 100x the backbone's,
   rows initialised N(0, 0.01^2), Engram at blocks 1 and 2, and rows per head by the size rule
   (trainer.config.rows_per_head): one per 32 tokens read when a run reads the training split at
-  most once, one per 1,000 split tokens divided by the passes from 2.5 passes on, and in between
+  most once, one per 1,000 split tokens divided by the passes from 1.5 passes on, and in between
   a geometric interpolation in the passes (unmeasured). The rule is applied per
   corpus; --table-base-size fixes a size.
 

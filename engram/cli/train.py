@@ -122,7 +122,7 @@ def add_commands(subparsers) -> None:
         default=None,
         help="rows per hash head (a prime just above), or auto (the default): a row per 32 "
         "tokens read while the run reads its corpus at most once, a row per 1000 corpus tokens "
-        "divided by the passes from 2.5 passes on, geometrically between the two in between "
+        "divided by the passes from 1.5 passes on, geometrically between the two in between "
         '(README "Quality")',
     )
     t = p.add_argument_group("training")
