@@ -12,11 +12,13 @@ packages' text files under linux/ and python/ (`--corpus FOLDER`): same names, s
 from __future__ import annotations
 
 import gzip
+import io
 import logging
 import os
 import shutil
 import subprocess
 import tarfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -78,8 +80,8 @@ def find_deb(folder: Path, package: str, fetch: bool = True) -> Path:
     return found[-1]
 
 
-def _ar_member(deb: Path, prefix: str) -> tuple[str, bytes]:
-    """The first member of the ar archive `deb` whose name starts with `prefix`."""
+def _ar_member(deb: Path, prefix: str) -> bytes:
+    """The data of the first member of the ar archive `deb` whose name starts with `prefix`."""
     with deb.open("rb") as f:
         if f.read(8) != b"!<arch>\n":
             raise ConfigError(f"{deb}: not a Debian package (no ar header); fetch it again")
@@ -96,7 +98,7 @@ def _ar_member(deb: Path, prefix: str) -> tuple[str, bytes]:
                 data = f.read(size)
                 if len(data) != size:
                     raise ConfigError(f"{deb}: truncated ({name}); fetch it again")
-                return name, data
+                return data
             f.seek(size + (size & 1), os.SEEK_CUR)
     raise ConfigError(f"{deb}: no {prefix}* member; fetch it again")
 
@@ -104,9 +106,7 @@ def _ar_member(deb: Path, prefix: str) -> tuple[str, bytes]:
 def package_texts(deb: Path, pkg: DocPackage) -> Iterator[tuple[str, str]]:
     """(name, text) of each kept file of the package, named prefix/path-under-root with a .gz
     dropped and ".txt" added where the name does not end in it, sorted as a folder's paths."""
-    import io
-
-    _, data = _ar_member(deb, "data.tar")
+    data = _ar_member(deb, "data.tar")
     out: dict[str, str] = {}
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
@@ -126,7 +126,7 @@ def package_texts(deb: Path, pkg: DocPackage) -> Iterator[tuple[str, str]]:
                 if not rel.endswith(".txt"):
                     rel += ".txt"
                 out[f"{pkg.prefix}/{rel}"] = raw.decode("utf-8", errors="replace")
-    except (tarfile.TarError, OSError, EOFError) as e:
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:  # gzip: OSError or zlib
         raise ConfigError(f"{deb}: damaged package ({e}); fetch it again") from None
     if not out:
         raise ConfigError(f"{deb}: no {'/'.join(pkg.suffixes)} files under {pkg.root}")

@@ -118,6 +118,10 @@ def test_package_texts_rejects_a_damaged_package(tmp_path):
     bad.write_bytes(raw[: len(raw) - 40])  # the data member cut short
     with pytest.raises(ConfigError, match="truncated|damaged"):
         list(package_texts(bad, pkg))
+    gz = gzip.compress(b"a kernel document " * 200)
+    broken = _deb(tmp_path / "broken.deb", {KDOC + "a.rst.gz": gz[:12] + b"\xff" * 40 + gz[52:]})
+    with pytest.raises(ConfigError, match="damaged package"):  # a member's gzip data corrupted
+        list(package_texts(broken, DEBDOCS_PACKAGES[0]))
     empty = _deb(tmp_path / "empty.deb", {"usr/share/doc/other/a.txt": b"text"})
     with pytest.raises(ConfigError, match="no .txt files under"):
         list(package_texts(empty, pkg))
