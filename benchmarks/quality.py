@@ -778,7 +778,8 @@ def main() -> int:
     ap.add_argument(
         "--corpus",
         default="stdlib,libdocs",
-        help="comma-separated corpora: stdlib, libdocs, debdocs (built in) or a text file/folder",
+        help="comma-separated corpora: stdlib, libdocs, debdocs, devdocs (built in) or a text "
+        "file/folder",
     )
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--quick", action="store_true", help="~0.5 M tokens a run (a smoke run)")

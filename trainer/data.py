@@ -3,9 +3,10 @@
 The default corpus needs no download: the docstrings of the Python standard library that ships
 with the interpreter, plus pydoc's topic pages (about 2 MB of English technical prose). A second
 built-in corpus, "libdocs", is the docstrings of numpy, networkx and sympy (installed with the
-trainer's torch; about 8 MB). A third, "debdocs", is the Linux kernel's and Python's
-documentation read from two Debian packages (trainer.debdocs; about 50 MB, 10 M tokens), the one
-a 10 M-token run reads only once. A user corpus is a .txt / .jsonl ("text" field) / .parquet ("text"
+trainer's torch; about 8 MB). Two more are read from Debian's documentation packages
+(trainer.debdocs), each about 40 MB of text, 10 M tokens, which a 10 M-token run reads only once:
+"debdocs", the Linux kernel's and Python's documentation, and "devdocs", the manuals of fifteen
+other projects (PostgreSQL, SQLite, Django, Rust, vim, scikit-learn, ...). A user corpus is a .txt / .jsonl ("text" field) / .parquet ("text"
 column) file or a folder of them.
 
 Splits are made by source document before any chunking (a .txt file cut into pieces keeps every
@@ -204,17 +205,20 @@ BUILTIN_CORPORA = {
     "stdlib": "Python standard library docstrings + pydoc topics",
     "libdocs": "docstrings of " + ", ".join(LIBDOCS_PACKAGES),
     "debdocs": "the Linux kernel and Python documentation (Debian's linux-doc-6.1, python3.11-doc)",
+    "devdocs": "the manuals of 15 projects from Debian's doc packages (trainer.debdocs.DEVDOCS_PACKAGES)",
 }
 
 
-def debdocs_documents(folder: str | os.PathLike | None = None) -> list[Document]:
-    """The "debdocs" corpus (trainer.debdocs): each text file of the two packages cut into
-    pieces as a .txt file of a folder corpus is, so the documents equal a folder's of them."""
+def debdocs_documents(
+    folder: str | os.PathLike | None = None, corpus: str = "debdocs"
+) -> list[Document]:
+    """The "debdocs" or "devdocs" corpus (trainer.debdocs): each text file of its packages cut
+    into pieces as a .txt file of a folder corpus is, so the documents equal a folder's of them."""
     from trainer.debdocs import debdocs_texts
 
     return [
         doc
-        for name, text in debdocs_texts(Path(folder) if folder else None)
+        for name, text in debdocs_texts(Path(folder) if folder else None, corpus)
         for doc in _text_pieces(text, name)
     ]
 
@@ -222,13 +226,13 @@ def debdocs_documents(folder: str | os.PathLike | None = None) -> list[Document]
 def load_corpus(corpus: str | os.PathLike | None = None) -> list[Document]:
     """The user's corpus at `corpus`, or a built-in one: the stdlib documentation when None or
     "stdlib", the numpy/networkx/sympy docstrings for "libdocs", the kernel and Python
-    documentation for "debdocs"."""
+    documentation for "debdocs", fifteen projects' manuals for "devdocs"."""
     if corpus is None or str(corpus) == "stdlib":
         return stdlib_documents()
     if str(corpus) == "libdocs":
         return libdocs_documents()
-    if str(corpus) == "debdocs":
-        return debdocs_documents()
+    if str(corpus) in ("debdocs", "devdocs"):
+        return debdocs_documents(corpus=str(corpus))
     return load_documents(corpus)
 
 

@@ -1,5 +1,5 @@
-"""The debdocs corpus read from real .deb archives (ar + data.tar.xz, built here as dpkg-deb
-lays them out): the documents equal those of a folder holding the same text files."""
+"""The debdocs and devdocs corpora read from real .deb archives (ar + data.tar.xz, built here as
+dpkg-deb lays them out): the documents equal those of a folder holding the same text files."""
 
 from __future__ import annotations
 
@@ -12,7 +12,14 @@ import pytest
 
 from engram_store.engine.errors import ConfigError
 from trainer import data
-from trainer.debdocs import DEBDOCS_PACKAGES, find_deb, package_texts
+from trainer.debdocs import (
+    DEBDOCS_PACKAGES,
+    DEVDOCS_PACKAGES,
+    DocPackage,
+    debdocs_texts,
+    find_deb,
+    package_texts,
+)
 
 KDOC = "usr/share/doc/linux-doc-6.1/Documentation/"
 PYDOC = "usr/share/doc/python3.11/html/_sources/"
@@ -140,3 +147,99 @@ def test_load_corpus_debdocs_reads_the_folder_in_the_environment(debs, monkeypat
     docs = data.load_corpus("debdocs")
     assert docs == data.debdocs_documents(debs)
     assert docs[0].origin == "linux/PCI/sysfs-pci.rst.txt"  # linux/ before python/, path order
+
+
+def _page(pkg: DocPackage, body: str) -> bytes:
+    """A page the package's selector keeps `body` of, with navigation around it."""
+    sel = pkg.html
+    assert sel is not None
+    if sel.tags:
+        main = f"<{sel.tags[0]}>{body}</{sel.tags[0]}>"
+    else:
+        attr, value = sel.keep[0]
+        main = f'<div {attr}="{value}">{body}</div>'
+    return f"<html><body><nav>Home | Index</nav>{main}</body></html>".encode()
+
+
+def _devdocs_debs(folder: Path) -> dict[str, str]:
+    """One .deb per devdocs package, each with a page it reads, one it skips and one off its
+    root; returns the folder-corpus names and texts expected from them."""
+    folder.mkdir()
+    expect = {}
+    for i, pkg in enumerate(DEVDOCS_PACKAGES):
+        prose = _para(f"{pkg.prefix} topic {i}", 2)
+        if pkg.html is not None:
+            rel, body = "guide/intro.html", _page(pkg, "<p>" + prose.replace("\n\n", "<p>"))
+        else:
+            rel, body = "guide/intro.rst.txt", prose.encode()
+        if pkg.include != ("*",):
+            rel = pkg.include[0].replace("*", rel)
+        assert pkg.reads(rel)
+        skipped = pkg.skip[0].replace("*", "x") if pkg.skip else "guide/notes.yaml"
+        assert not pkg.reads(skipped)
+        files = {pkg.root + rel: body, pkg.root + skipped: body, "usr/share/doc/x/off.txt": b"no"}
+        _deb(folder / f"{pkg.package}_1.0-1_all.deb", files)
+        name = f"{pkg.prefix}/{rel}" + ("" if rel.endswith(".txt") else ".txt")
+        # an HTML page's paragraphs come out stripped, one blank line apart
+        as_html = "\n\n".join(p.strip() for p in prose.split("\n\n")) + "\n"
+        expect[name] = as_html if pkg.html is not None else prose
+    return expect
+
+
+def test_devdocs_equals_the_folder_of_its_text_files(tmp_path, monkeypatch):
+    expect = _devdocs_debs(tmp_path / "debs")
+    monkeypatch.setenv("ENGRAM_DEBDOCS_DIR", str(tmp_path / "debs"))
+    docs = data.load_corpus("devdocs")
+    tree = tmp_path / "tree"
+    for name, text in expect.items():
+        (tree / name).parent.mkdir(parents=True, exist_ok=True)
+        (tree / name).write_text(text)
+    assert docs == data.load_corpus(tree)
+    assert {d.origin for d in docs} == set(expect)  # one page a package: no skipped page
+    assert "Home" not in "".join(d.text for d in docs)  # HTML pages: their main content only
+
+
+def test_devdocs_names_the_first_missing_package(tmp_path):
+    _devdocs_debs(tmp_path / "debs")
+    gone = sorted((tmp_path / "debs").glob("rust-doc_*.deb"))
+    gone[0].unlink()
+    with pytest.raises(ConfigError, match="corpus devdocs needs the Debian package rust-doc"):
+        list(debdocs_texts(tmp_path / "debs", "devdocs", fetch=False))
+
+
+def test_devdocs_leaves_out_the_sources_of_man_pages():
+    by = {pkg.prefix: pkg for pkg in DEVDOCS_PACKAGES}
+    # man pages stay held apart: a manual's pages that are also installed as man pages are
+    # not read, the rest of the manual is
+    left_out = {
+        "postgresql": ["sql-select.html", "app-psql.html", "contrib-dblink-close.html"],
+        "django": ["ref/django-admin.html"],
+        "ghc": ["ghc.rst.txt"],
+        "sphinx": ["man/sphinx-build.rst.txt"],
+    }
+    read = {
+        "postgresql": ["tutorial-select.html", "spi-examples.html", "mvcc.html"],
+        "django": ["ref/models/querysets.html"],
+        "ghc": ["ghci.rst.txt"],
+        "sphinx": ["usage/quickstart.rst.txt"],
+    }
+    for prefix, rels in left_out.items():
+        assert not any(by[prefix].reads(r) for r in rels), prefix
+    for prefix, rels in read.items():
+        assert all(by[prefix].reads(r) for r in rels), prefix
+    assert not by["postgresql"].reads("spi-spi-connect.html")
+    # Sphinx's autosummary stubs and a book's one-page copy are not read either
+    assert not by["pandas"].reads("reference/api/pandas.DataFrame.rst.txt")
+    assert not by["sklearn"].reads("modules/generated/sklearn.svm.SVC.rst.txt")
+    assert not by["rust"].reads("book/print.html") and by["rust"].reads("book/ch01-00.html")
+    assert not by["rust"].reads("core/option/index.html")  # the API docs: not a book
+
+
+def test_a_link_to_a_file_of_another_package_is_not_read(tmp_path):
+    pkg = DEVDOCS_PACKAGES[-1]  # sphinx-doc: Sphinx sources
+    deb = _deb(
+        tmp_path / "sphinx-doc_1_all.deb",
+        {pkg.root + "usage/a.rst.txt": b"a page"},
+        links={pkg.root + "usage/b.rst.txt": "../../../../other-doc/b.rst.txt"},
+    )
+    assert [n for n, _ in package_texts(deb, pkg)] == ["sphinx/usage/a.rst.txt"]
