@@ -29,7 +29,8 @@ Method (issue 13):
   growing. With a dense backbone and tied embeddings both cannot be held at once: every backbone
   parameter costs FLOPs, so (a) reports each point's FLOPs and (b) each point's parameters.
 - --store-check: the Engram arm trained once through the real store (a shard server on
-  127.0.0.1, gRPC, server-side Adam) beside the local run: both curves in the JSON.
+  127.0.0.1, gRPC, server-side Adam) beside the local run, --store-steps steps each (300): both
+  curves in the JSON.
 
 - The recipe (Recipe's defaults, the same as `engram train`'s): table lr 100x the backbone's,
   rows initialised N(0, 0.01^2), Engram at blocks 1 and 2, and rows per head by the size rule
@@ -764,6 +765,17 @@ def grid_points(text: str) -> list[tuple[float, float, int | None]]:
     return points
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"want an integer >= 1, got {text!r}")
+    return n
+
+
 def arm_configs(cfg: TrainConfig, vocab: int, pad: int, isoparam: bool) -> dict[str, TrainConfig]:
     e = measure(cfg, vocab, pad)
     arms = {"engram": cfg, "dense": dense_of(cfg)}
@@ -814,6 +826,12 @@ def main() -> int:
     ap.add_argument("--engram-layers", default=None, help="blocks carrying Engram, e.g. 1 or 1,2")
     ap.add_argument(
         "--store-check", action="store_true", help="one Engram run through a real shard server"
+    )
+    ap.add_argument(
+        "--store-steps",
+        type=positive_int,
+        default=300,
+        help="steps of each --store-check run (the budget's batch is 2,048 tokens)",
     )
     ap.add_argument("--val-tokens", type=float, default=2e6, help="cap on validation tokens read")
     ap.add_argument("--jobs", type=int, default=max(1, min(2, os.cpu_count() or 1)))
@@ -1038,7 +1056,9 @@ def main() -> int:
 
     # 4. one run through the real store beside the local one
     if args.store_check:
-        report["store_check"] = store_check(datas[corpora[0]], corpora[0], recipe, mode)
+        report["store_check"] = store_check(
+            datas[corpora[0]], corpora[0], recipe, mode, args.store_steps
+        )
 
     (out_dir / "quality_curves.json").write_text(json.dumps(all_curves))
     ent = list(report["corpora"].values())

@@ -459,6 +459,8 @@ def test_main_refuses_bad_flags_before_reading_a_corpus(tmp_path, monkeypatch, c
     for argv, said in (
         (["--runs-dir", str(not_a_dir)], "not a folder"),
         (["--study", "--study-grid", "5"], "bad point '5'"),
+        (["--store-check", "--store-steps", "0"], "want an integer >= 1, got '0'"),
+        (["--store-check", "--store-steps", "many"], "got 'many'"),
     ):
         monkeypatch.setattr(sys, "argv", ["quality.py", *argv])
         with pytest.raises(SystemExit) as e:
