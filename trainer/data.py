@@ -6,8 +6,8 @@ built-in corpus, "libdocs", is the docstrings of numpy, networkx and sympy (inst
 trainer's torch; about 8 MB). Two more are read from Debian's documentation packages
 (trainer.debdocs), each about 40 MB of text, 10 M tokens, which a 10 M-token run reads only once:
 "debdocs", the Linux kernel's and Python's documentation, and "devdocs", the manuals of fifteen
-other projects (PostgreSQL, SQLite, Django, Rust, vim, scikit-learn, ...). A user corpus is a .txt / .jsonl ("text" field) / .parquet ("text"
-column) file or a folder of them.
+other projects (PostgreSQL, SQLite, Django, Rust, vim, scikit-learn, ...). A user corpus is a
+.txt / .jsonl ("text" field) / .parquet ("text" column) file or a folder of them.
 
 Splits are made by source document before any chunking (a .txt file cut into pieces keeps every
 piece in one split), by a hash of the source's name, and the tokenizer is trained on the training
@@ -205,7 +205,7 @@ BUILTIN_CORPORA = {
     "stdlib": "Python standard library docstrings + pydoc topics",
     "libdocs": "docstrings of " + ", ".join(LIBDOCS_PACKAGES),
     "debdocs": "the Linux kernel and Python documentation (Debian's linux-doc-6.1, python3.11-doc)",
-    "devdocs": "the manuals of 15 projects from Debian's doc packages (trainer.debdocs.DEVDOCS_PACKAGES)",
+    "devdocs": "the manuals of 15 projects from Debian's doc packages (trainer.debdocs)",
 }
 
 

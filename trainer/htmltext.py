@@ -123,9 +123,8 @@ def html_text(page: str, sel: Selector) -> str:
     p.close()
     blocks = []
     for block in "".join(p.out).split(_BREAK):
-        lines = [line.rstrip() for line in block.strip("\n").split("\n")]
-        if any(lines) and "\n".join(lines).strip():
+        text = "\n".join(line.rstrip() for line in block.strip("\n").split("\n"))
+        if text.strip():
             # a block of prose starts at its first word; a <pre> block keeps its indentation
-            text = "\n".join(lines)
             blocks.append(text if "\n" in text else text.strip())
     return "\n\n".join(blocks) + "\n" if blocks else ""
