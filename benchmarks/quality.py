@@ -638,11 +638,9 @@ def run_study(args, datas: dict, name: str, mode: str, recipe: Recipe, tokens: i
     sized = recipe.sized(n_train, st)
     cfg0 = base_config(mode, sized, st)
     arms = arm_configs(cfg0, d.corpus.vocab_size, d.corpus.pad_id, False)
-    dense_jobs = [
-        Job(name, a, arms[a], sized, s, "tune", tag=a)
-        for a in ("dense", "dense_isoflop")
-        for s in seeds
-    ]
+    # --no-dense: only the baseline the target is judged on (a budget-sized study)
+    bases = ("dense_isoflop",) if getattr(args, "no_dense", False) else ("dense", "dense_isoflop")
+    dense_jobs = [Job(name, a, arms[a], sized, s, "tune", tag=a) for a in bases for s in seeds]
     rows: list[dict] = []
     chosen: dict[str, Recipe] = {}
 
@@ -667,7 +665,9 @@ def run_study(args, datas: dict, name: str, mode: str, recipe: Recipe, tokens: i
                     "tune_loss": float(np.mean([r["val_loss"] for r in rr])),
                     "ratio_vs_dense": float(
                         np.mean([r["val_loss"] / dense[("dense", r["seed"])] for r in rr])
-                    ),
+                    )
+                    if "dense" in bases
+                    else None,
                     "ratio_vs_dense_isoflop": float(
                         np.mean([r["val_loss"] / dense[("dense_isoflop", r["seed"])] for r in rr])
                     ),
@@ -678,16 +678,23 @@ def run_study(args, datas: dict, name: str, mode: str, recipe: Recipe, tokens: i
     dense: dict[tuple[str, int], float] = {}
     if args.study_grid:  # a given grid only: no extension, no stage 2
         grid = []
-        for lr, std, given_rows in args.study_grid:
+        for lr, std, given_rows, given_schedule in args.study_grid:
             n_rows = given_rows if given_rows is not None else recipe.table_base_size
+            schedule = given_schedule or recipe.table_schedule
             label = f"table lr {lr:g}x, init std {std:g}"
             if given_rows is not None:
                 label += f", {n_rows} rows a head"
+            if given_schedule is not None:
+                label += ", follows the cosine" if schedule == "follow" else ", constant"
             grid.append(
                 (
                     label,
                     dataclasses.replace(
-                        recipe, table_lr_mult=lr, table_init_std=std, table_base_size=n_rows
+                        recipe,
+                        table_lr_mult=lr,
+                        table_init_std=std,
+                        table_base_size=n_rows,
+                        table_schedule=schedule,
                     ),
                 )
             )
@@ -728,7 +735,9 @@ def run_study(args, datas: dict, name: str, mode: str, recipe: Recipe, tokens: i
         "split": "tune",
         "tokens_per_run": st,
         "seeds": args.study_seeds,
-        "dense_tune_loss": float(np.mean([v for (a, _), v in dense.items() if a == "dense"])),
+        "dense_tune_loss": float(np.mean([v for (a, _), v in dense.items() if a == "dense"]))
+        if "dense" in bases
+        else None,
         "dense_isoflop_tune_loss": float(
             np.mean([v for (a, _), v in dense.items() if a == "dense_isoflop"])
         ),
@@ -743,16 +752,18 @@ def run_study(args, datas: dict, name: str, mode: str, recipe: Recipe, tokens: i
 # ------------------------------------------------------------------------------------ main
 
 
-def grid_points(text: str) -> list[tuple[float, float, int | None]]:
-    """--study-grid: "LR:STD[:ROWS],..." as (table lr mult, init std, rows a head or None)."""
+def grid_points(text: str) -> list[tuple[float, float, int | None, str | None]]:
+    """--study-grid: "LR:STD[:ROWS][:SCHEDULE],..." as (table lr mult, init std, rows a head or
+    None, table schedule ("constant" or "follow") or None)."""
     points = []
     for item in (x.strip() for x in text.split(",")):
         if not item:
             continue
         parts = item.split(":")
+        schedule = parts.pop() if parts[-1] in ("constant", "follow") else None
         try:
             if len(parts) not in (2, 3):
-                raise ValueError("want LR:STD or LR:STD:ROWS")
+                raise ValueError("want LR:STD, LR:STD:ROWS, and optionally :constant or :follow")
             lr, std = float(parts[0]), float(parts[1])
             n_rows = int(parts[2]) if len(parts) == 3 else None
             if not (math.isfinite(lr) and lr > 0 and math.isfinite(std) and std > 0):
@@ -761,7 +772,7 @@ def grid_points(text: str) -> list[tuple[float, float, int | None]]:
                 raise ValueError("ROWS must be an integer >= 2")
         except ValueError as e:
             raise argparse.ArgumentTypeError(f"bad point {item!r}: {e}") from None
-        points.append((lr, std, n_rows))
+        points.append((lr, std, n_rows, schedule))
     return points
 
 
@@ -811,9 +822,9 @@ def main() -> int:
         "--study-grid",
         type=grid_points,
         default=[],
-        metavar="LR:STD[:ROWS],...",
-        help="study only these (table lr mult, init std[, rows a head]) points, e.g. "
-        "5:0.01,25:0.01:2500",
+        metavar="LR:STD[:ROWS][:SCHEDULE],...",
+        help="study only these (table lr mult, init std[, rows a head][, table schedule]) "
+        "points, e.g. 5:0.01,25:0.01:2500,100:0.01:follow",
     )
     ap.add_argument("--no-main", action="store_true", help="skip the reported comparison")
     ap.add_argument("--sweep", action="store_true", help="the allocation sweeps (2 seeds a point)")

@@ -447,8 +447,24 @@ def test_run_jobs_keeps_each_run_and_resumes_from_them(tiny_data, tmp_path, monk
 
 
 def test_study_grid_points_parse_and_bad_ones_name_the_point():
-    assert quality.grid_points("5:0.01, 100:0.02:2500,") == [(5.0, 0.01, None), (100.0, 0.02, 2500)]
-    for bad in ("5", "5:0.01:2500:1", "x:0.01", "5:-1", "5:0.01:1", "5:0.01:2.5", "nan:0.01"):
+    assert quality.grid_points("5:0.01, 100:0.02:2500,100:0.01:follow,25:1:300:constant") == [
+        (5.0, 0.01, None, None),
+        (100.0, 0.02, 2500, None),
+        (100.0, 0.01, None, "follow"),
+        (25.0, 1.0, 300, "constant"),
+    ]
+    for bad in (
+        "5",
+        "5:0.01:2500:1",
+        "x:0.01",
+        "5:-1",
+        "5:0.01:1",
+        "5:0.01:2.5",
+        "nan:0.01",
+        "5:follow",
+        "5:0.01:cosine",
+        "5:0.01:300:follow:follow",
+    ):
         with pytest.raises(quality.argparse.ArgumentTypeError, match="bad point"):
             quality.grid_points(bad)
 
@@ -497,7 +513,7 @@ def test_run_study_pairs_each_point_with_its_seeds_dense_runs_and_keeps_auto_uns
     args = types.SimpleNamespace(
         study_tokens=6 * B * T,
         study_seeds=1,
-        study_grid=[(100.0, 0.01, None), (25.0, 0.1, None), (5.0, 1.0, 257)],
+        study_grid=[(100.0, 0.01, None, None), (25.0, 0.1, None, None), (5.0, 1.0, 257, None)],
         jobs=1,
         runs_dir=None,
     )
@@ -524,3 +540,58 @@ def test_run_study_pairs_each_point_with_its_seeds_dense_runs_and_keeps_auto_uns
     lr = float(out["best"].split()[2].rstrip("x,"))
     assert out["chosen"]["table_lr_mult"] == lr
     assert out["chosen"]["table_base_size"] == (257 if lr == 5.0 else 0)  # auto stays auto
+
+
+def test_run_study_no_dense_runs_only_the_isoflop_baseline_and_a_point_sets_its_schedule(
+    tiny_data, monkeypatch
+):
+    """With --no-dense a study runs the dense_isoflop arm only (its ratios are against it, the
+    same-width ones are None), and a grid point's schedule is the one its tables train with."""
+    monkeypatch.setattr(quality, "cached_data", lambda corpus, vocab: tiny_data)
+    real = quality.base_config
+
+    def tiny_base(mode, recipe, tokens):
+        cfg = real("quick", recipe, tokens)
+        return dataclasses.replace(
+            cfg,
+            vocab_size=VOCAB,
+            seq_len=T,
+            batch_size=B,
+            steps=max(1, tokens // (B * T)),
+            model=dataclasses.replace(
+                cfg.model, n_layer=2, n_head=2, n_embd=32, hash_heads=2, n_embed_per_ngram=16
+            ),
+        )
+
+    monkeypatch.setattr(quality, "base_config", tiny_base)
+    ran: list[str] = []
+    real_jobs = quality.run_jobs
+
+    def spy(jobs, n, runs_dir):  # the real runs, with the arms they were asked for noted
+        ran.extend(j.tag for j in jobs)
+        return real_jobs(jobs, n, runs_dir)
+
+    monkeypatch.setattr(quality, "run_jobs", spy)
+    recipe = dataclasses.replace(quality.Recipe(), engram_layers=(1,))
+    args = types.SimpleNamespace(
+        study_tokens=6 * B * T,
+        study_seeds=1,
+        study_grid=quality.grid_points("100:0.01:constant,100:0.01:follow"),
+        no_dense=True,
+        jobs=1,
+        runs_dir=None,
+    )
+    out = quality.run_study(args, {"tiny": tiny_data}, "tiny", "quick", recipe, 6 * B * T)
+    assert "dense" not in ran and ran.count("dense_isoflop") == 1
+    rows = {r["variant"]: r for r in out["rows"]}
+    const = rows["table lr 100x, init std 0.01, constant"]
+    follow = rows["table lr 100x, init std 0.01, follows the cosine"]
+    assert const["recipe"].startswith("lr100x-constant-") and follow["recipe"].startswith(
+        "lr100x-follow-"
+    )
+    assert out["dense_tune_loss"] is None and const["ratio_vs_dense"] is None
+    for r in (const, follow):
+        assert r["ratio_vs_dense_isoflop"] == pytest.approx(
+            r["tune_loss"] / out["dense_isoflop_tune_loss"]
+        )
+    assert const["tune_loss"] != follow["tune_loss"]  # the schedule reached the tables
