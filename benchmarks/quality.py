@@ -995,10 +995,15 @@ def main() -> int:
             entry["plot"] = str(svg)
             report["corpora"][name] = entry
             ci = vs_iso
+            same = (
+                f"{vs_same['mean']:.4f}"
+                if vs_same.get("mean") is not None
+                else "not run (--no-dense)"
+            )
             log(
                 f"{name}: engram / dense_isoflop = {ci.get('mean', float('nan')):.4f} "
                 f"[{ci.get('lo')}, {ci.get('hi')}] over {ci.get('n')} seeds; engram / dense = "
-                f"{vs_same.get('mean', float('nan')):.4f}"
+                f"{same}"
             )
 
     # 3. the allocation sweeps
@@ -1105,6 +1110,7 @@ def store_check(d: Data, corpus: str, recipe: Recipe, mode: str, steps: int = 30
     """The Engram arm for `steps` steps twice: through the trainer's store backend (one shard
     server on 127.0.0.1, gRPC lookups and pushes, server-side Adam) and through the local
     backend, same seed and batches; their train-loss curves and validation losses."""
+    import contextlib
     import tempfile
 
     from engram_store.engine.config import ShardConfig
@@ -1143,7 +1149,8 @@ def store_check(d: Data, corpus: str, recipe: Recipe, mode: str, steps: int = 30
             }
             for name, c in runs.items():
                 t0 = time.perf_counter()
-                s = train_worker(c)
+                with contextlib.redirect_stdout(sys.stderr):  # stdout is for the JSON alone
+                    s = train_worker(c)
                 out[name] = {
                     "val_loss_before": s.get("val_loss_before"),
                     "val_loss_after": s.get("val_loss_after"),

@@ -595,3 +595,20 @@ def test_run_study_no_dense_runs_only_the_isoflop_baseline_and_a_point_sets_its_
             r["tune_loss"] / out["dense_isoflop_tune_loss"]
         )
     assert const["tune_loss"] != follow["tune_loss"]  # the schedule reached the tables
+
+
+def test_store_check_runs_both_backends_to_the_same_losses_and_keeps_stdout_for_the_json(capsys):
+    """--store-check, 3 steps at the quick model on stdlib: a real shard server on 127.0.0.1 and
+    the local backend give the same train and validation losses to rounding, and the trainer's
+    step lines go to stderr, so the report's JSON is stdout's only line."""
+    d = quality.cached_data("stdlib", 4096)
+    out = quality.store_check(d, "stdlib", quality.Recipe(), "quick", steps=3)
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "step 3/3" in captured.err
+    assert out["steps"] == 3
+    for arm in ("store", "local"):
+        assert math.isfinite(out[arm]["val_loss_after"])
+        assert out[arm]["val_loss_after"] < out[arm]["val_loss_before"]
+    assert abs(out["val_loss_diff"]) < 1e-4
+    assert out["train_loss_max_abs_diff"] < 1e-4
