@@ -844,6 +844,12 @@ def main() -> int:
         default=300,
         help="steps of each --store-check run (the budget's batch is 2,048 tokens)",
     )
+    ap.add_argument(
+        "--store-seed",
+        type=int,
+        default=None,
+        help="seed of both --store-check runs (default: the trainer config's, 1337)",
+    )
     ap.add_argument("--val-tokens", type=float, default=2e6, help="cap on validation tokens read")
     ap.add_argument("--jobs", type=int, default=max(1, min(2, os.cpu_count() or 1)))
     ap.add_argument("--out", default="results", help="folder for the SVG plots and curves")
@@ -1073,7 +1079,7 @@ def main() -> int:
     # 4. one run through the real store beside the local one
     if args.store_check:
         report["store_check"] = store_check(
-            datas[corpora[0]], corpora[0], recipe, mode, args.store_steps
+            datas[corpora[0]], corpora[0], recipe, mode, args.store_steps, args.store_seed
         )
 
     (out_dir / "quality_curves.json").write_text(json.dumps(all_curves))
@@ -1106,10 +1112,13 @@ def _json_default(o: Any) -> Any:
 # ------------------------------------------------------------------------------ store check
 
 
-def store_check(d: Data, corpus: str, recipe: Recipe, mode: str, steps: int = 300) -> dict:
+def store_check(
+    d: Data, corpus: str, recipe: Recipe, mode: str, steps: int = 300, seed: int | None = None
+) -> dict:
     """The Engram arm for `steps` steps twice: through the trainer's store backend (one shard
     server on 127.0.0.1, gRPC lookups and pushes, server-side Adam) and through the local
-    backend, same seed and batches; their train-loss curves and validation losses."""
+    backend, same seed (`seed`, else the config's) and batches; their train-loss curves and
+    validation losses."""
     import contextlib
     import tempfile
 
@@ -1126,6 +1135,7 @@ def store_check(d: Data, corpus: str, recipe: Recipe, mode: str, steps: int = 30
         cfg,
         steps=steps,
         table_init_std=recipe.table_init_std,
+        seed=cfg.seed if seed is None else seed,
     )
     cfg = dataclasses.replace(
         cfg,
@@ -1135,7 +1145,7 @@ def store_check(d: Data, corpus: str, recipe: Recipe, mode: str, steps: int = 30
         log_every=5,
         prefetch=dataclasses.replace(cfg.prefetch, depth=1, update="sync"),
     )
-    out: dict[str, Any] = {"steps": cfg.steps, "table_lr_mult": cfg.table_lr_mult}
+    out: dict[str, Any] = {"steps": cfg.steps, "seed": cfg.seed, "table_lr_mult": cfg.table_lr_mult}
     with tempfile.TemporaryDirectory() as tmp:
         server, port, shard = create_server(
             ServerConfig(ShardConfig(data_dir=f"{tmp}/shard"), workers=4)

@@ -602,11 +602,11 @@ def test_store_check_runs_both_backends_to_the_same_losses_and_keeps_stdout_for_
     the local backend give the same train and validation losses to rounding, and the trainer's
     step lines go to stderr, so the report's JSON is stdout's only line."""
     d = quality.cached_data("stdlib", 4096)
-    out = quality.store_check(d, "stdlib", quality.Recipe(), "quick", steps=3)
+    out = quality.store_check(d, "stdlib", quality.Recipe(), "quick", steps=3, seed=7)
     captured = capsys.readouterr()
     assert captured.out == ""
     assert "step 3/3" in captured.err
-    assert out["steps"] == 3
+    assert out["steps"] == 3 and out["seed"] == 7
     for arm in ("store", "local"):
         assert math.isfinite(out[arm]["val_loss_after"])
         assert out[arm]["val_loss_after"] < out[arm]["val_loss_before"]
