@@ -389,10 +389,29 @@ def run_job(job: Job) -> dict:
 RUN_FORMAT = 1  # bump when a run's result changes shape: older kept runs are then not reused
 
 
+def table_free(job: Job) -> Job:
+    """`job` with the settings that only Engram tables read (table lr, schedule, init scale) at
+    the default recipe's values when its arm has no tables: a dense run is the same run whatever
+    they are, so a study of table settings reuses the dense runs it already has."""
+    if job.arm == "engram":
+        return job
+    d = Recipe()
+    return dataclasses.replace(
+        job,
+        cfg=dataclasses.replace(job.cfg, table_lr_mult=d.table_lr_mult),
+        recipe=dataclasses.replace(
+            job.recipe,
+            table_lr_mult=d.table_lr_mult,
+            table_schedule=d.table_schedule,
+            table_init_std=d.table_init_std,
+        ),
+    )
+
+
 def run_path(runs_dir: Path, job: Job) -> Path:
     """Where a finished job's result is kept: named by a hash of everything the job is (its
     config, recipe, seed, split and evaluation), so any change makes a new file."""
-    key = hashlib.sha256(f"{RUN_FORMAT}:{job!r}".encode()).hexdigest()[:20]
+    key = hashlib.sha256(f"{RUN_FORMAT}:{table_free(job)!r}".encode()).hexdigest()[:20]
     return runs_dir / f"{job.corpus.replace('/', '_')}-{job.tag or job.arm}-s{job.seed}-{key}.pkl"
 
 

@@ -446,6 +446,38 @@ def test_run_jobs_keeps_each_run_and_resumes_from_them(tiny_data, tmp_path, monk
     assert quality.run_path(runs, job(0)) != quality.run_path(runs, job(1))
 
 
+def test_a_dense_run_is_kept_under_one_name_whatever_the_table_settings(tiny_data, tmp_path):
+    """run_path: a dense arm's kept run does not depend on the table lr, schedule or init scale
+    (it has no tables), so a study of them reuses it; an Engram run's does; and at the default
+    recipe the name is what it was before table settings were left out (older runs stay kept)."""
+    V, pad = tiny_data.corpus.vocab_size, tiny_data.corpus.pad_id
+    variants = [
+        RECIPE,
+        dataclasses.replace(RECIPE, table_schedule="follow"),
+        dataclasses.replace(RECIPE, table_lr_mult=25.0, table_init_std=1.0),
+    ]
+    paths: dict[str, set] = {"engram": set(), "dense_isoflop": set()}
+    for rec in variants:
+        arms = quality.arm_configs(tiny_cfg(rec), V, pad, False)
+        for arm in paths:
+            paths[arm].add(
+                quality.run_path(tmp_path, quality.Job("tiny", arm, arms[arm], rec, 0, "val"))
+            )
+    assert len(paths["dense_isoflop"]) == 1 and len(paths["engram"]) == 3
+    d = quality.Recipe()
+    default = dataclasses.replace(
+        RECIPE,
+        table_lr_mult=d.table_lr_mult,
+        table_schedule=d.table_schedule,
+        table_init_std=d.table_init_std,
+    )
+    arms = quality.arm_configs(tiny_cfg(default), V, pad, False)
+    for arm in ("engram", "dense_isoflop"):
+        job = quality.Job("tiny", arm, arms[arm], default, 0, "val")
+        key = quality.hashlib.sha256(f"{quality.RUN_FORMAT}:{job!r}".encode()).hexdigest()[:20]
+        assert quality.run_path(tmp_path, job).name.endswith(f"-{key}.pkl")
+
+
 def test_study_grid_points_parse_and_bad_ones_name_the_point():
     assert quality.grid_points("5:0.01, 100:0.02:2500,100:0.01:follow,25:1:300:constant") == [
         (5.0, 0.01, None, None),
