@@ -518,16 +518,12 @@ def test_main_refuses_bad_flags_before_reading_a_corpus(tmp_path, monkeypatch, c
     assert not_a_dir.read_text() == "a file"
 
 
-def test_run_study_pairs_each_point_with_its_seeds_dense_runs_and_keeps_auto_unsized(
-    tiny_data, monkeypatch
-):
-    """run_study over a given grid on the tuning split: one row per point, each ratio against the
-    dense runs of its seed, the best by tuning loss chosen, and a point left at the auto size
-    chosen unsized (so the reported comparison sizes it per corpus)."""
+def tiny_study(tiny_data, monkeypatch) -> None:
+    """Make run_study train tiny_cfg's shape on tiny_data for the study's sized recipes."""
     monkeypatch.setattr(quality, "cached_data", lambda corpus, vocab: tiny_data)
     real = quality.base_config
 
-    def tiny_base(mode, recipe, tokens):  # tiny_cfg's shape for the study's sized recipes
+    def tiny_base(mode, recipe, tokens):
         cfg = real("quick", recipe, tokens)
         return dataclasses.replace(
             cfg,
@@ -541,6 +537,15 @@ def test_run_study_pairs_each_point_with_its_seeds_dense_runs_and_keeps_auto_uns
         )
 
     monkeypatch.setattr(quality, "base_config", tiny_base)
+
+
+def test_run_study_pairs_each_point_with_its_seeds_dense_runs_and_keeps_auto_unsized(
+    tiny_data, monkeypatch
+):
+    """run_study over a given grid on the tuning split: one row per point, each ratio against the
+    dense runs of its seed, the best by tuning loss chosen, and a point left at the auto size
+    chosen unsized (so the reported comparison sizes it per corpus)."""
+    tiny_study(tiny_data, monkeypatch)
     recipe = dataclasses.replace(quality.Recipe(), engram_layers=(1,))  # rows: auto
     args = types.SimpleNamespace(
         study_tokens=6 * B * T,
@@ -579,23 +584,7 @@ def test_run_study_no_dense_runs_only_the_isoflop_baseline_and_a_point_sets_its_
 ):
     """With --no-dense a study runs the dense_isoflop arm only (its ratios are against it, the
     same-width ones are None), and a grid point's schedule is the one its tables train with."""
-    monkeypatch.setattr(quality, "cached_data", lambda corpus, vocab: tiny_data)
-    real = quality.base_config
-
-    def tiny_base(mode, recipe, tokens):
-        cfg = real("quick", recipe, tokens)
-        return dataclasses.replace(
-            cfg,
-            vocab_size=VOCAB,
-            seq_len=T,
-            batch_size=B,
-            steps=max(1, tokens // (B * T)),
-            model=dataclasses.replace(
-                cfg.model, n_layer=2, n_head=2, n_embd=32, hash_heads=2, n_embed_per_ngram=16
-            ),
-        )
-
-    monkeypatch.setattr(quality, "base_config", tiny_base)
+    tiny_study(tiny_data, monkeypatch)
     ran: list[str] = []
     real_jobs = quality.run_jobs
 
