@@ -62,6 +62,7 @@ import pickle
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -795,15 +796,19 @@ def grid_points(text: str) -> list[tuple[float, float, int | None, str | None]]:
     return points
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: an integer >= 1."""
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"want an integer >= 1, got {text!r}")
-    return n
+def int_at_least(lo: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= `lo`."""
+
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            n = lo - 1
+        if n < lo:
+            raise argparse.ArgumentTypeError(f"want an integer >= {lo}, got {text!r}")
+        return n
+
+    return parse
 
 
 def arm_configs(cfg: TrainConfig, vocab: int, pad: int, isoparam: bool) -> dict[str, TrainConfig]:
@@ -859,13 +864,13 @@ def main() -> int:
     )
     ap.add_argument(
         "--store-steps",
-        type=positive_int,
+        type=int_at_least(1),
         default=300,
         help="steps of each --store-check run (the budget's batch is 2,048 tokens)",
     )
     ap.add_argument(
         "--store-seed",
-        type=int,
+        type=int_at_least(0),
         default=None,
         help="seed of both --store-check runs (default: the trainer config's, 1337)",
     )

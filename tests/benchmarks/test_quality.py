@@ -509,6 +509,8 @@ def test_main_refuses_bad_flags_before_reading_a_corpus(tmp_path, monkeypatch, c
         (["--study", "--study-grid", "5"], "bad point '5'"),
         (["--store-check", "--store-steps", "0"], "want an integer >= 1, got '0'"),
         (["--store-check", "--store-steps", "many"], "got 'many'"),
+        (["--store-check", "--store-seed", "-1"], "want an integer >= 0, got '-1'"),
+        (["--store-check", "--store-seed", "x"], "want an integer >= 0, got 'x'"),
     ):
         monkeypatch.setattr(sys, "argv", ["quality.py", *argv])
         with pytest.raises(SystemExit) as e:
