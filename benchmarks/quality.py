@@ -137,6 +137,9 @@ def cached_data(corpus: str, vocab_size: int) -> Data:
 # ---------------------------------------------------------------------------------- recipes
 
 
+SCHEDULES = ("constant", "follow")  # the tables' lr: constant, or the backbone's warmup + cosine
+
+
 @dataclasses.dataclass(frozen=True)
 class Recipe:
     """What the study varies. The backbone's own optimizer and schedule are the same in all arms.
@@ -659,7 +662,7 @@ def run_study(args, datas: dict, name: str, mode: str, recipe: Recipe, tokens: i
     cfg0 = base_config(mode, sized, st)
     arms = arm_configs(cfg0, d.corpus.vocab_size, d.corpus.pad_id, False)
     # --no-dense: only the baseline the target is judged on (a budget-sized study)
-    bases = ("dense_isoflop",) if getattr(args, "no_dense", False) else ("dense", "dense_isoflop")
+    bases = ("dense_isoflop",) if args.no_dense else ("dense", "dense_isoflop")
     dense_jobs = [Job(name, a, arms[a], sized, s, "tune", tag=a) for a in bases for s in seeds]
     rows: list[dict] = []
     chosen: dict[str, Recipe] = {}
@@ -780,7 +783,7 @@ def grid_points(text: str) -> list[tuple[float, float, int | None, str | None]]:
         if not item:
             continue
         parts = item.split(":")
-        schedule = parts.pop() if parts[-1] in ("constant", "follow") else None
+        schedule = parts.pop() if parts[-1] in SCHEDULES else None
         try:
             if len(parts) not in (2, 3):
                 raise ValueError("want LR:STD, LR:STD:ROWS, and optionally :constant or :follow")
@@ -856,7 +859,7 @@ def main() -> int:
     ap.add_argument("--ratios", default="0,0.25,0.5,0.75", help="sweep (a): fractions in tables")
     ap.add_argument("--table-lr-mult", type=float, default=None, help="default recipe's table lr")
     ap.add_argument("--table-init-std", type=float, default=None)
-    ap.add_argument("--table-schedule", choices=("constant", "follow"), default=None)
+    ap.add_argument("--table-schedule", choices=SCHEDULES, default=None)
     ap.add_argument("--table-base-size", type=int, default=None, help="rows per head")
     ap.add_argument("--engram-layers", default=None, help="blocks carrying Engram, e.g. 1 or 1,2")
     ap.add_argument(

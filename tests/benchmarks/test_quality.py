@@ -553,6 +553,7 @@ def test_run_study_pairs_each_point_with_its_seeds_dense_runs_and_keeps_auto_uns
         study_tokens=6 * B * T,
         study_seeds=1,
         study_grid=[(100.0, 0.01, None, None), (25.0, 0.1, None, None), (5.0, 1.0, 257, None)],
+        no_dense=False,
         jobs=1,
         runs_dir=None,
     )
