@@ -464,16 +464,15 @@ def test_a_dense_run_is_kept_under_one_name_whatever_the_table_settings(tiny_dat
                 quality.run_path(tmp_path, quality.Job("tiny", arm, arms[arm], rec, 0, "val"))
             )
     assert len(paths["dense_isoflop"]) == 1 and len(paths["engram"]) == 3
-    d = quality.Recipe()
-    default = dataclasses.replace(
-        RECIPE,
-        table_lr_mult=d.table_lr_mult,
-        table_schedule=d.table_schedule,
-        table_init_std=d.table_init_std,
+    d = quality.Recipe()  # RECIPE's table settings are the default recipe's
+    assert (RECIPE.table_lr_mult, RECIPE.table_schedule, RECIPE.table_init_std) == (
+        d.table_lr_mult,
+        d.table_schedule,
+        d.table_init_std,
     )
-    arms = quality.arm_configs(tiny_cfg(default), V, pad, False)
+    arms = quality.arm_configs(tiny_cfg(RECIPE), V, pad, False)
     for arm in ("engram", "dense_isoflop"):
-        job = quality.Job("tiny", arm, arms[arm], default, 0, "val")
+        job = quality.Job("tiny", arm, arms[arm], RECIPE, 0, "val")
         key = quality.hashlib.sha256(f"{quality.RUN_FORMAT}:{job!r}".encode()).hexdigest()[:20]
         assert quality.run_path(tmp_path, job).name.endswith(f"-{key}.pkl")
 
