@@ -76,7 +76,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality_stats as qs  # noqa: E402
 
 from trainer import data  # noqa: E402
-from trainer.config import MIN_TABLE_ROWS, ArchConfig, TrainConfig, rows_per_head  # noqa: E402
+from trainer.config import (  # noqa: E402
+    MIN_TABLE_ROWS,
+    ArchConfig,
+    TrainConfig,
+    rows_per_head,
+    table_lr_mult_for,
+)
 from trainer.corpus import Corpus, corpus_from_prepared  # noqa: E402
 from trainer.fetch import LocalFetcher  # noqa: E402
 from trainer.hashing import NgramHasher  # noqa: E402
@@ -145,7 +151,8 @@ class Recipe:
     """What the study varies. The backbone's own optimizer and schedule are the same in all arms.
     The defaults are the documented recipe (README "Quality"), chosen on the tuning splits."""
 
-    table_lr_mult: float = 100.0  # table lr = this x the backbone's peak lr (the paper: 5)
+    # table lr = this x the backbone's peak lr (the paper: 5); 0: table_lr_mult_for's rule
+    table_lr_mult: float = 0.0
     table_schedule: str = "constant"  # "constant" or "follow" (the backbone's warmup + cosine)
     table_init_std: float = 0.01  # std of the tables' initial rows (the store's default: 1.0)
     table_base_size: int = 0  # rows per head (the primes start here); 0: rows_per_head's rule
@@ -153,16 +160,19 @@ class Recipe:
 
     def label(self) -> str:
         rows = self.table_base_size or "auto"
+        lr = f"{self.table_lr_mult:.3g}" if self.table_lr_mult else "auto"
         return (
-            f"lr{self.table_lr_mult:g}x-{self.table_schedule}-init{self.table_init_std:g}-"
+            f"lr{lr}x-{self.table_schedule}-init{self.table_init_std:g}-"
             f"rows{rows}-L{','.join(map(str, self.engram_layers))}"
         )
 
     def sized(self, train_tokens: int, run_tokens: int) -> Recipe:
-        """This recipe with the rule's rows per head filled in (a given size is kept)."""
-        if self.table_base_size:
-            return self
-        return dataclasses.replace(self, table_base_size=rows_per_head(train_tokens, run_tokens))
+        """This recipe with the rules' rows per head and table lr filled in (given ones kept)."""
+        return dataclasses.replace(
+            self,
+            table_base_size=self.table_base_size or rows_per_head(train_tokens, run_tokens),
+            table_lr_mult=self.table_lr_mult or table_lr_mult_for(run_tokens),
+        )
 
 
 def shape(mode: str) -> tuple[int, int, int]:
@@ -173,8 +183,8 @@ def shape(mode: str) -> tuple[int, int, int]:
 def base_config(mode: str, recipe: Recipe, tokens: int) -> TrainConfig:
     """The Engram arm's TrainConfig for a mode and a sized recipe (Recipe.sized), `tokens` tokens
     of training."""
-    if not recipe.table_base_size:
-        raise ValueError("size the recipe for its corpus first (Recipe.sized)")
+    if not (recipe.table_base_size and recipe.table_lr_mult):
+        raise ValueError("size the recipe for its corpus and length first (Recipe.sized)")
     width, seq, batch = shape(mode)
     steps = max(1, round(tokens / (batch * seq)))
     return TrainConfig(
@@ -399,7 +409,8 @@ def table_free(job: Job) -> Job:
     they are, so a study of table settings reuses the dense runs it already has."""
     if job.arm == "engram":
         return job
-    d = Recipe()
+    # the values dense runs have been named under since before the lr rule (kept runs stay valid)
+    d = Recipe(table_lr_mult=100.0)
     return dataclasses.replace(
         job,
         cfg=dataclasses.replace(job.cfg, table_lr_mult=d.table_lr_mult),
@@ -486,12 +497,17 @@ def paired(results: list[dict], arm: str, base: str) -> dict:
 
 
 def spread(results: list[dict], arm: str) -> dict:
-    v = [r["val_loss"] for r in results if r["arm"] == arm]
+    """An arm's validation loss over its seeds: mean, sample sd, and each seed's (so a later
+    run of other seeds, or of another recipe on the same seeds, can be paired with these)."""
+    mine = sorted((r["seed"], r["val_loss"]) for r in results if r["arm"] == arm)
+    v = [loss for _, loss in mine]
     return {
         "mean": float(np.mean(v)) if v else None,
         "sd": float(np.std(v, ddof=1)) if len(v) > 1 else None,
         "sd_pct": float(100 * np.std(v, ddof=1) / np.mean(v)) if len(v) > 1 else None,
         "n": len(v),
+        "seeds": [int(s) for s, _ in mine],
+        "per_seed": [float(x) for x in v],
     }
 
 
@@ -799,6 +815,11 @@ def grid_points(text: str) -> list[tuple[float, float, int | None, str | None]]:
     return points
 
 
+def reported_seeds(args: argparse.Namespace) -> list[int]:
+    """The reported comparison's seeds: --seeds of them from --first-seed on."""
+    return list(range(args.first_seed, args.first_seed + args.seeds))
+
+
 def int_at_least(lo: int) -> Callable[[str], int]:
     """An argparse type: an integer >= `lo`."""
 
@@ -836,6 +857,13 @@ def main() -> int:
     g.add_argument("--budget", action="store_true", help=">= 10 M tokens a run, width 128")
     ap.add_argument("--tokens", type=float, default=None, help="tokens per run (overrides mode)")
     ap.add_argument("--seeds", type=int, default=3, help="seeds per arm (>= 3 for an interval)")
+    ap.add_argument(
+        "--first-seed",
+        type=int_at_least(0),
+        default=0,
+        help="the reported comparison runs seeds FIRST .. FIRST + SEEDS - 1 (0: from 0); to add "
+        "seeds to an earlier run's, paired by seed (the JSON lists each seed's loss)",
+    )
     ap.add_argument("--isoparam", action="store_true", help="also run dense_isoparam")
     ap.add_argument(
         "--no-dense",
@@ -955,7 +983,7 @@ def main() -> int:
                 del arms["dense"]
             arm_cfgs[name] = arms
             ev_cap = max(1, int(args.val_tokens // (cfg.batch_size * cfg.seq_len)))
-            for s in range(args.seeds):
+            for s in reported_seeds(args):
                 for arm, c in arms.items():
                     jobs.append(Job(name, arm, c, rec, s, "val", max_val_batches=ev_cap))
         log(f"reported comparison: {len(jobs)} runs of {tokens / 1e6:.2f} M tokens")
@@ -972,7 +1000,7 @@ def main() -> int:
                 all(
                     next(r["init_sha"] for r in rs if r["arm"] == "engram" and r["seed"] == s)
                     == next(r["init_sha"] for r in rs if r["arm"] == "dense" and r["seed"] == s)
-                    for s in range(args.seeds)
+                    for s in reported_seeds(args)
                 )
                 if "dense" in arms
                 else None
@@ -987,6 +1015,7 @@ def main() -> int:
                 "val_tokens_evaluated": int(len(rs[0]["token_losses"])),
                 "tokens_per_run": tokens,
                 "seeds": args.seeds,
+                "seed_list": reported_seeds(args),
                 "models": models,
                 "val_loss": {arm: spread(rs, arm) for arm in arms},
                 "ratio_vs_dense_isoflop": vs_iso,

@@ -28,6 +28,11 @@ TOKENS_PER_ROW_ONCE = 32
 TOKENS_PER_ROW = 1000
 PASSES_REPEATED = 1.5  # at 1.6 passes (libdocs tuning split) the repeated-reading size won
 MIN_TABLE_ROWS = 64
+# The table lr rule (README "Quality", the table lr study on devdocs's tuning split): the best
+# table lr multiplier (the tables' Adam lr / the backbone's peak lr) falls with the tokens a run
+# reads. (run tokens, multiplier) at the lengths measured; between two, geometric interpolation
+# in the tokens (linear in log-log), so the lr never jumps; outside them, the nearer end's.
+TABLE_LR_POINTS = ((1.5e6, 100.0), (10e6, 25.0))
 BACKENDS = ("store", "local")
 UPDATES = ("sync", "async")
 
@@ -59,6 +64,24 @@ def rows_per_head(train_tokens: int | None, run_tokens: int) -> int:
     else:
         rows = distinct / (TOKENS_PER_ROW * passes)
     return max(MIN_TABLE_ROWS, round(rows))
+
+
+def table_lr_mult_for(run_tokens: int) -> float:
+    """The table lr multiplier for a run of `run_tokens` training tokens (TABLE_LR_POINTS).
+
+    Measured on devdocs's tuning split at the budget's model (README "Quality"): at 0.3 M and
+    1.5 M tokens 50x and 100x tie and 25x loses; at 10 M tokens 25x beats 100x by 0.7 %."""
+    if run_tokens <= 0:
+        raise ConfigError(f"a run of {run_tokens} tokens: steps, batch and seq_len must be >= 1")
+    (t0, m0), *rest = TABLE_LR_POINTS
+    if run_tokens <= t0:
+        return m0
+    for t1, m1 in rest:
+        if run_tokens <= t1:
+            f = math.log(run_tokens / t0) / math.log(t1 / t0)
+            return m0 * (m1 / m0) ** f
+        t0, m0 = t1, m1
+    return m0
 
 
 @dataclass(frozen=True)
@@ -274,8 +297,9 @@ class TrainConfig:
     adam_eps: float = 1e-8  # dense AdamW eps
     # the tables' recipe (benchmarks/quality.py --study, README "Quality"): Adam at
     # table_lr_mult x lr, no weight decay, rows initialised N(0, table_init_std^2)
-    # (the paper's 5x and std 1.0 rows lose to dense at small budgets: the study's table)
-    table_lr_mult: float = 100.0
+    # (the paper's 5x and std 1.0 rows lose to dense at small budgets: the study's table).
+    # table_lr_mult 0 = "auto": table_lr_mult_for(run_tokens), filled in by sized()
+    table_lr_mult: float = 0.0
     table_init_std: float = 0.01
     # store and prefetch
     backend: str = "store"  # "store" (remote tables) or "local" (LocalMemory + SparseAdam)
@@ -341,23 +365,33 @@ class TrainConfig:
     def sized(
         self, train_tokens: int | None, resumed: Mapping[str, Any] | None = None
     ) -> TrainConfig:
-        """This config with an auto table size (0) filled in: the resumed checkpoint's config
-        (its tables exist at their size), else rows_per_head for a training split of
-        `train_tokens` tokens (None: an endless stream). A given size is kept."""
-        if self.model.table_base_size or not self.model.engram_layers:
+        """This config with an auto table size (0) and an auto table lr (0) filled in: the
+        resumed checkpoint's (its tables exist at their size, their optimizer at its lr), else
+        rows_per_head for a training split of `train_tokens` tokens (None: an endless stream) and
+        table_lr_mult_for the tokens the run reads. Given values are kept."""
+        if not self.model.engram_layers or not self.needs_sizing:
             return self
-        rows = 0
-        if resumed is not None:
-            rows = int(TrainConfig.from_dict(resumed).model.table_base_size)
-        rows = rows or rows_per_head(train_tokens, self.run_tokens)
+        old = TrainConfig.from_dict(resumed) if resumed is not None else None
+        rows = self.model.table_base_size or (old.model.table_base_size if old else 0)
+        mult = self.table_lr_mult or (old.table_lr_mult if old else 0.0)
         return dataclasses.replace(
-            self, model=dataclasses.replace(self.model, table_base_size=rows)
+            self,
+            model=dataclasses.replace(
+                self.model, table_base_size=rows or rows_per_head(train_tokens, self.run_tokens)
+            ),
+            table_lr_mult=mult or table_lr_mult_for(self.run_tokens),
         )
 
     @property
+    def needs_sizing(self) -> bool:
+        """An auto table size or table lr is still to be filled in (sized)."""
+        return not (self.model.table_base_size and self.table_lr_mult)
+
+    @property
     def table_lr(self) -> float:
-        """The tables' Adam lr: table_lr_mult x the backbone's."""
-        return self.lr * self.table_lr_mult
+        """The tables' Adam lr: table_lr_mult x the backbone's (auto: table_lr_mult_for the
+        tokens the run reads)."""
+        return self.lr * (self.table_lr_mult or table_lr_mult_for(self.run_tokens))
 
     def model_config(self, vocab_size: int, pad_id: int) -> ModelConfig:
         """The GPT's config for a corpus with this vocabulary and pad id, context seq_len."""
@@ -378,15 +412,18 @@ class TrainConfig:
         for name in ("seq_len", "batch_size", "trainers", "vocab_size", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1 ({_flag(name)})")
-        for name in ("steps", "eval_batches", "eval_every"):
+        for name in ("seed", "steps", "eval_batches", "eval_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 0 ({_flag(name)})")
         if not (self.max_minutes >= 0 and math.isfinite(self.max_minutes)):
             raise ConfigError(f"--minutes {self.max_minutes} must be >= 0 (0 = no time limit)")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"--lr {self.lr} must be a positive number")
-        if not (self.table_lr_mult > 0 and math.isfinite(self.table_lr_mult)):
-            raise ConfigError(f"--table-lr-mult {self.table_lr_mult} must be a positive number")
+        if not (self.table_lr_mult >= 0 and math.isfinite(self.table_lr_mult)):
+            raise ConfigError(
+                f"--table-lr-mult {self.table_lr_mult} must be a positive number (or 0 / auto: "
+                "the rule by run length)"
+            )
         if not (0 <= self.table_init_std <= 100 and math.isfinite(self.table_init_std)):
             raise ConfigError(f"--table-init-std {self.table_init_std} must lie in [0, 100]")
         if self.metrics_port is not None and not 0 <= self.metrics_port + self.trainers - 1 < 65536:

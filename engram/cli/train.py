@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import pathlib
 import sys
 
@@ -154,10 +155,11 @@ def add_commands(subparsers) -> None:
     )
     t.add_argument(
         "--table-lr-mult",
-        type=float,
+        type=_table_lr_mult,
         default=d.table_lr_mult,
-        help=f"table lr / backbone lr ({d.table_lr_mult:g}: benchmarks/quality.py's study; "
-        "the paper's is 5)",
+        help="table lr / backbone lr, or auto (the default): 100 up to 1.5 M tokens read, "
+        "falling geometrically to 25 at 10 M and held there (benchmarks/quality.py's study, "
+        'README "Quality"; the paper\'s is 5)',
     )
     t.add_argument(
         "--table-init-std",
@@ -254,6 +256,19 @@ def _table_size(text: str) -> int:
     if rows < 2:
         raise argparse.ArgumentTypeError(f"{rows}: rows per head must be >= 2 (or auto)")
     return rows
+
+
+def _table_lr_mult(text: str) -> float:
+    """--table-lr-mult: "auto" (0: by the tokens the run reads) or a positive number."""
+    if text.strip().lower() == "auto":
+        return 0.0
+    try:
+        mult = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a positive number or auto") from None
+    if not (mult > 0 and math.isfinite(mult)):
+        raise argparse.ArgumentTypeError(f"{text}: the table lr multiplier must be > 0 (or auto)")
+    return mult
 
 
 def _or(value, default):
@@ -451,14 +466,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     corpus = run_corpus(cfg)
     check_corpus(cfg, corpus)
     ckpt = check_resume(cfg, corpus)
-    if cfg.model.engram_layers and not cfg.model.table_base_size:
+    if cfg.model.engram_layers and cfg.needs_sizing:
+        auto_rows, auto_lr = not cfg.model.table_base_size, not cfg.table_lr_mult
         cfg = cfg.sized(corpus.train_tokens, ckpt["config"] if ckpt is not None else None)
-        print(
-            f"[engram] tables: {cfg.model.table_base_size:,} rows a hash head (--table-size "
-            f"auto: {corpus.train_tokens or cfg.run_tokens:,} training tokens, "
-            f"{cfg.run_tokens:,} read)",
-            file=sys.stderr,
-        )
+        if auto_rows:
+            print(
+                f"[engram] tables: {cfg.model.table_base_size:,} rows a hash head (--table-size "
+                f"auto: {corpus.train_tokens or cfg.run_tokens:,} training tokens, "
+                f"{cfg.run_tokens:,} read)",
+                file=sys.stderr,
+            )
+        if auto_lr:
+            print(
+                f"[engram] tables: Adam lr {cfg.table_lr:.3g} = {cfg.table_lr_mult:.3g} x --lr "
+                f"(--table-lr-mult auto: {cfg.run_tokens:,} tokens read"
+                f"{', as the resumed run' if ckpt is not None else ''})",
+                file=sys.stderr,
+            )
     # Checked: from here on things start. The lock tells `engram runs clean` the run is live.
     print(f"[engram] run directory {cfg.out}", file=sys.stderr)
     run_lock = lock_data_root(cfg.out, {"train": cfg.out})

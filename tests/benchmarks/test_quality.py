@@ -26,7 +26,8 @@ from trainer.data import Document, stdlib_documents  # noqa: E402
 
 VOCAB = 384
 B, T = 4, 32
-RECIPE = quality.Recipe(table_base_size=257, engram_layers=(1,))  # the tiny model has 2 blocks
+# the tiny model has 2 blocks; its table lr is the rule's at these few tokens (100x)
+RECIPE = quality.Recipe(table_base_size=257, engram_layers=(1,)).sized(10**6, 8 * B * T)
 
 
 def _real_docs() -> list[Document]:
@@ -270,8 +271,11 @@ def test_spread_is_the_sample_sd_over_seeds():
     s = quality.spread(results, "dense")
     assert s["n"] == 3 and s["mean"] == pytest.approx(3.2)
     assert s["sd"] == pytest.approx(0.2) and s["sd_pct"] == pytest.approx(100 * 0.2 / 3.2)
+    assert s["seeds"] == [0, 1, 2] and s["per_seed"] == pytest.approx([3.0, 3.2, 3.4])
     one = quality.spread(results, "engram")
-    assert one == {"mean": 2.0, "sd": None, "sd_pct": None, "n": 1}
+    assert one == {"mean": 2.0, "sd": None, "sd_pct": None, "n": 1, "seeds": [0], "per_seed": [2]}
+    shuffled = quality.spread(results[::-1], "dense")  # listed by seed, whatever the order run
+    assert shuffled["seeds"] == [0, 1, 2] and shuffled["per_seed"] == s["per_seed"]
     assert quality.spread(results, "nope")["n"] == 0
 
 
@@ -389,7 +393,11 @@ def test_class_report_pairs_class_losses_and_gates_by_seed(tiny_data):
 
 
 def test_study_varies_one_thing_at_a_time_around_the_default():
-    default = quality.Recipe()
+    # the default at a study's length: the lr rule's (100x at 0.3 M tokens, 25x at 10 M)
+    for tokens in (300_000, 10_000_000):
+        at = dataclasses.replace(quality.Recipe(), table_lr_mult=quality.table_lr_mult_for(tokens))
+        assert at in [r for _, r in quality.study_grid(quality.Recipe())]
+    default = dataclasses.replace(quality.Recipe(), table_lr_mult=100.0)
     grid = [r for _, r in quality.study_grid(default)]
     assert default in grid  # the paper's 5x is one point of the grid, not the only one
     assert len(set(grid)) == 9 and len({r.table_lr_mult for r in grid}) == 3
@@ -420,8 +428,24 @@ def test_recipe_is_sized_per_corpus_and_a_given_size_is_kept():
     assert big.table_base_size == 1_500_000 // 32 and small.table_base_size < big.table_base_size
     cfg = quality.base_config("quick", big, 1_000_000)
     assert cfg.model.table_base_size == 1_500_000 // 32
-    fixed = dataclasses.replace(auto, table_base_size=777)
-    assert fixed.sized(600_000, 1_500_000) is fixed
+    fixed = dataclasses.replace(auto, table_base_size=777, table_lr_mult=5.0)
+    assert fixed.sized(600_000, 1_500_000) == fixed
+
+
+def test_recipe_takes_the_table_lr_rule_at_its_length_and_a_given_lr_is_kept():
+    auto = quality.Recipe()
+    assert auto.table_lr_mult == 0 and auto.label().startswith("lrautox-")
+    for tokens in (300_000, 1_500_000, 4_000_000, 10_000_000, 20_000_000):
+        sized = auto.sized(12_000_000, tokens)
+        assert sized.table_lr_mult == quality.table_lr_mult_for(tokens)
+        assert sized.label().startswith(f"lr{sized.table_lr_mult:.3g}x-")
+        cfg = quality.base_config("budget", sized, tokens)
+        assert cfg.table_lr_mult == sized.table_lr_mult and cfg.table_lr == pytest.approx(
+            cfg.lr * sized.table_lr_mult
+        )
+    assert auto.sized(12_000_000, 10_000_000).label().startswith("lr25x-")  # the budget's
+    given = dataclasses.replace(auto, table_lr_mult=5.0)
+    assert given.sized(12_000_000, 10_000_000).table_lr_mult == 5.0
 
 
 def test_run_jobs_keeps_each_run_and_resumes_from_them(tiny_data, tmp_path, monkeypatch):
@@ -464,7 +488,7 @@ def test_a_dense_run_is_kept_under_one_name_whatever_the_table_settings(tiny_dat
                 quality.run_path(tmp_path, quality.Job("tiny", arm, arms[arm], rec, 0, "val"))
             )
     assert len(paths["dense_isoflop"]) == 1 and len(paths["engram"]) == 3
-    d = quality.Recipe()  # RECIPE's table settings are the default recipe's
+    d = quality.Recipe().sized(10**6, 8 * B * T)  # RECIPE's table settings are the default's
     assert (RECIPE.table_lr_mult, RECIPE.table_schedule, RECIPE.table_init_std) == (
         d.table_lr_mult,
         d.table_schedule,
@@ -510,6 +534,7 @@ def test_main_refuses_bad_flags_before_reading_a_corpus(tmp_path, monkeypatch, c
         (["--store-check", "--store-steps", "many"], "got 'many'"),
         (["--store-check", "--store-seed", "-1"], "want an integer >= 0, got '-1'"),
         (["--store-check", "--store-seed", "x"], "want an integer >= 0, got 'x'"),
+        (["--first-seed", "-2"], "want an integer >= 0, got '-2'"),
     ):
         monkeypatch.setattr(sys, "argv", ["quality.py", *argv])
         with pytest.raises(SystemExit) as e:
@@ -517,6 +542,13 @@ def test_main_refuses_bad_flags_before_reading_a_corpus(tmp_path, monkeypatch, c
         assert e.value.code == 2
         assert said in capsys.readouterr().err
     assert not_a_dir.read_text() == "a file"
+
+
+def test_reported_seeds_start_at_first_seed():
+    import argparse
+
+    assert quality.reported_seeds(argparse.Namespace(seeds=3, first_seed=0)) == [0, 1, 2]
+    assert quality.reported_seeds(argparse.Namespace(seeds=1, first_seed=2)) == [2]
 
 
 def tiny_study(tiny_data, monkeypatch) -> None:

@@ -18,6 +18,7 @@ import time
 import pytest
 
 from tests.servers import ROOT, engram_command
+from trainer.config import table_lr_mult_for
 
 pytest.importorskip("ray")
 psutil = pytest.importorskip("psutil")
@@ -233,6 +234,11 @@ def test_a_training_run_survives_cluster_commands_not_addressed_to_it(local_clus
     finally:
         run.stop()
     assert "Traceback" not in run.output and "throughput" in run.output, run.output[-4000:]
+    # --table-lr-mult auto: the rule's lr for the tokens the run was set to read (not those it
+    # read before --minutes stopped it)
+    mult = table_lr_mult_for(100_000 * 4 * 16)
+    want = f"Adam lr {1e-3 * mult:.3g} = {mult:.3g} x --lr (--table-lr-mult auto: 6,400,000 tokens"
+    assert want in run.output, run.output[-4000:]
 
 
 def test_a_blocked_up_notices_a_down_from_another_shell(local_cluster):

@@ -69,8 +69,7 @@ def test_a_corpus_too_small_names_seq_len_before_anything_starts(no_ray_start, c
         (["--store", "no-port-here"], "--store"),
         (["--metrics-port", "70000"], "--metrics-port"),
         (["--timeout", "0"], "--timeout"),
-        (["--table-lr-mult", "0"], "--table-lr-mult"),
-        (["--table-lr-mult", "nan"], "--table-lr-mult"),
+        (["--seed", "-1"], "--seed"),
         (["--table-init-std", "-1"], "--table-init-std"),
         (["--table-init-std", "inf"], "--table-init-std"),
     ],
@@ -233,6 +232,34 @@ def test_a_bad_table_size_is_a_usage_error(capsys, tmp_path, value):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "--table-size" in err and "auto" in err and not out.exists(), err
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "nan", "inf", "fast"])
+def test_a_bad_table_lr_mult_is_a_usage_error(capsys, tmp_path, value):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--corpus", "synthetic", "--out", str(out), "--table-lr-mult", value])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--table-lr-mult" in err and "auto" in err and not out.exists(), err
+
+
+@pytest.mark.parametrize(
+    "flags, mult",
+    [([], 0.0), (["--table-lr-mult", "AUTO"], 0.0), (["--table-lr-mult", "7.5"], 7.5)],
+)
+def test_table_lr_mult_is_auto_unless_given(flags, mult):
+    """auto (0) is filled in by TrainConfig.sized from the tokens the run reads."""
+    import argparse
+    import dataclasses
+
+    from engram.cli import train as train_cli
+
+    p = argparse.ArgumentParser()
+    train_cli.add_commands(p.add_subparsers(dest="command"))
+    cfg = train_cli.train_config(p.parse_args(["train", *flags]))
+    assert cfg.table_lr_mult == mult
+    dataclasses.replace(cfg, store=("127.0.0.1:1",)).validate()
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ words its errors as the flag to change; trainer.config and the `engram` parser i
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import subprocess
@@ -126,6 +127,7 @@ def test_model_config_completes_the_arch_from_the_corpus():
         ({"prefetch": PrefetchConfig(depth=-1)}, "prefetch depth -1"),
         ({"prefetch": PrefetchConfig(update="sync", cache_rows=8)}, "hot-row cache"),
         ({"seq_len": 0}, "seq_len=0 must be >= 1"),
+        ({"seed": -1}, r"seed=-1 must be >= 0 \(--seed\)"),
         ({"store": ()}, "no store address"),
         ({"backend": "local", "trainers": 2}, "supports one trainer"),
     ],
@@ -225,6 +227,54 @@ def test_sized_fills_an_auto_size_and_keeps_a_given_or_resumed_one():
     assert auto.sized(2_000_000, resumed=ckpt).model.table_base_size == 500
     with pytest.raises(ConfigError, match="--table-size -3"):
         dataclasses.replace(nested(), model=ArchConfig(table_base_size=-3)).validate()
+
+
+# ---- the table lr rule (--table-lr-mult auto) ----
+
+
+def test_table_lr_mult_falls_geometrically_between_the_measured_lengths():
+    from trainer.config import TABLE_LR_POINTS, table_lr_mult_for
+
+    (t_first, m_first), (t_last, m_last) = TABLE_LR_POINTS[0], TABLE_LR_POINTS[-1]
+    assert (m_first, m_last) == (100.0, 25.0)  # the documented ends (README "Quality")
+    for t, m in TABLE_LR_POINTS:
+        assert table_lr_mult_for(int(t)) == pytest.approx(m)  # each measured point, exactly
+    assert table_lr_mult_for(1) == table_lr_mult_for(int(t_first) // 2) == m_first  # held
+    assert table_lr_mult_for(int(t_last) * 10) == m_last
+    for (t0, m0), (t1, m1) in itertools.pairwise(TABLE_LR_POINTS):
+        mid = int(math.sqrt(t0 * t1))  # halfway in log tokens: halfway in log lr
+        assert table_lr_mult_for(mid) == pytest.approx(math.sqrt(m0 * m1), rel=1e-6)
+    grid = [int(t_first * 1.1**k) for k in range(40)]
+    mults = [table_lr_mult_for(t) for t in grid]
+    assert mults == sorted(mults, reverse=True)  # never rises with the run's length
+    steps = [a / b for a, b in itertools.pairwise(mults)]
+    assert max(steps) < 1.2  # 10 % more tokens never changes the lr by a fifth: no cliff
+    with pytest.raises(ConfigError, match="steps, batch and seq_len"):
+        table_lr_mult_for(0)
+
+
+def test_sized_fills_an_auto_table_lr_and_keeps_a_given_or_resumed_one():
+    from trainer.config import table_lr_mult_for
+
+    auto = dataclasses.replace(nested(), table_lr_mult=0.0, steps=400_000)
+    auto.validate()  # auto (0) is valid; the unsized config's lr already follows the rule
+    tokens = auto.run_tokens
+    assert auto.needs_sizing and auto.table_lr == pytest.approx(auto.lr * table_lr_mult_for(tokens))
+    sized = auto.sized(2_000_000)
+    assert sized.table_lr_mult == table_lr_mult_for(tokens) and not sized.needs_sizing
+    assert sized.model.table_base_size == 500  # the given size is kept beside the auto lr
+    assert sized.table_lr == pytest.approx(auto.table_lr)
+    assert nested().sized(2_000_000).table_lr_mult == 5.0  # a given lr is kept
+    # a resumed run keeps the lr its tables' optimizer was created with, whatever its --steps
+    ckpt = dataclasses.replace(nested(), table_lr_mult=40.0).to_dict()
+    assert auto.sized(2_000_000, resumed=ckpt).table_lr_mult == 40.0
+    # sized() writes the number into what a checkpoint keeps; a checkpoint holding 0 (none
+    # written by a run) falls to the rule
+    old_auto = dataclasses.replace(nested(), table_lr_mult=0.0).to_dict()
+    assert auto.sized(2_000_000, resumed=old_auto).table_lr_mult == table_lr_mult_for(tokens)
+    for bad in (-1.0, math.nan, math.inf):
+        with pytest.raises(ConfigError, match=r"--table-lr-mult .* \(or 0 / auto"):
+            dataclasses.replace(nested(), table_lr_mult=bad).validate()
 
 
 def test_train_worker_sizes_auto_tables_from_the_corpus(tmp_path):
