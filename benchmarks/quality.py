@@ -32,8 +32,9 @@ Method (issue 13):
   127.0.0.1, gRPC, server-side Adam) beside the local run, --store-steps steps each (300): both
   curves in the JSON.
 
-- The recipe (Recipe's defaults, the same as `engram train`'s): table lr 100x the backbone's,
-  rows initialised N(0, 0.01^2), Engram at blocks 1 and 2, and rows per head by the size rule
+- The recipe (Recipe's defaults, the same as `engram train`'s): the table lr by the lr rule
+  (trainer.config.table_lr_mult_for: 100x the backbone's up to 1.5 M tokens a run, geometric to
+  25x at 10 M), rows initialised N(0, 0.01^2), Engram at blocks 1 and 2, and rows per head by the size rule
   (trainer.config.rows_per_head): one per 32 tokens read when a run reads the training split at
   most once, one per 1,000 split tokens divided by the passes from 1.5 passes on, and in between
   a geometric interpolation in the passes (unmeasured). The rule is applied per
@@ -866,6 +867,13 @@ def main() -> int:
     )
     ap.add_argument("--isoparam", action="store_true", help="also run dense_isoparam")
     ap.add_argument(
+        "--engram-only",
+        action="store_true",
+        help="the reported comparison runs the Engram arm alone (each seed's loss in the JSON), "
+        "to pair with an earlier run's baselines of the same seeds: a dense arm is the same run "
+        "whatever the table recipe",
+    )
+    ap.add_argument(
         "--no-dense",
         action="store_true",
         help="skip the same-width dense arm (the target is judged on dense_isoflop)",
@@ -981,6 +989,8 @@ def main() -> int:
             arms = arm_configs(cfg, d.corpus.vocab_size, d.corpus.pad_id, args.isoparam)
             if args.no_dense:
                 del arms["dense"]
+            if args.engram_only:
+                arms = {"engram": arms["engram"]}
             arm_cfgs[name] = arms
             ev_cap = max(1, int(args.val_tokens // (cfg.batch_size * cfg.seq_len)))
             for s in reported_seeds(args):
@@ -1062,6 +1072,14 @@ def main() -> int:
                 if vs_same.get("mean") is not None
                 else "not run (--no-dense)"
             )
+            if args.engram_only:
+                loss = entry["val_loss"]["engram"]
+                by_seed = dict(zip(loss["seeds"], loss["per_seed"], strict=True))
+                log(
+                    f"{name}: engram val loss by seed {by_seed} (--engram-only: pair them with an "
+                    "earlier run's baselines of the same seeds)"
+                )
+                continue
             log(
                 f"{name}: engram / dense_isoflop = {ci.get('mean', float('nan')):.4f} "
                 f"[{ci.get('lo')}, {ci.get('hi')}] over {ci.get('n')} seeds; engram / dense = "

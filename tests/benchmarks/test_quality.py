@@ -7,6 +7,7 @@ No timing assertions. main() end to end is left to the benchmark itself (minutes
 """
 
 import dataclasses
+import json
 import math
 import sys
 import types
@@ -549,6 +550,23 @@ def test_reported_seeds_start_at_first_seed():
 
     assert quality.reported_seeds(argparse.Namespace(seeds=3, first_seed=0)) == [0, 1, 2]
     assert quality.reported_seeds(argparse.Namespace(seeds=1, first_seed=2)) == [2]
+
+
+def test_main_engram_only_runs_the_given_seeds_of_the_engram_arm(tmp_path, monkeypatch, capsys):
+    """--engram-only --first-seed 2: one Engram run of seed 2 on a real corpus, its loss listed
+    by seed in the JSON (to pair with an earlier run's baselines), no baseline run."""
+    argv = ["--corpus", "stdlib", "--quick", "--tokens", "8192", "--seeds", "1", "--first-seed",
+            "2", "--engram-only", "--jobs", "1", "--out", str(tmp_path)]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", ["quality.py", *argv])
+    assert quality.main() == 0
+    out, err = capsys.readouterr()
+    entry = json.loads(out.strip().splitlines()[-1])["corpora"]["stdlib"]
+    assert entry["seed_list"] == [2] and list(entry["models"]) == ["engram"]
+    loss = entry["val_loss"]["engram"]
+    assert loss["seeds"] == [2] and loss["n"] == 1 and math.isfinite(loss["per_seed"][0])
+    assert entry["ratio_vs_dense_isoflop"]["n"] == 0 and not entry["meets_target"]
+    assert entry["recipe"]["table_lr_mult"] == quality.table_lr_mult_for(8192)
+    assert "engram seed 2" in err and "dense" not in err.split("reported comparison")[1], err
 
 
 def tiny_study(tiny_data, monkeypatch) -> None:
