@@ -34,7 +34,7 @@ Method (issue 13):
 
 - The recipe (Recipe's defaults, the same as `engram train`'s): the table lr by the lr rule
   (trainer.config.table_lr_mult_for: 100x the backbone's up to 1.5 M tokens a run, geometric to
-  25x at 10 M), rows initialised N(0, 0.01^2), Engram at blocks 1 and 2, and rows per head by the size rule
+  25x at 4 M, held there), rows initialised N(0, 0.01^2), Engram at blocks 1 and 2, and rows per head by the size rule
   (trainer.config.rows_per_head): one per 32 tokens read when a run reads the training split at
   most once, one per 1,000 split tokens divided by the passes from 1.5 passes on, and in between
   a geometric interpolation in the passes (unmeasured). The rule is applied per

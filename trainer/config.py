@@ -32,7 +32,7 @@ MIN_TABLE_ROWS = 64
 # table lr multiplier (the tables' Adam lr / the backbone's peak lr) falls with the tokens a run
 # reads. (run tokens, multiplier) at the lengths measured; between two, geometric interpolation
 # in the tokens (linear in log-log), so the lr never jumps; outside them, the nearer end's.
-TABLE_LR_POINTS = ((1.5e6, 100.0), (10e6, 25.0))
+TABLE_LR_POINTS = ((1.5e6, 100.0), (4e6, 25.0))
 BACKENDS = ("store", "local")
 UPDATES = ("sync", "async")
 
@@ -69,8 +69,10 @@ def rows_per_head(train_tokens: int | None, run_tokens: int) -> int:
 def table_lr_mult_for(run_tokens: int) -> float:
     """The table lr multiplier for a run of `run_tokens` training tokens (TABLE_LR_POINTS).
 
-    Measured on devdocs's tuning split at the budget's model (README "Quality"): at 0.3 M and
-    1.5 M tokens 50x and 100x tie and 25x loses; at 10 M tokens 25x beats 100x by 0.7 %."""
+    Measured on devdocs's tuning split at the budget's model, one seed a point (README "The
+    table lr by run length"): 100x best at 0.3 M tokens, 50x and 100x tied at 1.5 M (25x 0.6 %
+    worse), 25x best at 4 M (0.5 % ahead of 50x, 0.9 % of 100x) and at 10 M (0.7 % ahead of
+    100x). Below 25x nothing was measured at these lengths."""
     if run_tokens <= 0:
         raise ConfigError(f"a run of {run_tokens} tokens: steps, batch and seq_len must be >= 1")
     (t0, m0), *rest = TABLE_LR_POINTS

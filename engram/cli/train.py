@@ -158,7 +158,7 @@ def add_commands(subparsers) -> None:
         type=_table_lr_mult,
         default=d.table_lr_mult,
         help="table lr / backbone lr, or auto (the default): 100 up to 1.5 M tokens read, "
-        "falling geometrically to 25 at 10 M and held there (benchmarks/quality.py's study, "
+        "falling geometrically to 25 at 4 M and held there (benchmarks/quality.py's study, "
         'README "Quality"; the paper\'s is 5)',
     )
     t.add_argument(
