@@ -980,6 +980,7 @@ def main() -> int:
     # 2. the reported comparison, every corpus, paired by seed
     all_curves: dict[str, Any] = {}
     if not args.no_main:
+        seeds = reported_seeds(args)
         jobs = []
         arm_cfgs = {}
         for name in corpora:
@@ -993,7 +994,7 @@ def main() -> int:
                 arms = {"engram": arms["engram"]}
             arm_cfgs[name] = arms
             ev_cap = max(1, int(args.val_tokens // (cfg.batch_size * cfg.seq_len)))
-            for s in reported_seeds(args):
+            for s in seeds:
                 for arm, c in arms.items():
                     jobs.append(Job(name, arm, c, rec, s, "val", max_val_batches=ev_cap))
         log(f"reported comparison: {len(jobs)} runs of {tokens / 1e6:.2f} M tokens")
@@ -1010,7 +1011,7 @@ def main() -> int:
                 all(
                     next(r["init_sha"] for r in rs if r["arm"] == "engram" and r["seed"] == s)
                     == next(r["init_sha"] for r in rs if r["arm"] == "dense" and r["seed"] == s)
-                    for s in reported_seeds(args)
+                    for s in seeds
                 )
                 if "dense" in arms
                 else None
@@ -1025,7 +1026,7 @@ def main() -> int:
                 "val_tokens_evaluated": int(len(rs[0]["token_losses"])),
                 "tokens_per_run": tokens,
                 "seeds": args.seeds,
-                "seed_list": reported_seeds(args),
+                "seed_list": seeds,
                 "models": models,
                 "val_loss": {arm: spread(rs, arm) for arm in arms},
                 "ratio_vs_dense_isoflop": vs_iso,

@@ -371,7 +371,7 @@ class TrainConfig:
         resumed checkpoint's (its tables exist at their size, their optimizer at its lr), else
         rows_per_head for a training split of `train_tokens` tokens (None: an endless stream) and
         table_lr_mult_for the tokens the run reads. Given values are kept."""
-        if not self.model.engram_layers or not self.needs_sizing:
+        if not self.needs_sizing:
             return self
         old = TrainConfig.from_dict(resumed) if resumed is not None else None
         rows = self.model.table_base_size or (old.model.table_base_size if old else 0)
@@ -386,8 +386,10 @@ class TrainConfig:
 
     @property
     def needs_sizing(self) -> bool:
-        """An auto table size or table lr is still to be filled in (sized)."""
-        return not (self.model.table_base_size and self.table_lr_mult)
+        """The model has tables whose auto size or auto lr is still to be filled in (sized)."""
+        return bool(self.model.engram_layers) and not (
+            self.model.table_base_size and self.table_lr_mult
+        )
 
     @property
     def table_lr(self) -> float:

@@ -294,7 +294,7 @@ def _serve_metrics(cfg: TrainConfig, rank: int) -> TrainerMetrics | None:
 def sized_for(cfg: TrainConfig, corpus: Corpus) -> TrainConfig:
     """cfg with an auto table size and table lr filled in for this corpus (TrainConfig.sized);
     a resumed run keeps its checkpoint's."""
-    if not cfg.model.engram_layers or not cfg.needs_sizing:
+    if not cfg.needs_sizing:
         return cfg
     ckpt = check_resume(cfg, corpus)
     return cfg.sized(corpus.train_tokens, ckpt["config"] if ckpt is not None else None)

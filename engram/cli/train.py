@@ -466,7 +466,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     corpus = run_corpus(cfg)
     check_corpus(cfg, corpus)
     ckpt = check_resume(cfg, corpus)
-    if cfg.model.engram_layers and cfg.needs_sizing:
+    if cfg.needs_sizing:
         auto_rows, auto_lr = not cfg.model.table_base_size, not cfg.table_lr_mult
         cfg = cfg.sized(corpus.train_tokens, ckpt["config"] if ckpt is not None else None)
         if auto_rows:

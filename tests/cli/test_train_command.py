@@ -224,24 +224,19 @@ def test_default_engram_blocks_follow_the_backbone(flags, layers):
     dataclasses.replace(cfg, store=("127.0.0.1:1",)).validate()  # a config the run accepts
 
 
-@pytest.mark.parametrize("value", ["1", "-5", "lots"])
-def test_a_bad_table_size_is_a_usage_error(capsys, tmp_path, value):
+@pytest.mark.parametrize(
+    "flag, value",
+    [("--table-size", v) for v in ("1", "-5", "lots")]
+    + [("--table-lr-mult", v) for v in ("0", "-2", "nan", "inf", "fast")],
+)
+def test_a_bad_auto_or_number_flag_is_a_usage_error(capsys, tmp_path, flag, value):
+    """--table-size and --table-lr-mult take auto or a number; anything else stops the parser."""
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as e:
-        main(["train", "--corpus", "synthetic", "--out", str(out), "--table-size", value])
+        main(["train", "--corpus", "synthetic", "--out", str(out), flag, value])
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert "--table-size" in err and "auto" in err and not out.exists(), err
-
-
-@pytest.mark.parametrize("value", ["0", "-2", "nan", "inf", "fast"])
-def test_a_bad_table_lr_mult_is_a_usage_error(capsys, tmp_path, value):
-    out = tmp_path / "run"
-    with pytest.raises(SystemExit) as e:
-        main(["train", "--corpus", "synthetic", "--out", str(out), "--table-lr-mult", value])
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert "--table-lr-mult" in err and "auto" in err and not out.exists(), err
+    assert flag in err and "auto" in err and not out.exists(), err
 
 
 @pytest.mark.parametrize(
